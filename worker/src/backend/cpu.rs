@@ -1,0 +1,261 @@
+//! The CPU backend: tensors are candle tensors; activations are f32, weights f32, f16 or
+//! bf16. Matrix products go through candle, except few-row products against f32 weights,
+//! which use the bandwidth-bound decode kernel in [`super::gemv`]. Paged attention runs
+//! directly on the block-paged cache.
+
+use candle_core::{Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::{AttentionMeta, Backend, DType, Heads, KvShape, RowsUpdate, gemv_f32, route_top_k};
+use crate::error::{EngineError, Result};
+use crate::weights::HostTensor;
+
+/// Up to this many rows, `linear` against f32 weights uses the decode kernel.
+const GEMV_MAX_ROWS: usize = 8;
+
+#[derive(Debug, Clone, Default)]
+pub struct Cpu;
+
+/// One layer's paged cache: `[num_blocks, block_size, num_kv_heads, head_dim]` for K and V.
+pub struct CpuKvCache {
+    shape: KvShape,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn candle_dtype(d: DType) -> candle_core::DType {
+    match d {
+        DType::F32 => candle_core::DType::F32,
+        DType::F16 => candle_core::DType::F16,
+        DType::BF16 => candle_core::DType::BF16,
+    }
+}
+
+/// Runs `f` on the contiguous f32 elements of `t` without copying them.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(EngineError::Backend("tensor is not on the CPU".into()));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| EngineError::Backend("tensor is not contiguous".into()))?;
+    Ok(f(&data[start..end]))
+}
+
+fn from_vec(v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+}
+
+impl Backend for Cpu {
+    type Tensor = Tensor;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, host: HostTensor<'_>, dtype: DType) -> Result<Tensor> {
+        let t = Tensor::from_raw_buffer(&host.data, candle_dtype(host.dtype), &host.shape, &Device::Cpu)?;
+        Ok(t.to_dtype(candle_dtype(dtype))?)
+    }
+
+    fn dims(&self, x: &Tensor) -> (usize, usize) {
+        let d = x.dims();
+        (d[0], d.get(1).copied().unwrap_or(1))
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        Ok(table.index_select(&ids, 0)?.to_dtype(candle_core::DType::F32)?)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (m, k) = self.dims(x);
+        let (n, kw) = self.dims(w);
+        if k != kw {
+            return Err(EngineError::Backend(format!("linear: x is [{m}, {k}] but w is [{n}, {kw}]")));
+        }
+        if w.dtype() == candle_core::DType::F32 && m <= GEMV_MAX_ROWS {
+            let x = x.contiguous()?;
+            let out = with_f32(&x, |xs| with_f32(w, |ws| gemv_f32(xs, ws, m, n, k)))??;
+            return from_vec(out, m, n);
+        }
+        let xd = x.to_dtype(w.dtype())?;
+        Ok(xd.matmul(&w.t()?)?.to_dtype(candle_core::DType::F32)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        let (rows, cols) = self.dims(x);
+        let x = x.contiguous()?;
+        let weight = weight.to_dtype(candle_core::DType::F32)?;
+        let out = with_f32(&x, |xs| {
+            with_f32(&weight, |w| {
+                let mut out = vec![0f32; xs.len()];
+                for (row, o) in xs.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+                    let ms = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+                    let inv = 1.0 / (ms + eps as f32).sqrt();
+                    for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                        *o = w * (v * inv);
+                    }
+                }
+                out
+            })
+        })??;
+        from_vec(out, rows, cols)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok((a + b)?)
+    }
+
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok((gate.silu()? * up)?)
+    }
+
+    fn rope(&self, x: &Tensor, heads: Heads, positions: &[u32], theta: f64) -> Result<Tensor> {
+        let (rows, cols) = self.dims(x);
+        let Heads { num_heads, head_dim } = heads;
+        if cols != num_heads * head_dim || rows != positions.len() {
+            return Err(EngineError::Backend(format!("rope: x is [{rows}, {cols}], {} positions", positions.len())));
+        }
+        let half = head_dim / 2;
+        // As transformers computes it, in f32: inv_freq = 1 / theta^(2i / d).
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let x = x.contiguous()?;
+        let out = with_f32(&x, |xs| {
+            let mut out = vec![0f32; xs.len()];
+            let mut cos = vec![0f32; half];
+            let mut sin = vec![0f32; half];
+            for ((row, o), &pos) in xs.chunks_exact(cols).zip(out.chunks_exact_mut(cols)).zip(positions) {
+                for i in 0..half {
+                    let angle = pos as f32 * inv_freq[i];
+                    (cos[i], sin[i]) = (angle.cos(), angle.sin());
+                }
+                for (h, o) in row.chunks_exact(head_dim).zip(o.chunks_exact_mut(head_dim)) {
+                    for i in 0..half {
+                        let (a, b) = (h[i], h[i + half]);
+                        o[i] = a * cos[i] - b * sin[i];
+                        o[i + half] = b * cos[i] + a * sin[i];
+                    }
+                }
+            }
+            out
+        })?;
+        from_vec(out, rows, cols)
+    }
+
+    fn alloc_kv_cache(&self, shape: KvShape) -> Result<CpuKvCache> {
+        let n = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
+        Ok(CpuKvCache { shape, k: vec![0.0; n], v: vec![0.0; n] })
+    }
+
+    fn write_kv(&self, cache: &mut CpuKvCache, k: &Tensor, v: &Tensor, slots: &[u32]) -> Result<()> {
+        let width = cache.shape.num_kv_heads * cache.shape.head_dim;
+        let capacity = cache.shape.num_blocks * cache.shape.block_size;
+        if let Some(&bad) = slots.iter().find(|&&s| s as usize >= capacity) {
+            return Err(EngineError::Backend(format!("KV slot {bad} out of range (cache holds {capacity})")));
+        }
+        for (src, dst) in [(k, &mut cache.k), (v, &mut cache.v)] {
+            let src = src.contiguous()?;
+            with_f32(&src, |rows| {
+                for (row, &slot) in rows.chunks_exact(width).zip(slots) {
+                    dst[slot as usize * width..(slot as usize + 1) * width].copy_from_slice(row);
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn paged_attention(&self, q: &Tensor, cache: &CpuKvCache, heads: Heads, meta: &AttentionMeta) -> Result<Tensor> {
+        let (rows, cols) = self.dims(q);
+        let Heads { num_heads, head_dim } = heads;
+        let kv_heads = cache.shape.num_kv_heads;
+        let group = num_heads / kv_heads;
+        let width = kv_heads * head_dim;
+        let bs = meta.block_size;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        // (sequence, token within the batch) for every row, so rows can run in parallel.
+        let mut owner = vec![0usize; rows];
+        for (s, seq) in meta.seqs.iter().enumerate() {
+            owner[seq.token_start..seq.token_start + seq.num_tokens].fill(s);
+        }
+        let q = q.contiguous()?;
+        let out = with_f32(&q, |qs| {
+            let mut out = vec![0f32; rows * cols];
+            out.par_chunks_mut(cols).enumerate().for_each(|(row, o)| {
+                let seq = &meta.seqs[owner[row]];
+                let pos = meta.positions[row] as usize;
+                let first = meta.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let span = pos + 1 - first;
+                let mut scores = vec![0f32; span];
+                for h in 0..num_heads {
+                    let kvh = h / group;
+                    let qh = &qs[row * cols + h * head_dim..row * cols + (h + 1) * head_dim];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        let p = first + j;
+                        let slot = seq.block_table[p / bs] as usize * bs + p % bs;
+                        let kh = &cache.k[slot * width + kvh * head_dim..slot * width + (kvh + 1) * head_dim];
+                        *s = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let oh = &mut o[h * head_dim..(h + 1) * head_dim];
+                    for (j, &s) in scores.iter().enumerate() {
+                        let p = first + j;
+                        let slot = seq.block_table[p / bs] as usize * bs + p % bs;
+                        let vh = &cache.v[slot * width + kvh * head_dim..slot * width + (kvh + 1) * head_dim];
+                        let wgt = s / sum;
+                        for (o, v) in oh.iter_mut().zip(vh) {
+                            *o += wgt * v;
+                        }
+                    }
+                }
+            });
+            out
+        })?;
+        from_vec(out, rows, cols)
+    }
+
+    fn router_top_k(&self, logits: &Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let (_, experts) = self.dims(logits);
+        let host = self.to_host(logits)?;
+        Ok(route_top_k(&host, experts, k))
+    }
+
+    fn gather_rows(&self, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(rows, &Device::Cpu)?;
+        Ok(x.index_select(&ids, 0)?)
+    }
+
+    fn scatter_add_rows(&self, num_rows: usize, parts: &[RowsUpdate<'_, Tensor>]) -> Result<Tensor> {
+        let Some(first) = parts.first() else {
+            return Err(EngineError::Backend("scatter_add_rows with no parts".into()));
+        };
+        let (_, cols) = self.dims(first.src);
+        let mut out = vec![0f32; num_rows * cols];
+        for part in parts {
+            let src = part.src.contiguous()?;
+            with_f32(&src, |src| {
+                for ((row, &dst), &w) in src.chunks_exact(cols).zip(part.rows).zip(part.weights) {
+                    let o = &mut out[dst as usize * cols..(dst as usize + 1) * cols];
+                    for (o, v) in o.iter_mut().zip(row) {
+                        *o += w * v;
+                    }
+                }
+            })?;
+        }
+        from_vec(out, num_rows, cols)
+    }
+
+    fn to_host(&self, x: &Tensor) -> Result<Vec<f32>> {
+        Ok(x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}

@@ -1,0 +1,171 @@
+//! The engine's operation interface. Model code is written against [`Backend`] only, so the
+//! CPU backend (candle) and the CUDA backend slot in without touching it.
+
+mod cpu;
+mod gemv;
+
+pub use cpu::Cpu;
+pub use gemv::gemv_f32;
+
+use crate::error::Result;
+use crate::weights::HostTensor;
+
+/// Element types of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            other => Err(format!("unknown dtype {other:?} (expected f32, f16 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+/// One sequence's slice of a batch, as paged attention sees it.
+#[derive(Debug, Clone)]
+pub struct SeqAttention {
+    /// First row of this sequence's new tokens in the flattened batch.
+    pub token_start: usize,
+    /// Number of new tokens (prompt chunk, or 1 when decoding).
+    pub num_tokens: usize,
+    /// Tokens in the KV cache once this step's tokens are written (cached + new).
+    pub context_len: usize,
+    /// Physical KV cache blocks holding positions `0..context_len`, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// Everything paged attention needs about a batch, shared by all layers of one step.
+#[derive(Debug, Clone)]
+pub struct AttentionMeta {
+    pub seqs: Vec<SeqAttention>,
+    /// Physical cache slot (`block * block_size + offset`) of every new token, in batch order.
+    pub slots: Vec<u32>,
+    /// Position of every new token in its sequence, in batch order.
+    pub positions: Vec<u32>,
+    pub block_size: usize,
+    /// A token attends to itself and the `window - 1` tokens before it.
+    pub sliding_window: Option<usize>,
+}
+
+/// Shape of one layer's paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Heads layout of a projection's output rows: `[tokens, num_heads * head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    pub num_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The operations the model code is written in. Tensors are 2-D `[rows, cols]` activations
+/// or weights; index arrays (token ids, positions, slots) come from the host.
+pub trait Backend: Clone + Send + Sync + 'static {
+    type Tensor: Clone + Send + Sync + std::fmt::Debug;
+    /// One layer's paged K and V cache.
+    type KvCache: Send;
+
+    fn name(&self) -> &'static str;
+    /// Moves a host tensor (weights) to the device, converted to `dtype`.
+    fn upload(&self, host: HostTensor<'_>, dtype: DType) -> Result<Self::Tensor>;
+    /// `[rows, cols]` of a tensor.
+    fn dims(&self, x: &Self::Tensor) -> (usize, usize);
+    /// Rows `ids` of `table` (`[vocab, hidden]`), as activations.
+    fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `x · wᵀ` with `w` stored `[out, in]` as checkpoints store it.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x / rms(x) * weight`, per row.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f64) -> Result<Self::Tensor>;
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rotary position embedding (rotate-half convention) of every head of every row.
+    fn rope(&self, x: &Self::Tensor, heads: Heads, positions: &[u32], theta: f64) -> Result<Self::Tensor>;
+    fn alloc_kv_cache(&self, shape: KvShape) -> Result<Self::KvCache>;
+    /// Writes this step's K and V rows into their cache slots.
+    fn write_kv(&self, cache: &mut Self::KvCache, k: &Self::Tensor, v: &Self::Tensor, slots: &[u32]) -> Result<()>;
+    /// Causal (optionally sliding-window) attention of the new tokens' queries over each
+    /// sequence's cached keys and values. `q` is `[tokens, heads * head_dim]`.
+    fn paged_attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &Self::KvCache,
+        heads: Heads,
+        meta: &AttentionMeta,
+    ) -> Result<Self::Tensor>;
+    /// Router: softmax over experts, top-k, renormalised weights. Returns per token the
+    /// chosen experts and their weights, `k` each, flattened.
+    fn router_top_k(&self, logits: &Self::Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)>;
+    /// Rows `rows` of `x`, in that order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor>;
+    /// `out[rows[i]] += weights[i] * src[i]` for every expert output, into a zeroed
+    /// `[num_rows, cols]` tensor.
+    fn scatter_add_rows(&self, num_rows: usize, parts: &[RowsUpdate<'_, Self::Tensor>]) -> Result<Self::Tensor>;
+    /// Rows `rows` of `x` as f32 on the host (logits).
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+}
+
+/// One expert's contribution to [`Backend::scatter_add_rows`].
+#[derive(Debug)]
+pub struct RowsUpdate<'a, T> {
+    pub rows: &'a [u32],
+    pub weights: &'a [f32],
+    pub src: &'a T,
+}
+
+/// Softmax over each row of `logits` (`[tokens, experts]`), top-k, renormalised; the reference
+/// routing of Mixtral. Ties go to the lower expert index.
+pub fn route_top_k(logits: &[f32], num_experts: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
+    let tokens = logits.len() / num_experts;
+    let mut ids = Vec::with_capacity(tokens * k);
+    let mut weights = Vec::with_capacity(tokens * k);
+    let mut order: Vec<usize> = Vec::with_capacity(num_experts);
+    for row in logits.chunks_exact(num_experts) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
+        let sum: f32 = exp.iter().sum();
+        order.clear();
+        order.extend(0..num_experts);
+        order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+        let chosen = &order[..k];
+        let total: f32 = chosen.iter().map(|&e| exp[e] / sum).sum();
+        for &e in chosen {
+            ids.push(e as u32);
+            weights.push(exp[e] / sum / total);
+        }
+    }
+    (ids, weights)
+}

@@ -1,0 +1,193 @@
+//! Decode benchmark on a Mixtral-shaped dummy model ("mix-bench": hidden 1024, 16 heads / 4
+//! KV heads, 8 experts top-2, intermediate 3584, 8 layers, vocab 32000; 791 M parameters).
+//! Prints decode tokens/s per batch size next to the memory-bandwidth roofline measured in
+//! the same run and, with `--peers`, transformers and llama.cpp on the same shapes.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use rayon::prelude::*;
+use worker::weights::WeightSource;
+use worker::{CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Request, SamplingParams};
+
+const MIX_BENCH: &str = r#"{"architectures":["MixtralForCausalLM"],"vocab_size":32000,"hidden_size":1024,
+  "intermediate_size":3584,"num_hidden_layers":8,"num_attention_heads":16,"num_key_value_heads":4,
+  "num_local_experts":8,"num_experts_per_tok":2,"rope_theta":1000000.0,"max_position_embeddings":4096,
+  "rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
+
+#[derive(Debug, Parser)]
+#[command(about = "Decode benchmark: tokens/s vs the memory-bandwidth roofline and peers")]
+struct Args {
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batches: Vec<usize>,
+    /// Decode steps timed per batch size (after one warm-up step).
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 8)]
+    prompt_len: usize,
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// A config.json to benchmark instead of the mix-bench shape (weights are dummy).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// GiB read by the bandwidth probe.
+    #[arg(long, default_value_t = 2)]
+    bandwidth_gib: usize,
+    /// Also run transformers and llama.cpp (worker/benches/peers.py) on the same shapes.
+    #[arg(long)]
+    peers: bool,
+    /// Python interpreter with the peers' packages (worker/benches/peers-requirements.txt).
+    #[arg(long, env = "TRAMONTANE_PYTHON", default_value = "python3")]
+    python: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => ModelConfig::from_file(path)?,
+        None => ModelConfig::parse(MIX_BENCH, "mix-bench".as_ref())?,
+    };
+    let threads = rayon::current_num_threads();
+    eprintln!("measuring read bandwidth over {} GiB with {threads} threads...", args.bandwidth_gib);
+    let bandwidth = read_bandwidth(args.bandwidth_gib << 30);
+    eprintln!("loading dummy weights ({} M parameters, {})...", config.num_parameters() / 1_000_000, args.dtype);
+    let options = EngineOptions {
+        dtype: args.dtype,
+        load_format: LoadFormat::Dummy,
+        cache: CacheConfig { num_blocks: 64 * args.batches.iter().max().copied().unwrap_or(1), block_size: 16 },
+    };
+    let started = Instant::now();
+    let engine = Engine::from_source(Cpu, &config, &WeightSource::Dummy { seed: 0 }, &options)?;
+    eprintln!("loaded in {:.1} s", started.elapsed().as_secs_f64());
+    let mut generator = Generator::new(engine, args.batches.iter().max().copied().unwrap_or(1));
+    let mut rows = Vec::new();
+    for &batch in &args.batches {
+        let tps = decode_tokens_per_s(&mut generator, batch, &args)?;
+        let bytes = step_bytes(&config, batch, args.dtype);
+        let roofline = bandwidth / bytes as f64 * batch as f64;
+        rows.push((batch, tps, bytes, roofline));
+        eprintln!("batch {batch}: {tps:.1} tok/s");
+    }
+    let peers = if args.peers { run_peers(&args, &config, threads) } else { serde_json::Value::Null };
+
+    println!();
+    println!("mix-bench: {} M parameters, {} M read per token at batch 1, {}, {threads} threads", config.num_parameters() / 1_000_000, config.decode_parameters_per_token() / 1_000_000, args.dtype);
+    println!("read bandwidth (vectorized, {threads} threads, {} GiB): {:.1} GB/s", args.bandwidth_gib, bandwidth / 1e9);
+    println!();
+    println!("| batch | tramontane tok/s | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers | llama.cpp tok/s | vs llama.cpp |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (batch, tps, bytes, roofline) in rows {
+        let peer = |name: &str| peers.get(name).and_then(|p| p.get(batch.to_string())).and_then(|v| v.as_f64());
+        let cell = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
+        let ratio = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{:.2}×", tps / v));
+        let (hf, cpp) = (peer("transformers"), peer("llama.cpp"));
+        println!(
+            "| {batch} | {tps:.1} | {:.0} MB | {roofline:.1} | {:.0} % | {} | {} | {} | {} |",
+            bytes as f64 / 1e6,
+            100.0 * tps / roofline,
+            cell(hf),
+            ratio(hf),
+            cell(cpp),
+            ratio(cpp)
+        );
+    }
+    if !peers.is_null() {
+        println!();
+        println!("peers: {peers}");
+    }
+    Ok(())
+}
+
+/// Tokens/s of steady-state decode with `batch` sequences: prefill and one warm-up step
+/// excluded, then `steps` timed steps.
+fn decode_tokens_per_s(g: &mut Generator<Cpu>, batch: usize, args: &Args) -> anyhow::Result<f64> {
+    let vocab = g.engine.config().vocab_size as u64;
+    let mut state = 0x5EED + batch as u64;
+    for i in 0..batch {
+        let prompt = (0..args.prompt_len).map(|_| (worker::sampling::splitmix64(&mut state) % (vocab - 3) + 3) as u32).collect();
+        let params = SamplingParams { max_tokens: args.steps + 2, ..SamplingParams::default() };
+        g.add(Request { id: i as u64, prompt, params })?;
+    }
+    g.step()?; // prefill
+    g.step()?; // warm-up decode
+    anyhow::ensure!(g.num_running() == batch, "only {} of {batch} sequences running", g.num_running());
+    let started = Instant::now();
+    for _ in 0..args.steps {
+        g.step()?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    g.run_to_completion()?;
+    Ok((batch * args.steps) as f64 / secs)
+}
+
+/// Weight bytes one decode step reads: attention, norms, router and lm_head always; of the
+/// experts, the expected number that at least one of `batch` tokens routes to (uniform routing).
+fn step_bytes(c: &ModelConfig, batch: usize, dtype: DType) -> usize {
+    let h = c.hidden_size;
+    let attn = h * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2);
+    let mlp = 3 * h * c.intermediate_size;
+    let ffn = if c.num_local_experts == 0 {
+        mlp as f64
+    } else {
+        let (e, k) = (c.num_local_experts as f64, c.num_experts_per_tok as f64);
+        let touched = e * (1.0 - (1.0 - k / e).powi(batch as i32));
+        touched * mlp as f64 + (h * c.num_local_experts) as f64
+    };
+    let per_layer = attn as f64 + ffn;
+    let total = c.num_hidden_layers as f64 * per_layer + (c.vocab_size * h) as f64;
+    (total * dtype.size_in_bytes() as f64) as usize
+}
+
+/// Best of five vectorized, multi-threaded passes summing `bytes` of f32.
+fn read_bandwidth(bytes: usize) -> f64 {
+    let data: Vec<f32> = (0..bytes / 4).into_par_iter().map(|i| (i % 7) as f32).collect();
+    let chunk = 1 << 20;
+    let mut best = f64::INFINITY;
+    let mut check = 0f32;
+    for _ in 0..5 {
+        let started = Instant::now();
+        check += data.par_chunks(chunk).map(sum_lanes).sum::<f32>();
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(check);
+    bytes as f64 / best
+}
+
+fn sum_lanes(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    for c in xs.chunks_exact(32) {
+        for l in 0..32 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum()
+}
+
+fn run_peers(args: &Args, c: &ModelConfig, threads: usize) -> serde_json::Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers.py");
+    let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
+    eprintln!("running peers ({})...", script.display());
+    let output = Command::new(&args.python)
+        .arg(&script)
+        .args(["--hidden", &c.hidden_size.to_string(), "--heads", &c.num_attention_heads.to_string()])
+        .args(["--kv-heads", &c.num_key_value_heads.to_string(), "--intermediate", &c.intermediate_size.to_string()])
+        .args(["--layers", &c.num_hidden_layers.to_string(), "--experts", &c.num_local_experts.to_string()])
+        .args(["--top-k", &c.num_experts_per_tok.to_string(), "--vocab", &c.vocab_size.to_string()])
+        .args(["--batches", &batches, "--steps", &args.steps.to_string(), "--threads", &threads.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting the peers script");
+    match output {
+        Ok(out) => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let last = stdout.lines().last().unwrap_or_default();
+            serde_json::from_str(last).unwrap_or_else(|e| serde_json::json!({"error": format!("peers printed no JSON ({e}): {last}")}))
+        }
+        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+    }
+}

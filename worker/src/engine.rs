@@ -1,0 +1,191 @@
+//! The engine: a loaded model, its paged KV cache, and one batched forward per step.
+//! Which sequences run and which blocks they own is decided by the caller (the coordinator,
+//! or the local [`Generator`](crate::Generator)); the engine checks and executes.
+
+use std::path::Path;
+
+use crate::backend::{AttentionMeta, Backend, DType, KvShape, SeqAttention};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::slot;
+use crate::model::{CausalLm, Loader};
+use crate::sampling::{SamplingParams, TokenLogprobs, sample, token_logprobs};
+use crate::weights::{Checkpoint, WeightSource};
+
+/// Where the weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadFormat {
+    /// The checkpoint's safetensors files.
+    #[default]
+    Safetensors,
+    /// Deterministic random weights of the config's shapes.
+    Dummy,
+}
+
+impl std::str::FromStr for LoadFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "safetensors" | "auto" => Ok(LoadFormat::Safetensors),
+            "dummy" => Ok(LoadFormat::Dummy),
+            other => Err(format!("unknown load format {other:?} (expected safetensors or dummy)")),
+        }
+    }
+}
+
+/// Size of the paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub dtype: DType,
+    pub load_format: LoadFormat,
+    pub cache: CacheConfig,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { dtype: DType::F32, load_format: LoadFormat::Safetensors, cache: CacheConfig { num_blocks: 512, block_size: 16 } }
+    }
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone)]
+pub struct SeqStep<'a> {
+    /// New tokens: a prompt chunk, or the last sampled token.
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the KV cache.
+    pub start_pos: usize,
+    /// Blocks holding positions `0..start_pos + tokens.len()`.
+    pub block_table: &'a [u32],
+    /// Sample the token after this chunk.
+    pub sample: Option<&'a SamplingParams>,
+    /// Report the logprobs of `tokens[1..]` with this many alternatives.
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// What a step produced for one sequence.
+#[derive(Debug, Clone, Default)]
+pub struct SeqOutput {
+    pub sampled: Option<TokenLogprobs>,
+    /// Logprobs of `tokens[1..]` of the step, when asked for.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
+}
+
+pub struct Engine<B: Backend> {
+    pub backend: B,
+    pub model: CausalLm<B>,
+    caches: Vec<B::KvCache>,
+    cache: CacheConfig,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Loads the checkpoint in `dir` (`config.json` + safetensors), or dummy weights.
+    pub fn load(backend: B, dir: &Path, options: &EngineOptions) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let source = match options.load_format {
+            LoadFormat::Safetensors => WeightSource::Checkpoint(Checkpoint::open(dir)?),
+            LoadFormat::Dummy => WeightSource::Dummy { seed: 0 },
+        };
+        Self::from_source(backend, &config, &source, options)
+    }
+
+    pub fn from_source(backend: B, config: &ModelConfig, source: &WeightSource, options: &EngineOptions) -> Result<Self> {
+        let loader = Loader { backend: &backend, source, config, dtype: options.dtype };
+        let model = CausalLm::load(&loader)?;
+        let shape = KvShape {
+            num_blocks: options.cache.num_blocks,
+            block_size: options.cache.block_size,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        };
+        let caches = (0..config.num_hidden_layers).map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
+        Ok(Engine { backend, model, caches, cache: options.cache })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    pub fn cache_config(&self) -> CacheConfig {
+        self.cache
+    }
+
+    /// Runs one batched forward over every sequence's new tokens and samples where asked.
+    pub fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<Vec<SeqOutput>> {
+        let vocab = self.model.config.vocab_size;
+        let bs = self.cache.block_size;
+        let mut tokens = Vec::new();
+        let mut meta = AttentionMeta {
+            seqs: Vec::with_capacity(seqs.len()),
+            slots: Vec::new(),
+            positions: Vec::new(),
+            block_size: bs,
+            sliding_window: self.model.config.sliding_window,
+        };
+        let mut logit_rows = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let context_len = s.start_pos + s.tokens.len();
+            if s.tokens.is_empty() {
+                return Err(EngineError::InvalidRequest(format!("sequence {i} has no new tokens")));
+            }
+            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::InvalidRequest(format!("token id {t} is outside the vocabulary (size {vocab})")));
+            }
+            if s.block_table.len() * bs < context_len {
+                return Err(EngineError::InvalidRequest(format!(
+                    "sequence {i}: {} blocks of {bs} cannot hold {context_len} tokens",
+                    s.block_table.len()
+                )));
+            }
+            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cache.num_blocks) {
+                return Err(EngineError::InvalidRequest(format!("block {b} is outside the cache ({} blocks)", self.cache.num_blocks)));
+            }
+            let token_start = tokens.len();
+            tokens.extend_from_slice(s.tokens);
+            for p in s.start_pos..context_len {
+                meta.positions.push(p as u32);
+                meta.slots.push(slot(s.block_table, bs, p));
+            }
+            if s.prompt_logprobs.is_some() {
+                logit_rows.extend((token_start..tokens.len()).map(|r| r as u32));
+            } else if s.sample.is_some() {
+                logit_rows.push((tokens.len() - 1) as u32);
+            }
+            meta.seqs.push(SeqAttention { token_start, num_tokens: s.tokens.len(), context_len, block_table: s.block_table.to_vec() });
+        }
+        let logits = if logit_rows.is_empty() {
+            // Nothing to sample: run the layers for their KV cache writes only.
+            self.model.forward(&self.backend, &tokens, &meta, &mut self.caches, &[0])?;
+            Vec::new()
+        } else {
+            let t = self.model.forward(&self.backend, &tokens, &meta, &mut self.caches, &logit_rows)?;
+            self.backend.to_host(&t)?
+        };
+        let mut rows = logits.chunks_exact(vocab);
+        let mut out = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let mut o = SeqOutput::default();
+            if let Some(n) = s.prompt_logprobs {
+                for &next in &s.tokens[1..] {
+                    let row = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
+                    o.prompt_logprobs.push(token_logprobs(row, next, n));
+                }
+                let last = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
+                if let Some(params) = s.sample {
+                    o.sampled = Some(sample(last, params, s.start_pos + s.tokens.len()));
+                }
+            } else if let Some(params) = s.sample {
+                let row = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
+                o.sampled = Some(sample(row, params, s.start_pos + s.tokens.len()));
+            }
+            out.push(o);
+        }
+        Ok(out)
+    }
+}

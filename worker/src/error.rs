@@ -1,0 +1,42 @@
+//! The engine's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("unsupported architecture {0:?} (supported: MistralForCausalLM, MixtralForCausalLM)")]
+    UnsupportedArchitecture(String),
+    #[error("{path}: malformed safetensors file: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("tensor {name:?} not found in the checkpoint at {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+    #[error("{path}: tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    TensorShape { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error("{path}: tensor {name:?} has unsupported dtype {dtype}")]
+    TensorDtype { path: PathBuf, name: String, dtype: String },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("out of KV cache blocks: {needed} needed, {free} free")]
+    OutOfBlocks { needed: usize, free: usize },
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Backend(e.to_string())
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

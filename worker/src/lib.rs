@@ -1,0 +1,21 @@
+//! The Tramontane worker library: the model engine (Mistral, Mixtral), its backends, the
+//! paged KV cache, sampling and tokenization.
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod generator;
+pub mod kv_cache;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use backend::{Backend, Cpu, DType};
+pub use config::{Architecture, ModelConfig};
+pub use engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqOutput, SeqStep};
+pub use error::{EngineError, Result};
+pub use generator::{Completion, FinishReason, Generator, Request, TokenEvent};
+pub use sampling::{SamplingParams, TokenLogprobs};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};

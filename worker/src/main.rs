@@ -1,0 +1,99 @@
+//! The worker binary. `worker generate` runs a model locally on this machine (the engine
+//! without a cluster); the gRPC service the coordinator drives lands with sharding.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use worker::{CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, IncrementalDecoder, LoadFormat, Request, SamplingParams, Tokenizer};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Tramontane worker")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate a completion locally and stream it to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "TRAMONTANE_MODEL")]
+    model: PathBuf,
+    /// The prompt text.
+    prompt: String,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute dtype of the weights (f32, f16, bf16).
+    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "f32")]
+    dtype: DType,
+    /// `safetensors` (the checkpoint) or `dummy` (random weights of the config's shapes).
+    #[arg(long, default_value = "safetensors")]
+    load_format: LoadFormat,
+    /// KV cache blocks of 16 tokens.
+    #[arg(long, env = "TRAMONTANE_KV_BLOCKS", default_value_t = 1024)]
+    kv_blocks: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match Args::parse().command {
+        Command::Generate(args) => generate(args),
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let tokenizer = Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
+    let options = EngineOptions {
+        dtype: args.dtype,
+        load_format: args.load_format,
+        cache: CacheConfig { num_blocks: args.kv_blocks, block_size: 16 },
+    };
+    let started = std::time::Instant::now();
+    let engine = Engine::load(Cpu, &args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    tracing::info!(elapsed = ?started.elapsed(), architecture = engine.config().architecture.hf_name(), "model loaded");
+    let prompt = tokenizer.encode(&args.prompt, true)?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        stop_token_ids: engine.config().eos_token_ids.clone(),
+        ..SamplingParams::default()
+    };
+    let mut generator = Generator::new(engine, 1);
+    generator.add(Request { id: 0, prompt: prompt.clone(), params })?;
+    let mut decoder = IncrementalDecoder::new(&prompt);
+    let mut out = std::io::stdout().lock();
+    let started = std::time::Instant::now();
+    let mut count = 0;
+    while generator.has_work() {
+        for event in generator.step()? {
+            count += 1;
+            write!(out, "{}", decoder.push(&tokenizer, event.token.token)?)?;
+            out.flush()?;
+        }
+    }
+    writeln!(out, "{}", decoder.flush(&tokenizer)?)?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(tokens = count, tokens_per_s = format!("{:.1}", count as f64 / secs), "done");
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p, with a seeded,
+//! position-keyed random stream (the same seed and position always draw the same number, so
+//! a sequence re-run elsewhere samples the same tokens), and logprobs.
+
+/// How a request wants its tokens chosen. Validated at the edge by [`SamplingParams::validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off.
+    pub top_p: f32,
+    pub seed: u64,
+    pub max_tokens: usize,
+    /// Tokens that end the generation (included in the output, like EOS).
+    pub stop_token_ids: Vec<u32>,
+    /// Alternatives to report with each sampled token's logprob; `None` = no logprobs.
+    pub logprobs: Option<usize>,
+    /// Alternatives to report with each prompt token's logprob; `None` = no prompt logprobs.
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// Most alternatives a request may ask for per position.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            max_tokens: 16,
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every field, naming the field and its limit on failure.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!("`temperature` must be a finite number >= 0, got {}", self.temperature));
+        }
+        if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return Err(format!("`top_p` must be in (0, 1], got {}", self.top_p));
+        }
+        if self.top_k > vocab_size {
+            return Err(format!("`top_k` must be <= {vocab_size} (the vocabulary), got {}", self.top_k));
+        }
+        if self.max_tokens == 0 {
+            return Err("`max_tokens` must be >= 1".into());
+        }
+        for (name, n) in [("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)] {
+            if let Some(n) = n.filter(|&n| n > MAX_TOP_LOGPROBS) {
+                return Err(format!("`{name}` must be <= {MAX_TOP_LOGPROBS}, got {n}"));
+            }
+        }
+        if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(format!("`stop_token_ids` must be < {vocab_size} (the vocabulary), got {t}"));
+        }
+        Ok(())
+    }
+}
+
+/// A token with its logprob under the model's (untempered) distribution, and the most
+/// likely alternatives, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of one row of logits, in f64 accumulation for stability.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    logits.iter().map(|&l| (l as f64 - log_z) as f32).collect()
+}
+
+/// The `n` largest entries of `values` as (index, value), largest first, ties by index.
+pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let n = n.min(values.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, cmp);
+        idx.truncate(n);
+    }
+    idx.sort_by(cmp);
+    idx.into_iter().map(|i| (i, values[i as usize])).collect()
+}
+
+/// Logprob of `token` under `logits`, with `n` alternatives.
+pub fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
+    let lp = log_softmax(logits);
+    TokenLogprobs { token, logprob: lp[token as usize], top: top_n(&lp, n) }
+}
+
+/// Chooses the next token. `position` is the index the token will take in its sequence;
+/// with the seed it keys the random draw.
+pub fn sample(logits: &[f32], params: &SamplingParams, position: usize) -> TokenLogprobs {
+    let token = if params.temperature == 0.0 {
+        top_n(logits, 1)[0].0
+    } else {
+        let mut state = params.seed ^ (position as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let u = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+        draw(logits, params, u)
+    };
+    token_logprobs(logits, token, params.logprobs.unwrap_or(0))
+}
+
+/// Inverse-CDF draw at `u` in [0, 1) from the tempered, top-k and top-p filtered distribution.
+fn draw(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
+    let k = if params.top_k == 0 { logits.len() } else { params.top_k };
+    let mut cand = top_n(logits, k);
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| (((l - max) / params.temperature) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if params.top_p < 1.0 {
+        let mut cum = 0.0;
+        let keep = probs
+            .iter()
+            .position(|p| {
+                cum += p;
+                cum >= params.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        cand.truncate(keep);
+        probs.truncate(keep);
+        let kept: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= kept);
+    }
+    let mut cum = 0.0;
+    for (&(id, _), p) in cand.iter().zip(&probs) {
+        cum += p;
+        if u < cum {
+            return id;
+        }
+    }
+    cand[cand.len() - 1].0
+}
+
+/// SplitMix64: a small, well-mixed 64-bit generator (Steele et al., 2014).
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, seed, logprobs: Some(2), ..Default::default() }
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_and_reports_logprobs() {
+        let logits = [0.0, 3.0, 1.0, 3.0];
+        let s = sample(&logits, &params(0.0, 0, 1.0, 0), 5);
+        assert_eq!(s.token, 1, "ties go to the lowest id");
+        let lp = log_softmax(&logits);
+        assert!((s.logprob - lp[1]).abs() < 1e-7);
+        assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+        let total: f64 = lp.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_follows_the_distribution() {
+        let logits = [0.0f32, (2.0f32).ln(), (5.0f32).ln(), f32::NEG_INFINITY];
+        let p = params(1.0, 0, 1.0, 42);
+        let mut counts = [0usize; 4];
+        for pos in 0..8000 {
+            let a = sample(&logits, &p, pos).token;
+            assert_eq!(a, sample(&logits, &p, pos).token);
+            counts[a as usize] += 1;
+        }
+        // Expected 1/8, 2/8, 5/8 of 8000 = 1000, 2000, 5000.
+        assert_eq!(counts[3], 0);
+        for (got, want) in counts.iter().zip([1000.0, 2000.0, 5000.0]) {
+            assert!((*got as f64 - want).abs() < 0.06 * want, "{counts:?}");
+        }
+        let other: Vec<u32> = (0..64).map(|pos| sample(&logits, &params(1.0, 0, 1.0, 43), pos).token).collect();
+        let same: Vec<u32> = (0..64).map(|pos| sample(&logits, &p, pos).token).collect();
+        assert_ne!(other, same, "another seed draws another stream");
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_candidates() {
+        let logits = [1.0f32, 2.0, 3.0, 4.0];
+        for pos in 0..500 {
+            let t = sample(&logits, &params(1.0, 2, 1.0, 7), pos).token;
+            assert!(t == 3 || t == 2);
+            // p(3) = 0.64, p(2) = 0.24: top_p 0.5 keeps only token 3.
+            assert_eq!(sample(&logits, &params(1.0, 0, 0.5, 7), pos).token, 3);
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field_and_limit() {
+        let bad = |f: fn(&mut SamplingParams)| {
+            let mut p = SamplingParams::default();
+            f(&mut p);
+            p.validate(100).unwrap_err()
+        };
+        assert!(bad(|p| p.temperature = f32::NAN).contains("temperature"));
+        assert!(bad(|p| p.temperature = -1.0).contains(">= 0"));
+        assert!(bad(|p| p.top_p = 0.0).contains("(0, 1]"));
+        assert!(bad(|p| p.top_p = 1.5).contains("top_p"));
+        assert!(bad(|p| p.top_k = 101).contains("<= 100"));
+        assert!(bad(|p| p.max_tokens = 0).contains("max_tokens"));
+        assert!(bad(|p| p.logprobs = Some(21)).contains("<= 20"));
+        assert!(bad(|p| p.stop_token_ids = vec![100]).contains("stop_token_ids"));
+        assert!(SamplingParams::default().validate(100).is_ok());
+    }
+}

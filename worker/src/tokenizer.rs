@@ -1,0 +1,89 @@
+//! The model's tokenizer (`tokenizer.json`) and incremental detokenization that never emits
+//! broken UTF-8: bytes of a character split across byte-fallback tokens are held back until
+//! the character is complete.
+
+use std::path::Path;
+
+use crate::error::{EngineError, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Tokenizer { path: path.to_owned(), message: e.to_string() })?;
+        Ok(Tokenizer { inner })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes `text`, adding BOS when `add_special_tokens`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| EngineError::InvalidRequest(e.to_string()))
+    }
+
+    /// The token's text as it would appear in context, for logprob reports.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+/// Turns a growing list of token ids into text deltas.
+///
+/// Decoding tokens one by one loses the leading-space handling of sentencepiece-style
+/// tokenizers and splits multi-byte characters, so each delta is the difference between
+/// decoding a short window of recent tokens with and without the newest ones, emitted only
+/// once it no longer ends in an incomplete character (U+FFFD).
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    /// Start of the window decoded for context.
+    prefix_offset: usize,
+    /// End of the text already emitted (in tokens).
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    /// Starts after `prompt`: its text is never emitted, but it gives context.
+    pub fn new(prompt: &[u32]) -> Self {
+        let keep = prompt.len().min(6);
+        IncrementalDecoder {
+            ids: prompt[prompt.len() - keep..].to_vec(),
+            prefix_offset: 0,
+            read_offset: keep,
+        }
+    }
+
+    /// Adds one token; returns the text that became final.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], false)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], false)?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let delta = full[prefix.len()..].to_owned();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(delta)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Whatever is still held back (an incomplete character at the end of generation).
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<String> {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], false)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], false)?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_owned())
+    }
+}

@@ -1,0 +1,166 @@
+//! The engine against transformers: every fixture in tests/fixtures (made by
+//! tests/fixtures/generate.py) must reproduce the reference prompt logprobs, top-5
+//! alternatives and greedy continuations, alone and batched with the other prompts.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use worker::{Completion, Cpu, DType, Engine, EngineOptions, Generator, Request, SamplingParams, TokenLogprobs};
+
+const FIXTURES: [&str; 4] = ["mistral-v1-tiny", "mixtral-v3-tiny", "mistral-nemo-tiny", "mixtral-f32-tiny"];
+/// Logprob tolerance against transformers in f32.
+const TOL: f32 = 2e-3;
+
+#[derive(Deserialize)]
+struct Reference {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    prompt_text: Option<String>,
+    prompt_ids: Vec<u32>,
+    prompt_logprobs: Vec<Option<f32>>,
+    prompt_top: Vec<Vec<(u32, f32)>>,
+    greedy_ids: Vec<u32>,
+    greedy_logprobs: Vec<f32>,
+    greedy_top: Vec<Vec<(u32, f32)>>,
+}
+
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+fn reference(name: &str) -> Reference {
+    let text = std::fs::read_to_string(fixture_dir(name).join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json parses")
+}
+
+fn generator(name: &str, dtype: DType) -> Generator<Cpu> {
+    let options = EngineOptions { dtype, ..EngineOptions::default() };
+    let engine = Engine::load(Cpu, &fixture_dir(name), &options).unwrap_or_else(|e| panic!("{name}: {e}"));
+    Generator::new(engine, 16)
+}
+
+fn request(id: u64, case: &Case) -> Request {
+    let params = SamplingParams {
+        max_tokens: case.greedy_ids.len(),
+        logprobs: Some(8),
+        prompt_logprobs: Some(8),
+        ..SamplingParams::default()
+    };
+    Request { id, prompt: case.prompt_ids.clone(), params }
+}
+
+/// Every reference alternative must be among ours with a logprob within `tol`.
+fn assert_top(what: &str, ours: &TokenLogprobs, reference: &[(u32, f32)], tol: f32) {
+    assert_eq!(ours.top[0].0, reference[0].0, "{what}: most likely token");
+    for &(id, lp) in reference {
+        let found = ours.top.iter().find(|t| t.0 == id).unwrap_or_else(|| panic!("{what}: token {id} not in our top 8"));
+        assert!((found.1 - lp).abs() <= tol, "{what}: token {id} logprob {} vs reference {lp}", found.1);
+    }
+}
+
+fn check_case(name: &str, i: usize, case: &Case, done: &Completion, tol: f32) -> f32 {
+    let mut worst = 0f32;
+    assert_eq!(done.tokens, case.greedy_ids, "{name} case {i}: greedy ids");
+    assert_eq!(done.prompt_logprobs.len(), case.prompt_ids.len() - 1);
+    for (p, ours) in done.prompt_logprobs.iter().enumerate() {
+        let want = case.prompt_logprobs[p + 1].expect("logprob after the first token");
+        assert_eq!(ours.token, case.prompt_ids[p + 1]);
+        worst = worst.max((ours.logprob - want).abs());
+        assert_top(&format!("{name} case {i} prompt position {p}"), ours, &case.prompt_top[p], tol);
+    }
+    for (s, ours) in done.logprobs.iter().enumerate() {
+        worst = worst.max((ours.logprob - case.greedy_logprobs[s]).abs());
+        assert_top(&format!("{name} case {i} greedy step {s}"), ours, &case.greedy_top[s], tol);
+    }
+    assert!(worst <= tol, "{name} case {i}: logprob error {worst} > {tol}");
+    worst
+}
+
+#[test]
+fn every_fixture_matches_transformers_one_request_at_a_time() {
+    for name in FIXTURES {
+        let reference = reference(name);
+        let mut g = generator(name, DType::F32);
+        let mut worst = 0f32;
+        for (i, case) in reference.cases.iter().enumerate() {
+            g.add(request(i as u64, case)).expect("valid request");
+            let done = g.run_to_completion().expect("runs");
+            worst = worst.max(check_case(name, i, case, &done[0], TOL));
+        }
+        eprintln!("{name}: max |logprob - transformers| = {worst:.2e}");
+    }
+}
+
+#[test]
+fn a_mixed_length_batch_equals_one_at_a_time() {
+    for name in FIXTURES {
+        let reference = reference(name);
+        let mut alone = Vec::new();
+        for (i, case) in reference.cases.iter().enumerate() {
+            let mut g = generator(name, DType::F32);
+            g.add(request(i as u64, case)).expect("valid request");
+            alone.extend(g.run_to_completion().expect("runs"));
+        }
+        let mut g = generator(name, DType::F32);
+        for (i, case) in reference.cases.iter().enumerate() {
+            g.add(request(i as u64, case)).expect("valid request");
+        }
+        g.step().expect("first step");
+        assert_eq!(g.num_running(), reference.cases.len(), "all prompts share the batch");
+        let batched = g.run_to_completion().expect("runs");
+        for (a, b) in alone.iter().zip(&batched) {
+            assert_eq!(a.tokens, b.tokens, "{name} request {}", a.id);
+            for (x, y) in a.logprobs.iter().chain(&a.prompt_logprobs).zip(b.logprobs.iter().chain(&b.prompt_logprobs)) {
+                assert!((x.logprob - y.logprob).abs() < 1e-4, "{name} request {}: {} vs {}", a.id, x.logprob, y.logprob);
+            }
+        }
+        for (i, (case, done)) in reference.cases.iter().zip(&batched).enumerate() {
+            check_case(name, i, case, done, TOL);
+        }
+    }
+}
+
+#[test]
+fn bf16_compute_stays_close_to_the_f32_reference() {
+    let name = "mixtral-v3-tiny";
+    let reference = reference(name);
+    let mut g = generator(name, DType::BF16);
+    let case = &reference.cases[3];
+    g.add(request(0, case)).expect("valid request");
+    let done = g.run_to_completion().expect("runs");
+    let worst = done[0]
+        .prompt_logprobs
+        .iter()
+        .zip(&case.prompt_logprobs[1..])
+        .map(|(o, r)| (o.logprob - r.expect("logprob")).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{name} bf16: max prompt |logprob - transformers f32| = {worst:.2e}");
+    assert!(worst < 5e-2, "bf16 prompt logprob error {worst}");
+}
+
+#[test]
+fn tokenizers_encode_the_text_prompts_like_transformers() {
+    for name in ["mistral-v1-tiny", "mixtral-v3-tiny"] {
+        let tok = worker::Tokenizer::from_file(&fixture_dir(name).join("tokenizer.json")).expect("tokenizer");
+        let reference = reference(name);
+        let mut texts = 0;
+        for case in &reference.cases {
+            let Some(text) = &case.prompt_text else { continue };
+            texts += 1;
+            assert_eq!(tok.encode(text, true).expect("encodes"), case.prompt_ids, "{name}: {text}");
+            // Incremental decoding of prompt + continuation reproduces the full decode.
+            let all: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
+            let mut dec = worker::IncrementalDecoder::new(&[]);
+            let mut text_out = String::new();
+            for &id in &all {
+                text_out.push_str(&dec.push(&tok, id).expect("decodes"));
+            }
+            text_out.push_str(&dec.flush(&tok).expect("flushes"));
+            assert_eq!(text_out, tok.decode(&all, false).expect("decodes"), "{name}");
+        }
+        assert_eq!(texts, 2, "{name} has two text prompts");
+    }
+}
