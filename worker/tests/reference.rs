@@ -164,3 +164,32 @@ fn tokenizers_encode_the_text_prompts_like_transformers() {
         assert_eq!(texts, 2, "{name} has two text prompts");
     }
 }
+
+#[test]
+fn chunked_prefill_equals_whole_prefill() {
+    for name in FIXTURES {
+        let reference = reference(name);
+        let case = reference.cases.iter().max_by_key(|c| c.prompt_ids.len()).expect("cases");
+        let mut engine = Engine::load(Cpu, &fixture_dir(name), &EngineOptions::default()).expect("loads");
+        let blocks: Vec<u32> = vec![3, 1, 4, 0, 2]; // any physical blocks, in any order
+        let params = SamplingParams { logprobs: Some(8), ..SamplingParams::default() };
+        let mut sampled = None;
+        let mut pos = 0;
+        for chunk in case.prompt_ids.chunks(7) {
+            let last = pos + chunk.len() == case.prompt_ids.len();
+            let step = worker::SeqStep {
+                tokens: chunk,
+                start_pos: pos,
+                block_table: &blocks,
+                sample: last.then_some(&params),
+                prompt_logprobs: None,
+            };
+            sampled = engine.step(&[step]).expect("step").remove(0).sampled;
+            pos += chunk.len();
+        }
+        let sampled = sampled.expect("sampled after the last chunk");
+        assert_eq!(sampled.token, case.greedy_ids[0], "{name}");
+        assert!((sampled.logprob - case.greedy_logprobs[0]).abs() <= TOL, "{name}");
+        assert_top(name, &sampled, &case.greedy_top[0], TOL);
+    }
+}
