@@ -159,14 +159,16 @@ impl<B: Backend> Engine<B> {
             }
             meta.seqs.push(SeqAttention { token_start, num_tokens: s.tokens.len(), context_len, block_table: s.block_table.to_vec() });
         }
-        let logits = if logit_rows.is_empty() {
-            // Nothing to sample: run the layers for their KV cache writes only.
-            self.model.forward(&self.backend, &tokens, &meta, &mut self.caches, &[0])?;
-            Vec::new()
-        } else {
-            let t = self.model.forward(&self.backend, &tokens, &meta, &mut self.caches, &logit_rows)?;
-            self.backend.to_host(&t)?
-        };
+        let (backend, model, caches) = (&self.backend, &self.model, &mut self.caches);
+        let logits = backend.execute(|| -> Result<Vec<f32>> {
+            if logit_rows.is_empty() {
+                // Nothing to sample: run the layers for their KV cache writes only.
+                model.forward(backend, &tokens, &meta, caches, &[0])?;
+                Ok(Vec::new())
+            } else {
+                backend.to_host(&model.forward(backend, &tokens, &meta, caches, &logit_rows)?)
+            }
+        })?;
         let mut rows = logits.chunks_exact(vocab);
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {

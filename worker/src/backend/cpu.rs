@@ -16,6 +16,17 @@ const GEMV_MAX_ROWS: usize = 8;
 #[derive(Debug, Clone, Default)]
 pub struct Cpu;
 
+/// The threads every CPU op runs on (one per core, or `RAYON_NUM_THREADS`).
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("cpu-backend-{i}"))
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the CPU backend's threads: {e}"))
+    })
+}
+
 /// One layer's paged cache: `[num_blocks, block_size, num_kv_heads, head_dim]` for K and V.
 pub struct CpuKvCache {
     shape: KvShape,
@@ -54,6 +65,10 @@ impl Backend for Cpu {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn execute<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        pool().install(work)
     }
 
     fn upload(&self, host: HostTensor<'_>, dtype: DType) -> Result<Tensor> {

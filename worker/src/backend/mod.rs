@@ -99,6 +99,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     type KvCache: Send;
 
     fn name(&self) -> &'static str;
+    /// Runs a whole step's work inside the backend's execution context (the CPU backend's
+    /// thread pool, so the calling thread works instead of waiting to be woken per op).
+    fn execute<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        work()
+    }
     /// Moves a host tensor (weights) to the device, converted to `dtype`.
     fn upload(&self, host: HostTensor<'_>, dtype: DType) -> Result<Self::Tensor>;
     /// `[rows, cols]` of a tensor.
@@ -134,7 +139,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// `out[rows[i]] += weights[i] * src[i]` for every expert output, into a zeroed
     /// `[num_rows, cols]` tensor.
     fn scatter_add_rows(&self, num_rows: usize, parts: &[RowsUpdate<'_, Self::Tensor>]) -> Result<Self::Tensor>;
-    /// Rows `rows` of `x` as f32 on the host (logits).
+    /// `x` as f32 on the host (logits).
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
 }
 
