@@ -118,11 +118,10 @@ impl ModelConfig {
             "MixtralForCausalLM" | "mixtral" => Architecture::Mixtral,
             other => return Err(ConfigProblem::Architecture(other.to_owned())),
         };
-        if let Some(rp) = &raw.rope_parameters {
-            if let Some(t) = rp.rope_type.as_deref().filter(|t| *t != "default") {
+        if let Some(rp) = &raw.rope_parameters
+            && let Some(t) = rp.rope_type.as_deref().filter(|t| *t != "default") {
                 return Err(ConfigProblem::Invalid(format!("rope_type {t:?} is not supported (only \"default\")")));
             }
-        }
         if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(ConfigProblem::Invalid("rope_scaling is not supported".into()));
         }
@@ -182,13 +181,13 @@ impl ModelConfig {
                 return Err(format!("`{name}` must be > 0"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(format!(
                 "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("`head_dim` must be even for RoPE, got {}", self.head_dim));
         }
         if self.sliding_window == Some(0) {

@@ -108,7 +108,7 @@ fn slice_host<'a>(dtype: DType, shape: &[usize], bytes: &'a [u8], shard: Shard) 
     let Shard::Slice { dim, rank, world } = shard else {
         return Ok(HostTensor { dtype, shape: shape.to_vec(), data: Cow::Borrowed(bytes) });
     };
-    if dim >= shape.len() || shape[dim] % world != 0 || rank >= world {
+    if dim >= shape.len() || !shape[dim].is_multiple_of(world) || rank >= world {
         return Err(EngineError::Backend(format!(
             "cannot split dim {dim} of shape {shape:?} into {world} slices (rank {rank})"
         )));

@@ -11,7 +11,7 @@ use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
 
 /// Up to this many rows, `linear` against f32 weights uses the decode kernel.
-const GEMV_MAX_ROWS: usize = 8;
+const GEMV_MAX_ROWS: usize = 64;
 
 #[derive(Debug, Clone, Default)]
 pub struct Cpu;
