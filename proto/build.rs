@@ -1,7 +1,7 @@
 //! Compiles the .proto files with protox (pure Rust): no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/tramontane/v1/inference.proto"];
+    let files = ["proto/tramontane/v1/inference.proto", "proto/tramontane/worker/v1/worker.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -4,4 +4,9 @@ pub mod tramontane {
     pub mod v1 {
         tonic::include_proto!("tramontane.v1");
     }
+    pub mod worker {
+        pub mod v1 {
+            tonic::include_proto!("tramontane.worker.v1");
+        }
+    }
 }

@@ -33,6 +33,17 @@ impl std::str::FromStr for LoadFormat {
     }
 }
 
+/// Reads a checkpoint directory's config and opens its weights (cheap: files are mapped,
+/// nothing is read yet).
+pub fn open_model(dir: &Path, format: LoadFormat) -> Result<(ModelConfig, WeightSource)> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let source = match format {
+        LoadFormat::Safetensors => WeightSource::Checkpoint(Checkpoint::open(dir)?),
+        LoadFormat::Dummy => WeightSource::Dummy { seed: 0 },
+    };
+    Ok((config, source))
+}
+
 /// Size of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -82,16 +93,13 @@ pub struct Engine<B: Backend> {
     pub model: CausalLm<B>,
     caches: Vec<B::KvCache>,
     cache: CacheConfig,
+    dtype: DType,
 }
 
 impl<B: Backend> Engine<B> {
     /// Loads the checkpoint in `dir` (`config.json` + safetensors), or dummy weights.
     pub fn load(backend: B, dir: &Path, options: &EngineOptions) -> Result<Self> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let source = match options.load_format {
-            LoadFormat::Safetensors => WeightSource::Checkpoint(Checkpoint::open(dir)?),
-            LoadFormat::Dummy => WeightSource::Dummy { seed: 0 },
-        };
+        let (config, source) = open_model(dir, options.load_format)?;
         Self::from_source(backend, &config, &source, options)
     }
 
@@ -105,7 +113,7 @@ impl<B: Backend> Engine<B> {
             head_dim: config.head_dim,
         };
         let caches = (0..config.num_hidden_layers).map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
-        Ok(Engine { backend, model, caches, cache: options.cache })
+        Ok(Engine { backend, model, caches, cache: options.cache, dtype: options.dtype })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -114,6 +122,11 @@ impl<B: Backend> Engine<B> {
 
     pub fn cache_config(&self) -> CacheConfig {
         self.cache
+    }
+
+    /// Bytes of weights held (norms counted at the compute dtype too).
+    pub fn weight_bytes(&self) -> usize {
+        self.model.config.num_parameters() * self.dtype.size_in_bytes()
     }
 
     /// Runs one batched forward over every sequence's new tokens and samples where asked.

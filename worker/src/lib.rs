@@ -9,6 +9,7 @@ pub mod generator;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
+pub mod service;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,5 +1,5 @@
-//! The worker binary. `worker generate` runs a model locally on this machine (the engine
-//! without a cluster); the gRPC service the coordinator drives lands with sharding.
+//! The worker binary: `worker serve` serves the worker API a coordinator drives;
+//! `worker generate` runs a model locally (the engine without a cluster).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,6 +19,15 @@ struct Args {
 enum Command {
     /// Generate a completion locally and stream it to stdout.
     Generate(GenerateArgs),
+    /// Serve the worker API to a coordinator.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "TRAMONTANE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, clap::Args)]
@@ -56,7 +65,31 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Args::parse().command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // The first line of stdout tells a parent process where to connect.
+        println!("listening on {addr}");
+        std::io::stdout().flush()?;
+        tracing::info!(%addr, "worker listening");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            on_signal.cancel();
+        });
+        worker::service::serve(listener, shutdown).await.map_err(|e| anyhow::anyhow!(e))
+    })
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

@@ -1,0 +1,300 @@
+//! The worker's gRPC service (`tramontane.worker.v1.Worker`). The engine lives on one OS
+//! thread (an actor: [`EngineHandle`] sends it commands); the state it owns,
+//! [`WorkerState`], enforces placement epochs: a step from any epoch other than the current
+//! one is refused, and an assignment older than the current one is refused (fencing).
+
+use std::path::PathBuf;
+
+use proto::tramontane::worker::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::{Cpu, DType};
+use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqStep, open_model};
+use crate::error::EngineError;
+use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs};
+
+/// Why the worker refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("stale placement epoch {got}: this worker serves epoch {current}")]
+    StaleEpoch { got: u64, current: u64 },
+    #[error("no model is loaded (send LoadAssignment first)")]
+    NotLoaded,
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the engine thread has stopped")]
+    EngineStopped,
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(e: ServiceError) -> Self {
+        use tonic::Status;
+        let msg = e.to_string();
+        match e {
+            ServiceError::StaleEpoch { .. } | ServiceError::NotLoaded => Status::failed_precondition(msg),
+            ServiceError::InvalidArgument(_) => Status::invalid_argument(msg),
+            ServiceError::EngineStopped => Status::unavailable(msg),
+            ServiceError::Engine(e) => match e {
+                EngineError::InvalidRequest(_) => Status::invalid_argument(msg),
+                EngineError::OutOfBlocks { .. } => Status::resource_exhausted(msg),
+                EngineError::Io { .. }
+                | EngineError::Config { .. }
+                | EngineError::UnsupportedArchitecture(_)
+                | EngineError::Checkpoint { .. }
+                | EngineError::MissingTensor { .. }
+                | EngineError::TensorShape { .. }
+                | EngineError::TensorDtype { .. }
+                | EngineError::Tokenizer { .. } => Status::failed_precondition(msg),
+                EngineError::Backend(_) => {
+                    tracing::error!(error = %msg, "backend failure");
+                    Status::internal("the worker's backend failed; see the worker's log")
+                }
+            },
+        }
+    }
+}
+
+/// The state the engine thread owns.
+#[derive(Default)]
+pub struct WorkerState {
+    epoch: u64,
+    engine: Option<Engine<Cpu>>,
+}
+
+impl WorkerState {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn load(&mut self, req: &pb::LoadAssignmentRequest) -> Result<pb::LoadAssignmentResponse, ServiceError> {
+        if self.engine.is_some() && req.epoch < self.epoch {
+            return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
+        }
+        let invalid = ServiceError::InvalidArgument;
+        let dtype = if req.dtype.is_empty() { DType::F32 } else { req.dtype.parse().map_err(invalid)? };
+        let load_format = if req.load_format.is_empty() { LoadFormat::Safetensors } else { req.load_format.parse().map_err(invalid)? };
+        if req.kv_blocks == 0 || req.block_size == 0 {
+            return Err(ServiceError::InvalidArgument("`kv_blocks` and `block_size` must be >= 1".into()));
+        }
+        let options = EngineOptions {
+            dtype,
+            load_format,
+            cache: CacheConfig { num_blocks: req.kv_blocks as usize, block_size: req.block_size as usize },
+        };
+        // Check the checkpoint opens before giving up the current model; then drop the old
+        // shard before loading the new one, so two models need not fit in memory at once.
+        let (config, source) = open_model(&PathBuf::from(&req.model_path), load_format)?;
+        self.engine = None;
+        let engine = Engine::from_source(Cpu, &config, &source, &options)?;
+        let c = engine.config();
+        let response = pb::LoadAssignmentResponse {
+            architecture: c.architecture.hf_name().to_owned(),
+            vocab_size: c.vocab_size as u32,
+            max_context: c.max_position_embeddings as u32,
+        };
+        self.engine = Some(engine);
+        self.epoch = req.epoch;
+        Ok(response)
+    }
+
+    pub fn step(&mut self, req: &pb::StepRequest) -> Result<pb::StepResponse, ServiceError> {
+        let engine = self.engine.as_mut().ok_or(ServiceError::NotLoaded)?;
+        if req.epoch != self.epoch {
+            return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
+        }
+        let vocab = engine.config().vocab_size;
+        let params: Vec<Option<SamplingParams>> = req
+            .sequences
+            .iter()
+            .map(|s| s.sampling.as_ref().map(|p| sampling_params(p, vocab)).transpose())
+            .collect::<Result<_, _>>()?;
+        if let Some(n) = req.sequences.iter().filter_map(|s| s.prompt_logprobs).find(|&n| n as usize > MAX_TOP_LOGPROBS) {
+            return Err(ServiceError::InvalidArgument(format!("`prompt_logprobs` must be <= {MAX_TOP_LOGPROBS}, got {n}")));
+        }
+        let steps: Vec<SeqStep<'_>> = req
+            .sequences
+            .iter()
+            .zip(&params)
+            .map(|(s, p)| SeqStep {
+                tokens: &s.tokens,
+                start_pos: s.start_pos as usize,
+                block_table: &s.block_table,
+                sample: p.as_ref(),
+                prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
+            })
+            .collect();
+        let outputs = engine.step(&steps)?;
+        let results = req
+            .sequences
+            .iter()
+            .zip(outputs)
+            .map(|(s, o)| pb::SequenceResult {
+                seq_id: s.seq_id,
+                sampled: o.sampled.map(to_pb),
+                prompt_logprobs: o.prompt_logprobs.into_iter().map(to_pb).collect(),
+            })
+            .collect();
+        Ok(pb::StepResponse { results })
+    }
+
+    pub fn health(&self) -> pb::HealthResponse {
+        match &self.engine {
+            None => pb::HealthResponse::default(),
+            Some(e) => {
+                let c = e.config();
+                pb::HealthResponse {
+                    epoch: self.epoch,
+                    architecture: c.architecture.hf_name().to_owned(),
+                    kv_blocks: e.cache_config().num_blocks as u32,
+                    block_size: e.cache_config().block_size as u32,
+                    weight_bytes: e.weight_bytes() as u64,
+                }
+            }
+        }
+    }
+}
+
+fn sampling_params(p: &pb::Sampling, vocab: usize) -> Result<SamplingParams, ServiceError> {
+    let params = SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+        seed: p.seed,
+        max_tokens: 1,
+        stop_token_ids: Vec::new(),
+        logprobs: Some(p.logprobs as usize),
+        prompt_logprobs: None,
+    };
+    params.validate(vocab).map_err(ServiceError::InvalidArgument)?;
+    Ok(params)
+}
+
+fn to_pb(t: TokenLogprobs) -> pb::TokenLogprobs {
+    pb::TokenLogprobs {
+        token_id: t.token,
+        logprob: t.logprob,
+        top_ids: t.top.iter().map(|a| a.0).collect(),
+        top_logprobs: t.top.iter().map(|a| a.1).collect(),
+    }
+}
+
+enum Command {
+    Load(pb::LoadAssignmentRequest, oneshot::Sender<Result<pb::LoadAssignmentResponse, ServiceError>>),
+    Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse, ServiceError>>),
+    Health(oneshot::Sender<pb::HealthResponse>),
+}
+
+/// Clonable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread; it stops when every handle is dropped.
+    pub fn spawn() -> std::io::Result<Self> {
+        let (tx, mut rx) = mpsc::channel::<Command>(64);
+        std::thread::Builder::new().name("engine".into()).spawn(move || {
+            let mut state = WorkerState::default();
+            while let Some(cmd) = rx.blocking_recv() {
+                match cmd {
+                    Command::Load(req, reply) => {
+                        let _ = reply.send(state.load(&req));
+                    }
+                    Command::Step(req, reply) => {
+                        let _ = reply.send(state.step(&req));
+                    }
+                    Command::Health(reply) => {
+                        let _ = reply.send(state.health());
+                    }
+                }
+            }
+        })?;
+        Ok(EngineHandle { tx })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ServiceError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| ServiceError::EngineStopped)?;
+        rx.await.map_err(|_| ServiceError::EngineStopped)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for EngineHandle {
+    async fn load_assignment(
+        &self,
+        request: tonic::Request<pb::LoadAssignmentRequest>,
+    ) -> Result<tonic::Response<pb::LoadAssignmentResponse>, tonic::Status> {
+        let req = request.into_inner();
+        tracing::info!(epoch = req.epoch, model = %req.model_path, "loading assignment");
+        let resp = self.call(|r| Command::Load(req, r)).await??;
+        Ok(tonic::Response::new(resp))
+    }
+
+    async fn step(&self, request: tonic::Request<pb::StepRequest>) -> Result<tonic::Response<pb::StepResponse>, tonic::Status> {
+        let resp = self.call(|r| Command::Step(request.into_inner(), r)).await??;
+        Ok(tonic::Response::new(resp))
+    }
+
+    async fn health(&self, _: tonic::Request<pb::HealthRequest>) -> Result<tonic::Response<pb::HealthResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.call(Command::Health).await?))
+    }
+}
+
+/// Serves the worker API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let handle = EngineHandle::spawn()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(epoch: u64) -> pb::LoadAssignmentRequest {
+        pb::LoadAssignmentRequest {
+            epoch,
+            model_path: concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mistral-nemo-tiny").into(),
+            dtype: String::new(),
+            load_format: String::new(),
+            kv_blocks: 4,
+            block_size: 16,
+        }
+    }
+
+    fn step(epoch: u64) -> pb::StepRequest {
+        let seq = pb::SequenceStep { seq_id: 7, tokens: vec![5, 6], start_pos: 0, block_table: vec![0], sampling: None, prompt_logprobs: Some(2) };
+        pb::StepRequest { epoch, sequences: vec![seq] }
+    }
+
+    #[test]
+    fn epochs_fence_steps_and_assignments() {
+        let mut state = WorkerState::default();
+        assert!(matches!(state.step(&step(0)), Err(ServiceError::NotLoaded)));
+        state.load(&assignment(4)).expect("loads");
+        assert_eq!(state.health().epoch, 4);
+        let out = state.step(&step(4)).expect("current epoch");
+        assert_eq!(out.results[0].seq_id, 7);
+        assert_eq!(out.results[0].prompt_logprobs.len(), 1);
+        assert!(out.results[0].sampled.is_none(), "no sampling asked");
+        assert!(matches!(state.step(&step(3)), Err(ServiceError::StaleEpoch { got: 3, current: 4 })));
+        assert!(matches!(state.load(&assignment(3)), Err(ServiceError::StaleEpoch { .. })));
+        let mut bad = assignment(5);
+        bad.kv_blocks = 0;
+        assert!(matches!(state.load(&bad), Err(ServiceError::InvalidArgument(_))));
+        assert_eq!(state.epoch(), 4, "a refused assignment changes nothing");
+        state.load(&assignment(5)).expect("newer epoch");
+        assert!(matches!(state.step(&step(4)), Err(ServiceError::StaleEpoch { got: 4, current: 5 })));
+    }
+}
