@@ -1,5 +1,4 @@
-//! The coordinator binary. Serving (gRPC + OpenAI HTTP, continuous batching) lands with the
-//! coordinator milestone; today it only validates its configuration.
+//! The coordinator binary.
 
 use clap::Parser;
 

@@ -1,0 +1,3 @@
+//! The Tramontane coordinator library: scheduling and (to come) client APIs and placement.
+
+pub mod scheduler;
