@@ -1,19 +1,70 @@
-//! The coordinator binary.
+//! The coordinator binary: serves the client API over the workers it is given.
 
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Parser;
+use coordinator::server::{ServeConfig, prepare, serve};
 
 /// Command-line configuration of the coordinator.
 #[derive(Debug, Parser)]
 #[command(version, about = "Tramontane coordinator")]
 struct Args {
-    /// Address of the gRPC API.
+    /// Address of the gRPC API (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "TRAMONTANE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: std::net::SocketAddr,
+    /// Checkpoint directory (config.json, tokenizer.json, weights), as the workers see it too.
+    #[arg(long, env = "TRAMONTANE_MODEL")]
+    model: PathBuf,
+    /// Worker API address; repeat for more workers (one replica each).
+    #[arg(long = "worker", env = "TRAMONTANE_WORKERS", value_delimiter = ',', required = true)]
+    workers: Vec<String>,
+    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value = "safetensors")]
+    load_format: String,
+    /// KV cache blocks per worker.
+    #[arg(long, env = "TRAMONTANE_KV_BLOCKS", default_value_t = 1024)]
+    kv_blocks: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Most sequences in one batch step.
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Most new tokens in one batch step (longer prompts are prefilled in chunks).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Most requests waiting per replica; beyond it requests get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
     let args = Args::parse();
-    tracing::info!(grpc_addr = %args.grpc_addr, "coordinator configured");
-    anyhow::bail!("the coordinator's serving loop is not built yet; use `worker generate` to run a model locally")
+    let cfg = ServeConfig {
+        model: args.model,
+        workers: args.workers,
+        dtype: args.dtype,
+        load_format: args.load_format,
+        kv_blocks: args.kv_blocks,
+        block_size: args.block_size,
+        max_num_seqs: args.max_num_seqs,
+        max_batch_tokens: args.max_batch_tokens,
+        max_queue: args.max_queue,
+    };
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let service = prepare(&cfg).await?;
+        let listener = tokio::net::TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
+        let addr = listener.local_addr()?;
+        println!("listening on {addr}");
+        std::io::stdout().flush()?;
+        tracing::info!(%addr, "coordinator serving");
+        let shutdown = worker::signals::shutdown_on_signal();
+        serve(listener, service, shutdown).await
+    })
 }

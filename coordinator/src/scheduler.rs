@@ -159,7 +159,8 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let s = &mut self.running[i];
-            if !(s.to_feed() == 1 && !s.generated.is_empty()) {
+            let decoding = s.to_feed() == 1 && !s.generated.is_empty();
+            if !decoding {
                 i += 1;
                 continue;
             }
@@ -176,11 +177,10 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            if !plan.iter().any(|p| p.id == s.req.id) {
-                if let Some(p) = Self::plan_chunk(&mut self.alloc, s, &mut budget, plan.is_empty()) {
+            if !plan.iter().any(|p| p.id == s.req.id)
+                && let Some(p) = Self::plan_chunk(&mut self.alloc, s, &mut budget, plan.is_empty()) {
                     plan.push(p);
                 }
-            }
         }
         // 3. Admit waiting requests while sequences, budget and blocks allow.
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {

@@ -78,16 +78,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("listening on {addr}");
         std::io::stdout().flush()?;
         tracing::info!(%addr, "worker listening");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let on_signal = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            on_signal.cancel();
-        });
+        let shutdown = worker::signals::shutdown_on_signal();
         worker::service::serve(listener, shutdown).await.map_err(|e| anyhow::anyhow!(e))
     })
 }

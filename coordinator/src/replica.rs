@@ -1,0 +1,218 @@
+//! One replica: a [`Scheduler`] and the worker that executes its steps, driven by a task
+//! (an actor: [`ReplicaHandle`] sends it requests and aborts). Each loop turn admits what
+//! arrived, plans a step, sends it to the worker with the placement epoch, and delivers the
+//! sampled tokens to each request's channel. A request whose receiver is gone is aborted,
+//! which frees its KV cache blocks at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use proto::tramontane::worker::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+use worker::TokenLogprobs;
+
+use crate::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest};
+
+/// What a request hears from its replica.
+#[derive(Debug, Clone)]
+pub enum ReplicaEvent {
+    PromptLogprobs(Vec<TokenLogprobs>),
+    Token(TokenLogprobs, Option<Finish>),
+    /// The request cannot complete (the worker failed); the message says why.
+    Failed(String),
+    /// The queue was full.
+    Rejected(String),
+}
+
+/// Load figures of a replica, refreshed every step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub used_blocks: usize,
+    pub num_blocks: usize,
+}
+
+enum Command {
+    Submit(SeqRequest, mpsc::UnboundedSender<ReplicaEvent>),
+    Abort(u64),
+}
+
+/// Clonable handle to a replica task.
+#[derive(Clone)]
+pub struct ReplicaHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    stats: watch::Receiver<ReplicaStats>,
+    /// Requests submitted and not yet finished (for least-loaded routing).
+    active: Arc<AtomicUsize>,
+}
+
+impl ReplicaHandle {
+    /// Starts the replica task over a worker that already holds its assignment for `epoch`.
+    pub fn spawn(worker: pb::worker_client::WorkerClient<Channel>, epoch: u64, cfg: SchedulerConfig) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: cfg.num_blocks, ..Default::default() });
+        let active = Arc::new(AtomicUsize::new(0));
+        let task = ReplicaTask { worker, epoch, scheduler: Scheduler::new(cfg), clients: HashMap::new(), stats: stats_tx, active: active.clone() };
+        tokio::spawn(task.run(rx));
+        ReplicaHandle { tx, stats, active }
+    }
+
+    /// Queues a request; its events arrive on the returned channel.
+    pub fn submit(&self, req: SeqRequest) -> mpsc::UnboundedReceiver<ReplicaEvent> {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        self.active.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(Command::Submit(req, events_tx.clone())).is_err() {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            let _ = events_tx.send(ReplicaEvent::Failed("the replica has stopped".into()));
+        }
+        events_rx
+    }
+
+    pub fn abort(&self, id: u64) {
+        let _ = self.tx.send(Command::Abort(id));
+    }
+
+    pub fn stats(&self) -> ReplicaStats {
+        *self.stats.borrow()
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+struct ReplicaTask {
+    worker: pb::worker_client::WorkerClient<Channel>,
+    epoch: u64,
+    scheduler: Scheduler,
+    clients: HashMap<u64, mpsc::UnboundedSender<ReplicaEvent>>,
+    stats: watch::Sender<ReplicaStats>,
+    active: Arc<AtomicUsize>,
+}
+
+impl ReplicaTask {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            if !self.scheduler.has_work() {
+                match rx.recv().await {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.drop_abandoned();
+            if let Some(plan) = self.scheduler.schedule() {
+                self.publish_stats();
+                self.execute(plan).await;
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(req, events) => {
+                let id = req.id;
+                match self.scheduler.add(req) {
+                    Ok(()) => {
+                        self.clients.insert(id, events);
+                    }
+                    Err(e) => {
+                        self.active.fetch_sub(1, Ordering::Relaxed);
+                        let _ = events.send(ReplicaEvent::Rejected(e.to_string()));
+                    }
+                }
+            }
+            Command::Abort(id) => self.finish(id),
+        }
+    }
+
+    /// Frees the blocks of requests whose client went away.
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<u64> = self.clients.iter().filter(|(_, tx)| tx.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.finish(id);
+        }
+    }
+
+    fn finish(&mut self, id: u64) {
+        self.scheduler.abort(id);
+        if self.clients.remove(&id).is_some() {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn publish_stats(&self) {
+        let stats = ReplicaStats {
+            running: self.scheduler.num_running(),
+            waiting: self.scheduler.num_waiting(),
+            used_blocks: self.scheduler.used_blocks(),
+            num_blocks: self.stats.borrow().num_blocks,
+        };
+        self.stats.send_if_modified(|s| std::mem::replace(s, stats) != stats);
+    }
+
+    async fn execute(&mut self, plan: Vec<PlannedSeq>) {
+        let request = pb::StepRequest { epoch: self.epoch, sequences: plan.iter().map(to_pb).collect() };
+        match self.worker.step(request).await {
+            Ok(response) => {
+                let results = response
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|r| (r.sampled.map(from_pb), r.prompt_logprobs.into_iter().map(from_pb).collect()))
+                    .collect();
+                for event in self.scheduler.complete(&plan, results) {
+                    self.deliver(event);
+                }
+            }
+            Err(status) => {
+                tracing::error!(%status, "worker step failed; failing the replica's requests");
+                let ids: Vec<u64> = self.clients.keys().copied().collect();
+                for id in ids {
+                    if let Some(tx) = self.clients.get(&id) {
+                        let _ = tx.send(ReplicaEvent::Failed(format!("the worker failed: {}", status.message())));
+                    }
+                    self.finish(id);
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, event: Event) {
+        let (id, event, done) = match event {
+            Event::PromptLogprobs { id, logprobs } => (id, ReplicaEvent::PromptLogprobs(logprobs), false),
+            Event::Token { id, token, finished } => (id, ReplicaEvent::Token(token, finished), finished.is_some()),
+        };
+        let sent = self.clients.get(&id).is_some_and(|tx| tx.send(event).is_ok());
+        if done || !sent {
+            self.finish(id);
+        }
+    }
+}
+
+fn to_pb(p: &PlannedSeq) -> pb::SequenceStep {
+    pb::SequenceStep {
+        seq_id: p.id,
+        tokens: p.tokens.clone(),
+        start_pos: p.start_pos as u32,
+        block_table: p.block_table.clone(),
+        sampling: p.sample.as_ref().map(|s| pb::Sampling {
+            temperature: s.temperature,
+            top_k: s.top_k as u32,
+            top_p: s.top_p,
+            seed: s.seed,
+            logprobs: s.logprobs.unwrap_or(0) as u32,
+        }),
+        prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
+    }
+}
+
+fn from_pb(t: pb::TokenLogprobs) -> TokenLogprobs {
+    TokenLogprobs { token: t.token_id, logprob: t.logprob, top: t.top_ids.into_iter().zip(t.top_logprobs).collect() }
+}

@@ -1,0 +1,105 @@
+//! Bringing a coordinator up: load the model's assignment onto every worker, start one
+//! replica per worker, serve the client API on a bound listener until shutdown.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::tramontane::v1::inference_server::InferenceServer;
+use proto::tramontane::worker::v1 as wpb;
+use tokio_util::sync::CancellationToken;
+use worker::{ModelConfig, Tokenizer};
+
+use crate::api::{InferenceService, Served};
+use crate::replica::ReplicaHandle;
+use crate::scheduler::SchedulerConfig;
+use crate::validate::ModelLimits;
+
+/// Everything a coordinator needs to serve.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Checkpoint directory (the coordinator reads config.json and tokenizer.json; workers read
+    /// the weights from the same path).
+    pub model: PathBuf,
+    /// Worker API addresses (`host:port`), one single-worker replica each.
+    pub workers: Vec<String>,
+    pub dtype: String,
+    pub load_format: String,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    pub max_batch_tokens: usize,
+    pub max_queue: usize,
+}
+
+/// The placement epoch of a coordinator's first (and, without membership, only) plan.
+const FIRST_EPOCH: u64 = 1;
+
+async fn connect(addr: &str) -> anyhow::Result<wpb::worker_client::WorkerClient<tonic::transport::Channel>> {
+    let url = format!("http://{addr}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match wpb::worker_client::WorkerClient::connect(url.clone()).await {
+            Ok(c) => return Ok(c.max_decoding_message_size(64 << 20)),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%addr, error = %e, "worker not reachable yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => anyhow::bail!("cannot reach worker {addr}: {e}"),
+        }
+    }
+}
+
+/// Loads the model on every worker and builds the API service.
+pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<InferenceService> {
+    anyhow::ensure!(!cfg.workers.is_empty(), "at least one worker address is needed");
+    let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
+    let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
+    let mut replicas = Vec::new();
+    for addr in &cfg.workers {
+        let mut client = connect(addr).await?;
+        let started = std::time::Instant::now();
+        let loaded = client
+            .load_assignment(wpb::LoadAssignmentRequest {
+                epoch: FIRST_EPOCH,
+                model_path: cfg.model.display().to_string(),
+                dtype: cfg.dtype.clone(),
+                load_format: cfg.load_format.clone(),
+                kv_blocks: cfg.kv_blocks as u32,
+                block_size: cfg.block_size as u32,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("worker {addr} could not load the model: {}", s.message()))?
+            .into_inner();
+        tracing::info!(%addr, architecture = %loaded.architecture, elapsed = ?started.elapsed(), "worker loaded its shard");
+        let sched = SchedulerConfig {
+            num_blocks: cfg.kv_blocks,
+            block_size: cfg.block_size,
+            max_num_seqs: cfg.max_num_seqs,
+            max_batch_tokens: cfg.max_batch_tokens,
+            max_queue: cfg.max_queue,
+        };
+        replicas.push(ReplicaHandle::spawn(client, FIRST_EPOCH, sched));
+    }
+    let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    Ok(InferenceService::new(Served {
+        name,
+        architecture: config.architecture.hf_name().to_owned(),
+        tokenizer,
+        limits: ModelLimits {
+            vocab_size: config.vocab_size,
+            max_context: config.max_position_embeddings,
+            eos_token_ids: config.eos_token_ids.clone(),
+        },
+        replicas,
+    }))
+}
+
+/// Serves the client gRPC API on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: tokio::net::TcpListener, service: InferenceService, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(InferenceServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! A coordinator over two worker processes (two single-worker replicas), driven through its
+//! gRPC API: streamed greedy generations equal the transformers reference, concurrent
+//! streams equal their solo runs, aborting frees KV blocks, bad input is refused.
+
+use proto::tramontane::v1 as pb;
+use pb::inference_client::InferenceClient;
+use tests::{Server, fixture};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Cluster {
+    _workers: Vec<Server>,
+    coordinator: Server,
+}
+
+fn start(model: &str, workers: usize) -> Cluster {
+    let workers: Vec<Server> = (0..workers).map(|_| Server::start("worker", &["serve", "--listen", "127.0.0.1:0"])).collect();
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    let model = fixture(model).display().to_string();
+    let coordinator = Server::start(
+        "coordinator",
+        &["--grpc-addr", "127.0.0.1:0", "--model", &model, "--worker", &addrs.join(","), "--kv-blocks", "64", "--max-batch-tokens", "16"],
+    );
+    Cluster { _workers: workers, coordinator }
+}
+
+async fn client(c: &Cluster) -> InferenceClient<Channel> {
+    InferenceClient::connect(c.coordinator.url()).await.expect("connects")
+}
+
+fn request(prompt: pb::generate_request::Prompt, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: String::new(),
+        prompt: Some(prompt),
+        sampling: Some(pb::SamplingParams { max_tokens, logprobs: Some(2), ..Default::default() }),
+    }
+}
+
+/// Streams a request to the end; returns (token ids, text, logprobs, finish reason).
+async fn generate(client: &mut InferenceClient<Channel>, req: pb::GenerateRequest) -> Result<(Vec<u32>, String, Vec<f32>, i32), tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let (mut ids, mut text, mut lps, mut finish) = (Vec::new(), String::new(), Vec::new(), 0);
+    while let Some(msg) = stream.message().await? {
+        ids.extend(&msg.token_ids);
+        text.push_str(&msg.text);
+        lps.extend(msg.logprobs.iter().map(|p| p.token.as_ref().expect("token").logprob));
+        if msg.finish_reason != 0 {
+            finish = msg.finish_reason;
+            let usage = msg.usage.expect("usage on the last message");
+            assert_eq!(usage.completion_tokens as usize, ids.len());
+        }
+    }
+    Ok((ids, text, lps, finish))
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    cases: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    prompt_text: Option<String>,
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    greedy_logprobs: Vec<f32>,
+}
+
+fn reference(name: &str) -> Reference {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).expect("reads")).expect("parses")
+}
+
+#[tokio::test]
+async fn streams_reproduce_the_reference_alone_and_concurrently() {
+    let cluster = start("mistral-v1-tiny", 2);
+    let mut c = client(&cluster).await;
+    let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
+    assert_eq!((info.architecture.as_str(), info.replicas, info.kv_blocks_total), ("MistralForCausalLM", 2, 128));
+    let reference = reference("mistral-v1-tiny");
+
+    // Text prompts (tokenized by the coordinator) and token-id prompts, against transformers.
+    for case in &reference.cases {
+        let prompt = match &case.prompt_text {
+            Some(t) => pb::generate_request::Prompt::Text(t.clone()),
+            None => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: case.prompt_ids.clone() }),
+        };
+        let n = case.greedy_ids.len() as u32;
+        let (ids, text, lps, finish) = generate(&mut c, request(prompt, n)).await.expect("generates");
+        assert_eq!(ids, case.greedy_ids);
+        assert_eq!(finish, pb::FinishReason::Length as i32);
+        for (a, b) in lps.iter().zip(&case.greedy_logprobs) {
+            assert!((a - b).abs() <= 2e-3, "{a} vs {b}");
+        }
+        let decode = |ids: Vec<u32>| {
+            let mut c = c.clone();
+            async move { c.detokenize(pb::DetokenizeRequest { ids, skip_special_tokens: false }).await.expect("detok").into_inner().text }
+        };
+        let whole = decode(case.prompt_ids.iter().chain(&ids).copied().collect()).await;
+        let prompt = decode(case.prompt_ids.clone()).await;
+        assert_eq!(format!("{prompt}{text}"), whole, "streamed text deltas continue the prompt's text");
+    }
+
+    // Sixteen concurrent streams (a token budget of 16 forces chunked prefill and shared
+    // batches) produce what each produces alone.
+    let prompts: Vec<Vec<u32>> = (0..16u32).map(|i| (0..(3 + i % 7)).map(|j| 100 + 37 * i + j).collect()).collect();
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(generate(&mut c, request(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: p.clone() }), 10)).await.expect("alone").0);
+    }
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = c.clone();
+            let req = request(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: p.clone() }), 10);
+            tokio::spawn(async move { generate(&mut c, req).await.expect("concurrent").0 })
+        })
+        .collect();
+    for (task, want) in tasks.into_iter().zip(&alone) {
+        assert_eq!(&task.await.expect("joins"), want);
+    }
+    let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
+    assert_eq!((info.kv_blocks_used, info.running, info.waiting), (0, 0, 0), "everything freed");
+}
+
+#[tokio::test]
+async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
+    let cluster = start("mistral-v1-tiny", 1);
+    let mut c = client(&cluster).await;
+    let long = |id: &str| pb::GenerateRequest {
+        request_id: id.into(),
+        prompt: Some(pb::generate_request::Prompt::Text("The tramontane".into())),
+        sampling: Some(pb::SamplingParams { max_tokens: 900, ..Default::default() }),
+    };
+    // Abort by id.
+    let mut stream = c.generate(long("a")).await.expect("starts").into_inner();
+    stream.message().await.expect("first token").expect("a message");
+    assert!(c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner().kv_blocks_used > 0);
+    assert!(c.abort(pb::AbortRequest { request_id: "a".into() }).await.expect("abort").into_inner().aborted);
+    // Disconnect: drop a stream mid-generation.
+    let mut stream2 = c.generate(long("b")).await.expect("starts").into_inner();
+    stream2.message().await.expect("first token").expect("a message");
+    drop(stream2);
+    let mut freed = false;
+    for _ in 0..100 {
+        let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
+        if info.kv_blocks_used == 0 && info.running == 0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(freed, "aborted and disconnected requests free their KV blocks");
+    drop(stream);
+
+    // Bad input: INVALID_ARGUMENT naming the field and the limit.
+    let bad = |f: fn(&mut pb::GenerateRequest)| {
+        let mut r = request(pb::generate_request::Prompt::Text("hi".into()), 4);
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(pb::GenerateRequest, &str)> = vec![
+        (bad(|r| r.prompt = Some(pb::generate_request::Prompt::Text(String::new()))), "empty"),
+        (bad(|r| r.prompt = None), "prompt"),
+        (bad(|r| r.prompt = Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![32000] }))), "32000"),
+        (bad(|r| r.sampling.as_mut().expect("s").temperature = f32::NAN), "temperature"),
+        (bad(|r| r.sampling.as_mut().expect("s").temperature = -0.5), "temperature"),
+        (bad(|r| r.sampling.as_mut().expect("s").top_p = 1.5), "top_p"),
+        (bad(|r| r.sampling.as_mut().expect("s").max_tokens = 5000), "2048"),
+        (bad(|r| r.sampling.as_mut().expect("s").logprobs = Some(50)), "logprobs"),
+    ];
+    for (req, needle) in cases {
+        let err = c.generate(req).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(needle), "{:?} should mention {needle}", err.message());
+    }
+    // Still serving.
+    let (ids, ..) = generate(&mut c, request(pb::generate_request::Prompt::Text("hi".into()), 3)).await.expect("serves");
+    assert_eq!(ids.len(), 3);
+}
