@@ -1,6 +1,9 @@
-//! The Tramontane coordinator library: the client API, validation, per-replica scheduling.
+//! The Tramontane coordinator library: the client APIs (gRPC, OpenAI HTTP), validation,
+//! per-replica scheduling.
 
 pub mod api;
+pub mod frontend;
+pub mod openai;
 pub mod replica;
 pub mod scheduler;
 pub mod server;

@@ -14,6 +14,9 @@ struct Args {
     /// Address of the gRPC API (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "TRAMONTANE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: std::net::SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (the bound address is printed second).
+    #[arg(long, env = "TRAMONTANE_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    http_addr: std::net::SocketAddr,
     /// Checkpoint directory (config.json, tokenizer.json, weights), as the workers see it too.
     #[arg(long, env = "TRAMONTANE_MODEL")]
     model: PathBuf,
@@ -58,13 +61,15 @@ fn main() -> anyhow::Result<()> {
         max_queue: args.max_queue,
     };
     tokio::runtime::Runtime::new()?.block_on(async {
-        let service = prepare(&cfg).await?;
+        let frontend = prepare(&cfg).await?;
         let listener = tokio::net::TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
-        let addr = listener.local_addr()?;
+        let http = tokio::net::TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+        let (addr, http_addr) = (listener.local_addr()?, http.local_addr()?);
         println!("listening on {addr}");
+        println!("http listening on {http_addr}");
         std::io::stdout().flush()?;
-        tracing::info!(%addr, "coordinator serving");
+        tracing::info!(grpc = %addr, http = %http_addr, "coordinator serving");
         let shutdown = worker::signals::shutdown_on_signal();
-        serve(listener, service, shutdown).await
+        serve(listener, http, frontend, shutdown).await
     })
 }

@@ -9,7 +9,8 @@ use proto::tramontane::worker::v1 as wpb;
 use tokio_util::sync::CancellationToken;
 use worker::{ModelConfig, Tokenizer};
 
-use crate::api::{InferenceService, Served};
+use crate::api::InferenceService;
+use crate::frontend::{Frontend, Served};
 use crate::replica::ReplicaHandle;
 use crate::scheduler::SchedulerConfig;
 use crate::validate::ModelLimits;
@@ -50,7 +51,7 @@ async fn connect(addr: &str) -> anyhow::Result<wpb::worker_client::WorkerClient<
 }
 
 /// Loads the model on every worker and builds the API service.
-pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<InferenceService> {
+pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
     anyhow::ensure!(!cfg.workers.is_empty(), "at least one worker address is needed");
     let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
@@ -81,7 +82,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<InferenceService> {
         replicas.push(ReplicaHandle::spawn(client, FIRST_EPOCH, sched));
     }
     let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    Ok(InferenceService::new(Served {
+    Ok(Frontend::new(Served {
         name,
         architecture: config.architecture.hf_name().to_owned(),
         tokenizer,
@@ -94,12 +95,21 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<InferenceService> {
     }))
 }
 
-/// Serves the client gRPC API on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, service: InferenceService, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
-        .add_service(InferenceServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
+/// Serves the gRPC API on `grpc` and the OpenAI HTTP API on `http` until `shutdown` is
+/// cancelled.
+pub async fn serve(
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+    frontend: Frontend,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(InferenceServer::new(InferenceService::new(frontend.clone())))
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let http_server = axum::serve(http, crate::openai::router(frontend)).with_graceful_shutdown(shutdown.cancelled_owned());
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    g?;
+    h?;
     Ok(())
 }

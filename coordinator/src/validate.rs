@@ -1,7 +1,6 @@
-//! Raw client requests become [`ValidRequest`]s here; nothing past this point sees an
-//! unchecked request. Every error names the field and its limit.
+//! Raw client requests (gRPC or HTTP) become [`ValidRequest`]s here; nothing past this point
+//! sees an unchecked request. Every error names the field and its limit.
 
-use proto::tramontane::v1 as pb;
 use worker::sampling::MAX_TOP_LOGPROBS;
 use worker::{SamplingParams, Tokenizer};
 
@@ -16,6 +15,27 @@ pub struct ModelLimits {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// A prompt as a client sends it.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    Text(String),
+    TokenIds(Vec<u32>),
+}
+
+/// A generation request in any protocol, before checks. `None` means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct RawRequest {
+    pub prompt: Option<PromptInput>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<u32>,
+    pub stop_token_ids: Vec<u32>,
+    pub logprobs: Option<u32>,
+    pub prompt_logprobs: Option<u32>,
+}
+
 /// A checked, tokenized generation request.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
@@ -23,39 +43,42 @@ pub struct ValidRequest {
     pub params: SamplingParams,
 }
 
-/// Checks a gRPC GenerateRequest; `Err` is the message for INVALID_ARGUMENT.
-pub fn generate_request(req: &pb::GenerateRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed: u64) -> Result<ValidRequest, String> {
-    let prompt = match &req.prompt {
-        None => return Err("`prompt` is required (text or token_ids)".into()),
-        Some(pb::generate_request::Prompt::Text(t)) => {
+/// Checks a request; `Err` is the message for INVALID_ARGUMENT / HTTP 400.
+pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed: u64) -> Result<ValidRequest, String> {
+    let prompt = match req.prompt {
+        None => return Err("`prompt` is required (text or token ids)".into()),
+        Some(PromptInput::Text(t)) => {
             if t.is_empty() {
                 return Err("`prompt` must not be empty".into());
             }
-            tok.encode(t, true).map_err(|e| format!("`prompt` cannot be tokenized: {e}"))?
+            tok.encode(&t, true).map_err(|e| format!("`prompt` cannot be tokenized: {e}"))?
         }
-        Some(pb::generate_request::Prompt::TokenIds(ids)) => {
-            if ids.ids.is_empty() {
+        Some(PromptInput::TokenIds(ids)) => {
+            if ids.is_empty() {
                 return Err("`prompt` must not be empty".into());
             }
-            if let Some(&t) = ids.ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
-                return Err(format!("`token_ids` must be < {} (the vocabulary), got {t}", limits.vocab_size));
+            if let Some(&t) = ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
+                return Err(format!("prompt token ids must be < {} (the vocabulary), got {t}", limits.vocab_size));
             }
-            ids.ids.clone()
+            ids
         }
     };
-    let s = req.sampling.clone().unwrap_or_default();
-    let max_tokens = if s.max_tokens == 0 { DEFAULT_MAX_TOKENS } else { s.max_tokens as usize };
-    let mut stop_token_ids = s.stop_token_ids.clone();
+    let max_tokens = match req.max_tokens {
+        None => DEFAULT_MAX_TOKENS.min(limits.max_context.saturating_sub(prompt.len()).max(1)),
+        Some(0) => return Err("`max_tokens` must be >= 1, got 0".into()),
+        Some(n) => n as usize,
+    };
+    let mut stop_token_ids = req.stop_token_ids;
     stop_token_ids.extend(&limits.eos_token_ids);
     let params = SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
-        seed: s.seed.unwrap_or(fresh_seed),
+        temperature: req.temperature.unwrap_or(1.0),
+        top_k: req.top_k.unwrap_or(0) as usize,
+        top_p: req.top_p.unwrap_or(1.0),
+        seed: req.seed.unwrap_or(fresh_seed),
         max_tokens,
         stop_token_ids,
-        logprobs: s.logprobs.map(|n| n as usize),
-        prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
+        logprobs: req.logprobs.map(|n| n as usize),
+        prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
     };
     params.validate(limits.vocab_size)?;
     if params.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {

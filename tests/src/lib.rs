@@ -15,6 +15,13 @@ pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)
 }
 
+/// The cargo target directory holding this test's build.
+pub fn target_dir() -> PathBuf {
+    // target/<profile>/deps/<test executable>
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.ancestors().nth(3).expect("target/<profile>/deps/<exe>").to_owned()
+}
+
 /// Path of one of the workspace's binaries, built (once per test process) if needed.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
@@ -37,6 +44,7 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Server {
@@ -47,14 +55,22 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("{binary_name} starts: {e}"));
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("reads the address");
+        stdout.read_line(&mut line).expect("reads the address");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("{binary_name} printed {line:?} instead of its address"))
             .to_owned();
-        Server { child, addr }
+        Server { child, addr, stdout }
+    }
+
+    /// The next line the process prints on stdout.
+    pub fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reads a line");
+        line.trim().to_owned()
     }
 
     pub fn url(&self) -> String {

@@ -17,10 +17,14 @@ fn start(model: &str, workers: usize) -> Cluster {
     let workers: Vec<Server> = (0..workers).map(|_| Server::start("worker", &["serve", "--listen", "127.0.0.1:0"])).collect();
     let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
     let model = fixture(model).display().to_string();
-    let coordinator = Server::start(
+    let mut coordinator = Server::start(
         "coordinator",
-        &["--grpc-addr", "127.0.0.1:0", "--model", &model, "--worker", &addrs.join(","), "--kv-blocks", "64", "--max-batch-tokens", "16"],
+        &[
+            "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model, "--worker", &addrs.join(","),
+            "--kv-blocks", "64", "--max-batch-tokens", "16",
+        ],
     );
+    assert!(coordinator.next_line().starts_with("http listening on "));
     Cluster { _workers: workers, coordinator }
 }
 

@@ -1,0 +1,444 @@
+//! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (JSON or SSE),
+//! `/v1/models`, `/health`. Requests become [`RawRequest`]s and go through the same validation
+//! and frontend as gRPC; errors come back as OpenAI-style JSON with HTTP 400 / 429 / 503.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use worker::{TokenLogprobs, Tokenizer};
+
+use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
+use crate::scheduler::Finish;
+use crate::validate::{PromptInput, RawRequest};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// The routes, over a frontend.
+pub fn router(frontend: Frontend) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(frontend)
+}
+
+/// An HTTP error as OpenAI clients expect it.
+pub struct ApiError(StatusCode, String);
+
+impl From<FrontendError> for ApiError {
+    fn from(e: FrontendError) -> Self {
+        let status = match &e {
+            FrontendError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            FrontendError::AlreadyExists(_) => StatusCode::CONFLICT,
+            FrontendError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            FrontendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let msg = match &r {
+            JsonRejection::BytesRejection(_) => format!("the request body must be <= {MAX_BODY_BYTES} bytes"),
+            other => format!("invalid JSON body: {}", other.body_text()),
+        };
+        ApiError(StatusCode::BAD_REQUEST, msg)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = if self.0 == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
+        let body = json!({"error": {"message": self.1, "type": kind, "code": self.0.as_u16()}});
+        (self.0, Json(body)).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Deserialize, Default)]
+struct Sampling {
+    model: Option<String>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    stop: Option<StopField>,
+    stop_token_ids: Option<Vec<u32>>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: Option<PromptField>,
+    #[serde(default)]
+    echo: bool,
+    logprobs: Option<u32>,
+    #[serde(default)]
+    return_tokens_as_token_ids: bool,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u32>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// Common checks of the sampling fields; returns the stop strings.
+fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<Vec<String>, ApiError> {
+    let served = &frontend.served.name;
+    if let Some(m) = s.model.as_deref().filter(|m| !m.is_empty() && *m != served.as_str()) {
+        return Err(bad(format!("`model` {m:?} is not served here; this server serves {served:?}")));
+    }
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(bad("`n` must be 1"));
+    }
+    if s.top_k.is_some_and(|k| k < -1) {
+        return Err(bad("`top_k` must be -1 (off) or >= 0"));
+    }
+    let stops = match &s.stop {
+        None => vec![],
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    if stops.len() > 4 || stops.iter().any(String::is_empty) {
+        return Err(bad("`stop` must be at most 4 non-empty strings"));
+    }
+    Ok(stops)
+}
+
+fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Option<u32>) -> RawRequest {
+    RawRequest {
+        prompt: Some(prompt),
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k.map(|k| k.max(0) as u32),
+        seed: s.seed,
+        max_tokens,
+        stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),
+        logprobs,
+        prompt_logprobs: None,
+    }
+}
+
+/// Text held back until it cannot be the start of a stop string.
+struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopMatcher {
+    /// Adds text; returns what is safe to emit and whether a stop string was hit.
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            let out = self.pending[..at].to_owned();
+            self.pending.clear();
+            return (out, true);
+        }
+        let keep = self.stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+        let mut cut = self.pending.len().saturating_sub(keep);
+        while !self.pending.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let out = self.pending[..cut].to_owned();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+fn finish_name(f: Finish) -> &'static str {
+    match f {
+        Finish::Length => "length",
+        Finish::Stop | Finish::Abort => "stop",
+    }
+}
+
+fn token_name(tok: &Tokenizer, id: u32, as_ids: bool) -> String {
+    if as_ids { format!("token_id:{id}") } else { tok.decode(&[id], false).unwrap_or_default() }
+}
+
+/// A whole generation collected: text (stop strings applied), tokens, finish reason.
+struct Collected {
+    text: String,
+    tokens: Vec<TokenLogprobs>,
+    finish: &'static str,
+    prompt_tokens: usize,
+}
+
+async fn collect(mut g: Generation, stops: Vec<String>) -> Result<Collected, ApiError> {
+    let mut matcher = StopMatcher { stops, pending: String::new() };
+    let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), "length");
+    while let Some(chunk) = g.next().await {
+        if let Chunk::Token { token, text: delta, finish: f } = chunk? {
+            tokens.push(token);
+            let (out, hit) = matcher.push(&delta);
+            text.push_str(&out);
+            if hit {
+                finish = "stop";
+                break; // dropping the generation aborts the rest
+            }
+            if let Some(f) = f {
+                text.push_str(&matcher.flush());
+                finish = finish_name(f);
+            }
+        }
+    }
+    Ok(Collected { text, tokens, finish, prompt_tokens: g.prompt.len() })
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn completion_logprobs(tok: &Tokenizer, tokens: &[TokenLogprobs], as_ids: bool) -> Value {
+    let names: Vec<String> = tokens.iter().map(|t| token_name(tok, t.token, as_ids)).collect();
+    let mut offset = 0;
+    let offsets: Vec<usize> = names
+        .iter()
+        .map(|n| {
+            let at = offset;
+            offset += n.len();
+            at
+        })
+        .collect();
+    json!({
+        "tokens": names,
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|&(id, lp)| (token_name(tok, id, as_ids), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+type SseStream = Sse<tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>>;
+
+/// Streams a generation as SSE: `chunk(delta_text, tokens, finish)` builds each JSON payload.
+fn stream(mut g: Generation, stops: Vec<String>, chunk: impl Fn(&str, &[TokenLogprobs], Option<&str>) -> Value + Send + 'static) -> SseStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut matcher = StopMatcher { stops, pending: String::new() };
+        while let Some(item) = g.next().await {
+            let payload = match item {
+                Ok(Chunk::PromptLogprobs(_)) => continue,
+                Ok(Chunk::Token { token, text, finish }) => {
+                    let (mut out, hit) = matcher.push(&text);
+                    if finish.is_some() && !hit {
+                        out.push_str(&matcher.flush());
+                    }
+                    let reason = if hit { Some("stop") } else { finish.map(finish_name) };
+                    let payload = chunk(&out, std::slice::from_ref(&token), reason);
+                    if hit {
+                        let _ = tx.send(Ok(Event::default().data(payload.to_string()))).await;
+                        break;
+                    }
+                    payload
+                }
+                Err(e) => json!({"error": {"message": e.to_string(), "type": "server_error"}}),
+            };
+            if tx.send(Ok(Event::default().data(payload.to_string()))).await.is_err() {
+                return; // client gone: dropping the generation aborts it
+            }
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+async fn completions(State(frontend): State<Frontend>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let stops = check_sampling(&frontend, &req.sampling)?;
+    let prompt = match req.prompt {
+        None => return Err(bad("`prompt` is required")),
+        Some(PromptField::Text(t)) => PromptInput::Text(t),
+        Some(PromptField::Ids(ids)) => PromptInput::TokenIds(ids),
+        Some(PromptField::Texts(mut v)) if v.len() == 1 => PromptInput::Text(v.remove(0)),
+        Some(PromptField::IdLists(mut v)) if v.len() == 1 => PromptInput::TokenIds(v.remove(0)),
+        Some(_) => return Err(bad("`prompt` must be one prompt (a string or a list of token ids)")),
+    };
+    if req.echo && req.sampling.stream {
+        return Err(bad("`echo` is not supported with `stream`"));
+    }
+    let g = frontend.start(None, raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs))?;
+    let (id, model, created) = (format!("cmpl-{}", g.request_id), frontend.served.name.clone(), now());
+    let as_ids = req.return_tokens_as_token_ids;
+    let want_logprobs = req.logprobs.is_some();
+    let tok_frontend = frontend.clone();
+    if req.sampling.stream {
+        return Ok(stream(g, stops, move |text, tokens, finish| {
+            let lp = want_logprobs.then(|| completion_logprobs(&tok_frontend.served.tokenizer, tokens, as_ids));
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
+        })
+        .into_response());
+    }
+    let prompt_ids = g.prompt.clone();
+    let c = collect(g, stops).await?;
+    let tok = &frontend.served.tokenizer;
+    let text = if req.echo { tok.decode(&prompt_ids, true).unwrap_or_default() + &c.text } else { c.text };
+    let lp = want_logprobs.then(|| completion_logprobs(tok, &c.tokens, as_ids));
+    Ok(Json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": c.finish}],
+        "usage": usage(c.prompt_tokens, c.tokens.len()),
+    }))
+    .into_response())
+}
+
+/// Mistral's instruct format, used when the checkpoint ships no chat template:
+/// `<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`; a system message is prepended
+/// to the first user message.
+pub fn mistral_chat_prompt(messages: &[(String, String)]) -> Result<String, String> {
+    let mut system = None;
+    let mut out = String::from("<s>");
+    for (i, (role, content)) in messages.iter().enumerate() {
+        match role.as_str() {
+            "system" if i == 0 => system = Some(content.clone()),
+            "user" => match system.take() {
+                Some(s) => out.push_str(&format!("[INST] {s}\n\n{content} [/INST]")),
+                None => out.push_str(&format!("[INST] {content} [/INST]")),
+            },
+            "assistant" => out.push_str(&format!(" {content}</s>")),
+            other => return Err(format!("`messages[{i}].role` must be system (first only), user or assistant, got {other:?}")),
+        }
+    }
+    if messages.last().is_none_or(|(r, _)| r != "user") {
+        return Err("`messages` must end with a user message".into());
+    }
+    Ok(out)
+}
+
+async fn chat_completions(State(frontend): State<Frontend>, body: Result<Json<ChatRequest>, JsonRejection>) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let stops = check_sampling(&frontend, &req.sampling)?;
+    if req.messages.is_empty() {
+        return Err(bad("`messages` must not be empty"));
+    }
+    let messages: Vec<(String, String)> = req.messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
+    let text = mistral_chat_prompt(&messages).map_err(bad)?;
+    let ids = frontend.served.tokenizer.encode(&text, false).map_err(|e| bad(e.to_string()))?;
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    let g = frontend.start(None, raw(&req.sampling, PromptInput::TokenIds(ids), max_tokens, logprobs))?;
+    let (id, model, created) = (format!("chatcmpl-{}", g.request_id), frontend.served.name.clone(), now());
+    let tok_frontend = frontend.clone();
+    let chat_logprobs = move |tokens: &[TokenLogprobs]| {
+        let tok = &tok_frontend.served.tokenizer;
+        json!({"content": tokens.iter().map(|t| json!({
+            "token": token_name(tok, t.token, false), "logprob": t.logprob,
+            "top_logprobs": t.top.iter().map(|&(id, lp)| json!({"token": token_name(tok, id, false), "logprob": lp})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()})
+    };
+    let want_logprobs = req.logprobs;
+    if req.sampling.stream {
+        let first = std::sync::atomic::AtomicBool::new(true);
+        return Ok(stream(g, stops, move |text, tokens, finish| {
+            let mut delta = json!({"content": text});
+            if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                delta["role"] = json!("assistant");
+            }
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": want_logprobs.then(|| chat_logprobs(tokens)), "finish_reason": finish}]})
+        })
+        .into_response());
+    }
+    let c = collect(g, stops).await?;
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": want_logprobs.then(|| chat_logprobs(&c.tokens)), "finish_reason": c.finish}],
+        "usage": usage(c.prompt_tokens, c.tokens.len()),
+    }))
+    .into_response())
+}
+
+async fn models(State(frontend): State<Frontend>) -> Json<Value> {
+    let s = &frontend.served;
+    Json(json!({"object": "list", "data": [{"id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context}]}))
+}
+
+async fn health(State(frontend): State<Frontend>) -> StatusCode {
+    if frontend.served.replicas.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_cut_the_text_and_hold_back_possible_prefixes() {
+        let mut m = StopMatcher { stops: vec!["END".into()], pending: String::new() };
+        assert_eq!(m.push("hello E"), ("hello".into(), false));
+        assert_eq!(m.push("N"), (" ".into(), false));
+        assert_eq!(m.push("D tail"), (String::new(), true));
+        let mut m = StopMatcher { stops: vec!["END".into()], pending: String::new() };
+        assert_eq!(m.push("a ENx"), ("a E".into(), false));
+        assert_eq!(m.flush(), "Nx");
+    }
+
+    #[test]
+    fn the_mistral_template_formats_turns() {
+        let msgs = |v: &[(&str, &str)]| v.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect::<Vec<_>>();
+        assert_eq!(
+            mistral_chat_prompt(&msgs(&[("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")])).unwrap(),
+            "<s>[INST] Be brief.\n\nHi [/INST] Hello</s>[INST] Bye [/INST]"
+        );
+        assert!(mistral_chat_prompt(&msgs(&[("user", "a"), ("assistant", "b")])).is_err());
+        assert!(mistral_chat_prompt(&msgs(&[("tool", "a")])).unwrap_err().contains("role"));
+    }
+}

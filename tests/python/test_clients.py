@@ -1,0 +1,141 @@
+"""End-to-end tests with the real clients a user runs: the official `openai` SDK against the
+OpenAI-compatible HTTP API, and `grpcio` stubs generated from proto/ against the gRPC API.
+
+The cluster is started by tests/tests/python_clients.rs, which passes:
+  TRAMONTANE_HTTP   base URL of the HTTP API (http://host:port/v1)
+  TRAMONTANE_GRPC   host:port of the gRPC API
+  TRAMONTANE_STUBS  directory holding the generated tramontane/v1/inference_pb2*.py
+  TRAMONTANE_REFERENCE  the fixture's reference.json (transformers outputs)
+"""
+
+import json
+import os
+import sys
+import threading
+
+import grpc
+import openai
+import pytest
+
+sys.path.insert(0, os.environ["TRAMONTANE_STUBS"])
+from tramontane.v1 import inference_pb2 as pb  # noqa: E402
+from tramontane.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+
+REFERENCE = json.load(open(os.environ["TRAMONTANE_REFERENCE"]))
+TEXT_CASES = [c for c in REFERENCE["cases"] if c["prompt_text"]]
+
+
+@pytest.fixture(scope="module")
+def client():
+    return openai.OpenAI(base_url=os.environ["TRAMONTANE_HTTP"], api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def stub():
+    channel = grpc.insecure_channel(os.environ["TRAMONTANE_GRPC"])
+    return pb_grpc.InferenceStub(channel)
+
+
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+@pytest.mark.parametrize("case", TEXT_CASES, ids=lambda c: str(len(c["prompt_ids"])))
+def test_completion_reproduces_transformers(client, case):
+    n = len(case["greedy_ids"])
+    out = client.completions.create(
+        model=model_name(client), prompt=case["prompt_text"], max_tokens=n, temperature=0, logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    choice = out.choices[0]
+    ids = [int(t.split(":")[1]) for t in choice.logprobs.tokens]
+    assert ids == case["greedy_ids"]
+    for ours, theirs in zip(choice.logprobs.token_logprobs, case["greedy_logprobs"]):
+        assert abs(ours - theirs) <= 2e-3
+    assert choice.finish_reason == "length"
+    assert out.usage.prompt_tokens == len(case["prompt_ids"])
+    assert out.usage.completion_tokens == n
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    prompt = TEXT_CASES[0]["prompt_text"]
+    whole = client.completions.create(model=model_name(client), prompt=prompt, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model=model_name(client), prompt=prompt, max_tokens=10, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_streamed_and_whole_agree(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does the tramontane blow?"}]
+    whole = client.chat.completions.create(model=model_name(client), messages=messages, max_tokens=8, temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=model_name(client), messages=messages, max_tokens=8, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 8
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(model=model_name(client), prompt="The wind", max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 100000}, "context"),
+    ({"model": "not-this-one"}, "not served"),
+    ({"n": 2}, "`n`"),
+])
+def test_bad_input_is_a_400_naming_the_field(client, bad, needle):
+    kwargs = dict(model=model_name(client), prompt="hi", max_tokens=4)
+    kwargs.update(bad)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**kwargs)
+    assert needle in str(e.value)
+
+
+def generate(stub, request):
+    ids, text, finish = [], "", None
+    for msg in stub.Generate(request):
+        ids.extend(msg.token_ids)
+        text += msg.text
+        if msg.finish_reason:
+            finish = msg.finish_reason
+    return ids, text, finish
+
+
+def test_grpc_generate_stream_reproduces_transformers(stub):
+    for case in TEXT_CASES:
+        req = pb.GenerateRequest(text=case["prompt_text"], sampling=pb.SamplingParams(max_tokens=len(case["greedy_ids"])))
+        ids, _, finish = generate(stub, req)
+        assert ids == case["greedy_ids"]
+        assert finish == pb.FINISH_REASON_LENGTH
+
+
+def test_grpc_concurrent_streams_equal_solo_runs(stub):
+    prompts = [[100 + 31 * i + j for j in range(3 + i % 5)] for i in range(8)]
+    solo = [generate(stub, pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=pb.SamplingParams(max_tokens=8)))[0] for p in prompts]
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = generate(stub, pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[i]), sampling=pb.SamplingParams(max_tokens=8)))[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == solo
+
+
+def test_grpc_abort_and_invalid_argument(stub):
+    stream = stub.Generate(pb.GenerateRequest(request_id="py-abort", text="hello", sampling=pb.SamplingParams(max_tokens=1000)))
+    next(stream)
+    assert stub.Abort(pb.AbortRequest(request_id="py-abort")).aborted
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(pb.GenerateRequest(text="", sampling=pb.SamplingParams(max_tokens=4))))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty" in e.value.details()
