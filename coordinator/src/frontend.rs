@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use worker::{IncrementalDecoder, TokenLogprobs, Tokenizer};
 
+use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
 use crate::scheduler::{Finish, SeqRequest};
 use crate::validate::{self, ModelLimits, RawRequest};
@@ -44,14 +46,15 @@ pub enum Chunk {
 #[derive(Clone)]
 pub struct Frontend {
     pub served: Arc<Served>,
+    pub metrics: Arc<Metrics>,
     next_id: Arc<AtomicU64>,
     /// Client request id -> (replica index, internal id), for Abort.
     running: Arc<Mutex<HashMap<String, (usize, u64)>>>,
 }
 
 impl Frontend {
-    pub fn new(served: Served) -> Self {
-        Frontend { served: Arc::new(served), next_id: Arc::new(AtomicU64::new(1)), running: Arc::default() }
+    pub fn new(served: Served, metrics: Arc<Metrics>) -> Self {
+        Frontend { served: Arc::new(served), metrics, next_id: Arc::new(AtomicU64::new(1)), running: Arc::default() }
     }
 
     /// Validates, routes and starts a generation.
@@ -81,7 +84,10 @@ impl Frontend {
             events,
             served: self.served.clone(),
             running: self.running.clone(),
-            done: false,
+            metrics: self.metrics.clone(),
+            arrived: Instant::now(),
+            last_token: None,
+            outcome: None,
         })
     }
 
@@ -97,6 +103,16 @@ impl Frontend {
     pub fn stats(&self) -> Vec<ReplicaStats> {
         self.served.replicas.iter().map(|r| r.stats()).collect()
     }
+
+    /// Load figures summed over replicas.
+    pub fn gauges(&self) -> Gauges {
+        self.stats().iter().fold(Gauges::default(), |g, r| Gauges {
+            running: g.running + r.running,
+            waiting: g.waiting + r.waiting,
+            used_blocks: g.used_blocks + r.used_blocks,
+            num_blocks: g.num_blocks + r.num_blocks,
+        })
+    }
 }
 
 /// A running generation. Dropping it before the end aborts the request (its KV blocks are
@@ -110,13 +126,17 @@ pub struct Generation {
     events: mpsc::UnboundedReceiver<ReplicaEvent>,
     served: Arc<Served>,
     running: Arc<Mutex<HashMap<String, (usize, u64)>>>,
-    done: bool,
+    metrics: Arc<Metrics>,
+    arrived: Instant,
+    last_token: Option<Instant>,
+    /// Set once the generation has ended.
+    outcome: Option<Outcome>,
 }
 
 impl Generation {
     /// The next chunk; `None` after the last one.
     pub async fn next(&mut self) -> Option<Result<Chunk, FrontendError>> {
-        if self.done {
+        if self.outcome.is_some() {
             return None;
         }
         let event = self.events.recv().await;
@@ -126,6 +146,11 @@ impl Generation {
             Some(ReplicaEvent::PromptLogprobs(lps)) => Ok(Chunk::PromptLogprobs(lps)),
             Some(ReplicaEvent::Token(token, finish)) => {
                 self.completion_tokens += 1;
+                let now = Instant::now();
+                match self.last_token.replace(now) {
+                    None => self.metrics.time_to_first_token((now - self.arrived).as_secs_f64()),
+                    Some(prev) => self.metrics.inter_token_latency((now - prev).as_secs_f64()),
+                }
                 let mut text = self.decoder.push(tok, token.token).unwrap_or_default();
                 if finish.is_some() {
                     text.push_str(&self.decoder.flush(tok).unwrap_or_default());
@@ -135,7 +160,13 @@ impl Generation {
             Some(ReplicaEvent::Failed(m)) => Err(FrontendError::Unavailable(m)),
             Some(ReplicaEvent::Rejected(m)) => Err(FrontendError::QueueFull(m)),
         };
-        self.done = matches!(chunk, Err(_) | Ok(Chunk::Token { finish: Some(_), .. }));
+        self.outcome = match &chunk {
+            Err(_) => Some(Outcome::Failed),
+            Ok(Chunk::Token { finish: Some(Finish::Length), .. }) => Some(Outcome::Length),
+            Ok(Chunk::Token { finish: Some(Finish::Stop), .. }) => Some(Outcome::Stop),
+            Ok(Chunk::Token { finish: Some(Finish::Abort), .. }) => Some(Outcome::Aborted),
+            Ok(_) => None,
+        };
         Some(chunk)
     }
 
@@ -147,5 +178,7 @@ impl Generation {
 impl Drop for Generation {
     fn drop(&mut self) {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.request_id);
+        let outcome = self.outcome.unwrap_or(Outcome::Aborted);
+        self.metrics.finished(outcome, self.arrived.elapsed().as_secs_f64(), self.prompt.len(), self.completion_tokens);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod frontend;
+pub mod metrics;
 pub mod openai;
 pub mod replica;
 pub mod scheduler;

@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (JSON or SSE),
-//! `/v1/models`, `/health`. Requests become [`RawRequest`]s and go through the same validation
+//! `/v1/models`, `/health`, `/metrics` (Prometheus). Requests become [`RawRequest`]s and go through the same validation
 //! and frontend as gRPC; errors come back as OpenAI-style JSON with HTTP 400 / 429 / 503.
 
 use std::convert::Infallible;
@@ -30,6 +30,7 @@ pub fn router(frontend: Frontend) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(frontend)
 }
@@ -410,6 +411,11 @@ async fn chat_completions(State(frontend): State<Frontend>, body: Result<Json<Ch
 async fn models(State(frontend): State<Frontend>) -> Json<Value> {
     let s = &frontend.served;
     Json(json!({"object": "list", "data": [{"id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context}]}))
+}
+
+async fn metrics(State(frontend): State<Frontend>) -> impl IntoResponse {
+    let text = frontend.metrics.render(frontend.gauges());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn health(State(frontend): State<Frontend>) -> StatusCode {

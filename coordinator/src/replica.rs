@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use worker::TokenLogprobs;
 
+use crate::metrics::Metrics;
 use crate::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest};
 
 /// What a request hears from its replica.
@@ -51,11 +52,20 @@ pub struct ReplicaHandle {
 
 impl ReplicaHandle {
     /// Starts the replica task over a worker that already holds its assignment for `epoch`.
-    pub fn spawn(worker: pb::worker_client::WorkerClient<Channel>, epoch: u64, cfg: SchedulerConfig) -> Self {
+    pub fn spawn(worker: pb::worker_client::WorkerClient<Channel>, epoch: u64, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: cfg.num_blocks, ..Default::default() });
         let active = Arc::new(AtomicUsize::new(0));
-        let task = ReplicaTask { worker, epoch, scheduler: Scheduler::new(cfg), clients: HashMap::new(), stats: stats_tx, active: active.clone() };
+        let task = ReplicaTask {
+            worker,
+            epoch,
+            scheduler: Scheduler::new(cfg),
+            clients: HashMap::new(),
+            queued: HashMap::new(),
+            stats: stats_tx,
+            active: active.clone(),
+            metrics,
+        };
         tokio::spawn(task.run(rx));
         ReplicaHandle { tx, stats, active }
     }
@@ -89,8 +99,11 @@ struct ReplicaTask {
     epoch: u64,
     scheduler: Scheduler,
     clients: HashMap<u64, mpsc::UnboundedSender<ReplicaEvent>>,
+    /// Arrival times of requests not yet scheduled, for the queue-time metric.
+    queued: HashMap<u64, std::time::Instant>,
     stats: watch::Sender<ReplicaStats>,
     active: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
 }
 
 impl ReplicaTask {
@@ -121,6 +134,7 @@ impl ReplicaTask {
                 match self.scheduler.add(req) {
                     Ok(()) => {
                         self.clients.insert(id, events);
+                        self.queued.insert(id, std::time::Instant::now());
                     }
                     Err(e) => {
                         self.active.fetch_sub(1, Ordering::Relaxed);
@@ -142,6 +156,7 @@ impl ReplicaTask {
 
     fn finish(&mut self, id: u64) {
         self.scheduler.abort(id);
+        self.queued.remove(&id);
         if self.clients.remove(&id).is_some() {
             self.active.fetch_sub(1, Ordering::Relaxed);
         }
@@ -158,6 +173,12 @@ impl ReplicaTask {
     }
 
     async fn execute(&mut self, plan: Vec<PlannedSeq>) {
+        self.metrics.batch_size(plan.len());
+        for p in &plan {
+            if let Some(arrived) = self.queued.remove(&p.id) {
+                self.metrics.queue_time(arrived.elapsed().as_secs_f64());
+            }
+        }
         let request = pb::StepRequest { epoch: self.epoch, sequences: plan.iter().map(to_pb).collect() };
         match self.worker.step(request).await {
             Ok(response) => {

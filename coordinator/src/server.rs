@@ -2,6 +2,7 @@
 //! replica per worker, serve the client API on a bound listener until shutdown.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::tramontane::v1::inference_server::InferenceServer;
@@ -11,6 +12,7 @@ use worker::{ModelConfig, Tokenizer};
 
 use crate::api::InferenceService;
 use crate::frontend::{Frontend, Served};
+use crate::metrics::Metrics;
 use crate::replica::ReplicaHandle;
 use crate::scheduler::SchedulerConfig;
 use crate::validate::ModelLimits;
@@ -55,6 +57,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
     anyhow::ensure!(!cfg.workers.is_empty(), "at least one worker address is needed");
     let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
+    let metrics = Arc::new(Metrics::default());
     let mut replicas = Vec::new();
     for addr in &cfg.workers {
         let mut client = connect(addr).await?;
@@ -79,7 +82,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
             max_batch_tokens: cfg.max_batch_tokens,
             max_queue: cfg.max_queue,
         };
-        replicas.push(ReplicaHandle::spawn(client, FIRST_EPOCH, sched));
+        replicas.push(ReplicaHandle::spawn(client, FIRST_EPOCH, sched, metrics.clone()));
     }
     let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     Ok(Frontend::new(Served {
@@ -92,7 +95,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
             eos_token_ids: config.eos_token_ids.clone(),
         },
         replicas,
-    }))
+    }, metrics))
 }
 
 /// Serves the gRPC API on `grpc` and the OpenAI HTTP API on `http` until `shutdown` is

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import threading
+import urllib.request
 
 import grpc
 import openai
@@ -114,8 +115,14 @@ def test_grpc_generate_stream_reproduces_transformers(stub):
         assert finish == pb.FINISH_REASON_LENGTH
 
 
-def test_grpc_concurrent_streams_equal_solo_runs(stub):
-    prompts = [[100 + 31 * i + j for j in range(3 + i % 5)] for i in range(8)]
+def metric(name):
+    base = os.environ["TRAMONTANE_HTTP"].rsplit("/v1", 1)[0]
+    text = urllib.request.urlopen(base + "/metrics").read().decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_grpc_concurrent_streams_equal_solo_runs_and_share_batches(stub):
+    prompts = [[100 + 31 * i + j for j in range(3 + i % 5)] for i in range(32)]
     solo = [generate(stub, pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=pb.SamplingParams(max_tokens=8)))[0] for p in prompts]
     results = [None] * len(prompts)
 
@@ -128,6 +135,9 @@ def test_grpc_concurrent_streams_equal_solo_runs(stub):
     for t in threads:
         t.join()
     assert results == solo
+    # Steps that carried more than one sequence: the batch grew.
+    assert metric('tramontane:batch_size_count') > metric('tramontane:batch_size_bucket{le="1"}')
+    assert metric("tramontane:kv_cache_usage_blocks") == 0
 
 
 def test_grpc_abort_and_invalid_argument(stub):

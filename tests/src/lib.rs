@@ -40,7 +40,8 @@ pub fn binary(name: &str) -> PathBuf {
     profile_dir.join(name)
 }
 
-/// A child process that printed `listening on ADDR` first; killed (SIGKILL) on drop.
+/// A child process that printed `listening on ADDR` (after any other lines); stopped on drop
+/// with SIGTERM (so a `tramctl up` stops its own children), then SIGKILL.
 pub struct Server {
     pub child: Child,
     pub addr: String,
@@ -56,13 +57,14 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| panic!("{binary_name} starts: {e}"));
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("reads the address");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("{binary_name} printed {line:?} instead of its address"))
-            .to_owned();
+        let addr = loop {
+            let mut line = String::new();
+            let n = stdout.read_line(&mut line).expect("reads stdout");
+            assert!(n > 0, "{binary_name} exited before printing its address");
+            if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                break addr.to_owned();
+            }
+        };
         Server { child, addr, stdout }
     }
 
@@ -80,6 +82,13 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

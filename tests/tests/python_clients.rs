@@ -7,6 +7,7 @@ use std::process::Command;
 
 use tests::{Server, fixture, repo_root, target_dir};
 
+
 fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed: {status}");
@@ -44,12 +45,11 @@ fn official_python_clients_work_end_to_end() {
     std::fs::create_dir_all(&stubs).expect("stub dir");
     generate_stubs(&python, &stubs);
 
-    let workers: Vec<Server> = (0..2).map(|_| Server::start("worker", &["serve", "--listen", "127.0.0.1:0"])).collect();
-    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+    // A whole local cluster: `tramctl up` with two worker processes.
     let model = fixture("mistral-v1-tiny");
     let mut coordinator = Server::start(
-        "coordinator",
-        &["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model.display().to_string(), "--worker", &addrs.join(",")],
+        "tramctl",
+        &["up", "--workers", "2", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model.display().to_string()],
     );
     let line = coordinator.next_line();
     let http = line.strip_prefix("http listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}")).to_owned();

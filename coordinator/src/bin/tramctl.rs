@@ -1,0 +1,209 @@
+//! `tramctl`: run and talk to a Tramontane cluster.
+//! - `tramctl up` starts a whole local cluster (workers + coordinator) in the foreground and
+//!   stops all of it on Ctrl-C / SIGTERM or when any part exits.
+//! - `tramctl generate "text"` streams a completion from a running cluster.
+//! - `tramctl status` prints the served model and its load.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use proto::tramontane::v1 as pb;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Run and talk to a Tramontane cluster")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a local cluster in the foreground.
+    Up(UpArgs),
+    /// Stream a completion from a running cluster.
+    Generate(GenerateArgs),
+    /// Print the served model, replicas and load.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Checkpoint directory; without it, the small model shipped in the repository.
+    #[arg(long, env = "TRAMONTANE_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker processes (one single-worker replica each).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Tensor-, expert- and pipeline-parallel degrees within a replica.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http_addr: String,
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc_addr: String,
+    #[arg(long, default_value = "safetensors")]
+    load_format: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// KV cache blocks per worker.
+    #[arg(long, default_value_t = 1024)]
+    kv_blocks: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    prompt: String,
+    #[arg(long, env = "TRAMONTANE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    grpc_addr: String,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[arg(long, env = "TRAMONTANE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    grpc_addr: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Cmd::Up(a) => up(a),
+        Cmd::Generate(a) => tokio::runtime::Runtime::new()?.block_on(generate(a)),
+        Cmd::Status(a) => tokio::runtime::Runtime::new()?.block_on(status(a)),
+    }
+}
+
+/// Children killed (and reaped) when dropped.
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+        }
+        for (_, c) in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    anyhow::ensure!(path.exists(), "{} not found next to tramctl (build it: cargo build -p worker -p coordinator)", path.display());
+    Ok(path)
+}
+
+/// Spawns a server process and returns the lines it printed before serving.
+fn spawn(children: &mut Children, name: &str, cmd: &mut Command, lines: usize) -> anyhow::Result<Vec<String>> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().with_context(|| format!("starting {name}"))?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    children.0.push((name.to_owned(), child));
+    let mut got = Vec::new();
+    for _ in 0..lines {
+        let mut line = String::new();
+        anyhow::ensure!(out.read_line(&mut line)? > 0, "{name} exited before serving");
+        got.push(line.trim().to_owned());
+    }
+    Ok(got)
+}
+
+fn up(a: UpArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.workers >= 1, "`--workers` must be >= 1");
+    anyhow::ensure!(
+        a.tp == 1 && a.ep == 1 && a.pp == 1,
+        "`--tp`, `--ep` and `--pp` > 1 need sharded replicas, which this version does not run yet"
+    );
+    let model = a.model.clone().unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mistral-v1-tiny")));
+    let mut children = Children(Vec::new());
+    let mut addrs = Vec::new();
+    for i in 0..a.workers {
+        let lines = spawn(&mut children, &format!("worker-{i}"), Command::new(sibling("worker")?).args(["serve", "--listen", "127.0.0.1:0"]), 1)?;
+        println!("worker {i} pid {} {}", children.0.last().map_or(0, |c| c.1.id()), lines[0]);
+        let addr = lines[0].strip_prefix("listening on ").context("worker did not print its address")?.to_owned();
+        eprintln!("tramctl: worker-{i} (pid {}) on {addr}", children.0.last().map_or(0, |c| c.1.id()));
+        addrs.push(addr);
+    }
+    eprintln!("tramctl: loading {} on {} worker(s)...", model.display(), a.workers);
+    let mut coordinator = Command::new(sibling("coordinator")?);
+    coordinator
+        .args(["--model", &model.display().to_string(), "--worker", &addrs.join(",")])
+        .args(["--grpc-addr", &a.grpc_addr, "--http-addr", &a.http_addr])
+        .args(["--load-format", &a.load_format, "--dtype", &a.dtype, "--kv-blocks", &a.kv_blocks.to_string()]);
+    let lines = spawn(&mut children, "coordinator", &mut coordinator, 2)?;
+    // Same first lines as the coordinator's, so scripts can find the APIs.
+    println!("{}\n{}", lines[0], lines[1]);
+    std::io::stdout().flush()?;
+    eprintln!(
+        "tramctl: cluster up: gRPC {}, HTTP {} (Ctrl-C stops it)",
+        lines[0].trim_start_matches("listening on "),
+        lines[1].trim_start_matches("http listening on ")
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let shutdown = worker::signals::shutdown_on_signal();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
+                    for (name, c) in &mut children.0 {
+                        if let Some(status) = c.try_wait()? {
+                            anyhow::bail!("{name} exited ({status}); stopping the cluster");
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn client(addr: &str) -> anyhow::Result<pb::inference_client::InferenceClient<tonic::transport::Channel>> {
+    pb::inference_client::InferenceClient::connect(format!("http://{addr}")).await.with_context(|| format!("connecting to {addr}"))
+}
+
+async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let mut c = client(&a.grpc_addr).await?;
+    let req = pb::GenerateRequest {
+        request_id: String::new(),
+        prompt: Some(pb::generate_request::Prompt::Text(a.prompt)),
+        sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, temperature: a.temperature, ..Default::default() }),
+    };
+    let mut stream = c.generate(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(msg) = stream.message().await.map_err(|s| anyhow::anyhow!("{}", s.message()))? {
+        write!(out, "{}", msg.text)?;
+        out.flush()?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let info = client(&a.grpc_addr).await?.model_info(pb::ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    if a.json {
+        let v = serde_json::json!({
+            "model": info.model, "architecture": info.architecture, "replicas": info.replicas,
+            "max_context": info.max_context, "running": info.running, "waiting": info.waiting,
+            "kv_blocks_used": info.kv_blocks_used, "kv_blocks_total": info.kv_blocks_total,
+        });
+        println!("{v}");
+    } else {
+        println!("model        {} ({})", info.model, info.architecture);
+        println!("replicas     {} (1 worker each)", info.replicas);
+        println!("requests     {} running, {} waiting", info.running, info.waiting);
+        println!("KV cache     {} / {} blocks", info.kv_blocks_used, info.kv_blocks_total);
+    }
+    Ok(())
+}
