@@ -1,6 +1,8 @@
 //! The client-facing gRPC API, `tramontane.v1.Inference`. Only this module touches the client
 //! protobuf types.
 
+use std::time::Duration;
+
 use proto::tramontane::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -18,6 +20,7 @@ impl From<FrontendError> for Status {
             FrontendError::AlreadyExists(_) => Status::already_exists(msg),
             FrontendError::QueueFull(_) => Status::resource_exhausted(msg),
             FrontendError::Unavailable(_) => Status::unavailable(msg),
+            FrontendError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
         }
     }
 }
@@ -25,12 +28,30 @@ impl From<FrontendError> for Status {
 #[derive(Clone)]
 pub struct InferenceService {
     frontend: Frontend,
+    /// Deadline of a request that sets no `grpc-timeout`.
+    default_timeout: Duration,
 }
 
 impl InferenceService {
-    pub fn new(frontend: Frontend) -> Self {
-        InferenceService { frontend }
+    pub fn new(frontend: Frontend, default_timeout: Duration) -> Self {
+        InferenceService { frontend, default_timeout }
     }
+}
+
+/// The `grpc-timeout` header ("<digits><H|M|S|m|u|n>"), if any.
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn raw_request(req: &pb::GenerateRequest) -> RawRequest {
@@ -73,8 +94,9 @@ impl pb::inference_server::Inference for InferenceService {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let timeout = grpc_timeout(request.metadata()).unwrap_or(self.default_timeout);
         let req = request.into_inner();
-        let mut generation = self.frontend.start(Some(req.request_id.clone()), raw_request(&req))?;
+        let mut generation = self.frontend.start(Some(req.request_id.clone()), raw_request(&req), timeout)?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let request_id = generation.request_id.clone();

@@ -9,6 +9,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use worker::{IncrementalDecoder, TokenLogprobs, Tokenizer};
 
+use crate::chat::ChatTemplate;
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
 use crate::scheduler::{Finish, SeqRequest};
@@ -19,6 +20,7 @@ pub struct Served {
     pub name: String,
     pub architecture: String,
     pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
     pub limits: ModelLimits,
     pub replicas: Vec<ReplicaHandle>,
 }
@@ -34,6 +36,8 @@ pub enum FrontendError {
     QueueFull(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("the request's deadline of {0:?} passed before it finished")]
+    DeadlineExceeded(std::time::Duration),
 }
 
 /// One step's worth of a generation, for a client.
@@ -57,8 +61,8 @@ impl Frontend {
         Frontend { served: Arc::new(served), metrics, next_id: Arc::new(AtomicU64::new(1)), running: Arc::default() }
     }
 
-    /// Validates, routes and starts a generation.
-    pub fn start(&self, request_id: Option<String>, raw: RawRequest) -> Result<Generation, FrontendError> {
+    /// Validates, routes and starts a generation that must finish within `timeout`.
+    pub fn start(&self, request_id: Option<String>, raw: RawRequest, timeout: std::time::Duration) -> Result<Generation, FrontendError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let fresh_seed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id());
         let valid = validate::check(raw, &self.served.tokenizer, &self.served.limits, fresh_seed)
@@ -86,6 +90,7 @@ impl Frontend {
             running: self.running.clone(),
             metrics: self.metrics.clone(),
             arrived: Instant::now(),
+            timeout,
             last_token: None,
             outcome: None,
         })
@@ -128,6 +133,7 @@ pub struct Generation {
     running: Arc<Mutex<HashMap<String, (usize, u64)>>>,
     metrics: Arc<Metrics>,
     arrived: Instant,
+    timeout: std::time::Duration,
     last_token: Option<Instant>,
     /// Set once the generation has ended.
     outcome: Option<Outcome>,
@@ -139,9 +145,12 @@ impl Generation {
         if self.outcome.is_some() {
             return None;
         }
-        let event = self.events.recv().await;
+        let deadline = tokio::time::Instant::from_std(self.arrived + self.timeout);
+        let event = tokio::time::timeout_at(deadline, self.events.recv()).await;
         let tok = &self.served.tokenizer;
         let chunk = match event {
+            Err(_) => Err(FrontendError::DeadlineExceeded(self.timeout)),
+            Ok(event) => match event {
             None => Err(FrontendError::Unavailable("the replica stopped".into())),
             Some(ReplicaEvent::PromptLogprobs(lps)) => Ok(Chunk::PromptLogprobs(lps)),
             Some(ReplicaEvent::Token(token, finish)) => {
@@ -159,8 +168,10 @@ impl Generation {
             }
             Some(ReplicaEvent::Failed(m)) => Err(FrontendError::Unavailable(m)),
             Some(ReplicaEvent::Rejected(m)) => Err(FrontendError::QueueFull(m)),
+            },
         };
         self.outcome = match &chunk {
+            Err(FrontendError::DeadlineExceeded(_)) => Some(Outcome::Aborted),
             Err(_) => Some(Outcome::Failed),
             Ok(Chunk::Token { finish: Some(Finish::Length), .. }) => Some(Outcome::Length),
             Ok(Chunk::Token { finish: Some(Finish::Stop), .. }) => Some(Outcome::Stop),

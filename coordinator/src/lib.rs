@@ -2,6 +2,7 @@
 //! per-replica scheduling.
 
 pub mod api;
+pub mod chat;
 pub mod frontend;
 pub mod metrics;
 pub mod openai;

@@ -41,6 +41,9 @@ struct Args {
     /// Most requests waiting per replica; beyond it requests get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
+    /// Seconds a request may take when it sets no deadline (gRPC `grpc-timeout`).
+    #[arg(long, env = "TRAMONTANE_REQUEST_TIMEOUT", default_value_t = 600)]
+    request_timeout_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         max_num_seqs: args.max_num_seqs,
         max_batch_tokens: args.max_batch_tokens,
         max_queue: args.max_queue,
+        request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let frontend = prepare(&cfg).await?;
@@ -70,6 +74,6 @@ fn main() -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         tracing::info!(grpc = %addr, http = %http_addr, "coordinator serving");
         let shutdown = worker::signals::shutdown_on_signal();
-        serve(listener, http, frontend, shutdown).await
+        serve(listener, http, frontend, cfg.request_timeout, shutdown).await
     })
 }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use worker::{TokenLogprobs, Tokenizer};
 
+use crate::chat::Message;
 use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
 use crate::scheduler::Finish;
 use crate::validate::{PromptInput, RawRequest};
@@ -23,8 +24,8 @@ use crate::validate::{PromptInput, RawRequest};
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
 
-/// The routes, over a frontend.
-pub fn router(frontend: Frontend) -> Router {
+/// The routes, over a frontend; every request must finish within `timeout`.
+pub fn router(frontend: Frontend, timeout: std::time::Duration) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -32,7 +33,13 @@ pub fn router(frontend: Frontend) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(frontend)
+        .with_state(Api { frontend, timeout })
+}
+
+#[derive(Clone)]
+struct Api {
+    frontend: Frontend,
+    timeout: std::time::Duration,
 }
 
 /// An HTTP error as OpenAI clients expect it.
@@ -45,6 +52,7 @@ impl From<FrontendError> for ApiError {
             FrontendError::AlreadyExists(_) => StatusCode::CONFLICT,
             FrontendError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             FrontendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            FrontendError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
         };
         ApiError(status, e.to_string())
     }
@@ -301,7 +309,7 @@ fn stream(mut g: Generation, stops: Vec<String>, chunk: impl Fn(&str, &[TokenLog
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-async fn completions(State(frontend): State<Frontend>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Result<Response, ApiError> {
+async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let stops = check_sampling(&frontend, &req.sampling)?;
     let prompt = match req.prompt {
@@ -315,7 +323,7 @@ async fn completions(State(frontend): State<Frontend>, body: Result<Json<Complet
     if req.echo && req.sampling.stream {
         return Err(bad("`echo` is not supported with `stream`"));
     }
-    let g = frontend.start(None, raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs))?;
+    let g = frontend.start(None, raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs), timeout)?;
     let (id, model, created) = (format!("cmpl-{}", g.request_id), frontend.served.name.clone(), now());
     let as_ids = req.return_tokens_as_token_ids;
     let want_logprobs = req.logprobs.is_some();
@@ -341,41 +349,18 @@ async fn completions(State(frontend): State<Frontend>, body: Result<Json<Complet
     .into_response())
 }
 
-/// Mistral's instruct format, used when the checkpoint ships no chat template:
-/// `<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`; a system message is prepended
-/// to the first user message.
-pub fn mistral_chat_prompt(messages: &[(String, String)]) -> Result<String, String> {
-    let mut system = None;
-    let mut out = String::from("<s>");
-    for (i, (role, content)) in messages.iter().enumerate() {
-        match role.as_str() {
-            "system" if i == 0 => system = Some(content.clone()),
-            "user" => match system.take() {
-                Some(s) => out.push_str(&format!("[INST] {s}\n\n{content} [/INST]")),
-                None => out.push_str(&format!("[INST] {content} [/INST]")),
-            },
-            "assistant" => out.push_str(&format!(" {content}</s>")),
-            other => return Err(format!("`messages[{i}].role` must be system (first only), user or assistant, got {other:?}")),
-        }
-    }
-    if messages.last().is_none_or(|(r, _)| r != "user") {
-        return Err("`messages` must end with a user message".into());
-    }
-    Ok(out)
-}
-
-async fn chat_completions(State(frontend): State<Frontend>, body: Result<Json<ChatRequest>, JsonRejection>) -> Result<Response, ApiError> {
+async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Result<Json<ChatRequest>, JsonRejection>) -> Result<Response, ApiError> {
     let Json(req) = body?;
     let stops = check_sampling(&frontend, &req.sampling)?;
     if req.messages.is_empty() {
         return Err(bad("`messages` must not be empty"));
     }
-    let messages: Vec<(String, String)> = req.messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
-    let text = mistral_chat_prompt(&messages).map_err(bad)?;
+    let messages: Vec<Message> = req.messages.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect();
+    let text = frontend.served.chat_template.render(&messages).map_err(bad)?;
     let ids = frontend.served.tokenizer.encode(&text, false).map_err(|e| bad(e.to_string()))?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let g = frontend.start(None, raw(&req.sampling, PromptInput::TokenIds(ids), max_tokens, logprobs))?;
+    let g = frontend.start(None, raw(&req.sampling, PromptInput::TokenIds(ids), max_tokens, logprobs), timeout)?;
     let (id, model, created) = (format!("chatcmpl-{}", g.request_id), frontend.served.name.clone(), now());
     let tok_frontend = frontend.clone();
     let chat_logprobs = move |tokens: &[TokenLogprobs]| {
@@ -408,17 +393,17 @@ async fn chat_completions(State(frontend): State<Frontend>, body: Result<Json<Ch
     .into_response())
 }
 
-async fn models(State(frontend): State<Frontend>) -> Json<Value> {
+async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
     let s = &frontend.served;
     Json(json!({"object": "list", "data": [{"id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context}]}))
 }
 
-async fn metrics(State(frontend): State<Frontend>) -> impl IntoResponse {
+async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
     let text = frontend.metrics.render(frontend.gauges());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
-async fn health(State(frontend): State<Frontend>) -> StatusCode {
+async fn health(State(Api { frontend, .. }): State<Api>) -> StatusCode {
     if frontend.served.replicas.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
 }
 
@@ -435,16 +420,5 @@ mod tests {
         let mut m = StopMatcher { stops: vec!["END".into()], pending: String::new() };
         assert_eq!(m.push("a ENx"), ("a E".into(), false));
         assert_eq!(m.flush(), "Nx");
-    }
-
-    #[test]
-    fn the_mistral_template_formats_turns() {
-        let msgs = |v: &[(&str, &str)]| v.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect::<Vec<_>>();
-        assert_eq!(
-            mistral_chat_prompt(&msgs(&[("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")])).unwrap(),
-            "<s>[INST] Be brief.\n\nHi [/INST] Hello</s>[INST] Bye [/INST]"
-        );
-        assert!(mistral_chat_prompt(&msgs(&[("user", "a"), ("assistant", "b")])).is_err());
-        assert!(mistral_chat_prompt(&msgs(&[("tool", "a")])).unwrap_err().contains("role"));
     }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use worker::{ModelConfig, Tokenizer};
 
 use crate::api::InferenceService;
+use crate::chat::ChatTemplate;
 use crate::frontend::{Frontend, Served};
 use crate::metrics::Metrics;
 use crate::replica::ReplicaHandle;
@@ -32,6 +33,8 @@ pub struct ServeConfig {
     pub max_num_seqs: usize,
     pub max_batch_tokens: usize,
     pub max_queue: usize,
+    /// Deadline of a request that sets none.
+    pub request_timeout: Duration,
 }
 
 /// The placement epoch of a coordinator's first (and, without membership, only) plan.
@@ -89,6 +92,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
         name,
         architecture: config.architecture.hf_name().to_owned(),
         tokenizer,
+        chat_template: ChatTemplate::load(&cfg.model).map_err(anyhow::Error::msg)?,
         limits: ModelLimits {
             vocab_size: config.vocab_size,
             max_context: config.max_position_embeddings,
@@ -104,13 +108,23 @@ pub async fn serve(
     grpc: tokio::net::TcpListener,
     http: tokio::net::TcpListener,
     frontend: Frontend,
+    request_timeout: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    // Standard grpc.health.v1: SERVING once the model is loaded on every worker (it is, by
+    // the time `serve` runs), for the whole server and for the Inference service.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<InferenceServer<InferenceService>>().await;
+    let reflection = || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET);
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let grpc_server = tonic::transport::Server::builder()
-        .add_service(InferenceServer::new(InferenceService::new(frontend.clone())))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InferenceServer::new(InferenceService::new(frontend.clone(), request_timeout)))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-    let http_server = axum::serve(http, crate::openai::router(frontend)).with_graceful_shutdown(shutdown.cancelled_owned());
+    let http_server = axum::serve(http, crate::openai::router(frontend, request_timeout)).with_graceful_shutdown(shutdown.cancelled_owned());
     let (g, h) = tokio::join!(grpc_server, http_server);
     g?;
     h?;

@@ -10,3 +10,6 @@ pub mod tramontane {
         }
     }
 }
+
+/// The encoded `FileDescriptorSet` of every .proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tramontane_descriptor.bin"));

@@ -149,3 +149,17 @@ def test_grpc_abort_and_invalid_argument(stub):
         list(stub.Generate(pb.GenerateRequest(text="", sampling=pb.SamplingParams(max_tokens=4))))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "empty" in e.value.details()
+
+
+def test_grpc_standard_health_and_reflection():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(os.environ["TRAMONTANE_GRPC"])
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ["", "tramontane.v1.Inference"]:
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(replies).list_services_response.service}
+    assert "tramontane.v1.Inference" in names

@@ -177,6 +177,28 @@ async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(needle), "{:?} should mention {needle}", err.message());
     }
+    // A deadline (grpc-timeout) that passes mid-generation ends the stream with
+    // DEADLINE_EXCEEDED and frees the request's blocks.
+    let mut req = tonic::Request::new(long("deadline"));
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let outcome = async {
+        let mut stream = c.generate(req).await?.into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<(), tonic::Status>(())
+    }
+    .await;
+    assert_eq!(outcome.expect_err("the deadline passes first").code(), Code::DeadlineExceeded);
+    let mut freed = false;
+    for _ in 0..100 {
+        let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
+        if info.kv_blocks_used == 0 && info.running == 0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(freed, "a request past its deadline frees its KV blocks");
+
     // Still serving.
     let (ids, ..) = generate(&mut c, request(pb::generate_request::Prompt::Text("hi".into()), 3)).await.expect("serves");
     assert_eq!(ids.len(), 3);
