@@ -119,9 +119,10 @@ impl ReplicaTask {
                 self.handle(cmd);
             }
             self.drop_abandoned();
+            let started = std::time::Instant::now();
             if let Some(plan) = self.scheduler.schedule() {
                 self.publish_stats();
-                self.execute(plan).await;
+                self.execute(plan, started).await;
             }
             self.publish_stats();
         }
@@ -172,7 +173,8 @@ impl ReplicaTask {
         self.stats.send_if_modified(|s| std::mem::replace(s, stats) != stats);
     }
 
-    async fn execute(&mut self, plan: Vec<PlannedSeq>) {
+    /// Runs a planned step; `started` is when planning began (for the overhead metric).
+    async fn execute(&mut self, plan: Vec<PlannedSeq>, started: std::time::Instant) {
         self.metrics.batch_size(plan.len());
         for p in &plan {
             if let Some(arrived) = self.queued.remove(&p.id) {
@@ -182,8 +184,9 @@ impl ReplicaTask {
         let request = pb::StepRequest { epoch: self.epoch, sequences: plan.iter().map(to_pb).collect() };
         match self.worker.step(request).await {
             Ok(response) => {
+                let response = response.into_inner();
+                let compute_micros = response.compute_micros;
                 let results = response
-                    .into_inner()
                     .results
                     .into_iter()
                     .map(|r| (r.sampled.map(from_pb), r.prompt_logprobs.into_iter().map(from_pb).collect()))
@@ -191,6 +194,7 @@ impl ReplicaTask {
                 for event in self.scheduler.complete(&plan, results) {
                     self.deliver(event);
                 }
+                self.metrics.step(started.elapsed(), compute_micros, plan.iter().map(|p| p.tokens.len()).sum());
             }
             Err(status) => {
                 tracing::error!(%status, "worker step failed; failing the replica's requests");

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import threading
+import urllib.error
 import urllib.request
 
 import grpc
@@ -163,3 +164,13 @@ def test_grpc_standard_health_and_reflection():
     replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in next(replies).list_services_response.service}
     assert "tramontane.v1.Inference" in names
+
+
+def test_oversized_body_is_a_400_naming_the_limit():
+    base = os.environ["TRAMONTANE_HTTP"]
+    body = json.dumps({"prompt": "a" * (3 << 20)}).encode()
+    req = urllib.request.Request(base + "/completions", data=body, headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400
+    assert "2097152 bytes" in e.value.read().decode()

@@ -14,6 +14,10 @@ struct Cluster {
 }
 
 fn start(model: &str, workers: usize) -> Cluster {
+    start_with(model, workers, &[])
+}
+
+fn start_with(model: &str, workers: usize, extra: &[&str]) -> Cluster {
     let workers: Vec<Server> = (0..workers).map(|_| Server::start("worker", &["serve", "--listen", "127.0.0.1:0"])).collect();
     let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
     let model = fixture(model).display().to_string();
@@ -22,7 +26,10 @@ fn start(model: &str, workers: usize) -> Cluster {
         &[
             "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model, "--worker", &addrs.join(","),
             "--kv-blocks", "64", "--max-batch-tokens", "16",
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     );
     assert!(coordinator.next_line().starts_with("http listening on "));
     Cluster { _workers: workers, coordinator }
@@ -202,4 +209,30 @@ async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
     // Still serving.
     let (ids, ..) = generate(&mut c, request(pb::generate_request::Prompt::Text("hi".into()), 3)).await.expect("serves");
     assert_eq!(ids.len(), 3);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_resource_exhausted() {
+    // One running sequence and one waiting at most: the third concurrent request is refused.
+    let cluster = start_with("mistral-v1-tiny", 1, &["--max-num-seqs", "1", "--max-queue", "1"]);
+    let c = client(&cluster).await;
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let mut c = c.clone();
+            let req = request(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![100 + i, 7, 8] }), 300);
+            tokio::spawn(async move { generate(&mut c, req).await })
+        })
+        .collect();
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.expect("joins") {
+            Ok((ids, ..)) => assert_eq!(ids.len(), 300),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("queue is full"), "{}", status.message());
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 1, "with room for two, four concurrent requests cannot all be accepted");
 }

@@ -125,7 +125,9 @@ impl WorkerState {
                 prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
             })
             .collect();
+        let started = std::time::Instant::now();
         let outputs = engine.step(&steps)?;
+        let compute_micros = started.elapsed().as_micros() as u64;
         let results = req
             .sequences
             .iter()
@@ -136,7 +138,7 @@ impl WorkerState {
                 prompt_logprobs: o.prompt_logprobs.into_iter().map(to_pb).collect(),
             })
             .collect();
-        Ok(pb::StepResponse { results })
+        Ok(pb::StepResponse { results, compute_micros })
     }
 
     pub fn health(&self) -> pb::HealthResponse {
