@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
         println!("http listening on {http_addr}");
         std::io::stdout().flush()?;
         tracing::info!(grpc = %addr, http = %http_addr, "coordinator serving");
-        let shutdown = worker::signals::shutdown_on_signal();
+        let shutdown = worker::serving::shutdown_on_signal();
         serve(listener, http, frontend, cfg.request_timeout, shutdown).await
     })
 }

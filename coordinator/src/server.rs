@@ -111,7 +111,7 @@ pub async fn serve(
     request_timeout: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let incoming = worker::serving::nodelay_incoming(grpc);
     // Standard grpc.health.v1: SERVING once the model is loaded on every worker (it is, by
     // the time `serve` runs), for the whole server and for the Inference service.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -124,6 +124,11 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(InferenceServer::new(InferenceService::new(frontend.clone(), request_timeout)))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let http_server = axum::serve(http, crate::openai::router(frontend, request_timeout)).with_graceful_shutdown(shutdown.cancelled_owned());
     let (g, h) = tokio::join!(grpc_server, http_server);
     g?;

@@ -10,7 +10,7 @@ pub mod kv_cache;
 pub mod model;
 pub mod sampling;
 pub mod service;
-pub mod signals;
+pub mod serving;
 pub mod tokenizer;
 pub mod weights;
 

@@ -78,7 +78,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("listening on {addr}");
         std::io::stdout().flush()?;
         tracing::info!(%addr, "worker listening");
-        let shutdown = worker::signals::shutdown_on_signal();
+        let shutdown = worker::serving::shutdown_on_signal();
         worker::service::serve(listener, shutdown).await.map_err(|e| anyhow::anyhow!(e))
     })
 }

@@ -252,7 +252,7 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let handle = EngineHandle::spawn()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::serving::nodelay_incoming(listener);
     tonic::transport::Server::builder()
         .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

@@ -153,7 +153,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     );
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let shutdown = worker::signals::shutdown_on_signal();
+        let shutdown = worker::serving::shutdown_on_signal();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

@@ -1,4 +1,5 @@
-//! Graceful shutdown for the binaries: Ctrl-C or SIGTERM cancels a token.
+//! What every server binary needs: graceful shutdown (Ctrl-C or SIGTERM cancels a token) and
+//! accepted connections with Nagle's algorithm off.
 
 use tokio_util::sync::CancellationToken;
 
@@ -24,4 +25,17 @@ pub fn shutdown_on_signal() -> CancellationToken {
         on_signal.cancel();
     });
     token
+}
+
+/// The connections `listener` accepts, with TCP_NODELAY set: streamed tokens and step RPCs
+/// are small writes that Nagle's algorithm would hold back (up to a delayed-ACK timeout).
+pub fn nodelay_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
