@@ -64,6 +64,18 @@ async fn generate(client: &mut InferenceClient<Channel>, req: pb::GenerateReques
     Ok((ids, text, lps, finish))
 }
 
+/// Waits (up to 5 s) until no KV block is in use and nothing runs.
+async fn all_blocks_freed(c: &mut InferenceClient<Channel>) -> bool {
+    for _ in 0..100 {
+        let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
+        if info.kv_blocks_used == 0 && info.running == 0 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[derive(serde::Deserialize)]
 struct Reference {
     cases: Vec<Case>,
@@ -151,16 +163,7 @@ async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
     let mut stream2 = c.generate(long("b")).await.expect("starts").into_inner();
     stream2.message().await.expect("first token").expect("a message");
     drop(stream2);
-    let mut freed = false;
-    for _ in 0..100 {
-        let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
-        if info.kv_blocks_used == 0 && info.running == 0 {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(freed, "aborted and disconnected requests free their KV blocks");
+    assert!(all_blocks_freed(&mut c).await, "aborted and disconnected requests free their KV blocks");
     drop(stream);
 
     // Bad input: INVALID_ARGUMENT naming the field and the limit.
@@ -195,16 +198,7 @@ async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
     }
     .await;
     assert_eq!(outcome.expect_err("the deadline passes first").code(), Code::DeadlineExceeded);
-    let mut freed = false;
-    for _ in 0..100 {
-        let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
-        if info.kv_blocks_used == 0 && info.running == 0 {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(freed, "a request past its deadline frees its KV blocks");
+    assert!(all_blocks_freed(&mut c).await, "a request past its deadline frees its KV blocks");
 
     // Still serving.
     let (ids, ..) = generate(&mut c, request(pb::generate_request::Prompt::Text("hi".into()), 3)).await.expect("serves");
