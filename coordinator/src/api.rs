@@ -1,5 +1,5 @@
-//! The client-facing gRPC API, `tramontane.v1.Inference`. Only this module touches the client
-//! protobuf types.
+//! The client-facing gRPC APIs, `tramontane.v1.Inference` and `tramontane.v1.Admin`. Only
+//! this module touches the client protobuf types.
 
 use std::time::Duration;
 
@@ -163,5 +163,42 @@ impl pb::inference_server::Inference for InferenceService {
             waiting: sum(|r| r.waiting),
             replicas: s.replicas.len() as u32,
         }))
+    }
+}
+
+/// `tramontane.v1.Admin`.
+#[derive(Clone)]
+pub struct AdminService {
+    frontend: Frontend,
+}
+
+impl AdminService {
+    pub fn new(frontend: Frontend) -> Self {
+        AdminService { frontend }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn cluster_status(&self, _: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let s = &self.frontend.served;
+        let workers = s
+            .workers
+            .iter()
+            .zip(self.frontend.stats())
+            .enumerate()
+            .map(|(i, (addr, st))| pb::WorkerStatus {
+                id: format!("worker-{i}"),
+                address: addr.clone(),
+                state: "serving".into(),
+                replica: i as u32,
+                ranks: "tp 0/1 ep 0/1 pp 0/1".into(),
+                running: st.running as u32,
+                waiting: st.waiting as u32,
+                kv_blocks_used: st.used_blocks as u32,
+                kv_blocks_total: st.num_blocks as u32,
+            })
+            .collect();
+        Ok(Response::new(pb::ClusterStatusResponse { model: s.name.clone(), epoch: s.epoch, layout: "tp 1 ep 1 pp 1".into(), workers }))
     }
 }

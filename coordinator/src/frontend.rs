@@ -23,6 +23,10 @@ pub struct Served {
     pub chat_template: ChatTemplate,
     pub limits: ModelLimits,
     pub replicas: Vec<ReplicaHandle>,
+    /// Worker address of each replica (one worker per replica today).
+    pub workers: Vec<String>,
+    /// The placement epoch the replicas serve.
+    pub epoch: u64,
 }
 
 /// Errors the APIs report; each API maps them exhaustively to its own status codes.

@@ -10,7 +10,7 @@ use proto::tramontane::worker::v1 as wpb;
 use tokio_util::sync::CancellationToken;
 use worker::{ModelConfig, Tokenizer};
 
-use crate::api::InferenceService;
+use crate::api::{AdminService, InferenceService};
 use crate::chat::ChatTemplate;
 use crate::frontend::{Frontend, Served};
 use crate::metrics::Metrics;
@@ -99,6 +99,8 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
             eos_token_ids: config.eos_token_ids.clone(),
         },
         replicas,
+        workers: cfg.workers.clone(),
+        epoch: FIRST_EPOCH,
     }, metrics))
 }
 
@@ -123,6 +125,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InferenceServer::new(InferenceService::new(frontend.clone(), request_timeout)))
+        .add_service(proto::tramontane::v1::admin_server::AdminServer::new(AdminService::new(frontend.clone())))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

@@ -9,8 +9,14 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 struct Cluster {
-    _workers: Vec<Server>,
+    workers: Vec<Server>,
     coordinator: Server,
+}
+
+impl Cluster {
+    fn worker_addrs(&self) -> Vec<String> {
+        self.workers.iter().map(|w| w.addr.clone()).collect()
+    }
 }
 
 fn start(model: &str, workers: usize) -> Cluster {
@@ -32,7 +38,7 @@ fn start_with(model: &str, workers: usize, extra: &[&str]) -> Cluster {
         .collect::<Vec<_>>(),
     );
     assert!(coordinator.next_line().starts_with("http listening on "));
-    Cluster { _workers: workers, coordinator }
+    Cluster { workers, coordinator }
 }
 
 async fn client(c: &Cluster) -> InferenceClient<Channel> {
@@ -99,6 +105,16 @@ async fn streams_reproduce_the_reference_alone_and_concurrently() {
     let mut c = client(&cluster).await;
     let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
     assert_eq!((info.architecture.as_str(), info.replicas, info.kv_blocks_total), ("MistralForCausalLM", 2, 128));
+    let status = pb::admin_client::AdminClient::connect(cluster.coordinator.url())
+        .await
+        .expect("connects")
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.epoch, 1);
+    assert_eq!(status.workers.len(), 2);
+    assert_eq!(status.workers.iter().map(|w| w.address.clone()).collect::<Vec<_>>(), cluster.worker_addrs());
     let reference = reference("mistral-v1-tiny");
 
     // Text prompts (tokenized by the coordinator) and token-id prompts, against transformers.

@@ -191,19 +191,34 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let info = client(&a.grpc_addr).await?.model_info(pb::ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc_addr))?.connect().await.with_context(|| format!("connecting to {}", a.grpc_addr))?;
+    let info = pb::inference_client::InferenceClient::new(channel.clone()).model_info(pb::ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    let cluster = pb::admin_client::AdminClient::new(channel).cluster_status(pb::ClusterStatusRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
     if a.json {
+        let workers: Vec<_> = cluster
+            .workers
+            .iter()
+            .map(|w| serde_json::json!({
+                "id": w.id, "address": w.address, "state": w.state, "replica": w.replica, "ranks": w.ranks,
+                "running": w.running, "waiting": w.waiting, "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
+            }))
+            .collect();
         let v = serde_json::json!({
-            "model": info.model, "architecture": info.architecture, "replicas": info.replicas,
+            "model": info.model, "architecture": info.architecture, "epoch": cluster.epoch, "layout": cluster.layout,
             "max_context": info.max_context, "running": info.running, "waiting": info.waiting,
-            "kv_blocks_used": info.kv_blocks_used, "kv_blocks_total": info.kv_blocks_total,
+            "kv_blocks_used": info.kv_blocks_used, "kv_blocks_total": info.kv_blocks_total, "workers": workers,
         });
         println!("{v}");
     } else {
-        println!("model        {} ({})", info.model, info.architecture);
-        println!("replicas     {} (1 worker each)", info.replicas);
-        println!("requests     {} running, {} waiting", info.running, info.waiting);
-        println!("KV cache     {} / {} blocks", info.kv_blocks_used, info.kv_blocks_total);
+        println!("model    {} ({}), epoch {}, layout per replica: {}", info.model, info.architecture, cluster.epoch, cluster.layout);
+        println!("load     {} running, {} waiting, KV cache {} / {} blocks", info.running, info.waiting, info.kv_blocks_used, info.kv_blocks_total);
+        println!("{:<10} {:<22} {:<8} {:>7}  {:<22} {:>7} {:>7} {:>13}", "WORKER", "ADDRESS", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS");
+        for w in &cluster.workers {
+            println!(
+                "{:<10} {:<22} {:<8} {:>7}  {:<22} {:>7} {:>7} {:>13}",
+                w.id, w.address, w.state, w.replica, w.ranks, w.running, w.waiting, format!("{}/{}", w.kv_blocks_used, w.kv_blocks_total)
+            );
+        }
     }
     Ok(())
 }
