@@ -329,7 +329,12 @@ def ensure_gguf(a, workdir: str) -> str:
     tmp = path + ".partial"
     t0 = time.perf_counter()
     log(f"llama.cpp: writing {path} ({expected_params(a) * 4 / 1e9:.2f} GB)")
-    write_gguf(a, tmp)
+    try:
+        write_gguf(a, tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     os.replace(tmp, path)  # only complete files are ever cached
     log(f"llama.cpp: wrote GGUF in {time.perf_counter() - t0:.1f}s")
     return path
