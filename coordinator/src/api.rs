@@ -150,17 +150,16 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
         let s = &self.frontend.served;
-        let stats = self.frontend.stats();
-        let sum = |f: fn(&crate::replica::ReplicaStats) -> usize| stats.iter().map(f).sum::<usize>() as u32;
+        let g = self.frontend.gauges();
         Ok(Response::new(pb::ModelInfoResponse {
             model: s.name.clone(),
             architecture: s.architecture.clone(),
             max_context: s.limits.max_context as u32,
             vocab_size: s.limits.vocab_size as u32,
-            kv_blocks_used: sum(|r| r.used_blocks),
-            kv_blocks_total: sum(|r| r.num_blocks),
-            running: sum(|r| r.running),
-            waiting: sum(|r| r.waiting),
+            kv_blocks_used: g.used_blocks as u32,
+            kv_blocks_total: g.num_blocks as u32,
+            running: g.running as u32,
+            waiting: g.waiting as u32,
             replicas: s.replicas.len() as u32,
         }))
     }

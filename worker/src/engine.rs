@@ -183,21 +183,20 @@ impl<B: Backend> Engine<B> {
             }
         })?;
         let mut rows = logits.chunks_exact(vocab);
+        let mut next_row = || rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()));
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {
             let mut o = SeqOutput::default();
             if let Some(n) = s.prompt_logprobs {
                 for &next in &s.tokens[1..] {
-                    let row = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
-                    o.prompt_logprobs.push(token_logprobs(row, next, n));
+                    o.prompt_logprobs.push(token_logprobs(next_row()?, next, n));
                 }
-                let last = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
+                let last = next_row()?;
                 if let Some(params) = s.sample {
                     o.sampled = Some(sample(last, params, s.start_pos + s.tokens.len()));
                 }
             } else if let Some(params) = s.sample {
-                let row = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
-                o.sampled = Some(sample(row, params, s.start_pos + s.tokens.len()));
+                o.sampled = Some(sample(next_row()?, params, s.start_pos + s.tokens.len()));
             }
             out.push(o);
         }
