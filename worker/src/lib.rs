@@ -2,6 +2,7 @@
 //! paged KV cache, sampling and tokenization.
 
 pub mod backend;
+pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;
