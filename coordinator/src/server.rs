@@ -73,6 +73,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
                 load_format: cfg.load_format.clone(),
                 kv_blocks: cfg.kv_blocks as u32,
                 block_size: cfg.block_size as u32,
+                ..Default::default()
             })
             .await
             .map_err(|s| anyhow::anyhow!("worker {addr} could not load the model: {}", s.message()))?

@@ -9,6 +9,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::slot;
 use crate::model::{CausalLm, Loader};
+use crate::parallel::Parallel;
 use crate::sampling::{SamplingParams, TokenLogprobs, sample, token_logprobs};
 use crate::weights::{Checkpoint, WeightSource};
 
@@ -93,27 +94,41 @@ pub struct Engine<B: Backend> {
     pub model: CausalLm<B>,
     caches: Vec<B::KvCache>,
     cache: CacheConfig,
-    dtype: DType,
+    weight_bytes: usize,
 }
 
 impl<B: Backend> Engine<B> {
     /// Loads the checkpoint in `dir` (`config.json` + safetensors), or dummy weights.
     pub fn load(backend: B, dir: &Path, options: &EngineOptions) -> Result<Self> {
         let (config, source) = open_model(dir, options.load_format)?;
-        Self::from_source(backend, &config, &source, options)
+        Self::from_source(backend, &config, &source, options, Parallel::single())
     }
 
-    pub fn from_source(backend: B, config: &ModelConfig, source: &WeightSource, options: &EngineOptions) -> Result<Self> {
-        let loader = Loader { backend: &backend, source, config, dtype: options.dtype };
+    /// Loads this rank's share of the model (all of it for [`Parallel::single`]): only the
+    /// slices it holds are read from the checkpoint.
+    pub fn from_source(
+        backend: B,
+        config: &ModelConfig,
+        source: &WeightSource,
+        options: &EngineOptions,
+        par: Parallel,
+    ) -> Result<Self> {
+        par.layout.validate(config).map_err(EngineError::Layout)?;
+        let loader = Loader::new(&backend, source, config, options.dtype, &par);
         let model = CausalLm::load(&loader)?;
         let shape = KvShape {
             num_blocks: options.cache.num_blocks,
             block_size: options.cache.block_size,
-            num_kv_heads: config.num_key_value_heads,
+            num_kv_heads: par.kv_heads(config).len(),
             head_dim: config.head_dim,
         };
-        let caches = (0..config.num_hidden_layers).map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
-        Ok(Engine { backend, model, caches, cache: options.cache, dtype: options.dtype })
+        let caches = model.layers.iter().map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
+        let weight_bytes = loader.loaded_bytes.get();
+        Ok(Engine { backend, model, caches, cache: options.cache, weight_bytes })
+    }
+
+    pub fn parallel(&self) -> &Parallel {
+        &self.model.par
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -124,12 +139,14 @@ impl<B: Backend> Engine<B> {
         self.cache
     }
 
-    /// Bytes of weights held (norms counted at the compute dtype too).
+    /// Bytes of weights this rank holds.
     pub fn weight_bytes(&self) -> usize {
-        self.model.config.num_parameters() * self.dtype.size_in_bytes()
+        self.weight_bytes
     }
 
     /// Runs one batched forward over every sequence's new tokens and samples where asked.
+    /// Every rank of a replica runs the same step; only the driver rank (the first of the
+    /// last stage) samples, the others return empty outputs.
     pub fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<Vec<SeqOutput>> {
         let vocab = self.model.config.vocab_size;
         let bs = self.cache.block_size;
@@ -179,9 +196,12 @@ impl<B: Backend> Engine<B> {
                 model.forward(backend, &tokens, &meta, caches, &[0])?;
                 Ok(Vec::new())
             } else {
-                backend.to_host(&model.forward(backend, &tokens, &meta, caches, &logit_rows)?)
+                Ok(model.forward(backend, &tokens, &meta, caches, &logit_rows)?.unwrap_or_default())
             }
         })?;
+        if !model.par.is_driver() {
+            return Ok(vec![SeqOutput::default(); seqs.len()]);
+        }
         let mut rows = logits.chunks_exact(vocab);
         let mut next_row = || rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()));
         let mut out = Vec::with_capacity(seqs.len());

@@ -31,6 +31,10 @@ pub enum EngineError {
     OutOfBlocks { needed: usize, free: usize },
     #[error("backend: {0}")]
     Backend(String),
+    #[error("the replica's group cannot be used: {0}")]
+    Layout(String),
+    #[error("exchanging activations failed: {0}")]
+    Comm(#[from] crate::comm::CommError),
 }
 
 impl From<candle_core::Error> for EngineError {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod generator;
 pub mod kv_cache;
 pub mod model;
+pub mod parallel;
 pub mod sampling;
 pub mod service;
 pub mod serving;

@@ -28,6 +28,13 @@ struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "TRAMONTANE_WORKER_LISTEN", default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
+    /// Address peers of a sharded replica link to (TCP communicator); default: the `--listen`
+    /// host, a free port.
+    #[arg(long, env = "TRAMONTANE_COMM_LISTEN")]
+    comm_listen: Option<std::net::SocketAddr>,
+    /// A collective waiting longer than this for a peer fails the step.
+    #[arg(long, env = "TRAMONTANE_COMM_TIMEOUT_SECS", default_value_t = 30)]
+    comm_timeout_secs: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,8 +85,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("listening on {addr}");
         std::io::stdout().flush()?;
         tracing::info!(%addr, "worker listening");
+        let comm_addr = args.comm_listen.unwrap_or_else(|| std::net::SocketAddr::new(addr.ip(), 0));
+        let comm_listener = worker::comm::CommListener::bind(comm_addr).with_context(|| format!("binding {comm_addr}"))?;
+        tracing::info!(addr = %comm_listener.local_addr()?, "communicator listening");
+        let timeout = std::time::Duration::from_secs(args.comm_timeout_secs);
+        let comm = worker::service::CommSetup {
+            listener: Some(comm_listener),
+            options: worker::comm::TcpOptions { timeout, setup_timeout: timeout * 2 },
+        };
         let shutdown = worker::serving::shutdown_on_signal();
-        worker::service::serve(listener, shutdown).await.map_err(|e| anyhow::anyhow!(e))
+        worker::service::serve(listener, comm, shutdown).await.map_err(|e| anyhow::anyhow!(e))
     })
 }
 

@@ -4,13 +4,17 @@
 //! one is refused, and an assignment older than the current one is refused (fencing).
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use proto::tramontane::worker::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{Cpu, DType};
+use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
 use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqStep, open_model};
 use crate::error::EngineError;
+use crate::parallel::{Layout, Parallel};
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs};
 
 /// Why the worker refused or failed a request.
@@ -26,6 +30,8 @@ pub enum ServiceError {
     Engine(#[from] EngineError),
     #[error("the engine thread has stopped")]
     EngineStopped,
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl From<ServiceError> for tonic::Status {
@@ -33,11 +39,16 @@ impl From<ServiceError> for tonic::Status {
         use tonic::Status;
         let msg = e.to_string();
         match e {
-            ServiceError::StaleEpoch { .. } | ServiceError::NotLoaded => Status::failed_precondition(msg),
+            ServiceError::StaleEpoch { .. } | ServiceError::NotLoaded | ServiceError::Unsupported(_) => {
+                Status::failed_precondition(msg)
+            }
             ServiceError::InvalidArgument(_) => Status::invalid_argument(msg),
             ServiceError::EngineStopped => Status::unavailable(msg),
             ServiceError::Engine(e) => match e {
-                EngineError::InvalidRequest(_) => Status::invalid_argument(msg),
+                EngineError::InvalidRequest(_) | EngineError::Layout(_) => Status::invalid_argument(msg),
+                // A peer of the replica died or the links could not be set up: the replica
+                // is unusable until the coordinator assigns a new layout.
+                EngineError::Comm(_) => Status::unavailable(msg),
                 EngineError::OutOfBlocks { .. } => Status::resource_exhausted(msg),
                 EngineError::Io { .. }
                 | EngineError::Config { .. }
@@ -56,14 +67,32 @@ impl From<ServiceError> for tonic::Status {
     }
 }
 
+/// How this worker links to the peers of a sharded replica.
+pub struct CommSetup {
+    /// Accepts peers' TCP links; `None` serves only single-rank replicas.
+    pub listener: Option<CommListener>,
+    pub options: TcpOptions,
+}
+
+impl Default for CommSetup {
+    fn default() -> Self {
+        CommSetup { listener: None, options: TcpOptions { timeout: Duration::from_secs(30), setup_timeout: Duration::from_secs(60) } }
+    }
+}
+
 /// The state the engine thread owns.
 #[derive(Default)]
 pub struct WorkerState {
     epoch: u64,
     engine: Option<Engine<Cpu>>,
+    comm: CommSetup,
 }
 
 impl WorkerState {
+    pub fn new(comm: CommSetup) -> Self {
+        WorkerState { epoch: 0, engine: None, comm }
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -83,11 +112,28 @@ impl WorkerState {
             load_format,
             cache: CacheConfig { num_blocks: req.kv_blocks as usize, block_size: req.block_size as usize },
         };
-        // Check the checkpoint opens before giving up the current model; then drop the old
-        // shard before loading the new one, so two models need not fit in memory at once.
+        let one = |v: u32| v.max(1) as usize;
+        let layout = Layout {
+            tp: one(req.tp),
+            ep: one(req.ep),
+            pp: one(req.pp),
+            stage_layers: req.stage_layers.iter().map(|&n| n as usize).collect(),
+        };
+        let world = layout.world();
+        if req.rank as usize >= world || (world > 1 && req.peers.len() != world) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "rank {} with {} peers does not fit a layout of {world} ranks",
+                req.rank,
+                req.peers.len()
+            )));
+        }
+        // Check the checkpoint opens and the layout fits before giving up the current model;
+        // then drop the old shard before loading the new one, so two need not fit at once.
         let (config, source) = open_model(&PathBuf::from(&req.model_path), load_format)?;
+        layout.validate(&config).map_err(ServiceError::InvalidArgument)?;
         self.engine = None;
-        let engine = Engine::from_source(Cpu, &config, &source, &options)?;
+        let par = if world == 1 { Parallel::single() } else { Parallel::new(layout, self.connect(req, world)?).map_err(EngineError::from)? };
+        let engine = Engine::from_source(Cpu, &config, &source, &options, par)?;
         let c = engine.config();
         let response = pb::LoadAssignmentResponse {
             architecture: c.architecture.hf_name().to_owned(),
@@ -97,6 +143,22 @@ impl WorkerState {
         self.engine = Some(engine);
         self.epoch = req.epoch;
         Ok(response)
+    }
+
+    /// Links this rank to the other ranks of its replica.
+    fn connect(&self, req: &pb::LoadAssignmentRequest, world: usize) -> Result<Arc<dyn Comm>, ServiceError> {
+        let rank = req.rank as usize;
+        match req.comm.as_str() {
+            "" | "tcp" => {
+                let listener = self.comm.listener.as_ref().ok_or_else(|| {
+                    ServiceError::InvalidArgument("this worker has no communicator listener for sharded replicas".into())
+                })?;
+                let comm = TcpComm::connect(listener, req.epoch, rank, &req.peers, self.comm.options).map_err(EngineError::from)?;
+                Ok(Arc::new(comm))
+            }
+            "nccl" => nccl(req, world),
+            other => Err(ServiceError::InvalidArgument(format!("unknown communicator {other:?} (expected tcp or nccl)"))),
+        }
     }
 
     pub fn step(&mut self, req: &pb::StepRequest) -> Result<pb::StepResponse, ServiceError> {
@@ -128,6 +190,9 @@ impl WorkerState {
         let started = std::time::Instant::now();
         let outputs = engine.step(&steps)?;
         let compute_micros = started.elapsed().as_micros() as u64;
+        if !engine.parallel().is_driver() {
+            return Ok(pb::StepResponse { results: Vec::new(), compute_micros });
+        }
         let results = req
             .sequences
             .iter()
@@ -143,7 +208,7 @@ impl WorkerState {
 
     pub fn health(&self) -> pb::HealthResponse {
         match &self.engine {
-            None => pb::HealthResponse::default(),
+            None => pb::HealthResponse { comm_address: self.comm_address(), peak_rss_bytes: peak_rss_bytes(), ..Default::default() },
             Some(e) => {
                 let c = e.config();
                 pb::HealthResponse {
@@ -152,10 +217,48 @@ impl WorkerState {
                     kv_blocks: e.cache_config().num_blocks as u32,
                     block_size: e.cache_config().block_size as u32,
                     weight_bytes: e.weight_bytes() as u64,
+                    comm_address: self.comm_address(),
+                    rank: e.parallel().rank as u32,
+                    world: e.parallel().layout.world() as u32,
+                    peak_rss_bytes: peak_rss_bytes(),
                 }
             }
         }
     }
+}
+
+impl WorkerState {
+    fn comm_address(&self) -> String {
+        self.comm.listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default()
+    }
+}
+
+#[cfg(feature = "_cuda")]
+fn nccl(req: &pb::LoadAssignmentRequest, world: usize) -> Result<Arc<dyn Comm>, ServiceError> {
+    let comm = crate::comm::NcclComm::init(req.device as usize, req.rank as usize, world, &req.nccl_id).map_err(EngineError::from)?;
+    Ok(Arc::new(comm))
+}
+
+#[cfg(not(feature = "_cuda"))]
+fn nccl(_: &pb::LoadAssignmentRequest, _: usize) -> Result<Arc<dyn Comm>, ServiceError> {
+    Err(ServiceError::Unsupported("this worker was built without the `cuda` feature: no NCCL communicator".into()))
+}
+
+fn create_nccl_id() -> Result<Vec<u8>, ServiceError> {
+    #[cfg(feature = "_cuda")]
+    return crate::comm::nccl_unique_id().map_err(|e| ServiceError::Unsupported(e.to_string()));
+    #[cfg(not(feature = "_cuda"))]
+    Err(ServiceError::Unsupported("this worker was built without the `cuda` feature: no NCCL".into()))
+}
+
+/// The process's peak resident set (`VmHWM`), where the OS reports it.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn sampling_params(p: &pb::Sampling, vocab: usize) -> Result<SamplingParams, ServiceError> {
@@ -196,10 +299,10 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts the engine thread; it stops when every handle is dropped.
-    pub fn spawn() -> std::io::Result<Self> {
+    pub fn spawn(comm: CommSetup) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         std::thread::Builder::new().name("engine".into()).spawn(move || {
-            let mut state = WorkerState::default();
+            let mut state = WorkerState::new(comm);
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     Command::Load(req, reply) => {
@@ -244,14 +347,24 @@ impl pb::worker_server::Worker for EngineHandle {
     async fn health(&self, _: tonic::Request<pb::HealthRequest>) -> Result<tonic::Response<pb::HealthResponse>, tonic::Status> {
         Ok(tonic::Response::new(self.call(Command::Health).await?))
     }
+
+    async fn create_nccl_id(
+        &self,
+        _: tonic::Request<pb::CreateNcclIdRequest>,
+    ) -> Result<tonic::Response<pb::CreateNcclIdResponse>, tonic::Status> {
+        let nccl_id = tokio::task::spawn_blocking(create_nccl_id).await.map_err(|_| ServiceError::EngineStopped)??;
+        Ok(tonic::Response::new(pb::CreateNcclIdResponse { nccl_id }))
+    }
 }
 
-/// Serves the worker API on `listener` until `shutdown` is cancelled.
+/// Serves the worker API on `listener` until `shutdown` is cancelled; peers of sharded
+/// replicas link through `comm`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    comm: CommSetup,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let handle = EngineHandle::spawn()?;
+    let handle = EngineHandle::spawn(comm)?;
     let incoming = crate::serving::nodelay_incoming(listener);
     tonic::transport::Server::builder()
         .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))
@@ -272,6 +385,7 @@ mod tests {
             load_format: String::new(),
             kv_blocks: 4,
             block_size: 16,
+            ..Default::default()
         }
     }
 

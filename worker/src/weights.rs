@@ -21,11 +21,36 @@ pub struct HostTensor<'a> {
     pub data: Cow<'a, [u8]>,
 }
 
-/// Which part of a tensor a rank loads: all of it, or one of `world` equal slices along `dim`.
+/// Which part of a tensor a rank loads: all of it, one of `world` equal slices along `dim`,
+/// or rows `start..start + len` along `dim`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shard {
     Full,
     Slice { dim: usize, rank: usize, world: usize },
+    Range { dim: usize, start: usize, len: usize },
+}
+
+impl Shard {
+    /// The `(dim, start, len)` this shard selects from a tensor of `shape`.
+    fn range(self, shape: &[usize]) -> Result<Option<(usize, usize, usize)>> {
+        let (dim, start, len) = match self {
+            Shard::Full => return Ok(None),
+            Shard::Slice { dim, rank, world } => {
+                if dim >= shape.len() || world == 0 || !shape[dim].is_multiple_of(world) || rank >= world {
+                    return Err(EngineError::Backend(format!(
+                        "cannot split dim {dim} of shape {shape:?} into {world} slices (rank {rank})"
+                    )));
+                }
+                let part = shape[dim] / world;
+                (dim, rank * part, part)
+            }
+            Shard::Range { dim, start, len } => (dim, start, len),
+        };
+        if dim >= shape.len() || start + len > shape[dim] {
+            return Err(EngineError::Backend(format!("rows {start}..{} of dim {dim} are outside shape {shape:?}", start + len)));
+        }
+        Ok(Some((dim, start, len)))
+    }
 }
 
 struct TensorEntry {
@@ -105,21 +130,15 @@ impl Checkpoint {
 
 /// Applies `shard` to a full tensor's bytes: a borrowed range for dim 0, a copy otherwise.
 fn slice_host<'a>(dtype: DType, shape: &[usize], bytes: &'a [u8], shard: Shard) -> Result<HostTensor<'a>> {
-    let Shard::Slice { dim, rank, world } = shard else {
+    let Some((dim, start, len)) = shard.range(shape)? else {
         return Ok(HostTensor { dtype, shape: shape.to_vec(), data: Cow::Borrowed(bytes) });
     };
-    if dim >= shape.len() || !shape[dim].is_multiple_of(world) || rank >= world {
-        return Err(EngineError::Backend(format!(
-            "cannot split dim {dim} of shape {shape:?} into {world} slices (rank {rank})"
-        )));
-    }
-    let part = shape[dim] / world;
     let outer: usize = shape[..dim].iter().product();
     let inner: usize = shape[dim + 1..].iter().product::<usize>() * dtype.size_in_bytes();
     let mut out_shape = shape.to_vec();
-    out_shape[dim] = part;
+    out_shape[dim] = len;
     let row = shape[dim] * inner;
-    let (lo, hi) = (rank * part * inner, (rank + 1) * part * inner);
+    let (lo, hi) = (start * inner, (start + len) * inner);
     let data = if outer == 1 {
         Cow::Borrowed(&bytes[lo..hi])
     } else {
@@ -224,28 +243,41 @@ impl WeightSource {
         match self {
             WeightSource::Checkpoint(c) => c.tensor(name, shape, shard),
             WeightSource::Dummy { seed } => {
-                let full = dummy_tensor(*seed, name, shape);
-                let sliced = slice_host(DType::F32, shape, &full, shard)?;
-                Ok(HostTensor { dtype: DType::F32, shape: sliced.shape, data: Cow::Owned(sliced.data.into_owned()) })
+                let (dim, start, len) = shard.range(shape)?.unwrap_or((0, 0, shape.first().copied().unwrap_or(1)));
+                let mut out_shape = shape.to_vec();
+                if !out_shape.is_empty() {
+                    out_shape[dim] = len;
+                }
+                let data = dummy_tensor(*seed, name, shape, dim, start..start + len);
+                Ok(HostTensor { dtype: DType::F32, shape: out_shape, data: Cow::Owned(data) })
             }
         }
     }
 }
 
-/// Norm weights are 1; everything else uniform in ±1/sqrt(fan_in), from a per-tensor stream.
-fn dummy_tensor(seed: u64, name: &str, shape: &[usize]) -> Vec<u8> {
-    let n: usize = shape.iter().product();
+/// Norm weights are 1; everything else uniform in ±1/sqrt(fan_in). Element `i` of the full
+/// tensor depends only on (seed, name, i), so a rank generates just its rows `rows` of `dim`.
+fn dummy_tensor(seed: u64, name: &str, shape: &[usize], dim: usize, rows: std::ops::Range<usize>) -> Vec<u8> {
+    let outer: usize = shape[..dim.min(shape.len())].iter().product();
+    let inner: usize = shape.get(dim + 1..).map_or(1, |s| s.iter().product());
+    let full_rows = shape.get(dim).copied().unwrap_or(1);
+    let n = outer * rows.len() * inner;
     if name.ends_with("norm.weight") {
         return 1.0f32.to_le_bytes().repeat(n);
     }
     let fan_in = *shape.last().unwrap_or(&1) as f32;
     let scale = if name.contains("embed_tokens") { 1.0 } else { 1.0 / fan_in.sqrt() };
-    let mut state = name.bytes().fold(seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
+    let base = name.bytes().fold(seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
     let mut out = Vec::with_capacity(n * 4);
-    for _ in 0..n {
-        let r = crate::sampling::splitmix64(&mut state);
-        let unit = (r >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-        out.extend_from_slice(&((unit * 2.0 - 1.0) * scale).to_le_bytes());
+    for o in 0..outer {
+        for r in rows.clone() {
+            for i in 0..inner {
+                let mut state = base.wrapping_add((((o * full_rows + r) * inner + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let r = crate::sampling::splitmix64(&mut state);
+                let unit = (r >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                out.extend_from_slice(&((unit * 2.0 - 1.0) * scale).to_le_bytes());
+            }
+        }
     }
     out
 }
@@ -269,11 +301,19 @@ mod tests {
 
     #[test]
     fn dummy_weights_are_deterministic_and_bounded() {
-        let a = dummy_tensor(7, "model.layers.0.mlp.up_proj.weight", &[8, 16]);
-        let b = dummy_tensor(7, "model.layers.0.mlp.up_proj.weight", &[8, 16]);
-        let c = dummy_tensor(8, "model.layers.0.mlp.up_proj.weight", &[8, 16]);
+        let name = "model.layers.0.mlp.up_proj.weight";
+        let a = dummy_tensor(7, name, &[8, 16], 0, 0..8);
+        let b = dummy_tensor(7, name, &[8, 16], 0, 0..8);
+        let c = dummy_tensor(8, name, &[8, 16], 0, 0..8);
         assert_eq!(a, b);
         assert_ne!(a, c);
+        // A shard generates exactly the full tensor's elements.
+        let source = WeightSource::Dummy { seed: 7 };
+        let full = source.tensor(name, &[8, 16], Shard::Full).unwrap();
+        let part = source.tensor(name, &[8, 16], Shard::Range { dim: 1, start: 4, len: 8 }).unwrap();
+        let expect = slice_host(DType::F32, &[8, 16], &full.data, Shard::Range { dim: 1, start: 4, len: 8 }).unwrap();
+        assert_eq!(part.shape, vec![8, 8]);
+        assert_eq!(part.data, expect.data);
         for v in a.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())) {
             assert!(v.abs() <= 0.25 + 1e-6);
         }

@@ -1,57 +1,13 @@
 //! The worker process over a real socket: a coordinator-like client loads an assignment,
 //! drives steps that reproduce the transformers reference, and is fenced by epochs.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
 
+use common::{WorkerProcess, fixture, reference};
 use proto::tramontane::worker::v1 as pb;
 use pb::worker_client::WorkerClient;
 use tonic::Code;
 
-/// A `worker serve` child process, killed on drop.
-struct WorkerProcess {
-    child: Child,
-    addr: String,
-}
-
-impl WorkerProcess {
-    fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("worker starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("reads the address");
-        let addr = line.trim().strip_prefix("listening on ").expect("address line").to_owned();
-        WorkerProcess { child, addr }
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-#[derive(serde::Deserialize)]
-struct Reference {
-    cases: Vec<Case>,
-}
-
-#[derive(serde::Deserialize)]
-struct Case {
-    prompt_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-    greedy_logprobs: Vec<f32>,
-}
 
 fn load_request(epoch: u64) -> pb::LoadAssignmentRequest {
     pb::LoadAssignmentRequest {
@@ -61,6 +17,7 @@ fn load_request(epoch: u64) -> pb::LoadAssignmentRequest {
         load_format: String::new(),
         kv_blocks: 64,
         block_size: 16,
+        ..Default::default()
     }
 }
 
@@ -71,7 +28,7 @@ fn greedy() -> Option<pb::Sampling> {
 #[tokio::test]
 async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
     let worker = WorkerProcess::start();
-    let mut client = WorkerClient::connect(format!("http://{}", worker.addr)).await.expect("connects");
+    let mut client = WorkerClient::connect(worker.url()).await.expect("connects");
 
     // Nothing loaded yet.
     let err = client.step(pb::StepRequest { epoch: 0, sequences: vec![] }).await.unwrap_err();
@@ -84,8 +41,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
     assert_eq!((health.epoch, health.kv_blocks), (3, 64));
 
     // Two sequences in one batch, prefill then decode, against the reference.
-    let text = std::fs::read_to_string(fixture("mixtral-f32-tiny").join("reference.json")).expect("reference");
-    let reference: Reference = serde_json::from_str(&text).expect("parses");
+    let reference = reference("mixtral-f32-tiny");
     let cases = [&reference.cases[2], &reference.cases[3]];
     let tables: [Vec<u32>; 2] = [vec![5, 6], vec![9, 1, 2]];
     let mut generated: [Vec<u32>; 2] = Default::default();
@@ -153,7 +109,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
 #[tokio::test]
 async fn a_killed_worker_fails_calls_quickly() {
     let mut worker = WorkerProcess::start();
-    let mut client = WorkerClient::connect(format!("http://{}", worker.addr)).await.expect("connects");
+    let mut client = WorkerClient::connect(worker.url()).await.expect("connects");
     client.health(pb::HealthRequest {}).await.expect("health");
     worker.child.kill().expect("kill -9");
     worker.child.wait().expect("reaped");

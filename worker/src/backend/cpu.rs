@@ -273,4 +273,11 @@ impl Backend for Cpu {
     fn to_host(&self, x: &Tensor) -> Result<Vec<f32>> {
         Ok(x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
+
+    fn upload_activations(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
+        if data.len() != rows * cols {
+            return Err(EngineError::Backend(format!("upload_activations: {} elements for [{rows}, {cols}]", data.len())));
+        }
+        from_vec(data, rows, cols)
+    }
 }

@@ -139,8 +139,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// `out[rows[i]] += weights[i] * src[i]` for every expert output, into a zeroed
     /// `[num_rows, cols]` tensor.
     fn scatter_add_rows(&self, num_rows: usize, parts: &[RowsUpdate<'_, Self::Tensor>]) -> Result<Self::Tensor>;
-    /// `x` as f32 on the host (logits).
+    /// `x` as f32 on the host (logits, activations for a communicator).
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Activations `[rows, cols]` from f32 host data (what a communicator received).
+    fn upload_activations(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
 }
 
 /// One expert's contribution to [`Backend::scatter_add_rows`].

@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use rayon::prelude::*;
+use worker::parallel::Parallel;
 use worker::weights::WeightSource;
 use worker::{CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Request, SamplingParams};
 
@@ -62,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         cache: CacheConfig { num_blocks: 64 * args.batches.iter().max().copied().unwrap_or(1), block_size: 16 },
     };
     let started = Instant::now();
-    let engine = Engine::from_source(Cpu, &config, &WeightSource::Dummy { seed: 0 }, &options)?;
+    let engine = Engine::from_source(Cpu, &config, &WeightSource::Dummy { seed: 0 }, &options, Parallel::single())?;
     eprintln!("loaded in {:.1} s", started.elapsed().as_secs_f64());
     let mut generator = Generator::new(engine, args.batches.iter().max().copied().unwrap_or(1));
     let mut rows = Vec::new();

@@ -187,7 +187,7 @@ impl TcpComm {
         let seq = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
         let bytes = u64::from_le_bytes(header[8..].try_into().expect("8 bytes")) as usize;
         let expected = link.received.fetch_add(1, Ordering::Relaxed);
-        if seq != expected || bytes % 4 != 0 {
+        if seq != expected || !bytes.is_multiple_of(4) {
             return Err(self.peer_error(member, format!("out of step: frame {seq} of {bytes} bytes, expected frame {expected}")));
         }
         let mut payload = vec![0u8; bytes];

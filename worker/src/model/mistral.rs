@@ -2,10 +2,12 @@
 //! rotary embeddings (optionally over a sliding window) and a SwiGLU MLP. Mixtral is the
 //! same decoder with the MLP replaced by a sparse mixture of experts.
 
-use super::{Linear, Loader, SparseMoeBlock};
+use super::{ColumnParallelLinear, Loader, ParallelLmHead, RowParallelLinear, SparseMoeBlock, VocabParallelEmbedding};
 use crate::backend::{AttentionMeta, Backend, Heads};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
+use crate::parallel::Parallel;
+use crate::weights::Shard;
 
 /// Root-mean-square layer norm.
 #[derive(Debug, Clone)]
@@ -25,13 +27,14 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
-/// Grouped-query self-attention over the paged KV cache.
+/// Grouped-query self-attention over the paged KV cache, its heads split over `tp` ranks.
 #[derive(Debug, Clone)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    pub q_proj: ColumnParallelLinear<B>,
+    pub k_proj: ColumnParallelLinear<B>,
+    pub v_proj: ColumnParallelLinear<B>,
+    pub o_proj: RowParallelLinear<B>,
+    /// This rank's query and KV heads.
     pub heads: Heads,
     pub kv_heads: Heads,
     pub rope_theta: f64,
@@ -39,15 +42,19 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     pub fn load(loader: &Loader<'_, B>, prefix: &str) -> Result<Self> {
-        let c = loader.config;
-        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (c, par) = (loader.config, loader.par);
+        let d = c.head_dim;
+        let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let (qh, kvh) = (par.q_heads(c), par.kv_heads(c));
+        let (q_rows, kv_rows) = (qh.start * d..qh.end * d, kvh.start * d..kvh.end * d);
+        let name = |p: &str| format!("{prefix}.{p}");
         Ok(Attention {
-            q_proj: Linear::load(loader, &format!("{prefix}.q_proj"), q, c.hidden_size)?,
-            k_proj: Linear::load(loader, &format!("{prefix}.k_proj"), kv, c.hidden_size)?,
-            v_proj: Linear::load(loader, &format!("{prefix}.v_proj"), kv, c.hidden_size)?,
-            o_proj: Linear::load(loader, &format!("{prefix}.o_proj"), c.hidden_size, q)?,
-            heads: Heads { num_heads: c.num_attention_heads, head_dim: c.head_dim },
-            kv_heads: Heads { num_heads: c.num_key_value_heads, head_dim: c.head_dim },
+            q_proj: ColumnParallelLinear::load(loader, &name("q_proj"), q, c.hidden_size, q_rows.clone())?,
+            k_proj: ColumnParallelLinear::load(loader, &name("k_proj"), kv, c.hidden_size, kv_rows.clone())?,
+            v_proj: ColumnParallelLinear::load(loader, &name("v_proj"), kv, c.hidden_size, kv_rows)?,
+            o_proj: RowParallelLinear::load(loader, &name("o_proj"), c.hidden_size, q, q_rows, par.tp.clone())?,
+            heads: Heads { num_heads: qh.len(), head_dim: d },
+            kv_heads: Heads { num_heads: kvh.len(), head_dim: d },
             rope_theta: c.rope_theta,
         })
     }
@@ -62,21 +69,23 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`, its hidden units split
+/// over `tp` ranks.
 #[derive(Debug, Clone)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub gate_proj: ColumnParallelLinear<B>,
+    pub up_proj: ColumnParallelLinear<B>,
+    pub down_proj: RowParallelLinear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn load(loader: &Loader<'_, B>, prefix: &str) -> Result<Self> {
         let (h, i) = (loader.config.hidden_size, loader.config.intermediate_size);
+        let part = loader.par.tp_part(i);
         Ok(Mlp {
-            gate_proj: Linear::load(loader, &format!("{prefix}.gate_proj"), i, h)?,
-            up_proj: Linear::load(loader, &format!("{prefix}.up_proj"), i, h)?,
-            down_proj: Linear::load(loader, &format!("{prefix}.down_proj"), h, i)?,
+            gate_proj: ColumnParallelLinear::load(loader, &format!("{prefix}.gate_proj"), i, h, part.clone())?,
+            up_proj: ColumnParallelLinear::load(loader, &format!("{prefix}.up_proj"), i, h, part.clone())?,
+            down_proj: RowParallelLinear::load(loader, &format!("{prefix}.down_proj"), h, i, part, loader.par.tp.clone())?,
         })
     }
 
@@ -130,34 +139,53 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-/// The whole causal language model: embeddings, decoder layers, final norm, lm_head.
+/// The whole causal language model: embeddings, decoder layers, final norm, lm_head. A
+/// pipeline stage holds its layers only: the first stage the embeddings, the last the norm
+/// and lm_head.
 #[derive(Debug, Clone)]
 pub struct CausalLm<B: Backend> {
-    pub embed_tokens: B::Tensor,
+    pub embed_tokens: Option<VocabParallelEmbedding<B>>,
+    /// This stage's layers, `model.layers.{first_layer + i}`.
     pub layers: Vec<DecoderLayer<B>>,
-    pub norm: RmsNorm<B>,
+    pub first_layer: usize,
+    pub norm: Option<RmsNorm<B>>,
     /// `lm_head.weight`, or the embedding table when embeddings are tied.
-    pub lm_head: Linear<B>,
+    pub lm_head: Option<ParallelLmHead<B>>,
     pub config: ModelConfig,
+    pub par: Parallel,
 }
 
 impl<B: Backend> CausalLm<B> {
     pub fn load(loader: &Loader<'_, B>) -> Result<Self> {
-        let c = loader.config;
-        let embed_tokens = loader.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size)?;
-        let layers = (0..c.num_hidden_layers)
+        let (c, par) = (loader.config, loader.par);
+        let vocab = par.tp_part(c.vocab_size);
+        let embed_tokens = par
+            .is_first_stage()
+            .then(|| VocabParallelEmbedding::load(loader, "model.embed_tokens.weight", vocab.clone(), par.tp.clone()))
+            .transpose()?;
+        let range = par.layers(c.num_hidden_layers);
+        let layers = range
+            .clone()
             .map(|i| DecoderLayer::load(loader, &format!("model.layers.{i}")))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if c.tie_word_embeddings {
-            Linear { weight: embed_tokens.clone() }
+        let (norm, lm_head) = if par.is_last_stage() {
+            let weight = match (&embed_tokens, c.tie_word_embeddings) {
+                (Some(e), true) => e.weight.clone(),
+                (None, true) => loader.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size, vocab_shard(&vocab))?,
+                (_, false) => loader.matrix("lm_head.weight", c.vocab_size, c.hidden_size, vocab_shard(&vocab))?,
+            };
+            let head = ParallelLmHead { weight, vocab: c.vocab_size, comm: par.tp.clone() };
+            (Some(RmsNorm::load(loader, "model.norm")?), Some(head))
         } else {
-            Linear::load(loader, "lm_head", c.vocab_size, c.hidden_size)?
+            (None, None)
         };
-        Ok(CausalLm { embed_tokens, layers, norm: RmsNorm::load(loader, "model.norm")?, lm_head, config: c.clone() })
+        Ok(CausalLm { embed_tokens, layers, first_layer: range.start, norm, lm_head, config: c.clone(), par: par.clone() })
     }
 
-    /// Runs the batch's new tokens through the model, writing their K/V into `caches` (one
-    /// per layer), and returns the logits `[logit_rows.len(), vocab]` of the rows asked for.
+    /// Runs the batch's new tokens through this stage, writing their K/V into `caches` (one
+    /// per layer of the stage). The first stage embeds `tokens`; the others receive the
+    /// previous stage's activations; all but the last hand theirs on and return `None`. The
+    /// last returns the logits `[logit_rows.len(), vocab]` of the rows asked for, on the host.
     pub fn forward(
         &self,
         b: &B,
@@ -165,12 +193,27 @@ impl<B: Backend> CausalLm<B> {
         meta: &AttentionMeta,
         caches: &mut [B::KvCache],
         logit_rows: &[u32],
-    ) -> Result<B::Tensor> {
-        let mut x = b.embedding(&self.embed_tokens, tokens)?;
+    ) -> Result<Option<Vec<f32>>> {
+        let hidden = self.config.hidden_size;
+        let mut x = match &self.embed_tokens {
+            Some(embed) => embed.forward(b, tokens)?,
+            None => {
+                let data = self.par.world.recv(self.par.prev_rank(), tokens.len() * hidden)?;
+                b.upload_activations(data, tokens.len(), hidden)?
+            }
+        };
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward(b, &x, cache, meta)?;
         }
+        let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
+            self.par.world.send(self.par.next_rank(), &b.to_host(&x)?)?;
+            return Ok(None);
+        };
         let x = if logit_rows.len() == tokens.len() { x } else { b.gather_rows(&x, logit_rows)? };
-        self.lm_head.forward(b, &self.norm.forward(b, &x)?)
+        lm_head.forward(b, &norm.forward(b, &x)?).map(Some)
     }
+}
+
+fn vocab_shard(part: &std::ops::Range<usize>) -> Shard {
+    Shard::Range { dim: 0, start: part.start, len: part.len() }
 }

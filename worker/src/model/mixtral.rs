@@ -1,32 +1,128 @@
 //! Mixtral's sparse mixture of experts (Jiang et al., 2024): a router picks the top-k of
 //! `num_local_experts` SwiGLU experts per token (softmax, top-k, renormalised) and the
 //! token's output is the weighted sum of the chosen experts' outputs.
+//!
+//! Expert parallelism: the experts are split over the `ep` ranks of a stage. Each rank routes
+//! its share of the tokens, dispatches every (token, expert) pair to the expert's owner
+//! (`all_to_all_v`), the owners run their experts, the outputs travel back and are combined
+//! with the routing weights in the tokens' order; the shares are then gathered on every rank.
 
-use super::{Linear, Loader};
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::parallel::all_reduce;
+use super::{ColumnParallelLinear, Linear, Loader, RowParallelLinear};
 use crate::backend::{Backend, RowsUpdate};
+use crate::comm::Comm;
 use crate::error::Result;
+use crate::parallel::even_part;
 
-/// One SwiGLU expert: `w2(silu(w1(x)) * w3(x))`.
+/// One SwiGLU expert: `w2(silu(w1(x)) * w3(x))`, its hidden units split over `tp` ranks.
 #[derive(Debug, Clone)]
 pub struct Expert<B: Backend> {
-    pub w1: Linear<B>,
-    pub w2: Linear<B>,
-    pub w3: Linear<B>,
+    pub w1: ColumnParallelLinear<B>,
+    pub w2: RowParallelLinear<B>,
+    pub w3: ColumnParallelLinear<B>,
 }
 
 impl<B: Backend> Expert<B> {
     pub fn load(loader: &Loader<'_, B>, prefix: &str) -> Result<Self> {
         let (h, i) = (loader.config.hidden_size, loader.config.intermediate_size);
+        let part = loader.par.tp_part(i);
+        let tp = loader.par.tp.clone();
         Ok(Expert {
-            w1: Linear::load(loader, &format!("{prefix}.w1"), i, h)?,
-            w2: Linear::load(loader, &format!("{prefix}.w2"), h, i)?,
-            w3: Linear::load(loader, &format!("{prefix}.w3"), i, h)?,
+            w1: ColumnParallelLinear::load(loader, &format!("{prefix}.w1"), i, h, part.clone())?,
+            w2: RowParallelLinear::load(loader, &format!("{prefix}.w2"), h, i, part.clone(), tp)?,
+            w3: ColumnParallelLinear::load(loader, &format!("{prefix}.w3"), i, h, part)?,
         })
     }
 
-    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+    /// This rank's partial output (summed over `tp` by the caller, once for all experts).
+    pub fn forward_partial(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let act = b.silu_mul(&self.w1.forward(b, x)?, &self.w3.forward(b, x)?)?;
-        self.w2.forward(b, &act)
+        self.w2.forward_partial(b, &act)
+    }
+}
+
+/// The experts this rank owns, and how to reach the others'.
+#[derive(Debug, Clone)]
+pub struct ExpertParallel<B: Backend> {
+    /// Experts `owned`, in order.
+    pub experts: Vec<Expert<B>>,
+    pub owned: Range<usize>,
+    pub num_experts: usize,
+    pub ep: Arc<dyn Comm>,
+    pub tp: Arc<dyn Comm>,
+}
+
+impl<B: Backend> ExpertParallel<B> {
+    pub fn load(loader: &Loader<'_, B>, prefix: &str) -> Result<Self> {
+        let par = loader.par;
+        let n = loader.config.num_local_experts;
+        let owned = even_part(n, par.coords.expert, par.layout.ep);
+        Ok(ExpertParallel {
+            experts: owned.clone().map(|e| Expert::load(loader, &format!("{prefix}.{e}"))).collect::<Result<_>>()?,
+            owned,
+            num_experts: n,
+            ep: par.ep.clone(),
+            tp: par.tp.clone(),
+        })
+    }
+
+    fn owner(&self, expert: usize) -> usize {
+        let ep = self.ep.world();
+        (0..ep).find(|&r| even_part(self.num_experts, r, ep).contains(&expert)).unwrap_or(0)
+    }
+
+    /// `sum_j weights[t, j] * expert[chosen[t, j]](x[t])` for every token `t`, all experts local.
+    fn forward_local(&self, b: &B, x: &B::Tensor, chosen: &[u32], weights: &[f32], k: usize) -> Result<B::Tensor> {
+        let (tokens, _) = b.dims(x);
+        // Tokens (and their routing weights) per expert, in token order.
+        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
+        let mut row_weights: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
+        for (i, (&e, &w)) in chosen.iter().zip(weights).enumerate() {
+            rows[e as usize - self.owned.start].push((i / k) as u32);
+            row_weights[e as usize - self.owned.start].push(w);
+        }
+        let mut outputs = Vec::new();
+        for (e, expert) in self.experts.iter().enumerate() {
+            if rows[e].is_empty() {
+                continue;
+            }
+            let xe = if rows[e].len() == tokens { x.clone() } else { b.gather_rows(x, &rows[e])? };
+            outputs.push((e, expert.forward_partial(b, &xe)?));
+        }
+        let parts: Vec<RowsUpdate<'_, B::Tensor>> = outputs
+            .iter()
+            .map(|(e, src)| RowsUpdate { rows: &rows[*e], weights: &row_weights[*e], src })
+            .collect();
+        all_reduce(b, &*self.tp, b.scatter_add_rows(tokens, &parts)?)
+    }
+
+    /// Runs this rank's experts over the rows other ranks dispatched to it: each received row
+    /// is `[expert id, x...]`; the result for each is its partial output row.
+    fn serve(&self, b: &B, received: &[Vec<f32>], hidden: usize) -> Result<Vec<Vec<f32>>> {
+        let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.experts.len()];
+        let mut inputs: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
+        for (src, data) in received.iter().enumerate() {
+            for (idx, rec) in data.chunks_exact(hidden + 1).enumerate() {
+                let e = rec[0] as usize - self.owned.start;
+                members[e].push((src, idx));
+                inputs[e].extend_from_slice(&rec[1..]);
+            }
+        }
+        let mut results: Vec<Vec<f32>> = received.iter().map(|d| vec![0f32; d.len() / (hidden + 1) * hidden]).collect();
+        for (e, expert) in self.experts.iter().enumerate() {
+            if members[e].is_empty() {
+                continue;
+            }
+            let x = b.upload_activations(std::mem::take(&mut inputs[e]), members[e].len(), hidden)?;
+            let y = b.to_host(&expert.forward_partial(b, &x)?)?;
+            for (j, &(src, idx)) in members[e].iter().enumerate() {
+                results[src][idx * hidden..(idx + 1) * hidden].copy_from_slice(&y[j * hidden..(j + 1) * hidden]);
+            }
+        }
+        Ok(results)
     }
 }
 
@@ -34,7 +130,7 @@ impl<B: Backend> Expert<B> {
 #[derive(Debug, Clone)]
 pub struct SparseMoeBlock<B: Backend> {
     pub gate: Linear<B>,
-    pub experts: Vec<Expert<B>>,
+    pub experts: ExpertParallel<B>,
     pub num_experts_per_tok: usize,
 }
 
@@ -43,36 +139,56 @@ impl<B: Backend> SparseMoeBlock<B> {
         let c = loader.config;
         Ok(SparseMoeBlock {
             gate: Linear::load(loader, &format!("{prefix}.gate"), c.num_local_experts, c.hidden_size)?,
-            experts: (0..c.num_local_experts)
-                .map(|e| Expert::load(loader, &format!("{prefix}.experts.{e}")))
-                .collect::<Result<_>>()?,
+            experts: ExpertParallel::load(loader, &format!("{prefix}.experts"))?,
             num_experts_per_tok: c.num_experts_per_tok,
         })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let (tokens, _) = b.dims(x);
         let k = self.num_experts_per_tok;
-        let (chosen, weights) = b.router_top_k(&self.gate.forward(b, x)?, k)?;
-        // Tokens (and their routing weights) per expert, in token order.
-        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
-        let mut row_weights: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
-        for (i, (&e, &w)) in chosen.iter().zip(&weights).enumerate() {
-            rows[e as usize].push((i / k) as u32);
-            row_weights[e as usize].push(w);
+        let ep = &self.experts.ep;
+        if ep.world() == 1 {
+            let (chosen, weights) = b.router_top_k(&self.gate.forward(b, x)?, k)?;
+            return self.experts.forward_local(b, x, &chosen, &weights, k);
         }
-        let mut outputs = Vec::new();
-        for (e, expert) in self.experts.iter().enumerate() {
-            if rows[e].is_empty() {
-                continue;
+        let (tokens, hidden) = b.dims(x);
+        let (me, n) = (ep.rank(), ep.world());
+        let share = even_part(tokens, me, n);
+        let longest = tokens.div_ceil(n);
+        // Route this rank's share and dispatch each (token, expert) pair to the expert's owner.
+        let mut sends: Vec<Vec<f32>> = vec![Vec::new(); n];
+        let mut plan: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n];
+        if !share.is_empty() {
+            let rows: Vec<u32> = share.clone().map(|r| r as u32).collect();
+            let xs = if share.len() == tokens { x.clone() } else { b.gather_rows(x, &rows)? };
+            let (chosen, weights) = b.router_top_k(&self.gate.forward(b, &xs)?, k)?;
+            let host = b.to_host(&xs)?;
+            for (i, (&e, &w)) in chosen.iter().zip(&weights).enumerate() {
+                let (row, owner) = (i / k, self.experts.owner(e as usize));
+                sends[owner].push(e as f32);
+                sends[owner].extend_from_slice(&host[row * hidden..(row + 1) * hidden]);
+                plan[owner].push((row, w));
             }
-            let xe = if rows[e].len() == tokens { x.clone() } else { b.gather_rows(x, &rows[e])? };
-            outputs.push((e, expert.forward(b, &xe)?));
         }
-        let parts: Vec<RowsUpdate<'_, B::Tensor>> = outputs
-            .iter()
-            .map(|(e, src)| RowsUpdate { rows: &rows[*e], weights: &row_weights[*e], src })
-            .collect();
-        b.scatter_add_rows(tokens, &parts)
+        let received = ep.all_to_all_v(sends)?;
+        let returned = ep.all_to_all_v(self.experts.serve(b, &received, hidden)?)?;
+        // Combine in the tokens' order, sum the tensor-parallel partials, gather the shares.
+        let mut out = vec![0f32; longest * hidden];
+        for (owner, rows) in plan.iter().enumerate() {
+            for (j, &(row, w)) in rows.iter().enumerate() {
+                let y = &returned[owner][j * hidden..(j + 1) * hidden];
+                for (o, v) in out[row * hidden..(row + 1) * hidden].iter_mut().zip(y) {
+                    *o += w * v;
+                }
+            }
+        }
+        self.experts.tp.all_reduce_sum(&mut out)?;
+        let all = ep.all_gather(&out)?;
+        let mut full = Vec::with_capacity(tokens * hidden);
+        for r in 0..n {
+            let at = r * longest * hidden;
+            full.extend_from_slice(&all[at..at + even_part(tokens, r, n).len() * hidden]);
+        }
+        b.upload_activations(full, tokens, hidden)
     }
 }

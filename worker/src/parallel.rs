@@ -1,0 +1,228 @@
+//! How one replica of a model is split over ranks: `pp` pipeline stages, each of `ep` expert
+//! groups of `tp` tensor-parallel ranks. Global rank = `stage * ep * tp + expert * tp + tensor`.
+//!
+//! Within a stage every rank holds the full activations. Attention and dense MLPs are split
+//! over the `tp` ranks of an expert group (column- then row-parallel); a Mixtral layer's
+//! experts are split over the `ep` groups (each expert itself split over `tp`), with tokens
+//! dispatched to their experts' owners and combined back. Stages hand activations on.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::comm::{Comm, CommError, SoloComm};
+use crate::config::{Architecture, ModelConfig};
+
+/// The parallel layout of a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub tp: usize,
+    pub ep: usize,
+    pub pp: usize,
+    /// Decoder layers per stage (sums to the model's layers); empty = as even as possible,
+    /// earlier stages taking the remainder.
+    pub stage_layers: Vec<usize>,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout { tp: 1, ep: 1, pp: 1, stage_layers: Vec::new() }
+    }
+}
+
+/// A rank's position in a [`Layout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coords {
+    pub stage: usize,
+    pub expert: usize,
+    pub tensor: usize,
+}
+
+/// `start..start + len` of `total` items, the `index`-th of `parts` near-equal parts (the first
+/// `total % parts` parts one longer).
+pub fn even_part(total: usize, index: usize, parts: usize) -> Range<usize> {
+    let (base, extra) = (total / parts, total % parts);
+    let start = index * base + index.min(extra);
+    start..start + base + usize::from(index < extra)
+}
+
+impl Layout {
+    pub fn world(&self) -> usize {
+        self.tp * self.ep * self.pp
+    }
+
+    pub fn coords(&self, rank: usize) -> Coords {
+        let per_stage = self.tp * self.ep;
+        Coords { stage: rank / per_stage, expert: rank % per_stage / self.tp, tensor: rank % self.tp }
+    }
+
+    pub fn rank_of(&self, c: Coords) -> usize {
+        c.stage * self.tp * self.ep + c.expert * self.tp + c.tensor
+    }
+
+    /// The rank that samples and answers for the replica: the first rank of the last stage.
+    pub fn driver(&self) -> usize {
+        self.rank_of(Coords { stage: self.pp - 1, expert: 0, tensor: 0 })
+    }
+
+    /// Decoder layers of `stage`.
+    pub fn layers(&self, num_layers: usize, stage: usize) -> Range<usize> {
+        if self.stage_layers.is_empty() {
+            return even_part(num_layers, stage, self.pp);
+        }
+        let start: usize = self.stage_layers[..stage].iter().sum();
+        start..start + self.stage_layers[stage]
+    }
+
+    /// Checks the layout fits the model; the message says what does not.
+    pub fn validate(&self, c: &ModelConfig) -> Result<(), String> {
+        let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
+        if self.tp == 0 || self.ep == 0 || self.pp == 0 {
+            return Err("tp, ep and pp must each be >= 1".into());
+        }
+        if !h.is_multiple_of(self.tp) {
+            return Err(format!("tp = {} must divide the {h} attention heads", self.tp));
+        }
+        if !(kv.is_multiple_of(self.tp) || self.tp.is_multiple_of(kv)) {
+            return Err(format!("tp = {} must divide the {kv} KV heads or be a multiple of them", self.tp));
+        }
+        if !c.intermediate_size.is_multiple_of(self.tp) {
+            return Err(format!("tp = {} must divide intermediate_size {}", self.tp, c.intermediate_size));
+        }
+        if self.ep > 1 && c.architecture != Architecture::Mixtral {
+            return Err(format!("ep = {} needs a mixture of experts; {} has none", self.ep, c.architecture.hf_name()));
+        }
+        if self.ep > c.num_local_experts.max(1) {
+            return Err(format!("ep = {} is more than the {} experts", self.ep, c.num_local_experts));
+        }
+        let layers = c.num_hidden_layers;
+        if self.stage_layers.is_empty() {
+            if self.pp > layers {
+                return Err(format!("pp = {} is more than the {layers} layers", self.pp));
+            }
+        } else if self.stage_layers.len() != self.pp
+            || self.stage_layers.contains(&0)
+            || self.stage_layers.iter().sum::<usize>() != layers
+        {
+            return Err(format!(
+                "stage layers {:?} must be {} non-zero counts summing to the {layers} layers",
+                self.stage_layers, self.pp
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One rank's view of its replica: its coordinates and the communicators its layers use.
+#[derive(Debug, Clone)]
+pub struct Parallel {
+    pub layout: Layout,
+    pub rank: usize,
+    pub coords: Coords,
+    /// Every rank of the replica (pipeline hand-offs).
+    pub world: Arc<dyn Comm>,
+    /// The `tp` ranks of this rank's expert group in its stage.
+    pub tp: Arc<dyn Comm>,
+    /// The `ep` ranks of this rank's stage with its tensor index.
+    pub ep: Arc<dyn Comm>,
+}
+
+impl Parallel {
+    /// A replica of one rank.
+    pub fn single() -> Self {
+        Parallel {
+            layout: Layout::default(),
+            rank: 0,
+            coords: Coords { stage: 0, expert: 0, tensor: 0 },
+            world: Arc::new(SoloComm),
+            tp: Arc::new(SoloComm),
+            ep: Arc::new(SoloComm),
+        }
+    }
+
+    /// Builds the sub-communicators of `layout` over `world` (collective: every rank calls it).
+    pub fn new(layout: Layout, world: Arc<dyn Comm>) -> Result<Self, CommError> {
+        if world.world() != layout.world() {
+            return Err(CommError::Usage(format!("a layout of {} ranks over {} ranks", layout.world(), world.world())));
+        }
+        let rank = world.rank();
+        let coords = layout.coords(rank);
+        let tp_ranks: Vec<usize> = (0..layout.tp).map(|tensor| layout.rank_of(Coords { tensor, ..coords })).collect();
+        let ep_ranks: Vec<usize> = (0..layout.ep).map(|expert| layout.rank_of(Coords { expert, ..coords })).collect();
+        let tp = world.split(&tp_ranks)?;
+        let ep = world.split(&ep_ranks)?;
+        Ok(Parallel { layout, rank, coords, world, tp, ep })
+    }
+
+    pub fn is_first_stage(&self) -> bool {
+        self.coords.stage == 0
+    }
+
+    pub fn is_last_stage(&self) -> bool {
+        self.coords.stage + 1 == self.layout.pp
+    }
+
+    pub fn is_driver(&self) -> bool {
+        self.rank == self.layout.driver()
+    }
+
+    /// The rank this one receives activations from, and the one it sends them to.
+    pub fn prev_rank(&self) -> usize {
+        self.layout.rank_of(Coords { stage: self.coords.stage - 1, ..self.coords })
+    }
+
+    pub fn next_rank(&self) -> usize {
+        self.layout.rank_of(Coords { stage: self.coords.stage + 1, ..self.coords })
+    }
+
+    /// This rank's attention heads: a `tp`-th of them.
+    pub fn q_heads(&self, c: &ModelConfig) -> Range<usize> {
+        even_part(c.num_attention_heads, self.coords.tensor, self.layout.tp)
+    }
+
+    /// This rank's KV heads: a `tp`-th of them, or, when `tp` exceeds them, the one its query
+    /// heads read (KV heads are then replicated over `tp / num_key_value_heads` ranks).
+    pub fn kv_heads(&self, c: &ModelConfig) -> Range<usize> {
+        let (kv, tp, t) = (c.num_key_value_heads, self.layout.tp, self.coords.tensor);
+        if tp <= kv {
+            even_part(kv, t, tp)
+        } else {
+            let head = t / (tp / kv);
+            head..head + 1
+        }
+    }
+
+    /// This rank's slice of a `tp`-split dimension (intermediate size, vocabulary).
+    pub fn tp_part(&self, total: usize) -> Range<usize> {
+        even_part(total, self.coords.tensor, self.layout.tp)
+    }
+
+    /// This rank's decoder layers.
+    pub fn layers(&self, num_layers: usize) -> Range<usize> {
+        self.layout.layers(num_layers, self.coords.stage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_and_coordinates_round_trip() {
+        let l = Layout { tp: 2, ep: 3, pp: 2, stage_layers: vec![] };
+        for r in 0..l.world() {
+            assert_eq!(l.rank_of(l.coords(r)), r);
+        }
+        assert_eq!(l.coords(7), Coords { stage: 1, expert: 0, tensor: 1 });
+        assert_eq!(l.driver(), 6);
+    }
+
+    #[test]
+    fn parts_cover_everything_once() {
+        let parts: Vec<_> = (0..4).map(|i| even_part(6, i, 4)).collect();
+        assert_eq!(parts, vec![0..2, 2..4, 4..5, 5..6]);
+        let l = Layout { pp: 2, ..Layout::default() };
+        assert_eq!((l.layers(3, 0), l.layers(3, 1)), (0..2, 2..3));
+        let l = Layout { pp: 3, stage_layers: vec![1, 3, 1], ..Layout::default() };
+        assert_eq!((l.layers(5, 0), l.layers(5, 1), l.layers(5, 2)), (0..1, 1..4, 4..5));
+    }
+}

@@ -1,0 +1,222 @@
+//! Sharded replicas over real worker processes linked by the TCP communicator: every layout
+//! (tensor, expert and pipeline parallel, and their combinations) must reproduce the
+//! transformers reference, prefill and greedy decode, with all four prompts in one batch.
+//! A killed rank makes its peers fail the step within seconds, never hang.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{WorkerProcess, fixture, reference};
+use pb::worker_client::WorkerClient;
+use proto::tramontane::worker::v1 as pb;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const TOL: f32 = 2e-3;
+
+
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    tp: u32,
+    ep: u32,
+    pp: u32,
+    stage_layers: &'static [u32],
+}
+
+const fn layout(tp: u32, ep: u32, pp: u32) -> Layout {
+    Layout { tp, ep, pp, stage_layers: &[] }
+}
+
+struct Cluster {
+    workers: Vec<WorkerProcess>,
+    clients: Vec<WorkerClient<Channel>>,
+    comm: Vec<String>,
+    epoch: u64,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let workers: Vec<WorkerProcess> = (0..n).map(|_| WorkerProcess::start()).collect();
+        let mut clients = Vec::new();
+        let mut comm = Vec::new();
+        for w in &workers {
+            let mut c = WorkerClient::connect(w.url()).await.expect("connects");
+            comm.push(c.health(pb::HealthRequest {}).await.expect("health").into_inner().comm_address);
+            clients.push(c);
+        }
+        Cluster { workers, clients, comm, epoch: 0 }
+    }
+
+    fn request(&self, model: &str, l: Layout, rank: usize) -> pb::LoadAssignmentRequest {
+        let world = (l.tp * l.ep * l.pp) as usize;
+        pb::LoadAssignmentRequest {
+            epoch: self.epoch,
+            model_path: fixture(model).display().to_string(),
+            dtype: "f32".into(),
+            kv_blocks: 32,
+            block_size: 16,
+            tp: l.tp,
+            ep: l.ep,
+            pp: l.pp,
+            stage_layers: l.stage_layers.to_vec(),
+            rank: rank as u32,
+            peers: self.comm[..world].to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Loads `model` with layout `l` on the first ranks, in a new epoch.
+    async fn load(&mut self, model: &str, l: Layout) -> Result<(), tonic::Status> {
+        self.epoch += 1;
+        let world = (l.tp * l.ep * l.pp) as usize;
+        let calls = (0..world).map(|r| {
+            let mut c = self.clients[r].clone();
+            let req = self.request(model, l, r);
+            async move { c.load_assignment(req).await.map(drop) }
+        });
+        join_all(calls).await.into_iter().collect()
+    }
+
+    /// Sends one step to every rank and returns the driver's results.
+    async fn step(&self, l: Layout, sequences: Vec<pb::SequenceStep>) -> Result<Vec<pb::SequenceResult>, tonic::Status> {
+        let world = (l.tp * l.ep * l.pp) as usize;
+        let driver = world - (l.tp * l.ep) as usize;
+        let calls = (0..world).map(|r| {
+            let mut c = self.clients[r].clone();
+            let req = pb::StepRequest { epoch: self.epoch, sequences: sequences.clone() };
+            async move { c.step(req).await.map(|r| r.into_inner().results) }
+        });
+        let mut out = join_all(calls).await;
+        for (r, res) in out.iter().enumerate() {
+            if r != driver {
+                assert!(res.as_ref().map_or(true, Vec::is_empty), "only the driver answers");
+            }
+        }
+        out.swap_remove(driver)
+    }
+}
+
+/// Runs the calls concurrently (one task each) and returns their results in order.
+async fn join_all<T: Send + 'static>(calls: impl Iterator<Item = impl Future<Output = T> + Send + 'static>) -> Vec<T> {
+    let tasks: Vec<_> = calls.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("call task"));
+    }
+    out
+}
+
+fn greedy() -> Option<pb::Sampling> {
+    Some(pb::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: 1 })
+}
+
+/// All the fixture's prompts in one batch (prefill with prompt logprobs), then greedy
+/// decoding together; returns the worst logprob error.
+async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
+    let cases = &reference(model).cases;
+    let table = |i: usize| (i as u32 * 4..i as u32 * 4 + 4).collect::<Vec<u32>>();
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
+    let mut worst = 0f32;
+    for step in 0..cases[0].greedy_ids.len() {
+        let sequences = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (tokens, start_pos) = match generated[i].last() {
+                    None => (c.prompt_ids.clone(), 0),
+                    Some(&t) => (vec![t], (c.prompt_ids.len() + step - 1) as u32),
+                };
+                let prompt_logprobs = (step == 0).then_some(1);
+                pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: table(i), sampling: greedy(), prompt_logprobs }
+            })
+            .collect();
+        let results = cluster.step(l, sequences).await.unwrap_or_else(|e| panic!("{model} {l:?}: step {step}: {e:?}"));
+        assert_eq!(results.len(), cases.len());
+        for (i, r) in results.iter().enumerate() {
+            let c = &cases[i];
+            for (p, lp) in r.prompt_logprobs.iter().enumerate() {
+                assert_eq!(lp.token_id, c.prompt_ids[p + 1]);
+                worst = worst.max((lp.logprob - c.prompt_logprobs[p + 1].expect("logprob")).abs());
+            }
+            let s = r.sampled.as_ref().expect("sampled");
+            assert_eq!(s.token_id, c.greedy_ids[step], "{model} {l:?}: case {i} greedy token {step}");
+            worst = worst.max((s.logprob - c.greedy_logprobs[step]).abs());
+            generated[i].push(s.token_id);
+        }
+    }
+    assert!(worst <= TOL, "{model} {l:?}: logprob error {worst} > {TOL}");
+    worst
+}
+
+#[tokio::test]
+async fn every_layout_reproduces_the_reference() {
+    let mut cluster = Cluster::start(4).await;
+    let runs: &[(&str, Layout)] = &[
+        // Tensor parallel, down to one KV head shared by 4 ranks (tp > num_key_value_heads).
+        ("mistral-v1-tiny", layout(2, 1, 1)),
+        ("mistral-v1-tiny", layout(4, 1, 1)),
+        ("mistral-nemo-tiny", layout(2, 1, 1)),
+        ("mixtral-f32-tiny", layout(4, 1, 1)),
+        // Expert parallel: 8 experts over 2 and 4 ranks; 6 experts over 4 (uneven: 2, 2, 1, 1).
+        ("mixtral-v3-tiny", layout(1, 2, 1)),
+        ("mixtral-v3-tiny", layout(1, 4, 1)),
+        ("mixtral-f32-tiny", layout(1, 4, 1)),
+        // Pipeline parallel: even, uneven by default (2 + 1), and an explicit uneven split.
+        ("mistral-v1-tiny", layout(1, 1, 2)),
+        ("mistral-nemo-tiny", layout(1, 1, 3)),
+        ("mixtral-f32-tiny", layout(1, 1, 2)),
+        ("mistral-nemo-tiny", Layout { tp: 1, ep: 1, pp: 2, stage_layers: &[1, 2] }),
+        // Combinations.
+        ("mixtral-v3-tiny", layout(2, 2, 1)),
+        ("mixtral-f32-tiny", layout(2, 2, 1)),
+        ("mistral-nemo-tiny", layout(2, 1, 2)),
+        ("mixtral-f32-tiny", layout(1, 2, 2)),
+    ];
+    for &(model, l) in runs {
+        cluster.load(model, l).await.unwrap_or_else(|e| panic!("{model} {l:?}: {e:?}"));
+        let worst = check_reference(&cluster, model, l).await;
+        eprintln!("{model} tp={} ep={} pp={} {:?}: worst logprob error {worst:.2e}", l.tp, l.ep, l.pp, l.stage_layers);
+    }
+    // Layouts that do not fit the model are refused with the reason.
+    for (model, l, what) in [
+        ("mistral-v1-tiny", layout(3, 1, 1), "attention heads"),
+        ("mistral-v1-tiny", layout(1, 2, 1), "mixture of experts"),
+        ("mixtral-v3-tiny", layout(1, 1, 3), "layers"),
+        ("mistral-nemo-tiny", Layout { tp: 1, ep: 1, pp: 2, stage_layers: &[2, 2] }, "stage layers"),
+    ] {
+        let err = cluster.load(model, l).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(what), "{}", err.message());
+    }
+}
+
+#[tokio::test]
+async fn a_killed_rank_fails_its_peers_step_within_seconds() {
+    let mut cluster = Cluster::start(2).await;
+    let l = layout(2, 1, 1);
+    cluster.load("mixtral-f32-tiny", l).await.expect("loads");
+    check_reference(&cluster, "mixtral-f32-tiny", l).await;
+
+    // Rank 0 enters a step and waits for rank 1 in its first collective; rank 1 dies.
+    let mut rank0 = cluster.clients[0].clone();
+    let seq = pb::SequenceStep { seq_id: 1, tokens: vec![1, 2, 3], start_pos: 0, block_table: vec![0], sampling: greedy(), prompt_logprobs: None };
+    let req = pb::StepRequest { epoch: cluster.epoch, sequences: vec![seq] };
+    let pending = tokio::spawn(async move { rank0.step(req).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Instant::now();
+    let victim = &mut cluster.workers[1];
+    victim.child.kill().expect("kill -9");
+    victim.child.wait().expect("reaped");
+    let result = tokio::time::timeout(Duration::from_secs(10), pending).await.expect("no hang").expect("task");
+    let took = killed.elapsed();
+    let err = result.expect_err("the step cannot complete without rank 1");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("rank 1"), "{}", err.message());
+    assert!(took < Duration::from_secs(5), "error after {took:?}");
+    eprintln!("rank 0 failed its step {took:?} after rank 1 was killed: {}", err.message());
+
+    // The survivor keeps serving: it takes a new assignment (the whole model) and is correct.
+    cluster.load("mixtral-f32-tiny", layout(1, 1, 1)).await.expect("reassigned");
+    check_reference(&cluster, "mixtral-f32-tiny", layout(1, 1, 1)).await;
+}
