@@ -181,23 +181,29 @@ impl AdminService {
 impl pb::admin_server::Admin for AdminService {
     async fn cluster_status(&self, _: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let s = &self.frontend.served;
+        let l = &s.layout;
+        let stats = self.frontend.stats();
         let workers = s
             .workers
             .iter()
-            .zip(self.frontend.stats())
             .enumerate()
-            .map(|(i, (addr, st))| pb::WorkerStatus {
-                id: format!("worker-{i}"),
-                address: addr.clone(),
-                state: "serving".into(),
-                replica: i as u32,
-                ranks: "tp 0/1 ep 0/1 pp 0/1".into(),
-                running: st.running as u32,
-                waiting: st.waiting as u32,
-                kv_blocks_used: st.used_blocks as u32,
-                kv_blocks_total: st.num_blocks as u32,
+            .map(|(i, addr)| {
+                let (replica, c) = (i / l.world(), l.coords(i % l.world()));
+                let st = stats[replica];
+                pb::WorkerStatus {
+                    id: format!("worker-{i}"),
+                    address: addr.clone(),
+                    state: "serving".into(),
+                    replica: replica as u32,
+                    ranks: format!("tp {}/{} ep {}/{} pp {}/{}", c.tensor, l.tp, c.expert, l.ep, c.stage, l.pp),
+                    running: st.running as u32,
+                    waiting: st.waiting as u32,
+                    kv_blocks_used: st.used_blocks as u32,
+                    kv_blocks_total: st.num_blocks as u32,
+                }
             })
             .collect();
-        Ok(Response::new(pb::ClusterStatusResponse { model: s.name.clone(), epoch: s.epoch, layout: "tp 1 ep 1 pp 1".into(), workers }))
+        let layout = format!("tp {} ep {} pp {}", l.tp, l.ep, l.pp);
+        Ok(Response::new(pb::ClusterStatusResponse { model: s.name.clone(), epoch: s.epoch, layout, workers }))
     }
 }

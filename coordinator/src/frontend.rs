@@ -23,8 +23,10 @@ pub struct Served {
     pub chat_template: ChatTemplate,
     pub limits: ModelLimits,
     pub replicas: Vec<ReplicaHandle>,
-    /// Worker address of each replica (one worker per replica today).
+    /// Worker addresses: replica `i` is workers `i * world .. (i + 1) * world`, by rank.
     pub workers: Vec<String>,
+    /// Every replica's layout.
+    pub layout: worker::parallel::Layout,
     /// The placement epoch the replicas serve.
     pub epoch: u64,
 }

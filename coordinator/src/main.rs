@@ -20,9 +20,22 @@ struct Args {
     /// Checkpoint directory (config.json, tokenizer.json, weights), as the workers see it too.
     #[arg(long, env = "TRAMONTANE_MODEL")]
     model: PathBuf,
-    /// Worker API address; repeat for more workers (one replica each).
+    /// Worker API address; repeat for more workers. Every tp x ep x pp consecutive workers
+    /// form one replica, by rank.
     #[arg(long = "worker", env = "TRAMONTANE_WORKERS", value_delimiter = ',', required = true)]
     workers: Vec<String>,
+    /// Tensor-parallel ranks per replica (attention heads and MLP units split).
+    #[arg(long, env = "TRAMONTANE_TP", default_value_t = 1)]
+    tp: usize,
+    /// Expert-parallel ranks per replica (Mixtral experts split).
+    #[arg(long, env = "TRAMONTANE_EP", default_value_t = 1)]
+    ep: usize,
+    /// Pipeline stages per replica (decoder layers split).
+    #[arg(long, env = "TRAMONTANE_PP", default_value_t = 1)]
+    pp: usize,
+    /// Decoder layers of each pipeline stage, e.g. `20,18,18` (default: as even as possible).
+    #[arg(long, env = "TRAMONTANE_STAGE_LAYERS", value_delimiter = ',')]
+    stage_layers: Vec<usize>,
     #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "f32")]
     dtype: String,
     #[arg(long, default_value = "safetensors")]
@@ -55,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = ServeConfig {
         model: args.model,
         workers: args.workers,
+        layout: worker::parallel::Layout { tp: args.tp, ep: args.ep, pp: args.pp, stage_layers: args.stage_layers },
         dtype: args.dtype,
         load_format: args.load_format,
         kv_blocks: args.kv_blocks,

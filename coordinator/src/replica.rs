@@ -1,7 +1,7 @@
-//! One replica: a [`Scheduler`] and the worker that executes its steps, driven by a task
-//! (an actor: [`ReplicaHandle`] sends it requests and aborts). Each loop turn admits what
-//! arrived, plans a step, sends it to the worker with the placement epoch, and delivers the
-//! sampled tokens to each request's channel. A request whose receiver is gone is aborted,
+//! One replica: a [`Scheduler`] and the workers (its ranks) that execute its steps, driven by
+//! a task (an actor: [`ReplicaHandle`] sends it requests and aborts). Each loop turn admits
+//! what arrived, plans a step, sends it to every rank with the placement epoch, and delivers
+//! the sampled tokens the driver rank returns to each request's channel. A request whose receiver is gone is aborted,
 //! which frees its KV cache blocks at once.
 
 use std::collections::HashMap;
@@ -51,13 +51,21 @@ pub struct ReplicaHandle {
 }
 
 impl ReplicaHandle {
-    /// Starts the replica task over a worker that already holds its assignment for `epoch`.
-    pub fn spawn(worker: pb::worker_client::WorkerClient<Channel>, epoch: u64, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Self {
+    /// Starts the replica task over its ranks' workers, which already hold their assignments
+    /// for `epoch`; rank `driver` returns the sampled tokens.
+    pub fn spawn(
+        ranks: Vec<pb::worker_client::WorkerClient<Channel>>,
+        driver: usize,
+        epoch: u64,
+        cfg: SchedulerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: cfg.num_blocks, ..Default::default() });
         let active = Arc::new(AtomicUsize::new(0));
         let task = ReplicaTask {
-            worker,
+            ranks,
+            driver,
             epoch,
             scheduler: Scheduler::new(cfg),
             clients: HashMap::new(),
@@ -95,7 +103,8 @@ impl ReplicaHandle {
 }
 
 struct ReplicaTask {
-    worker: pb::worker_client::WorkerClient<Channel>,
+    ranks: Vec<pb::worker_client::WorkerClient<Channel>>,
+    driver: usize,
     epoch: u64,
     scheduler: Scheduler,
     clients: HashMap<u64, mpsc::UnboundedSender<ReplicaEvent>>,
@@ -182,9 +191,8 @@ impl ReplicaTask {
             }
         }
         let request = pb::StepRequest { epoch: self.epoch, sequences: plan.iter().map(to_pb).collect() };
-        match self.worker.step(request).await {
+        match self.step_all_ranks(request).await {
             Ok(response) => {
-                let response = response.into_inner();
                 let compute_micros = response.compute_micros;
                 let results = response
                     .results
@@ -206,6 +214,41 @@ impl ReplicaTask {
                     self.finish(id);
                 }
             }
+        }
+    }
+
+    /// Sends the step to every rank at once (they exchange activations while running it) and
+    /// returns the driver's answer; any rank's failure fails the step.
+    async fn step_all_ranks(&self, request: pb::StepRequest) -> Result<pb::StepResponse, tonic::Status> {
+        if self.ranks.len() == 1 {
+            return self.ranks[0].clone().step(request).await.map(tonic::Response::into_inner);
+        }
+        let calls: Vec<_> = self
+            .ranks
+            .iter()
+            .map(|w| {
+                let (mut w, req) = (w.clone(), request.clone());
+                tokio::spawn(async move { w.step(req).await.map(tonic::Response::into_inner) })
+            })
+            .collect();
+        let mut driver = None;
+        let mut failed = None;
+        for (rank, call) in calls.into_iter().enumerate() {
+            match call.await {
+                Ok(Ok(resp)) if rank == self.driver => driver = Some(resp),
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    failed.get_or_insert(tonic::Status::new(status.code(), format!("rank {rank}: {}", status.message())));
+                }
+                Err(e) => {
+                    failed.get_or_insert(tonic::Status::internal(format!("rank {rank}: {e}")));
+                }
+            }
+        }
+        match (failed, driver) {
+            (None, Some(resp)) => Ok(resp),
+            (Some(status), _) => Err(status),
+            (None, None) => Err(tonic::Status::internal("the driver rank returned nothing")),
         }
     }
 

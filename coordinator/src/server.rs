@@ -8,6 +8,7 @@ use std::time::Duration;
 use proto::tramontane::v1::inference_server::InferenceServer;
 use proto::tramontane::worker::v1 as wpb;
 use tokio_util::sync::CancellationToken;
+use worker::parallel::Layout;
 use worker::{ModelConfig, Tokenizer};
 
 use crate::api::{AdminService, InferenceService};
@@ -24,8 +25,10 @@ pub struct ServeConfig {
     /// Checkpoint directory (the coordinator reads config.json and tokenizer.json; workers read
     /// the weights from the same path).
     pub model: PathBuf,
-    /// Worker API addresses (`host:port`), one single-worker replica each.
+    /// Worker API addresses (`host:port`); every `layout.world()` consecutive workers form a
+    /// replica, by rank.
     pub workers: Vec<String>,
+    pub layout: Layout,
     pub dtype: String,
     pub load_format: String,
     pub kv_blocks: usize,
@@ -61,24 +64,21 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
     let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
     let metrics = Arc::new(Metrics::default());
+    let world = cfg.layout.world();
+    cfg.layout.validate(&config).map_err(|e| anyhow::anyhow!("layout: {e}"))?;
+    anyhow::ensure!(
+        cfg.workers.len().is_multiple_of(world),
+        "{} workers cannot form replicas of {world} ranks (tp {} x ep {} x pp {}): give a multiple of {world}",
+        cfg.workers.len(),
+        cfg.layout.tp,
+        cfg.layout.ep,
+        cfg.layout.pp
+    );
     let mut replicas = Vec::new();
-    for addr in &cfg.workers {
-        let mut client = connect(addr).await?;
+    for group in cfg.workers.chunks(world) {
         let started = std::time::Instant::now();
-        let loaded = client
-            .load_assignment(wpb::LoadAssignmentRequest {
-                epoch: FIRST_EPOCH,
-                model_path: cfg.model.display().to_string(),
-                dtype: cfg.dtype.clone(),
-                load_format: cfg.load_format.clone(),
-                kv_blocks: cfg.kv_blocks as u32,
-                block_size: cfg.block_size as u32,
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("worker {addr} could not load the model: {}", s.message()))?
-            .into_inner();
-        tracing::info!(%addr, architecture = %loaded.architecture, elapsed = ?started.elapsed(), "worker loaded its shard");
+        let ranks = load_replica(cfg, group).await?;
+        tracing::info!(workers = ?group, elapsed = ?started.elapsed(), "replica loaded");
         let sched = SchedulerConfig {
             num_blocks: cfg.kv_blocks,
             block_size: cfg.block_size,
@@ -86,7 +86,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
             max_batch_tokens: cfg.max_batch_tokens,
             max_queue: cfg.max_queue,
         };
-        replicas.push(ReplicaHandle::spawn(client, FIRST_EPOCH, sched, metrics.clone()));
+        replicas.push(ReplicaHandle::spawn(ranks, cfg.layout.driver(), FIRST_EPOCH, sched, metrics.clone()));
     }
     let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     Ok(Frontend::new(Served {
@@ -101,8 +101,55 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
         },
         replicas,
         workers: cfg.workers.clone(),
+        layout: cfg.layout.clone(),
         epoch: FIRST_EPOCH,
     }, metrics))
+}
+
+type WorkerClient = wpb::worker_client::WorkerClient<tonic::transport::Channel>;
+
+/// Loads one replica's assignment on its workers (`group`, by rank) at once: sharded ranks
+/// link to each other while loading.
+async fn load_replica(cfg: &ServeConfig, group: &[String]) -> anyhow::Result<Vec<WorkerClient>> {
+    let mut clients = Vec::with_capacity(group.len());
+    let mut peers = Vec::new();
+    for addr in group {
+        let mut client = connect(addr).await?;
+        if group.len() > 1 {
+            let health = client.health(wpb::HealthRequest {}).await.map_err(|s| anyhow::anyhow!("worker {addr}: {}", s.message()))?;
+            peers.push(health.into_inner().comm_address);
+        }
+        clients.push(client);
+    }
+    let calls: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(rank, client)| {
+            let mut client = client.clone();
+            let l = &cfg.layout;
+            let request = wpb::LoadAssignmentRequest {
+                epoch: FIRST_EPOCH,
+                model_path: cfg.model.display().to_string(),
+                dtype: cfg.dtype.clone(),
+                load_format: cfg.load_format.clone(),
+                kv_blocks: cfg.kv_blocks as u32,
+                block_size: cfg.block_size as u32,
+                tp: l.tp as u32,
+                ep: l.ep as u32,
+                pp: l.pp as u32,
+                stage_layers: l.stage_layers.iter().map(|&n| n as u32).collect(),
+                rank: rank as u32,
+                peers: peers.clone(),
+                ..Default::default()
+            };
+            tokio::spawn(async move { client.load_assignment(request).await })
+        })
+        .collect();
+    for (call, addr) in calls.into_iter().zip(group) {
+        let loaded = call.await?.map_err(|s| anyhow::anyhow!("worker {addr} could not load the model: {}", s.message()))?;
+        tracing::info!(%addr, architecture = %loaded.into_inner().architecture, "worker loaded its shard");
+    }
+    Ok(clients)
 }
 
 /// Serves the gRPC API on `grpc` and the OpenAI HTTP API on `http` until `shutdown` is

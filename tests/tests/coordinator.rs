@@ -246,3 +246,64 @@ async fn a_full_queue_answers_resource_exhausted() {
     }
     assert!(refused >= 1, "with room for two, four concurrent requests cannot all be accepted");
 }
+
+#[tokio::test]
+async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies() {
+    // One replica over four worker processes: tensor parallel 2 x expert parallel 2.
+    let mut cluster = start_with("mixtral-v3-tiny", 4, &["--tp", "2", "--ep", "2"]);
+    let mut c = client(&cluster).await;
+    let status = pb::admin_client::AdminClient::connect(cluster.coordinator.url())
+        .await
+        .expect("connects")
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.layout, "tp 2 ep 2 pp 1");
+    let ranks: Vec<&str> = status.workers.iter().map(|w| w.ranks.as_str()).collect();
+    assert_eq!(ranks, ["tp 0/2 ep 0/2 pp 0/1", "tp 1/2 ep 0/2 pp 0/1", "tp 0/2 ep 1/2 pp 0/1", "tp 1/2 ep 1/2 pp 0/1"]);
+    assert!(status.workers.iter().all(|w| w.replica == 0));
+
+    let reference = reference("mixtral-v3-tiny");
+    let tasks: Vec<_> = reference
+        .cases
+        .iter()
+        .map(|case| {
+            let mut c = c.clone();
+            let prompt = pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: case.prompt_ids.clone() });
+            let req = request(prompt, case.greedy_ids.len() as u32);
+            tokio::spawn(async move { generate(&mut c, req).await.expect("generates") })
+        })
+        .collect();
+    for (task, case) in tasks.into_iter().zip(&reference.cases) {
+        let (ids, _, lps, _) = task.await.expect("joins");
+        assert_eq!(ids, case.greedy_ids);
+        for (a, b) in lps.iter().zip(&case.greedy_logprobs) {
+            assert!((a - b).abs() <= 2e-3, "{a} vs {b}");
+        }
+    }
+
+    // kill -9 of one rank while a long generation streams: the request fails within seconds.
+    let long = pb::GenerateRequest {
+        request_id: "long".into(),
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![1, 2, 3] })),
+        sampling: Some(pb::SamplingParams { max_tokens: 1000, ..Default::default() }),
+    };
+    let mut stream = c.generate(long).await.expect("starts").into_inner();
+    stream.message().await.expect("first token").expect("a message");
+    cluster.workers[3].kill();
+    let killed = std::time::Instant::now();
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("no hang");
+    assert_eq!(outcome.code(), Code::Unavailable, "{outcome:?}");
+    assert!(killed.elapsed() < std::time::Duration::from_secs(5), "failed after {:?}", killed.elapsed());
+}

@@ -175,6 +175,15 @@ async fn every_layout_reproduces_the_reference() {
     ];
     for &(model, l) in runs {
         cluster.load(model, l).await.unwrap_or_else(|e| panic!("{model} {l:?}: {e:?}"));
+        // Slice loading: a rank of a tensor-parallel layout holds about 1/tp of the weights.
+        if l.ep == 1 && l.pp == 1 {
+            let config = worker::ModelConfig::from_file(&fixture(model).join("config.json")).expect("config");
+            let full = (config.num_parameters() * 4) as f64;
+            for c in &cluster.clients[..l.tp as usize] {
+                let held = c.clone().health(pb::HealthRequest {}).await.expect("health").into_inner().weight_bytes as f64;
+                assert!(held <= full / l.tp as f64 * 1.05, "{model} {l:?}: a rank holds {held} of {full} bytes");
+            }
+        }
         let worst = check_reference(&cluster, model, l).await;
         eprintln!("{model} tp={} ep={} pp={} {:?}: worst logprob error {worst:.2e}", l.tp, l.ep, l.pp, l.stage_layers);
     }

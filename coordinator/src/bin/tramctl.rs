@@ -34,10 +34,10 @@ struct UpArgs {
     /// Checkpoint directory; without it, the small model shipped in the repository.
     #[arg(long, env = "TRAMONTANE_MODEL")]
     model: Option<PathBuf>,
-    /// Worker processes (one single-worker replica each).
+    /// Worker processes; every tp x ep x pp of them form one replica.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Tensor-, expert- and pipeline-parallel degrees within a replica.
+    /// Tensor-, expert- and pipeline-parallel degrees within a replica (linked over TCP).
     #[arg(long, default_value_t = 1)]
     tp: usize,
     #[arg(long, default_value_t = 1)]
@@ -122,9 +122,11 @@ fn spawn(children: &mut Children, name: &str, cmd: &mut Command, lines: usize) -
 
 fn up(a: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.workers >= 1, "`--workers` must be >= 1");
+    let world = a.tp * a.ep * a.pp;
     anyhow::ensure!(
-        a.tp == 1 && a.ep == 1 && a.pp == 1,
-        "`--tp`, `--ep` and `--pp` > 1 need sharded replicas, which this version does not run yet"
+        world >= 1 && a.workers.is_multiple_of(world),
+        "`--workers` {} must be a multiple of tp x ep x pp = {world}",
+        a.workers
     );
     let model = a.model.clone().unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mistral-v1-tiny")));
     let mut children = Children(Vec::new());
@@ -141,7 +143,8 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     coordinator
         .args(["--model", &model.display().to_string(), "--worker", &addrs.join(",")])
         .args(["--grpc-addr", &a.grpc_addr, "--http-addr", &a.http_addr])
-        .args(["--load-format", &a.load_format, "--dtype", &a.dtype, "--kv-blocks", &a.kv_blocks.to_string()]);
+        .args(["--load-format", &a.load_format, "--dtype", &a.dtype, "--kv-blocks", &a.kv_blocks.to_string()])
+        .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()]);
     let lines = spawn(&mut children, "coordinator", &mut coordinator, 2)?;
     // Same first lines as the coordinator's, so scripts can find the APIs.
     println!("{}\n{}", lines[0], lines[1]);

@@ -145,8 +145,16 @@ impl TcpComm {
         }
     }
 
+    /// Records the mesh's first failure and closes every link, so the peers' pending and
+    /// next operations fail at once too (a failure spreads through the replica in
+    /// milliseconds instead of each rank waiting out its timeout).
     fn fail(&self, e: CommError) -> CommError {
         let mut failed = self.mesh.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_none() {
+            for link in self.mesh.links.iter().flatten() {
+                let _ = link.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
         failed.get_or_insert(e).clone()
     }
 
