@@ -41,6 +41,11 @@ fn start_with(model: &str, workers: usize, extra: &[&str]) -> Cluster {
     Cluster { workers, coordinator }
 }
 
+async fn cluster_status(c: &Cluster) -> pb::ClusterStatusResponse {
+    let mut admin = pb::admin_client::AdminClient::connect(c.coordinator.url()).await.expect("connects");
+    admin.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner()
+}
+
 async fn client(c: &Cluster) -> InferenceClient<Channel> {
     InferenceClient::connect(c.coordinator.url()).await.expect("connects")
 }
@@ -105,13 +110,7 @@ async fn streams_reproduce_the_reference_alone_and_concurrently() {
     let mut c = client(&cluster).await;
     let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
     assert_eq!((info.architecture.as_str(), info.replicas, info.kv_blocks_total), ("MistralForCausalLM", 2, 128));
-    let status = pb::admin_client::AdminClient::connect(cluster.coordinator.url())
-        .await
-        .expect("connects")
-        .cluster_status(pb::ClusterStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = cluster_status(&cluster).await;
     assert_eq!(status.epoch, 1);
     assert_eq!(status.workers.len(), 2);
     assert_eq!(status.workers.iter().map(|w| w.address.clone()).collect::<Vec<_>>(), cluster.worker_addrs());
@@ -252,13 +251,7 @@ async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies(
     // One replica over four worker processes: tensor parallel 2 x expert parallel 2.
     let mut cluster = start_with("mixtral-v3-tiny", 4, &["--tp", "2", "--ep", "2"]);
     let mut c = client(&cluster).await;
-    let status = pb::admin_client::AdminClient::connect(cluster.coordinator.url())
-        .await
-        .expect("connects")
-        .cluster_status(pb::ClusterStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = cluster_status(&cluster).await;
     assert_eq!(status.layout, "tp 2 ep 2 pp 1");
     let ranks: Vec<&str> = status.workers.iter().map(|w| w.ranks.as_str()).collect();
     assert_eq!(ranks, ["tp 0/2 ep 0/2 pp 0/1", "tp 1/2 ep 0/2 pp 0/1", "tp 0/2 ep 1/2 pp 0/1", "tp 1/2 ep 1/2 pp 0/1"]);

@@ -14,11 +14,6 @@ use worker::parallel::Parallel;
 use worker::weights::WeightSource;
 use worker::{CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Request, SamplingParams};
 
-const MIX_BENCH: &str = r#"{"architectures":["MixtralForCausalLM"],"vocab_size":32000,"hidden_size":1024,
-  "intermediate_size":3584,"num_hidden_layers":8,"num_attention_heads":16,"num_key_value_heads":4,
-  "num_local_experts":8,"num_experts_per_tok":2,"rope_theta":1000000.0,"max_position_embeddings":4096,
-  "rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
-
 #[derive(Debug, Parser)]
 #[command(about = "Decode benchmark: tokens/s vs the memory-bandwidth roofline and peers")]
 struct Args {
@@ -51,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = match &args.config {
         Some(path) => ModelConfig::from_file(path)?,
-        None => ModelConfig::parse(MIX_BENCH, "mix-bench".as_ref())?,
+        None => ModelConfig::parse(worker::config::MIX_BENCH, "mix-bench".as_ref())?,
     };
     let threads = rayon::current_num_threads();
     eprintln!("measuring read bandwidth over {} GiB with {threads} threads...", args.bandwidth_gib);

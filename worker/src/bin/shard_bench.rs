@@ -14,11 +14,6 @@ use proto::tramontane::worker::v1 as pb;
 use pb::worker_client::WorkerClient;
 use tonic::transport::Channel;
 
-const MIX_BENCH: &str = r#"{"architectures":["MixtralForCausalLM"],"vocab_size":32000,"hidden_size":1024,
-  "intermediate_size":3584,"num_hidden_layers":8,"num_attention_heads":16,"num_key_value_heads":4,
-  "num_local_experts":8,"num_experts_per_tok":2,"rope_theta":1000000.0,"max_position_embeddings":4096,
-  "rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
-
 #[derive(Debug, Parser)]
 #[command(about = "Per-rank memory and step time of sharded layouts over worker processes")]
 struct Args {
@@ -171,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let config = match &args.config {
         Some(p) => std::fs::read_to_string(p)?,
-        None => MIX_BENCH.to_owned(),
+        None => worker::config::MIX_BENCH.to_owned(),
     };
     std::fs::write(dir.join("config.json"), config)?;
     let mut rows = Vec::new();
