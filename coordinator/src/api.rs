@@ -6,8 +6,10 @@ use std::time::Duration;
 use proto::tramontane::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
+use worker::parallel::Layout;
 use worker::{TokenLogprobs, Tokenizer};
 
+use crate::control::ControlHandle;
 use crate::frontend::{Chunk, Frontend, FrontendError};
 use crate::scheduler::Finish;
 use crate::validate::{PromptInput, RawRequest};
@@ -160,7 +162,7 @@ impl pb::inference_server::Inference for InferenceService {
             kv_blocks_total: g.num_blocks as u32,
             running: g.running as u32,
             waiting: g.waiting as u32,
-            replicas: s.replicas.len() as u32,
+            replicas: self.frontend.pool().replicas.len() as u32,
         }))
     }
 }
@@ -169,41 +171,76 @@ impl pb::inference_server::Inference for InferenceService {
 #[derive(Clone)]
 pub struct AdminService {
     frontend: Frontend,
+    control: ControlHandle,
 }
 
 impl AdminService {
-    pub fn new(frontend: Frontend) -> Self {
-        AdminService { frontend }
+    pub fn new(frontend: Frontend, control: ControlHandle) -> Self {
+        AdminService { frontend, control }
     }
+}
+
+fn layout_name(l: &Layout) -> String {
+    format!("tp {} ep {} pp {}", l.tp, l.ep, l.pp)
 }
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn cluster_status(&self, _: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let s = &self.frontend.served;
-        let l = &s.layout;
+        let view = self.control.status().await.map_err(Status::unavailable)?;
         let stats = self.frontend.stats();
-        let workers = s
+        let workers = view
             .workers
             .iter()
-            .enumerate()
-            .map(|(i, addr)| {
-                let (replica, c) = (i / l.world(), l.coords(i % l.world()));
-                let st = stats[replica];
-                pb::WorkerStatus {
-                    id: format!("worker-{i}"),
-                    address: addr.clone(),
-                    state: "serving".into(),
-                    replica: replica as u32,
-                    ranks: format!("tp {}/{} ep {}/{} pp {}/{}", c.tensor, l.tp, c.expert, l.ep, c.stage, l.pp),
-                    running: st.running as u32,
-                    waiting: st.waiting as u32,
-                    kv_blocks_used: st.used_blocks as u32,
-                    kv_blocks_total: st.num_blocks as u32,
+            .map(|w| {
+                let mut status = pb::WorkerStatus {
+                    id: w.card.id.clone(),
+                    address: w.card.address.clone(),
+                    state: w.state.into(),
+                    pid: w.card.pid,
+                    ..Default::default()
+                };
+                if let Some((replica, rank, l)) = &w.placement {
+                    let c = l.coords(*rank);
+                    status.replica = *replica as u32;
+                    status.ranks = format!("tp {}/{} ep {}/{} pp {}/{}", c.tensor, l.tp, c.expert, l.ep, c.stage, l.pp);
+                    if let Some(st) = stats.get(*replica) {
+                        status.running = st.running as u32;
+                        status.waiting = st.waiting as u32;
+                        status.kv_blocks_used = st.used_blocks as u32;
+                        status.kv_blocks_total = st.num_blocks as u32;
+                    }
                 }
+                status
             })
             .collect();
-        let layout = format!("tp {} ep {} pp {}", l.tp, l.ep, l.pp);
-        Ok(Response::new(pb::ClusterStatusResponse { model: s.name.clone(), epoch: s.epoch, layout, workers }))
+        let mut layouts: Vec<String> = self.frontend.pool().replicas.iter().map(|r| layout_name(&r.plan.layout)).collect();
+        layouts.dedup();
+        Ok(Response::new(pb::ClusterStatusResponse {
+            model: self.frontend.served.name.clone(),
+            epoch: view.epoch,
+            layout: layouts.join(", "),
+            workers,
+            leader: view.leader,
+        }))
+    }
+
+    async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        self.control.drain(request.into_inner().worker_id).await.map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::DrainResponse {}))
+    }
+
+    async fn plan(&self, _: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {
+        let planned = self.control.plan().await.map_err(Status::failed_precondition)?;
+        let replicas = planned
+            .into_iter()
+            .map(|p| pb::PlannedReplica {
+                layout: layout_name(&p.plan.layout),
+                workers: p.plan.workers,
+                weight_bytes: p.weight_bytes,
+                kv_cache_bytes: p.kv_bytes,
+            })
+            .collect();
+        Ok(Response::new(pb::PlanResponse { replicas }))
     }
 }

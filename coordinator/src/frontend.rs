@@ -1,34 +1,59 @@
 //! What the gRPC and HTTP APIs share: the served model, request ids, routing to the
-//! least-loaded replica, and a [`Generation`] that turns a replica's events into text deltas.
+//! least-loaded live replica, and a [`Generation`] that turns a replica's events into text
+//! deltas. A generation outlives its replica: when the replica fails or is retired, the
+//! request is re-queued on another with the tokens generated so far (sampling is keyed by
+//! position, so it continues with the same tokens) and the client sees no gap or duplicate.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-use worker::{IncrementalDecoder, TokenLogprobs, Tokenizer};
+use tokio::sync::{mpsc, watch};
+use worker::{IncrementalDecoder, SamplingParams, TokenLogprobs, Tokenizer};
 
 use crate::chat::ChatTemplate;
 use crate::metrics::{Gauges, Metrics, Outcome};
+use crate::planner::ReplicaPlan;
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
 use crate::scheduler::{Finish, SeqRequest};
 use crate::validate::{self, ModelLimits, RawRequest};
 
-/// The model a coordinator serves and the replicas serving it.
+/// The model a coordinator serves.
 pub struct Served {
     pub name: String,
     pub architecture: String,
     pub tokenizer: Tokenizer,
     pub chat_template: ChatTemplate,
     pub limits: ModelLimits,
-    pub replicas: Vec<ReplicaHandle>,
-    /// Worker addresses: replica `i` is workers `i * world .. (i + 1) * world`, by rank.
-    pub workers: Vec<String>,
-    /// Every replica's layout.
-    pub layout: worker::parallel::Layout,
-    /// The placement epoch the replicas serve.
+}
+
+/// A replica serving now.
+#[derive(Clone)]
+pub struct LiveReplica {
+    pub handle: ReplicaHandle,
+    pub plan: ReplicaPlan,
+    /// Worker API addresses, by rank.
+    pub addresses: Vec<String>,
+}
+
+/// The replicas serving in the current placement epoch; replaced as a whole when it changes.
+#[derive(Clone, Default)]
+pub struct Pool {
     pub epoch: u64,
+    pub replicas: Vec<LiveReplica>,
+    /// Set when the live workers cannot hold any replica: requests fail with this message
+    /// instead of waiting for capacity.
+    pub no_capacity: Option<String>,
+    /// Whether this coordinator leads the cluster (a standby serves no replica).
+    pub leading: bool,
+}
+
+impl Pool {
+    /// The least-loaded replica whose task still runs.
+    fn pick(&self) -> Option<&ReplicaHandle> {
+        self.replicas.iter().map(|r| &r.handle).filter(|h| h.is_alive()).min_by_key(|h| h.active())
+    }
 }
 
 /// Errors the APIs report; each API maps them exhaustively to its own status codes.
@@ -53,66 +78,80 @@ pub enum Chunk {
     Token { token: TokenLogprobs, text: String, finish: Option<Finish> },
 }
 
+type Running = Arc<Mutex<HashMap<String, (ReplicaHandle, u64)>>>;
+
 #[derive(Clone)]
 pub struct Frontend {
     pub served: Arc<Served>,
+    pub pool: watch::Receiver<Arc<Pool>>,
     pub metrics: Arc<Metrics>,
     next_id: Arc<AtomicU64>,
-    /// Client request id -> (replica index, internal id), for Abort.
-    running: Arc<Mutex<HashMap<String, (usize, u64)>>>,
+    /// Client request id -> (replica, internal id), for Abort.
+    running: Running,
 }
 
 impl Frontend {
-    pub fn new(served: Served, metrics: Arc<Metrics>) -> Self {
-        Frontend { served: Arc::new(served), metrics, next_id: Arc::new(AtomicU64::new(1)), running: Arc::default() }
+    pub fn new(served: Served, pool: watch::Receiver<Arc<Pool>>, metrics: Arc<Metrics>) -> Self {
+        Frontend { served: Arc::new(served), pool, metrics, next_id: Arc::new(AtomicU64::new(1)), running: Arc::default() }
     }
 
-    /// Validates, routes and starts a generation that must finish within `timeout`.
+    /// The current placement.
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pool.borrow().clone()
+    }
+
+    /// Validates and starts a generation that must finish within `timeout`. It is routed to
+    /// the least-loaded replica; while none serves (the cluster is changing shape) it waits.
     pub fn start(&self, request_id: Option<String>, raw: RawRequest, timeout: std::time::Duration) -> Result<Generation, FrontendError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let fresh_seed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id());
         let valid = validate::check(raw, &self.served.tokenizer, &self.served.limits, fresh_seed)
             .map_err(FrontendError::InvalidArgument)?;
+        if let Some(reason) = &self.pool().no_capacity {
+            return Err(FrontendError::Unavailable(reason.clone()));
+        }
         let request_id = request_id.filter(|r| !r.is_empty()).unwrap_or_else(|| format!("req-{id}"));
-        let replica = (0..self.served.replicas.len())
-            .min_by_key(|&i| self.served.replicas[i].active())
-            .ok_or_else(|| FrontendError::Unavailable("no replica is serving: no capacity remains".into()))?;
         {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             if running.contains_key(&request_id) {
                 return Err(FrontendError::AlreadyExists(request_id));
             }
-            running.insert(request_id.clone(), (replica, id));
+            // Placeholder until the request is on a replica (Abort then only drops the id).
+            if let Some(h) = self.pool().pick() {
+                running.insert(request_id.clone(), (h.clone(), 0));
+            }
         }
-        let events = self.served.replicas[replica].submit(SeqRequest { id, prompt: valid.prompt.clone(), params: valid.params.clone() });
-        Ok(Generation {
+        let mut g = Generation {
             request_id,
             prompt: valid.prompt.clone(),
+            params: valid.params.clone(),
+            generated: Vec::new(),
             decoder: IncrementalDecoder::new(&valid.prompt),
             wants_logprobs: valid.params.logprobs.is_some(),
             completion_tokens: 0,
-            events,
-            served: self.served.clone(),
-            running: self.running.clone(),
-            metrics: self.metrics.clone(),
+            events: None,
+            frontend: self.clone(),
             arrived: Instant::now(),
             timeout,
             last_token: None,
             outcome: None,
-        })
+            moves: 0,
+        };
+        g.try_submit();
+        Ok(g)
     }
 
     /// Aborts a running request by its client id; false if none runs.
     pub fn abort(&self, request_id: &str) -> bool {
         let found = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(request_id);
-        if let Some((replica, internal)) = found {
-            self.served.replicas[replica].abort(internal);
+        if let Some((replica, internal)) = &found {
+            replica.abort(*internal);
         }
         found.is_some()
     }
 
     pub fn stats(&self) -> Vec<ReplicaStats> {
-        self.served.replicas.iter().map(|r| r.stats()).collect()
+        self.pool().replicas.iter().map(|r| r.handle.stats()).collect()
     }
 
     /// Load figures summed over replicas.
@@ -124,6 +163,10 @@ impl Frontend {
             num_blocks: g.num_blocks + r.num_blocks,
         })
     }
+
+    fn next_internal_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// A running generation. Dropping it before the end aborts the request (its KV blocks are
@@ -133,48 +176,94 @@ pub struct Generation {
     pub prompt: Vec<u32>,
     pub wants_logprobs: bool,
     pub completion_tokens: usize,
+    params: SamplingParams,
+    /// Tokens delivered so far (re-queued with the prompt if the replica goes away).
+    generated: Vec<u32>,
     decoder: IncrementalDecoder,
-    events: mpsc::UnboundedReceiver<ReplicaEvent>,
-    served: Arc<Served>,
-    running: Arc<Mutex<HashMap<String, (usize, u64)>>>,
-    metrics: Arc<Metrics>,
+    /// The current replica's events; `None` while waiting for one.
+    events: Option<mpsc::UnboundedReceiver<ReplicaEvent>>,
+    frontend: Frontend,
     arrived: Instant,
     timeout: std::time::Duration,
     last_token: Option<Instant>,
     /// Set once the generation has ended.
     outcome: Option<Outcome>,
+    /// Times the request moved to another replica.
+    pub moves: usize,
 }
 
 impl Generation {
+    /// Puts the request (what remains of it) on the least-loaded live replica, if any.
+    fn try_submit(&mut self) -> bool {
+        let pool = self.frontend.pool();
+        let Some(handle) = pool.pick() else { return false };
+        let id = self.frontend.next_internal_id();
+        let mut params = self.params.clone();
+        if !self.generated.is_empty() {
+            params.max_tokens -= self.generated.len();
+            params.prompt_logprobs = None;
+        }
+        let prompt = self.prompt.iter().chain(&self.generated).copied().collect();
+        self.events = Some(handle.submit(SeqRequest { id, prompt, params }));
+        let mut running = self.frontend.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.insert(self.request_id.clone(), (handle.clone(), id));
+        true
+    }
+
+    /// Waits until a replica takes the request again, the deadline passes, or no capacity
+    /// remains.
+    async fn resubmit(&mut self, deadline: tokio::time::Instant) -> Result<(), FrontendError> {
+        let mut pool = self.frontend.pool.clone();
+        loop {
+            pool.borrow_and_update();
+            if self.try_submit() {
+                self.moves += 1;
+                return Ok(());
+            }
+            if let Some(reason) = &self.frontend.pool().no_capacity {
+                return Err(FrontendError::Unavailable(reason.clone()));
+            }
+            match tokio::time::timeout_at(deadline, pool.changed()).await {
+                Err(_) => return Err(FrontendError::DeadlineExceeded(self.timeout)),
+                Ok(Err(_)) => return Err(FrontendError::Unavailable("the coordinator is shutting down".into())),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
     /// The next chunk; `None` after the last one.
     pub async fn next(&mut self) -> Option<Result<Chunk, FrontendError>> {
         if self.outcome.is_some() {
             return None;
         }
         let deadline = tokio::time::Instant::from_std(self.arrived + self.timeout);
-        let event = tokio::time::timeout_at(deadline, self.events.recv()).await;
-        let tok = &self.served.tokenizer;
-        let chunk = match event {
-            Err(_) => Err(FrontendError::DeadlineExceeded(self.timeout)),
-            Ok(event) => match event {
-            None => Err(FrontendError::Unavailable("the replica stopped".into())),
-            Some(ReplicaEvent::PromptLogprobs(lps)) => Ok(Chunk::PromptLogprobs(lps)),
-            Some(ReplicaEvent::Token(token, finish)) => {
-                self.completion_tokens += 1;
-                let now = Instant::now();
-                match self.last_token.replace(now) {
-                    None => self.metrics.time_to_first_token((now - self.arrived).as_secs_f64()),
-                    Some(prev) => self.metrics.inter_token_latency((now - prev).as_secs_f64()),
-                }
-                let mut text = self.decoder.push(tok, token.token).unwrap_or_default();
-                if finish.is_some() {
-                    text.push_str(&self.decoder.flush(tok).unwrap_or_default());
-                }
-                Ok(Chunk::Token { token, text, finish })
+        let chunk = loop {
+            let event = match self.events.as_mut() {
+                None => None,
+                Some(events) => match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Err(_) => break Err(FrontendError::DeadlineExceeded(self.timeout)),
+                    Ok(event) => event,
+                },
+            };
+            let aborted = || !self.frontend.running.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&self.request_id);
+            if event.is_none() && self.events.is_some() && aborted() {
+                break Err(FrontendError::Unavailable("the request was aborted".into()));
             }
-            Some(ReplicaEvent::Failed(m)) => Err(FrontendError::Unavailable(m)),
-            Some(ReplicaEvent::Rejected(m)) => Err(FrontendError::QueueFull(m)),
-            },
+            match event {
+                // The replica failed, was retired, or stopped: continue elsewhere.
+                None | Some(ReplicaEvent::Failed(_)) => {
+                    if let Some(ReplicaEvent::Failed(why)) = &event {
+                        tracing::info!(request = %self.request_id, generated = self.generated.len(), %why, "moving the request");
+                    }
+                    self.events = None;
+                    if let Err(e) = self.resubmit(deadline).await {
+                        break Err(e);
+                    }
+                }
+                Some(ReplicaEvent::PromptLogprobs(lps)) => break Ok(Chunk::PromptLogprobs(lps)),
+                Some(ReplicaEvent::Token(token, finish)) => break Ok(self.token(token, finish)),
+                Some(ReplicaEvent::Rejected(m)) => break Err(FrontendError::QueueFull(m)),
+            }
         };
         self.outcome = match &chunk {
             Err(FrontendError::DeadlineExceeded(_)) => Some(Outcome::Aborted),
@@ -187,15 +276,36 @@ impl Generation {
         Some(chunk)
     }
 
+    fn token(&mut self, token: TokenLogprobs, finish: Option<Finish>) -> Chunk {
+        self.completion_tokens += 1;
+        self.generated.push(token.token);
+        let now = Instant::now();
+        let metrics = &self.frontend.metrics;
+        match self.last_token.replace(now) {
+            None => metrics.time_to_first_token((now - self.arrived).as_secs_f64()),
+            Some(prev) => metrics.inter_token_latency((now - prev).as_secs_f64()),
+        }
+        let tok = &self.frontend.served.tokenizer;
+        let mut text = self.decoder.push(tok, token.token).unwrap_or_default();
+        if finish.is_some() {
+            text.push_str(&self.decoder.flush(tok).unwrap_or_default());
+        }
+        Chunk::Token { token, text, finish }
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.served.tokenizer
+        &self.frontend.served.tokenizer
     }
 }
 
 impl Drop for Generation {
     fn drop(&mut self) {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.request_id);
+        let found = self.frontend.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.request_id);
+        if self.outcome.is_none()
+            && let Some((replica, internal)) = found {
+                replica.abort(internal);
+            }
         let outcome = self.outcome.unwrap_or(Outcome::Aborted);
-        self.metrics.finished(outcome, self.arrived.elapsed().as_secs_f64(), self.prompt.len(), self.completion_tokens);
+        self.frontend.metrics.finished(outcome, self.arrived.elapsed().as_secs_f64(), self.prompt.len(), self.completion_tokens);
     }
 }

@@ -3,9 +3,11 @@
 
 pub mod api;
 pub mod chat;
+pub mod control;
 pub mod frontend;
 pub mod metrics;
 pub mod openai;
+pub mod planner;
 pub mod replica;
 pub mod scheduler;
 pub mod server;

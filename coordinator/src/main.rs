@@ -20,10 +20,17 @@ struct Args {
     /// Checkpoint directory (config.json, tokenizer.json, weights), as the workers see it too.
     #[arg(long, env = "TRAMONTANE_MODEL")]
     model: PathBuf,
-    /// Worker API address; repeat for more workers. Every tp x ep x pp consecutive workers
-    /// form one replica, by rank.
-    #[arg(long = "worker", env = "TRAMONTANE_WORKERS", value_delimiter = ',', required = true)]
+    /// Worker API address of a fixed cluster; repeat for more workers. Every tp x ep x pp
+    /// consecutive workers form one replica, by rank. Without it, `--etcd` finds the workers.
+    #[arg(long = "worker", env = "TRAMONTANE_WORKERS", value_delimiter = ',', required_unless_present = "etcd")]
     workers: Vec<String>,
+    /// Membership, leadership and the plan on etcd: workers join with `worker serve --etcd`,
+    /// and a second coordinator of the cluster is a standby.
+    #[command(flatten)]
+    membership: worker::membership::EtcdArgs,
+    /// This coordinator's id (default: host name and gRPC port).
+    #[arg(long, env = "TRAMONTANE_COORDINATOR_ID")]
+    id: Option<String>,
     /// Tensor-parallel ranks per replica (attention heads and MLP units split).
     #[arg(long, env = "TRAMONTANE_TP", default_value_t = 1)]
     tp: usize,
@@ -77,17 +84,23 @@ fn main() -> anyhow::Result<()> {
         max_batch_tokens: args.max_batch_tokens,
         max_queue: args.max_queue,
         request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
+        etcd: args.membership.etcd,
+        cluster: args.membership.cluster,
+        lease_ttl: std::time::Duration::from_secs(args.membership.lease_ttl_secs),
+        id: String::new(),
     };
     tokio::runtime::Runtime::new()?.block_on(async {
-        let frontend = prepare(&cfg).await?;
         let listener = tokio::net::TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
         let http = tokio::net::TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "coordinator".into());
+        let cfg = ServeConfig { id: args.id.unwrap_or_else(|| format!("{host}-{}", listener.local_addr().map_or(0, |a| a.port()))), ..cfg };
+        let prepared = prepare(&cfg).await?;
         let (addr, http_addr) = (listener.local_addr()?, http.local_addr()?);
         println!("listening on {addr}");
         println!("http listening on {http_addr}");
         std::io::stdout().flush()?;
         tracing::info!(grpc = %addr, http = %http_addr, "coordinator serving");
         let shutdown = worker::serving::shutdown_on_signal();
-        serve(listener, http, frontend, cfg.request_timeout, shutdown).await
+        serve(listener, http, prepared, cfg.request_timeout, shutdown).await
     })
 }

@@ -404,7 +404,7 @@ async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
 }
 
 async fn health(State(Api { frontend, .. }): State<Api>) -> StatusCode {
-    if frontend.served.replicas.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
+    if frontend.pool().replicas.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
 }
 
 #[cfg(test)]

@@ -21,7 +21,8 @@ use crate::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, Se
 pub enum ReplicaEvent {
     PromptLogprobs(Vec<TokenLogprobs>),
     Token(TokenLogprobs, Option<Finish>),
-    /// The request cannot complete (the worker failed); the message says why.
+    /// The replica cannot finish the request (a worker failed, or the replica was retired by
+    /// a new placement); the message says why. The request continues on another replica.
     Failed(String),
     /// The queue was full.
     Rejected(String),
@@ -36,14 +37,30 @@ pub struct ReplicaStats {
     pub num_blocks: usize,
 }
 
+/// A replica task that stopped because a rank's step failed.
+#[derive(Debug, Clone)]
+pub struct ReplicaDown {
+    pub replica: u64,
+    pub message: String,
+}
+
+type Reply<T> = tokio::sync::oneshot::Sender<T>;
+
 enum Command {
     Submit(SeqRequest, mpsc::UnboundedSender<ReplicaEvent>),
     Abort(u64),
+    /// At the next step boundary: send each rank its assignment for a new epoch (the same
+    /// shard, so nothing reloads) and step in that epoch from then on.
+    Advance(Vec<pb::LoadAssignmentRequest>, Reply<Result<(), String>>),
+    /// At the next step boundary: hand every request back (they move to other replicas) and
+    /// stop.
+    Retire(Reply<()>),
 }
 
 /// Clonable handle to a replica task.
 #[derive(Clone)]
 pub struct ReplicaHandle {
+    pub id: u64,
     tx: mpsc::UnboundedSender<Command>,
     stats: watch::Receiver<ReplicaStats>,
     /// Requests submitted and not yet finished (for least-loaded routing).
@@ -53,17 +70,23 @@ pub struct ReplicaHandle {
 impl ReplicaHandle {
     /// Starts the replica task over its ranks' workers, which already hold their assignments
     /// for `epoch`; rank `driver` returns the sampled tokens.
+    /// A failed step stops the task and is reported on `down`.
     pub fn spawn(
+        id: u64,
         ranks: Vec<pb::worker_client::WorkerClient<Channel>>,
         driver: usize,
         epoch: u64,
         cfg: SchedulerConfig,
         metrics: Arc<Metrics>,
+        down: mpsc::UnboundedSender<ReplicaDown>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: cfg.num_blocks, ..Default::default() });
         let active = Arc::new(AtomicUsize::new(0));
         let task = ReplicaTask {
+            id,
+            down,
+            stopped: false,
             ranks,
             driver,
             epoch,
@@ -75,7 +98,27 @@ impl ReplicaHandle {
             metrics,
         };
         tokio::spawn(task.run(rx));
-        ReplicaHandle { tx, stats, active }
+        ReplicaHandle { id, tx, stats, active }
+    }
+
+    /// Whether the task still runs (it stops when a step fails or it is retired).
+    pub fn is_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
+    /// Moves the replica to `epoch` at its next step boundary (see [`Command::Advance`]).
+    pub async fn advance(&self, assignments: Vec<pb::LoadAssignmentRequest>) -> Result<(), String> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Command::Advance(assignments, reply)).map_err(|_| "the replica has stopped".to_owned())?;
+        rx.await.map_err(|_| "the replica has stopped".to_owned())?
+    }
+
+    /// Hands the replica's requests back and stops it, at its next step boundary.
+    pub async fn retire(&self) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Command::Retire(reply)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Queues a request; its events arrive on the returned channel.
@@ -103,6 +146,10 @@ impl ReplicaHandle {
 }
 
 struct ReplicaTask {
+    id: u64,
+    down: mpsc::UnboundedSender<ReplicaDown>,
+    /// Set when the task must end after this turn.
+    stopped: bool,
     ranks: Vec<pb::worker_client::WorkerClient<Channel>>,
     driver: usize,
     epoch: u64,
@@ -120,12 +167,15 @@ impl ReplicaTask {
         loop {
             if !self.scheduler.has_work() {
                 match rx.recv().await {
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => self.handle(cmd).await,
                     None => return,
                 }
             }
             while let Ok(cmd) = rx.try_recv() {
-                self.handle(cmd);
+                self.handle(cmd).await;
+            }
+            if self.stopped {
+                return;
             }
             self.drop_abandoned();
             let started = std::time::Instant::now();
@@ -137,8 +187,16 @@ impl ReplicaTask {
         }
     }
 
-    fn handle(&mut self, cmd: Command) {
+    async fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Advance(assignments, reply) => {
+                let _ = reply.send(self.advance(assignments).await);
+            }
+            Command::Retire(reply) => {
+                self.hand_back("the replica was retired by a new placement");
+                self.stopped = true;
+                let _ = reply.send(());
+            }
             Command::Submit(req, events) => {
                 let id = req.id;
                 match self.scheduler.add(req) {
@@ -205,16 +263,32 @@ impl ReplicaTask {
                 self.metrics.step(started.elapsed(), compute_micros, plan.iter().map(|p| p.tokens.len()).sum());
             }
             Err(status) => {
-                tracing::error!(%status, "worker step failed; failing the replica's requests");
-                let ids: Vec<u64> = self.clients.keys().copied().collect();
-                for id in ids {
-                    if let Some(tx) = self.clients.get(&id) {
-                        let _ = tx.send(ReplicaEvent::Failed(format!("the worker failed: {}", status.message())));
-                    }
-                    self.finish(id);
-                }
+                tracing::error!(replica = self.id, %status, "step failed; moving the replica's requests and stopping it");
+                self.hand_back(&format!("a worker of the replica failed: {}", status.message()));
+                self.stopped = true;
+                let _ = self.down.send(ReplicaDown { replica: self.id, message: status.message().to_owned() });
             }
         }
+    }
+
+    /// Every request gets `Failed` (its generation moves it to another replica).
+    fn hand_back(&mut self, why: &str) {
+        let ids: Vec<u64> = self.clients.keys().copied().collect();
+        for id in ids {
+            if let Some(tx) = self.clients.get(&id) {
+                let _ = tx.send(ReplicaEvent::Failed(why.to_owned()));
+            }
+            self.finish(id);
+        }
+    }
+
+    async fn advance(&mut self, assignments: Vec<pb::LoadAssignmentRequest>) -> Result<(), String> {
+        let epoch = assignments.first().map_or(self.epoch, |a| a.epoch);
+        for (rank, (worker, request)) in self.ranks.iter().zip(assignments).enumerate() {
+            worker.clone().load_assignment(request).await.map_err(|s| format!("rank {rank}: {}", s.message()))?;
+        }
+        self.epoch = epoch;
+        Ok(())
     }
 
     /// Sends the step to every rank at once (they exchange activations while running it) and

@@ -5,17 +5,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use proto::tramontane::v1::inference_server::InferenceServer;
-use proto::tramontane::worker::v1 as wpb;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use worker::membership::{EtcdMembership, MemoryMembership, Membership, WorkerCard};
 use worker::parallel::Layout;
 use worker::{ModelConfig, Tokenizer};
 
 use crate::api::{AdminService, InferenceService};
 use crate::chat::ChatTemplate;
-use crate::frontend::{Frontend, Served};
+use crate::control::{self, ControlConfig, ControlHandle};
+use crate::frontend::{Frontend, Pool, Served};
 use crate::metrics::Metrics;
-use crate::replica::ReplicaHandle;
+use crate::planner::Sizing;
 use crate::scheduler::SchedulerConfig;
 use crate::validate::ModelLimits;
 
@@ -25,9 +28,10 @@ pub struct ServeConfig {
     /// Checkpoint directory (the coordinator reads config.json and tokenizer.json; workers read
     /// the weights from the same path).
     pub model: PathBuf,
-    /// Worker API addresses (`host:port`); every `layout.world()` consecutive workers form a
-    /// replica, by rank.
+    /// Worker API addresses (`host:port`) of a fixed cluster (without etcd); every
+    /// `layout.world()` consecutive workers form a replica, by rank.
     pub workers: Vec<String>,
+    /// The wanted layout of each replica.
     pub layout: Layout,
     pub dtype: String,
     pub load_format: String,
@@ -38,58 +42,83 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Deadline of a request that sets none.
     pub request_timeout: Duration,
+    /// etcd endpoints; empty = the fixed `workers` and in-process membership.
+    pub etcd: Vec<String>,
+    pub cluster: String,
+    pub lease_ttl: Duration,
+    /// This coordinator's id (leadership on etcd).
+    pub id: String,
 }
 
-/// The placement epoch of a coordinator's first (and, without membership, only) plan.
-const FIRST_EPOCH: u64 = 1;
-
-async fn connect(addr: &str) -> anyhow::Result<wpb::worker_client::WorkerClient<tonic::transport::Channel>> {
-    let url = format!("http://{addr}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match wpb::worker_client::WorkerClient::connect(url.clone()).await {
-            Ok(c) => return Ok(c.max_decoding_message_size(64 << 20)),
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::debug!(%addr, error = %e, "worker not reachable yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => anyhow::bail!("cannot reach worker {addr}: {e}"),
-        }
-    }
+/// A coordinator ready to serve.
+pub struct Prepared {
+    pub frontend: Frontend,
+    pub control: ControlHandle,
 }
 
-/// Loads the model on every worker and builds the API service.
-pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
-    anyhow::ensure!(!cfg.workers.is_empty(), "at least one worker address is needed");
+/// Reads the model, starts membership and the placement controller. Without etcd it waits
+/// until the first placement is loaded on the workers; with etcd it returns at once (a
+/// standby serves nothing until it leads).
+pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
-    let metrics = Arc::new(Metrics::default());
-    let world = cfg.layout.world();
     cfg.layout.validate(&config).map_err(|e| anyhow::anyhow!("layout: {e}"))?;
-    anyhow::ensure!(
-        cfg.workers.len().is_multiple_of(world),
-        "{} workers cannot form replicas of {world} ranks (tp {} x ep {} x pp {}): give a multiple of {world}",
-        cfg.workers.len(),
-        cfg.layout.tp,
-        cfg.layout.ep,
-        cfg.layout.pp
-    );
-    let mut replicas = Vec::new();
-    for group in cfg.workers.chunks(world) {
-        let started = std::time::Instant::now();
-        let ranks = load_replica(cfg, group).await?;
-        tracing::info!(workers = ?group, elapsed = ?started.elapsed(), "replica loaded");
-        let sched = SchedulerConfig {
+    let metrics = Arc::new(Metrics::default());
+    let membership: Arc<dyn Membership> = if cfg.etcd.is_empty() {
+        anyhow::ensure!(!cfg.workers.is_empty(), "give the workers (--worker) or an etcd cluster to find them in (--etcd)");
+        let world = cfg.layout.world();
+        anyhow::ensure!(
+            cfg.workers.len().is_multiple_of(world),
+            "{} workers cannot form replicas of {world} ranks (tp {} x ep {} x pp {}): give a multiple of {world}",
+            cfg.workers.len(),
+            cfg.layout.tp,
+            cfg.layout.ep,
+            cfg.layout.pp
+        );
+        let m = MemoryMembership::new();
+        for (i, address) in cfg.workers.iter().enumerate() {
+            let card = WorkerCard {
+                id: format!("worker-{i}"),
+                address: address.clone(),
+                device: "cpu".into(),
+                memory_bytes: 0,
+                version: String::new(),
+                pid: 0,
+            };
+            m.register(&card).await?;
+        }
+        Arc::new(m)
+    } else {
+        Arc::new(EtcdMembership::connect(&cfg.etcd, &cfg.cluster, cfg.lease_ttl).await?)
+    };
+    let dtype_bytes = cfg.dtype.parse::<worker::DType>().map_err(anyhow::Error::msg)?.size_in_bytes();
+    let control_cfg = ControlConfig {
+        model: cfg.model.clone(),
+        config: config.clone(),
+        layout: cfg.layout.clone(),
+        sizing: Sizing { dtype_bytes, kv_blocks: cfg.kv_blocks, block_size: cfg.block_size },
+        dtype: cfg.dtype.clone(),
+        load_format: cfg.load_format.clone(),
+        sched: SchedulerConfig {
             num_blocks: cfg.kv_blocks,
             block_size: cfg.block_size,
             max_num_seqs: cfg.max_num_seqs,
             max_batch_tokens: cfg.max_batch_tokens,
             max_queue: cfg.max_queue,
-        };
-        replicas.push(ReplicaHandle::spawn(ranks, cfg.layout.driver(), FIRST_EPOCH, sched, metrics.clone()));
+        },
+        id: cfg.id.clone(),
+    };
+    let (pool_tx, mut pool_rx) = watch::channel(Arc::new(Pool::default()));
+    let control = control::spawn(control_cfg, membership, pool_tx, metrics.clone());
+    if cfg.etcd.is_empty() {
+        let placed = pool_rx.wait_for(|p| p.leading && (!p.replicas.is_empty() || p.no_capacity.is_some()));
+        let pool = tokio::time::timeout(Duration::from_secs(900), placed).await.context("waiting for the workers to load")??.clone();
+        if let Some(reason) = &pool.no_capacity {
+            anyhow::bail!("the workers cannot serve the model: {reason}");
+        }
     }
     let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    Ok(Frontend::new(Served {
+    let served = Served {
         name,
         architecture: config.architecture.hf_name().to_owned(),
         tokenizer,
@@ -99,57 +128,8 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Frontend> {
             max_context: config.max_position_embeddings,
             eos_token_ids: config.eos_token_ids.clone(),
         },
-        replicas,
-        workers: cfg.workers.clone(),
-        layout: cfg.layout.clone(),
-        epoch: FIRST_EPOCH,
-    }, metrics))
-}
-
-type WorkerClient = wpb::worker_client::WorkerClient<tonic::transport::Channel>;
-
-/// Loads one replica's assignment on its workers (`group`, by rank) at once: sharded ranks
-/// link to each other while loading.
-async fn load_replica(cfg: &ServeConfig, group: &[String]) -> anyhow::Result<Vec<WorkerClient>> {
-    let mut clients = Vec::with_capacity(group.len());
-    let mut peers = Vec::new();
-    for addr in group {
-        let mut client = connect(addr).await?;
-        if group.len() > 1 {
-            let health = client.health(wpb::HealthRequest {}).await.map_err(|s| anyhow::anyhow!("worker {addr}: {}", s.message()))?;
-            peers.push(health.into_inner().comm_address);
-        }
-        clients.push(client);
-    }
-    let calls: Vec<_> = clients
-        .iter()
-        .enumerate()
-        .map(|(rank, client)| {
-            let mut client = client.clone();
-            let l = &cfg.layout;
-            let request = wpb::LoadAssignmentRequest {
-                epoch: FIRST_EPOCH,
-                model_path: cfg.model.display().to_string(),
-                dtype: cfg.dtype.clone(),
-                load_format: cfg.load_format.clone(),
-                kv_blocks: cfg.kv_blocks as u32,
-                block_size: cfg.block_size as u32,
-                tp: l.tp as u32,
-                ep: l.ep as u32,
-                pp: l.pp as u32,
-                stage_layers: l.stage_layers.iter().map(|&n| n as u32).collect(),
-                rank: rank as u32,
-                peers: peers.clone(),
-                ..Default::default()
-            };
-            tokio::spawn(async move { client.load_assignment(request).await })
-        })
-        .collect();
-    for (call, addr) in calls.into_iter().zip(group) {
-        let loaded = call.await?.map_err(|s| anyhow::anyhow!("worker {addr} could not load the model: {}", s.message()))?;
-        tracing::info!(%addr, architecture = %loaded.into_inner().architecture, "worker loaded its shard");
-    }
-    Ok(clients)
+    };
+    Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics), control })
 }
 
 /// Serves the gRPC API on `grpc` and the OpenAI HTTP API on `http` until `shutdown` is
@@ -157,10 +137,11 @@ async fn load_replica(cfg: &ServeConfig, group: &[String]) -> anyhow::Result<Vec
 pub async fn serve(
     grpc: tokio::net::TcpListener,
     http: tokio::net::TcpListener,
-    frontend: Frontend,
+    prepared: Prepared,
     request_timeout: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Prepared { frontend, control } = prepared;
     let incoming = worker::serving::nodelay_incoming(grpc);
     // Standard grpc.health.v1: SERVING once the model is loaded on every worker (it is, by
     // the time `serve` runs), for the whole server and for the Inference service.
@@ -173,7 +154,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InferenceServer::new(InferenceService::new(frontend.clone(), request_timeout)))
-        .add_service(proto::tramontane::v1::admin_server::AdminServer::new(AdminService::new(frontend.clone())))
+        .add_service(proto::tramontane::v1::admin_server::AdminServer::new(AdminService::new(frontend.clone(), control)))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

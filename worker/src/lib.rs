@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod generator;
 pub mod kv_cache;
+pub mod membership;
 pub mod model;
 pub mod parallel;
 pub mod sampling;

@@ -35,6 +35,15 @@ struct ServeArgs {
     /// A collective waiting longer than this for a peer fails the step.
     #[arg(long, env = "TRAMONTANE_COMM_TIMEOUT_SECS", default_value_t = 30)]
     comm_timeout_secs: u64,
+    /// The cluster to join on etcd.
+    #[command(flatten)]
+    membership: worker::membership::EtcdArgs,
+    /// This worker's id in the cluster (default: host name and API port).
+    #[arg(long, env = "TRAMONTANE_WORKER_ID")]
+    id: Option<String>,
+    /// Memory the worker offers for weights and KV cache (default: the host's available memory).
+    #[arg(long, env = "TRAMONTANE_MEMORY_BYTES")]
+    memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,8 +103,51 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             options: worker::comm::TcpOptions { timeout, setup_timeout: timeout * 2 },
         };
         let shutdown = worker::serving::shutdown_on_signal();
-        worker::service::serve(listener, comm, shutdown).await.map_err(|e| anyhow::anyhow!(e))
+        let handle = worker::service::EngineHandle::spawn(comm)?;
+        // Registered for as long as this lives; dropping it revokes the lease.
+        let _registration = if args.membership.etcd.is_empty() {
+            None
+        } else {
+            Some(register(&args, addr, handle.clone()).await?)
+        };
+        worker::service::serve(listener, handle, shutdown).await.map_err(|e| anyhow::anyhow!(e))
     })
+}
+
+/// Registers this worker's card on etcd; a lost lease unloads the model (no zombie keeps
+/// serving a placement that moved on) and the worker registers again.
+async fn register(args: &ServeArgs, addr: std::net::SocketAddr, handle: worker::service::EngineHandle) -> anyhow::Result<worker::membership::Lease> {
+    use worker::membership::{EtcdMembership, Membership, WorkerCard};
+    let ttl = std::time::Duration::from_secs(args.membership.lease_ttl_secs);
+    let membership = EtcdMembership::connect(&args.membership.etcd, &args.membership.cluster, ttl).await.context("connecting to etcd")?;
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).or_else(|| {
+        std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty())
+    });
+    let card = WorkerCard {
+        id: args.id.clone().unwrap_or_else(|| format!("{}-{}", host.unwrap_or_else(|| "worker".into()), addr.port())),
+        address: addr.to_string(),
+        device: "cpu".into(),
+        memory_bytes: args.memory_bytes.unwrap_or_else(available_memory),
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+    };
+    let lease = membership.register(&card).await.context("registering on etcd")?;
+    tracing::info!(id = %card.id, cluster = %args.membership.cluster, "registered");
+    let lost = lease.lost.clone();
+    tokio::spawn(async move {
+        lost.cancelled().await;
+        handle.unload("the worker's lease on etcd was lost").await;
+    });
+    Ok(lease)
+}
+
+/// `MemAvailable` of the host, 0 where unknown.
+fn available_memory() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use crate::comm::{Comm, CommError, SoloComm};
 use crate::config::{Architecture, ModelConfig};
 
 /// The parallel layout of a replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Layout {
     pub tp: usize,
     pub ep: usize,

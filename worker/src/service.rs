@@ -85,12 +85,22 @@ impl Default for CommSetup {
 pub struct WorkerState {
     epoch: u64,
     engine: Option<Engine<Cpu>>,
+    /// The loaded assignment, epoch cleared (a newer epoch of the same one only moves the epoch).
+    assigned: Option<pb::LoadAssignmentRequest>,
     comm: CommSetup,
 }
 
 impl WorkerState {
     pub fn new(comm: CommSetup) -> Self {
-        WorkerState { epoch: 0, engine: None, comm }
+        WorkerState { epoch: 0, engine: None, assigned: None, comm }
+    }
+
+    /// Drops the model (lease lost, replica broken): steps are refused until a new assignment.
+    pub fn unload(&mut self, why: &str) {
+        if self.engine.take().is_some() {
+            tracing::warn!(why, "unloaded the model");
+        }
+        self.assigned = None;
     }
 
     pub fn epoch(&self) -> u64 {
@@ -101,6 +111,17 @@ impl WorkerState {
         if self.engine.is_some() && req.epoch < self.epoch {
             return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
         }
+        let same = pb::LoadAssignmentRequest { epoch: 0, ..req.clone() };
+        if let (Some(engine), Some(assigned)) = (&self.engine, &self.assigned)
+            && *assigned == same {
+                self.epoch = req.epoch;
+                let c = engine.config();
+                return Ok(pb::LoadAssignmentResponse {
+                    architecture: c.architecture.hf_name().to_owned(),
+                    vocab_size: c.vocab_size as u32,
+                    max_context: c.max_position_embeddings as u32,
+                });
+            }
         let invalid = ServiceError::InvalidArgument;
         let dtype = if req.dtype.is_empty() { DType::F32 } else { req.dtype.parse().map_err(invalid)? };
         let load_format = if req.load_format.is_empty() { LoadFormat::Safetensors } else { req.load_format.parse().map_err(invalid)? };
@@ -131,7 +152,7 @@ impl WorkerState {
         // then drop the old shard before loading the new one, so two need not fit at once.
         let (config, source) = open_model(&PathBuf::from(&req.model_path), load_format)?;
         layout.validate(&config).map_err(ServiceError::InvalidArgument)?;
-        self.engine = None;
+        self.unload("a new assignment replaces it");
         let par = if world == 1 { Parallel::single() } else { Parallel::new(layout, self.connect(req, world)?).map_err(EngineError::from)? };
         let engine = Engine::from_source(Cpu, &config, &source, &options, par)?;
         let c = engine.config();
@@ -141,6 +162,7 @@ impl WorkerState {
             max_context: c.max_position_embeddings as u32,
         };
         self.engine = Some(engine);
+        self.assigned = Some(same);
         self.epoch = req.epoch;
         Ok(response)
     }
@@ -188,7 +210,15 @@ impl WorkerState {
             })
             .collect();
         let started = std::time::Instant::now();
-        let outputs = engine.step(&steps)?;
+        let outputs = match engine.step(&steps) {
+            Ok(o) => o,
+            Err(e @ EngineError::Comm(_)) => {
+                // The replica's group is broken: this shard is useless until reassigned.
+                self.unload("a peer of the replica failed");
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let compute_micros = started.elapsed().as_micros() as u64;
         if !engine.parallel().is_driver() {
             return Ok(pb::StepResponse { results: Vec::new(), compute_micros });
@@ -286,6 +316,8 @@ fn to_pb(t: TokenLogprobs) -> pb::TokenLogprobs {
 }
 
 enum Command {
+    Unload(String),
+    Release(u64, oneshot::Sender<Result<(), ServiceError>>),
     Load(pb::LoadAssignmentRequest, oneshot::Sender<Result<pb::LoadAssignmentResponse, ServiceError>>),
     Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse, ServiceError>>),
     Health(oneshot::Sender<pb::HealthResponse>),
@@ -295,6 +327,8 @@ enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    /// Cancelled when the coordinator releases this worker (the process then exits).
+    released: tokio_util::sync::CancellationToken,
 }
 
 impl EngineHandle {
@@ -305,6 +339,16 @@ impl EngineHandle {
             let mut state = WorkerState::new(comm);
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
+                    Command::Unload(why) => state.unload(&why),
+                    Command::Release(epoch, reply) => {
+                        let result = if epoch < state.epoch {
+                            Err(ServiceError::StaleEpoch { got: epoch, current: state.epoch })
+                        } else {
+                            state.unload("released by the coordinator");
+                            Ok(())
+                        };
+                        let _ = reply.send(result);
+                    }
                     Command::Load(req, reply) => {
                         let _ = reply.send(state.load(&req));
                     }
@@ -317,7 +361,17 @@ impl EngineHandle {
                 }
             }
         })?;
-        Ok(EngineHandle { tx })
+        Ok(EngineHandle { tx, released: tokio_util::sync::CancellationToken::new() })
+    }
+
+    /// Drops the loaded model (the worker's lease was lost).
+    pub async fn unload(&self, why: &str) {
+        let _ = self.tx.send(Command::Unload(why.to_owned())).await;
+    }
+
+    /// Fires when the coordinator has released this worker.
+    pub fn released(&self) -> tokio_util::sync::CancellationToken {
+        self.released.clone()
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ServiceError> {
@@ -348,6 +402,14 @@ impl pb::worker_server::Worker for EngineHandle {
         Ok(tonic::Response::new(self.call(Command::Health).await?))
     }
 
+    async fn release(&self, request: tonic::Request<pb::ReleaseRequest>) -> Result<tonic::Response<pb::ReleaseResponse>, tonic::Status> {
+        let epoch = request.into_inner().epoch;
+        self.call(|r| Command::Release(epoch, r)).await??;
+        tracing::info!(epoch, "released by the coordinator; leaving");
+        self.released.cancel();
+        Ok(tonic::Response::new(pb::ReleaseResponse {}))
+    }
+
     async fn create_nccl_id(
         &self,
         _: tonic::Request<pb::CreateNcclIdRequest>,
@@ -357,14 +419,24 @@ impl pb::worker_server::Worker for EngineHandle {
     }
 }
 
-/// Serves the worker API on `listener` until `shutdown` is cancelled; peers of sharded
-/// replicas link through `comm`.
+/// Serves the worker API on `listener` until `shutdown` is cancelled or the coordinator
+/// releases the worker; peers of sharded replicas link through `comm`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    comm: CommSetup,
+    handle: EngineHandle,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let handle = EngineHandle::spawn(comm)?;
+    let released = handle.released();
+    let shutdown = {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            released.cancelled().await;
+            // Let the Release reply reach the coordinator first.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            s.cancel();
+        });
+        shutdown
+    };
     let incoming = crate::serving::nodelay_incoming(listener);
     tonic::transport::Server::builder()
         .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))

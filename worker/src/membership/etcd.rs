@@ -1,0 +1,230 @@
+//! Membership on etcd (etcd-client): leases with keep-alive, a prefix watch that restarts
+//! with a fresh snapshot after an outage, leadership by a transaction on the `leader` key,
+//! and plan writes guarded by that key.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Lease, Leadership, MemberEvent, Membership, MembershipError, WorkerCard};
+
+/// Pause between attempts while etcd is unreachable or the leader key is held.
+const RETRY: Duration = Duration::from_millis(250);
+
+fn store(e: etcd_client::Error) -> MembershipError {
+    MembershipError::Store(e.to_string())
+}
+
+#[derive(Clone)]
+pub struct EtcdMembership {
+    client: Client,
+    /// `/tramontane/{cluster}/`
+    prefix: String,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for EtcdMembership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdMembership").field("prefix", &self.prefix).field("ttl", &self.ttl).finish()
+    }
+}
+
+/// How a kept-alive lease ended.
+enum Ended {
+    Stopped,
+    Lost,
+}
+
+impl EtcdMembership {
+    /// Connects to the etcd `endpoints` for cluster `cluster`; leases last `ttl`.
+    pub async fn connect(endpoints: &[String], cluster: &str, ttl: Duration) -> Result<Self, MembershipError> {
+        if cluster.is_empty() || cluster.contains('/') {
+            return Err(MembershipError::Invalid(format!("cluster name {cluster:?} must be non-empty, without '/'")));
+        }
+        let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(options)).await.map_err(store)?;
+        Ok(EtcdMembership { client, prefix: format!("/tramontane/{cluster}/"), ttl })
+    }
+
+    fn key(&self, rel: &str) -> String {
+        format!("{}{rel}", self.prefix)
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        self.ttl.as_secs().max(1) as i64
+    }
+
+    /// Keeps lease `id` alive until `stop` (then revokes it) or until etcd says it is gone.
+    /// While etcd is unreachable it keeps trying: the lease may well outlive the outage.
+    async fn keep(&self, id: i64, stop: &CancellationToken) -> Ended {
+        let mut client = self.client.clone();
+        let period = self.ttl / 3;
+        loop {
+            let (mut keeper, mut stream) = match client.lease_keep_alive(id).await {
+                Ok(pair) => pair,
+                Err(_) => {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ended::Stopped,
+                        _ = tokio::time::sleep(RETRY) => continue,
+                    }
+                }
+            };
+            loop {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(self.ttl, stream.message()).await {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                    Ok(Ok(Some(_))) => return Ended::Lost,
+                    _ => break,
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        let _ = client.lease_revoke(id).await;
+                        return Ended::Stopped;
+                    }
+                    _ = tokio::time::sleep(period) => {}
+                }
+            }
+        }
+    }
+
+    async fn put_card(&self, card: &WorkerCard) -> Result<i64, MembershipError> {
+        let mut client = self.client.clone();
+        let lease = client.lease_grant(self.ttl_secs(), None).await.map_err(store)?.id();
+        let json = serde_json::to_string(card).map_err(|e| MembershipError::Invalid(e.to_string()))?;
+        client.put(self.key(&format!("workers/{}", card.id)), json, Some(PutOptions::new().with_lease(lease))).await.map_err(store)?;
+        Ok(lease)
+    }
+
+    /// Sends a snapshot of the cards, then their changes, until the watch fails.
+    async fn snapshot_and_watch(&self, tx: &mpsc::UnboundedSender<MemberEvent>) -> Result<(), MembershipError> {
+        let mut client = self.client.clone();
+        let prefix = self.key("workers/");
+        let resp = client.get(prefix.clone(), Some(GetOptions::new().with_prefix())).await.map_err(store)?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let cards = resp.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
+        if tx.send(MemberEvent::Snapshot(cards)).is_err() {
+            return Ok(());
+        }
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let mut stream = client.watch(prefix.clone(), Some(options)).await.map_err(store)?;
+        while let Some(resp) = stream.message().await.map_err(store)? {
+            if resp.canceled() {
+                return Err(MembershipError::Store(format!("watch canceled: {}", resp.cancel_reason())));
+            }
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let sent = match event.event_type() {
+                    EventType::Put => match serde_json::from_slice::<WorkerCard>(kv.value()) {
+                        Ok(card) => tx.send(MemberEvent::Up(card)),
+                        Err(_) => Ok(()),
+                    },
+                    EventType::Delete => {
+                        let id = String::from_utf8_lossy(kv.key()).trim_start_matches(prefix.as_str()).to_owned();
+                        tx.send(MemberEvent::Down(id))
+                    }
+                };
+                if sent.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Err(MembershipError::Store("the watch ended".into()))
+    }
+}
+
+#[tonic::async_trait]
+impl Membership for EtcdMembership {
+    async fn register(&self, card: &WorkerCard) -> Result<Lease, MembershipError> {
+        let first = self.put_card(card).await?;
+        let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
+        let (me, card, lost2, stop2) = (self.clone(), card.clone(), lost.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut lease = first;
+            loop {
+                if let Ended::Stopped = me.keep(lease, &stop2).await {
+                    return;
+                }
+                tracing::warn!(worker = %card.id, "the registration's lease is gone; registering again");
+                lost2.cancel();
+                lease = loop {
+                    match me.put_card(&card).await {
+                        Ok(l) => break l,
+                        Err(_) => tokio::select! {
+                            _ = stop2.cancelled() => return,
+                            _ = tokio::time::sleep(RETRY) => {}
+                        },
+                    }
+                };
+            }
+        });
+        Ok(Lease::new(lost, stop))
+    }
+
+    fn watch_workers(&self) -> mpsc::UnboundedReceiver<MemberEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let me = self.clone();
+        tokio::spawn(async move {
+            while !tx.is_closed() {
+                if let Err(e) = me.snapshot_and_watch(&tx).await {
+                    tracing::debug!(error = %e, "membership watch interrupted; retrying");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        });
+        rx
+    }
+
+    async fn campaign(&self, id: &str) -> Result<Leadership, MembershipError> {
+        let mut client = self.client.clone();
+        let key = self.key("leader");
+        loop {
+            let held = match client.get(key.clone(), None).await {
+                Ok(resp) => !resp.kvs().is_empty(),
+                Err(_) => true,
+            };
+            if !held
+                && let Ok(grant) = client.lease_grant(self.ttl_secs(), None).await {
+                    let lease = grant.id();
+                    let txn = Txn::new()
+                        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(key.clone(), id, Some(PutOptions::new().with_lease(lease)))]);
+                    match client.txn(txn).await {
+                        Ok(resp) if resp.succeeded() => {
+                            let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
+                            let (me, lost2, stop2) = (self.clone(), lost.clone(), stop.clone());
+                            tokio::spawn(async move {
+                                if let Ended::Lost = me.keep(lease, &stop2).await {
+                                    lost2.cancel();
+                                }
+                            });
+                            return Ok(Leadership { id: id.to_owned(), lease: Lease::new(lost, stop) });
+                        }
+                        _ => {
+                            let _ = client.lease_revoke(lease).await;
+                        }
+                    }
+                }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    async fn load_plan(&self) -> Result<Option<String>, MembershipError> {
+        let resp = self.client.clone().get(self.key("plan"), None).await.map_err(store)?;
+        Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    async fn store_plan(&self, plan: &str, leader: &Leadership) -> Result<(), MembershipError> {
+        let txn = Txn::new()
+            .when([Compare::value(self.key("leader"), CompareOp::Equal, leader.id.as_str())])
+            .and_then([TxnOp::put(self.key("plan"), plan, None)]);
+        let resp = self.client.clone().txn(txn).await.map_err(store)?;
+        if !resp.succeeded() {
+            return Err(MembershipError::NotLeader(format!("{} no longer holds the leader key", leader.id)));
+        }
+        Ok(())
+    }
+}
