@@ -99,3 +99,140 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// The `etcd` binary; Debian's `etcd-server` is installed when it is missing (root, or
+/// sudo without a password), otherwise the test stops with what to install.
+pub fn etcd_binary() -> PathBuf {
+    static FOUND: OnceLock<PathBuf> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let which = || {
+                Command::new("sh").args(["-c", "command -v etcd"]).output().ok().filter(|o| o.status.success()).map(|o| {
+                    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+                })
+            };
+            if let Some(p) = which() {
+                return p;
+            }
+            let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+            let sudo = if root { "" } else { "sudo -n " };
+            let script = format!(
+                "{sudo}apt-get update -qq && DEBIAN_FRONTEND=noninteractive {sudo}apt-get install -y -qq --no-install-recommends etcd-server"
+            );
+            let _ = Command::new("sh").args(["-c", &script]).status();
+            which().expect("etcd is not installed and could not be installed: install Debian's etcd-server")
+        })
+        .clone()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A real single-member etcd on loopback ports of its own, with a fast election so short
+/// lease TTLs are granted; killed on drop. `stop` and `start` keep its data.
+pub struct Etcd {
+    child: Option<Child>,
+    data: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
+        let data = std::env::temp_dir().join(format!("tramontane-etcd-{}-{}", std::process::id(), free_port()));
+        let mut etcd = Etcd { child: None, data, client_port: free_port(), peer_port: free_port() };
+        etcd.resume();
+        etcd
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Starts it again (after `stop`) on the same ports and data.
+    pub fn resume(&mut self) {
+        let (client, peer) = (format!("http://127.0.0.1:{}", self.client_port), format!("http://127.0.0.1:{}", self.peer_port));
+        let child = Command::new(etcd_binary())
+            .args(["--name", "t", "--data-dir", &self.data.display().to_string()])
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}"), "--heartbeat-interval", "10", "--election-timeout", "100"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !self.healthy() {
+            assert!(std::time::Instant::now() < deadline, "etcd did not become healthy");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else { return false };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+        let _ = write!(s, "GET /health HTTP/1.0\r\n\r\n");
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+
+    /// Stops etcd (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Client-side helpers over the coordinator's gRPC API.
+pub mod client {
+    use proto::tramontane::v1 as pb;
+    use pb::inference_client::InferenceClient;
+    use tonic::transport::Channel;
+
+    pub async fn inference(url: String) -> InferenceClient<Channel> {
+        InferenceClient::connect(url).await.expect("connects to the coordinator")
+    }
+
+    pub async fn status(url: String) -> pb::ClusterStatusResponse {
+        let mut admin = pb::admin_client::AdminClient::connect(url).await.expect("connects");
+        admin.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner()
+    }
+
+    /// Streams a greedy generation of `max_tokens` from token ids to the end; the token ids.
+    pub async fn stream_ids(client: &mut InferenceClient<Channel>, prompt: &[u32], max_tokens: u32) -> Result<Vec<u32>, tonic::Status> {
+        let req = pb::GenerateRequest {
+            request_id: String::new(),
+            prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt.to_vec() })),
+            sampling: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
+        };
+        let mut stream = client.generate(req).await?.into_inner();
+        let mut ids = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            ids.extend(msg.token_ids);
+        }
+        Ok(ids)
+    }
+
+    /// Polls `check` every 50 ms until it holds; the time it took. Panics after `limit`.
+    pub async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, limit: std::time::Duration, mut check: impl FnMut() -> F) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        while !check().await {
+            assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        started.elapsed()
+    }
+}

@@ -1,6 +1,7 @@
 //! The CPU backend: tensors are candle tensors; activations are f32, weights f32, f16 or
-//! bf16. Matrix products go through candle, except few-row products against f32 weights,
-//! which use the bandwidth-bound decode kernel in [`super::gemv`]. Paged attention runs
+//! bf16. Products against f32 weights use the batch-invariant kernel in [`super::gemv`] (a
+//! row's result never depends on the rest of the batch); f16/bf16 weights go through
+//! candle's matmul. Paged attention runs
 //! directly on the block-paged cache.
 
 use candle_core::{Device, Storage, Tensor};
@@ -9,9 +10,6 @@ use rayon::prelude::*;
 use super::{AttentionMeta, Backend, DType, Heads, KvShape, RowsUpdate, gemv_f32, route_top_k};
 use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
-
-/// Up to this many rows, `linear` against f32 weights uses the decode kernel.
-const GEMV_MAX_ROWS: usize = 64;
 
 #[derive(Debug, Clone, Default)]
 pub struct Cpu;
@@ -92,7 +90,7 @@ impl Backend for Cpu {
         if k != kw {
             return Err(EngineError::Backend(format!("linear: x is [{m}, {k}] but w is [{n}, {kw}]")));
         }
-        if w.dtype() == candle_core::DType::F32 && m <= GEMV_MAX_ROWS {
+        if w.dtype() == candle_core::DType::F32 {
             let x = x.contiguous()?;
             let out = with_f32(&x, |xs| with_f32(w, |ws| gemv_f32(xs, ws, m, n, k)))??;
             return from_vec(out, m, n);

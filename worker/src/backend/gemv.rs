@@ -1,8 +1,14 @@
-//! The decode kernel: `x · Wᵀ` for a few rows of `x` against an f32 weight matrix stored
+//! The f32 product kernel: `x · Wᵀ` for rows of `x` against an f32 weight matrix stored
 //! `[n, k]`. Decoding reads every weight once per step, so this is memory-bound: each
-//! weight row is streamed from memory once, kept in L1 while every `x` row is dotted with
-//! it, and the rows of `W` are split across threads in contiguous runs.
-//! General matrix products (prefill, large batches) stay on candle.
+//! weight row is streamed from memory once, kept in L1 while a block of `x` rows is dotted
+//! with it, and the rows of `W` are split across threads in contiguous runs.
+//!
+//! Batch invariance: every dot product, whichever kernel computes it (one row, four rows, a
+//! 4 × 4 tile, AVX-512, AVX2 or portable), sums in one canonical order: sixteen lanes, lane
+//! `l` accumulating elements `l, l + 16, ...` with fused multiply-adds, then a fixed tree
+//! (lane `l` += lane `l + 8`, `+ 4`, `+ 2`, `+ 1`), then the tail in order, fused. So a
+//! token's result does not depend on the batch it runs in, prefill or decode: a sequence
+//! recomputed elsewhere (moved off a failed replica) continues with the same tokens.
 
 use rayon::prelude::*;
 
@@ -10,10 +16,24 @@ use rayon::prelude::*;
 /// balance two or more threads on the smallest projections.
 const ROWS_PER_TASK: usize = 64;
 
+/// Rows of `x` dotted with each weight row while it stays in L1.
+const X_ROWS_PER_BLOCK: usize = 64;
+
 /// `out[i, j] = dot(x[i, :], w[j, :])` for `x: [m, k]`, `w: [n, k]`; returns `[m, n]`.
 pub fn gemv_f32(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x is not [m, k]");
     assert_eq!(w.len(), n * k, "w is not [n, k]");
+    if m <= X_ROWS_PER_BLOCK {
+        return gemv_block(x, w, m, n, k);
+    }
+    let mut out = Vec::with_capacity(m * n);
+    for block in x.chunks(X_ROWS_PER_BLOCK * k) {
+        out.extend(gemv_block(block, w, block.len() / k, n, k));
+    }
+    out
+}
+
+fn gemv_block(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
     let (dot, dot4, tile) = (select_dot(), select_dot4(), select_tile4x4());
     out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
@@ -116,19 +136,37 @@ fn select_dot() -> DotFn {
     dot_portable
 }
 
-/// Dot product with 16 independent lanes, so the compiler can vectorise without
-/// reassociating a single running sum.
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
+/// The canonical tree over sixteen lane sums (see the module docs).
+#[inline]
+fn reduce16(mut lanes: [f32; 16]) -> f32 {
+    for half in [8, 4, 2, 1] {
+        for l in 0..half {
+            lanes[l] += lanes[l + half];
         }
     }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    lanes[0]
+}
+
+/// The tail of a dot product past the last full sixteen, in order, fused.
+#[inline]
+fn tail(mut sum: f32, a: &[f32], b: &[f32]) -> f32 {
+    for (x, y) in a.iter().zip(b) {
+        sum = x.mul_add(*y, sum);
+    }
+    sum
+}
+
+/// The canonical dot product in portable code (`mul_add` is a fused multiply-add).
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 16 * 16;
+    let mut acc = [0f32; 16];
+    for (x, y) in a[..full].chunks_exact(16).zip(b[..full].chunks_exact(16)) {
+        for l in 0..16 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    tail(reduce16(acc), &a[full..n], &b[full..n])
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -139,8 +177,16 @@ mod x86 {
     /// memory, and the hardware prefetcher alone leaves bandwidth unused.
     const PREFETCH_AHEAD: usize = 1024;
 
-    /// AVX-512 dot product, four accumulators of sixteen lanes, prefetching `a` (the weight
-    /// row) ahead of use.
+    /// Sixteen lanes of an AVX-512 register, reduced in the canonical order.
+    #[target_feature(enable = "avx512f")]
+    fn reduce(v: __m512) -> f32 {
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds exactly sixteen f32.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+        super::reduce16(lanes)
+    }
+
+    /// The canonical dot product, prefetching `a` (the weight row) ahead of use.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
@@ -148,36 +194,23 @@ mod x86 {
     pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut acc = _mm512_setzero_ps();
         let mut i = 0;
-        while i + 64 <= n {
-            // Prefetching never faults, so addresses past the end of `a` are harmless.
-            let ahead = pa.wrapping_add(i + PREFETCH_AHEAD) as *const i8;
-            for l in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
-            }
-            for (l, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i + 64 <= n bounds both slices.
-                let (x, y) = unsafe { (_mm512_loadu_ps(pa.add(i + 16 * l)), _mm512_loadu_ps(pb.add(i + 16 * l))) };
-                *acc = _mm512_fmadd_ps(x, y, *acc);
-            }
-            i += 64;
-        }
         while i + 16 <= n {
+            // Prefetching never faults, so addresses past the end of `a` are harmless.
+            if i % 64 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(pa.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
+            }
             // SAFETY: i + 16 <= n bounds both slices.
             let (x, y) = unsafe { (_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i))) };
-            acc[0] = _mm512_fmadd_ps(x, y, acc[0]);
+            acc = _mm512_fmadd_ps(x, y, acc);
             i += 16;
         }
-        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-        while i < n {
-            sum += a[i] * b[i];
-            i += 1;
-        }
-        sum
+        super::tail(reduce(acc), &a[i..n], &b[i..n])
     }
 
-    /// Dot products of one weight row with four `x` rows, loading each weight chunk once.
+    /// Canonical dot products of one weight row with four `x` rows, loading each weight
+    /// chunk once.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
@@ -186,33 +219,28 @@ mod x86 {
         let n = xs.iter().fold(w.len(), |n, x| n.min(x.len()));
         let pw = w.as_ptr();
         let px = xs.map(|x| x.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+        let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
-        while i + 32 <= n {
-            let ahead = pw.wrapping_add(i + PREFETCH_AHEAD) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            for (u, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i + 32 <= n bounds every row.
-                let wv = unsafe { _mm512_loadu_ps(pw.add(i + 16 * u)) };
-                for (j, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: as above.
-                    *acc = _mm512_fmadd_ps(wv, unsafe { _mm512_loadu_ps(px[j].add(i + 16 * u)) }, *acc);
-                }
+        while i + 16 <= n {
+            if i % 64 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
             }
-            i += 32;
+            // SAFETY: i + 16 <= n bounds every row.
+            let wv = unsafe { _mm512_loadu_ps(pw.add(i)) };
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *acc = _mm512_fmadd_ps(wv, unsafe { _mm512_loadu_ps(px[j].add(i)) }, *acc);
+            }
+            i += 16;
         }
         let mut out = [0f32; 4];
         for (j, o) in out.iter_mut().enumerate() {
-            *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][j], acc[1][j]));
-            for c in i..n {
-                *o += w[c] * xs[j][c];
-            }
+            *o = super::tail(reduce(acc[j]), &w[i..n], &xs[j][i..n]);
         }
         out
     }
 
-    /// The 4 × 4 dot products of four weight rows with four `x` rows, sixteen accumulators.
+    /// The 4 × 4 canonical dot products of four weight rows with four `x` rows.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
@@ -240,16 +268,14 @@ mod x86 {
         let mut out = [[0f32; 4]; 4];
         for a in 0..4 {
             for j in 0..4 {
-                out[a][j] = _mm512_reduce_add_ps(acc[a][j]);
-                for c in i..n {
-                    out[a][j] += w[a][c] * xs[j][c];
-                }
+                out[a][j] = super::tail(reduce(acc[a][j]), &w[a][i..n], &xs[j][i..n]);
             }
         }
         out
     }
 
-    /// AVX2/FMA dot product, four accumulators of eight lanes to hide FMA latency.
+    /// The canonical dot product with AVX2/FMA: two eight-lane accumulators are lanes
+    /// 0..8 and 8..16 of the sixteen.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
@@ -257,37 +283,44 @@ mod x86 {
     pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
-        // SAFETY (for every load below): i + 32 <= n, or i + 8 <= n, bounds both slices.
-        while i + 32 <= n {
-            for (l, acc) in acc.iter_mut().enumerate() {
-                let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(i + 8 * l)), _mm256_loadu_ps(pb.add(i + 8 * l))) };
-                *acc = _mm256_fmadd_ps(x, y, *acc);
-            }
-            i += 32;
+        // SAFETY (for every load below): i + 16 <= n bounds both slices.
+        while i + 16 <= n {
+            let (x0, y0) = unsafe { (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i))) };
+            let (x1, y1) = unsafe { (_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8))) };
+            lo = _mm256_fmadd_ps(x0, y0, lo);
+            hi = _mm256_fmadd_ps(x1, y1, hi);
+            i += 16;
         }
-        while i + 8 <= n {
-            let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i))) };
-            acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
-            i += 8;
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds exactly sixteen f32.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
         }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds exactly eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
-        let mut sum: f32 = lanes.iter().sum();
-        while i < n {
-            sum += a[i] * b[i];
-            i += 1;
-        }
-        sum
+        super::tail(super::reduce16(lanes), &a[i..n], &b[i..n])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_gets_the_same_bits_in_any_batch() {
+        let (n, k) = (37, 300);
+        let x: Vec<f32> = (0..70 * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 89.0).collect();
+        let alone: Vec<Vec<f32>> = (0..70).map(|i| gemv_f32(&x[i * k..(i + 1) * k], &w, 1, n, k)).collect();
+        for m in [2, 3, 4, 5, 8, 17, 64, 65, 70] {
+            let batch = gemv_f32(&x[..m * k], &w, m, n, k);
+            for i in 0..m {
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&batch[i * n..(i + 1) * n]), bits(&alone[i]), "row {i} in a batch of {m}");
+            }
+        }
+    }
 
     #[test]
     fn matches_a_plain_loop_for_odd_shapes() {
@@ -317,7 +350,7 @@ mod tests {
                     }
                 }
                 for v in all {
-                    assert!((v - got[j]).abs() <= 1e-3 * (1.0 + got[j].abs()), "k{k}: {v} vs {}", got[j]);
+                    assert_eq!(v.to_bits(), got[j].to_bits(), "k{k}: every kernel sums in the same order");
                 }
             }
         }

@@ -1,0 +1,222 @@
+//! Membership and elasticity on a real etcd (Debian `etcd-server`, on loopback ports of its
+//! own) with real coordinator and worker processes: workers join under load, a worker is
+//! killed under load (three single-worker replicas, and a TP-2 replica), a worker is drained
+//! under load, etcd is stopped for 10 s under load, and the leading coordinator is killed.
+//! Every request must complete with the tokens it produces alone. Each case prints its
+//! detection and recovery times.
+
+use std::time::{Duration, Instant};
+
+use pb::inference_client::InferenceClient;
+use proto::tramontane::v1 as pb;
+use tests::client::{inference, status, stream_ids, wait_for};
+use tests::{Etcd, Server, fixture};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// The cases share two cores: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const TTL_SECS: &str = "2";
+const MAX_TOKENS: u32 = 120;
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn worker(etcd: &Etcd) -> Server {
+    let url = etcd.url();
+    Server::start("worker", &["serve", "--listen", "127.0.0.1:0", "--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS])
+}
+
+fn coordinator(etcd: &Etcd, extra: &[&str]) -> Server {
+    let (url, model) = (etcd.url(), fixture("mistral-v1-tiny").display().to_string());
+    let mut args = vec!["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model];
+    args.extend(["--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS, "--kv-blocks", "128", "--max-num-seqs", "4"]);
+    args.extend(extra);
+    let mut c = Server::start("coordinator", &args);
+    assert!(c.next_line().starts_with("http listening on "));
+    c
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..16u32).map(|i| (0..(3 + i % 5)).map(|j| 200 + 41 * i + j).collect()).collect()
+}
+
+/// Each prompt's greedy tokens on the undisturbed cluster (a row's result does not depend
+/// on its batch, so these are also what each prompt produces alone).
+async fn solo(c: &mut InferenceClient<Channel>) -> Vec<Vec<u32>> {
+    let mut out = Vec::new();
+    for s in streams(c) {
+        out.push(s.await.expect("joins").expect("undisturbed generation"));
+    }
+    out
+}
+
+fn streams(c: &InferenceClient<Channel>) -> Vec<JoinHandle<Result<Vec<u32>, tonic::Status>>> {
+    prompts()
+        .into_iter()
+        .map(|p| {
+            let mut c = c.clone();
+            tokio::spawn(async move { stream_ids(&mut c, &p, MAX_TOKENS).await })
+        })
+        .collect()
+}
+
+/// Every stream completed, with its solo tokens; returns when the last one ended.
+async fn all_complete(streams: Vec<JoinHandle<Result<Vec<u32>, tonic::Status>>>, solo: &[Vec<u32>]) {
+    let mut failed = 0;
+    for (i, s) in streams.into_iter().enumerate() {
+        match s.await.expect("joins") {
+            Ok(ids) => assert_eq!(ids, solo[i], "request {i}: the tokens differ from its solo run"),
+            Err(status) => {
+                eprintln!("request {i} failed: {status:?}");
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 0, "requests lost");
+}
+
+async fn serving(url: &str) -> Vec<String> {
+    status(url.to_owned()).await.workers.into_iter().filter(|w| w.state == "serving").map(|w| w.address).collect()
+}
+
+async fn replicas(c: &InferenceClient<Channel>) -> u32 {
+    c.clone().model_info(pb::ModelInfoRequest {}).await.map_or(0, |i| i.into_inner().replicas)
+}
+
+#[tokio::test]
+async fn workers_join_and_a_killed_worker_loses_no_request() {
+    let _one = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let _w1 = worker(&etcd);
+    let coord = coordinator(&etcd, &[]);
+    let url = coord.url();
+    let mut c = inference(url.clone()).await;
+    wait_for("the first replica", LIMIT, || async { replicas(&c).await == 1 }).await;
+    let solo = solo(&mut c).await;
+
+    // Two workers join, one after the other, while 16 streams run.
+    let running = streams(&c);
+    let mut epochs = vec![status(url.clone()).await.epoch];
+    let mut joined = Vec::new();
+    for n in 2..=3 {
+        joined.push(worker(&etcd));
+        let took = wait_for("the join", LIMIT, || async { serving(&url).await.len() == n }).await;
+        epochs.push(status(url.clone()).await.epoch);
+        eprintln!("join {}: serving after {took:?}, epoch {}", n - 1, epochs.last().unwrap_or(&0));
+    }
+    assert!(running.iter().any(|s| !s.is_finished()), "the joins happened under load");
+    assert!(epochs.windows(2).all(|w| w[1] > w[0]), "each join advances the epoch: {epochs:?}");
+    all_complete(running, &solo).await;
+
+    // kill -9 of one of three single-worker replicas under 16 streams.
+    let running = streams(&c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = joined[0].addr.clone();
+    joined[0].kill();
+    let killed = Instant::now();
+    let detected = wait_for("the failure", LIMIT, || async { !serving(&url).await.contains(&victim) }).await;
+    all_complete(running, &solo).await;
+    let recovered = killed.elapsed();
+    wait_for("the lease expiry", LIMIT, || async { !status(url.clone()).await.workers.iter().any(|w| w.address == victim) }).await;
+    let gone = killed.elapsed();
+    eprintln!(
+        "kill -9 of 1 of 3 replicas: detected {detected:?} (failed step), card gone {gone:?} after the kill (lease TTL {TTL_SECS} s), \
+         all 16 requests complete {recovered:?} after the kill, 0 lost"
+    );
+}
+
+#[tokio::test]
+async fn a_tp2_replica_that_loses_a_rank_continues_on_the_survivor() {
+    let _one = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let (_w1, mut w2) = (worker(&etcd), worker(&etcd));
+    let coord = coordinator(&etcd, &["--tp", "2"]);
+    let url = coord.url();
+    let mut c = inference(url.clone()).await;
+    wait_for("the TP-2 replica", LIMIT, || async { replicas(&c).await == 1 }).await;
+    assert_eq!(status(url.clone()).await.layout, "tp 2 ep 1 pp 1");
+    let solo = solo(&mut c).await;
+    let running = streams(&c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w2.kill();
+    let killed = Instant::now();
+    let detected = wait_for("the new layout", LIMIT, || async { status(url.clone()).await.layout == "tp 1 ep 1 pp 1" }).await;
+    all_complete(running, &solo).await;
+    eprintln!("kill -9 of a TP-2 rank: re-placed as TP 1 on the survivor after {detected:?}, all 16 complete {:?} after the kill, 0 lost", killed.elapsed());
+}
+
+#[tokio::test]
+async fn a_drained_worker_exits_after_its_sequences_moved() {
+    let _one = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let (mut w1, _w2) = (worker(&etcd), worker(&etcd));
+    let coord = coordinator(&etcd, &[]);
+    let url = coord.url();
+    let mut c = inference(url.clone()).await;
+    wait_for("two replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
+    let solo = solo(&mut c).await;
+    let id = status(url.clone()).await.workers.into_iter().find(|w| w.address == w1.addr).expect("w1 registered").id;
+    let running = streams(&c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let mut admin = pb::admin_client::AdminClient::connect(url.clone()).await.expect("connects");
+    admin.drain(pb::DrainRequest { worker_id: id.clone() }).await.expect("drained");
+    let drained = started.elapsed();
+    let exited = wait_for("the drained worker to exit", LIMIT, || {
+        let done = matches!(w1.child.try_wait(), Ok(Some(_)));
+        async move { done }
+    })
+    .await;
+    assert!(running.iter().any(|s| !s.is_finished()), "the drain happened under load");
+    all_complete(running, &solo).await;
+    assert!(!status(url).await.workers.iter().any(|w| w.id == id), "it left the cluster");
+    eprintln!("drain under load: sequences moved and worker released in {drained:?}, exited {exited:?} later, 0 failed");
+}
+
+#[tokio::test]
+async fn serving_survives_etcd_stopped_for_ten_seconds() {
+    let _one = SERIAL.lock().await;
+    let mut etcd = Etcd::start();
+    let (_w1, _w2) = (worker(&etcd), worker(&etcd));
+    let coord = coordinator(&etcd, &[]);
+    let url = coord.url();
+    let mut c = inference(url.clone()).await;
+    wait_for("two replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
+    let solo = solo(&mut c).await;
+    etcd.stop();
+    let stopped = Instant::now();
+    let mut waves = 0;
+    while stopped.elapsed() < Duration::from_secs(10) {
+        all_complete(streams(&c), &solo).await;
+        waves += 1;
+    }
+    let running = streams(&c);
+    etcd.resume();
+    all_complete(running, &solo).await;
+    // Registrations and placement changes resume: a new worker joins.
+    let _w3 = worker(&etcd);
+    let joined = wait_for("a join after the outage", LIMIT, || async { serving(&url).await.len() == 3 }).await;
+    eprintln!("etcd down {:?}: {waves} waves of 16 requests served, 0 failed; a worker joined {joined:?} after etcd returned", stopped.elapsed());
+}
+
+#[tokio::test]
+async fn a_standby_coordinator_takes_over() {
+    let _one = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let _w1 = worker(&etcd);
+    let mut leader = coordinator(&etcd, &[]);
+    let mut c = inference(leader.url()).await;
+    wait_for("the first replica", LIMIT, || async { replicas(&c).await == 1 }).await;
+    let standby = coordinator(&etcd, &[]);
+    assert!(status(leader.url()).await.leader);
+    assert!(!status(standby.url()).await.leader, "the second coordinator waits as a standby");
+    let solo = solo(&mut c).await;
+    let epoch = status(leader.url()).await.epoch;
+    leader.kill();
+    let killed = Instant::now();
+    let c2 = inference(standby.url()).await;
+    let took = wait_for("the standby to serve", LIMIT, || async { replicas(&c2).await == 1 }).await;
+    assert!(status(standby.url()).await.epoch > epoch, "the new leader fences the old epoch");
+    all_complete(streams(&c2), &solo).await;
+    eprintln!("leader killed: the standby serves after {took:?} (leader lease TTL {TTL_SECS} s), all 16 requests on it complete {:?} after the kill", killed.elapsed());
+}
