@@ -238,7 +238,12 @@ impl WorkerState {
 
     pub fn health(&self) -> pb::HealthResponse {
         match &self.engine {
-            None => pb::HealthResponse { comm_address: self.comm_address(), peak_rss_bytes: peak_rss_bytes(), ..Default::default() },
+            None => pb::HealthResponse {
+                comm_address: self.comm_address(),
+                peak_rss_bytes: peak_rss_bytes(),
+                pid: std::process::id(),
+                ..Default::default()
+            },
             Some(e) => {
                 let c = e.config();
                 pb::HealthResponse {
@@ -251,6 +256,7 @@ impl WorkerState {
                     rank: e.parallel().rank as u32,
                     world: e.parallel().layout.world() as u32,
                     peak_rss_bytes: peak_rss_bytes(),
+                    pid: std::process::id(),
                 }
             }
         }

@@ -2,7 +2,10 @@
 //! - `tramctl up` starts a whole local cluster (workers + coordinator) in the foreground and
 //!   stops all of it on Ctrl-C / SIGTERM or when any part exits.
 //! - `tramctl generate "text"` streams a completion from a running cluster.
-//! - `tramctl status` prints the served model and its load.
+//! - `tramctl status` prints the served model, the workers (with process ids), the placement
+//!   epoch and the load; `tramctl plan` the placement the current workers would get, with
+//!   each rank's memory; `tramctl drain WORKER_ID` moves a worker's sequences away and
+//!   releases it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -25,8 +28,26 @@ enum Cmd {
     Up(UpArgs),
     /// Stream a completion from a running cluster.
     Generate(GenerateArgs),
-    /// Print the served model, replicas and load.
+    /// Print the served model, workers, replicas and load.
     Status(StatusArgs),
+    /// Print the placement the current workers would get, with each rank's memory.
+    Plan(AdminArgs),
+    /// Move a worker's sequences to other replicas, then release it (it exits).
+    Drain(DrainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    #[arg(long, env = "TRAMONTANE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    grpc_addr: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct DrainArgs {
+    /// The worker's id (see `tramctl status`).
+    worker_id: String,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +76,13 @@ struct UpArgs {
     /// KV cache blocks per worker.
     #[arg(long, default_value_t = 1024)]
     kv_blocks: usize,
+    /// Run the cluster through this etcd (endpoints, comma-separated) instead of in-process
+    /// membership: workers register there and the coordinator finds them.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The cluster's name on etcd.
+    #[arg(long, default_value = "default")]
+    cluster: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,7 +110,34 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up(a) => up(a),
         Cmd::Generate(a) => tokio::runtime::Runtime::new()?.block_on(generate(a)),
         Cmd::Status(a) => tokio::runtime::Runtime::new()?.block_on(status(a)),
+        Cmd::Plan(a) => tokio::runtime::Runtime::new()?.block_on(plan(a)),
+        Cmd::Drain(a) => tokio::runtime::Runtime::new()?.block_on(drain(a)),
     }
+}
+
+async fn admin(addr: &str) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    pb::admin_client::AdminClient::connect(format!("http://{addr}")).await.with_context(|| format!("connecting to {addr}"))
+}
+
+async fn plan(a: AdminArgs) -> anyhow::Result<()> {
+    let plan = admin(&a.grpc_addr).await?.plan(pb::PlanRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("{:<8} {:<16} {:<6} {:<24} {:>12} {:>12} {:>12}", "REPLICA", "LAYOUT", "RANK", "WORKER", "WEIGHTS GiB", "KV GiB", "TOTAL GiB");
+    for (i, r) in plan.replicas.iter().enumerate() {
+        for (rank, w) in r.workers.iter().enumerate() {
+            let (wb, kv) = (r.weight_bytes, r.kv_cache_bytes);
+            println!("{i:<8} {:<16} {rank:<6} {w:<24} {:>12.3} {:>12.3} {:>12.3}", r.layout, gib(wb), gib(kv), gib(wb + kv));
+        }
+    }
+    Ok(())
+}
+
+async fn drain(a: DrainArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let request = pb::DrainRequest { worker_id: a.worker_id.clone() };
+    admin(&a.admin.grpc_addr).await?.drain(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    println!("drained {}: its sequences moved and it was released in {:.2} s", a.worker_id, started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// Children killed (and reaped) when dropped.
@@ -131,8 +186,12 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     let model = a.model.clone().unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mistral-v1-tiny")));
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
+    let etcd = a.etcd.join(",");
+    let membership: Vec<&str> = if a.etcd.is_empty() { Vec::new() } else { vec!["--etcd", &etcd, "--cluster", &a.cluster] };
     for i in 0..a.workers {
-        let lines = spawn(&mut children, &format!("worker-{i}"), Command::new(sibling("worker")?).args(["serve", "--listen", "127.0.0.1:0"]), 1)?;
+        let mut worker = Command::new(sibling("worker")?);
+        worker.args(["serve", "--listen", "127.0.0.1:0"]).args(&membership);
+        let lines = spawn(&mut children, &format!("worker-{i}"), &mut worker, 1)?;
         println!("worker {i} pid {} {}", children.0.last().map_or(0, |c| c.1.id()), lines[0]);
         let addr = lines[0].strip_prefix("listening on ").context("worker did not print its address")?.to_owned();
         eprintln!("tramctl: worker-{i} (pid {}) on {addr}", children.0.last().map_or(0, |c| c.1.id()));
@@ -141,7 +200,9 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     eprintln!("tramctl: loading {} on {} worker(s)...", model.display(), a.workers);
     let mut coordinator = Command::new(sibling("coordinator")?);
     coordinator
-        .args(["--model", &model.display().to_string(), "--worker", &addrs.join(",")])
+        .args(["--model", &model.display().to_string()])
+        .args(if a.etcd.is_empty() { vec!["--worker".to_owned(), addrs.join(",")] } else { Vec::new() })
+        .args(&membership)
         .args(["--grpc-addr", &a.grpc_addr, "--http-addr", &a.http_addr])
         .args(["--load-format", &a.load_format, "--dtype", &a.dtype, "--kv-blocks", &a.kv_blocks.to_string()])
         .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()]);
@@ -161,10 +222,20 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
-                    for (name, c) in &mut children.0 {
-                        if let Some(status) = c.try_wait()? {
-                            anyhow::bail!("{name} exited ({status}); stopping the cluster");
+                    let mut released = Vec::new();
+                    for (i, (name, c)) in children.0.iter_mut().enumerate() {
+                        match c.try_wait()? {
+                            // A drained worker leaves the cluster on its own; the rest serves on.
+                            Some(status) if status.success() && name.starts_with("worker") => {
+                                eprintln!("tramctl: {name} left the cluster (drained)");
+                                released.push(i);
+                            }
+                            Some(status) => anyhow::bail!("{name} exited ({status}); stopping the cluster"),
+                            None => {}
                         }
+                    }
+                    for i in released.into_iter().rev() {
+                        children.0.remove(i);
                     }
                 }
             }
@@ -202,24 +273,25 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             .workers
             .iter()
             .map(|w| serde_json::json!({
-                "id": w.id, "address": w.address, "state": w.state, "replica": w.replica, "ranks": w.ranks,
+                "id": w.id, "address": w.address, "pid": w.pid, "state": w.state, "replica": w.replica, "ranks": w.ranks,
                 "running": w.running, "waiting": w.waiting, "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
             }))
             .collect();
         let v = serde_json::json!({
-            "model": info.model, "architecture": info.architecture, "epoch": cluster.epoch, "layout": cluster.layout,
+            "model": info.model, "architecture": info.architecture, "epoch": cluster.epoch, "layout": cluster.layout, "leader": cluster.leader,
             "max_context": info.max_context, "running": info.running, "waiting": info.waiting,
             "kv_blocks_used": info.kv_blocks_used, "kv_blocks_total": info.kv_blocks_total, "workers": workers,
         });
         println!("{v}");
     } else {
-        println!("model    {} ({}), epoch {}, layout per replica: {}", info.model, info.architecture, cluster.epoch, cluster.layout);
+        let role = if cluster.leader { "leader" } else { "standby" };
+        println!("model    {} ({}), epoch {}, layouts: {} ({role})", info.model, info.architecture, cluster.epoch, cluster.layout);
         println!("load     {} running, {} waiting, KV cache {} / {} blocks", info.running, info.waiting, info.kv_blocks_used, info.kv_blocks_total);
-        println!("{:<10} {:<22} {:<8} {:>7}  {:<22} {:>7} {:>7} {:>13}", "WORKER", "ADDRESS", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS");
+        println!("{:<16} {:<22} {:>8} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}", "WORKER", "ADDRESS", "PID", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS");
         for w in &cluster.workers {
             println!(
-                "{:<10} {:<22} {:<8} {:>7}  {:<22} {:>7} {:>7} {:>13}",
-                w.id, w.address, w.state, w.replica, w.ranks, w.running, w.waiting, format!("{}/{}", w.kv_blocks_used, w.kv_blocks_total)
+                "{:<16} {:<22} {:>8} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
+                w.id, w.address, w.pid, w.state, w.replica, w.ranks, w.running, w.waiting, format!("{}/{}", w.kv_blocks_used, w.kv_blocks_total)
             );
         }
     }
