@@ -35,7 +35,7 @@ pub fn gemv_f32(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> 
 
 fn gemv_block(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
-    let (dot, dot4, tile) = (select_dot(), select_dot4(), select_tile4x4());
+    let (dot, dot4, tile, rows4) = (select_dot(), select_dot4(), select_tile4x4(), select_rows4());
     out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
         let w_rows = |r: usize| &w[(first + r) * k..(first + r + 1) * k];
@@ -58,6 +58,19 @@ fn gemv_block(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
                 for i in i..m {
                     for (a, wr) in ws.iter().enumerate() {
                         out[(r + a) * m + i] = dot(wr, x_row(i));
+                    }
+                }
+                r += 4;
+            }
+        }
+        // Fewer than four x rows: four weight rows at a time against each x row (four
+        // independent sums keep the FMA units busy).
+        if m < 4 {
+            while r + 4 <= rows {
+                let ws = [w_rows(r), w_rows(r + 1), w_rows(r + 2), w_rows(r + 3)];
+                for i in 0..m {
+                    for (a, v) in rows4(ws, x_row(i)).into_iter().enumerate() {
+                        out[(r + a) * m + i] = v;
                     }
                 }
                 r += 4;
@@ -90,6 +103,20 @@ fn gemv_block(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 type DotFn = fn(&[f32], &[f32]) -> f32;
 type Dot4Fn = fn(&[f32], [&[f32]; 4]) -> [f32; 4];
 type Tile4x4Fn = fn([&[f32]; 4], [&[f32]; 4]) -> [[f32; 4]; 4];
+type Rows4Fn = fn([&[f32]; 4], &[f32]) -> [f32; 4];
+
+fn select_rows4() -> Rows4Fn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return |w, x| {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                unsafe { x86::rows4_avx512(w, x) }
+            };
+        }
+    }
+    |w, x| w.map(|row| select_dot()(row, x))
+}
 
 fn select_tile4x4() -> Tile4x4Fn {
     #[cfg(target_arch = "x86_64")]
@@ -236,6 +263,35 @@ mod x86 {
         let mut out = [0f32; 4];
         for (j, o) in out.iter_mut().enumerate() {
             *o = super::tail(reduce(acc[j]), &w[i..n], &xs[j][i..n]);
+        }
+        out
+    }
+
+    /// Canonical dot products of four weight rows with one `x` row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows4_avx512(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
+        let pw = w.map(|r| r.as_ptr());
+        let px = x.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY (every load): i + 16 <= n bounds all five rows.
+            let xv = unsafe { _mm512_loadu_ps(px.add(i)) };
+            for (a, p) in pw.iter().enumerate() {
+                if i % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
+                }
+                acc[a] = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(p.add(i)) }, xv, acc[a]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for (a, o) in out.iter_mut().enumerate() {
+            *o = super::tail(reduce(acc[a]), &w[a][i..n], &x[i..n]);
         }
         out
     }
