@@ -201,3 +201,24 @@ impl Comm for NcclComm {
         Ok(Arc::new(NcclComm { shared: self.shared.clone(), members, me }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Where CUDA and NCCL are installed a unique id is made; elsewhere the error says which
+    /// library is missing (never cudarc's panic).
+    #[test]
+    fn makes_a_unique_id_or_says_which_library_is_missing() {
+        // SAFETY: these only try to open the shared libraries.
+        let present = unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present() };
+        match super::nccl_unique_id() {
+            Ok(id) => {
+                assert!(present);
+                assert_eq!(id.len(), 128);
+            }
+            Err(e) => {
+                assert!(!present, "{e}");
+                assert!(e.to_string().contains("is not present on this machine"), "{e}");
+            }
+        }
+    }
+}
