@@ -38,6 +38,10 @@ struct ServeArgs {
     /// The cluster to join on etcd.
     #[command(flatten)]
     membership: worker::membership::EtcdArgs,
+    /// The host the coordinator and peers reach this worker at, when `--listen` is a wildcard
+    /// address (in Kubernetes: the pod IP).
+    #[arg(long, env = "TRAMONTANE_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
     /// This worker's id in the cluster (default: host name and API port).
     #[arg(long, env = "TRAMONTANE_WORKER_ID")]
     id: Option<String>,
@@ -101,6 +105,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let comm = worker::service::CommSetup {
             listener: Some(comm_listener),
             options: worker::comm::TcpOptions { timeout, setup_timeout: timeout * 2 },
+            advertise_host: args.advertise_host.clone(),
         };
         let shutdown = worker::serving::shutdown_on_signal();
         let handle = worker::service::EngineHandle::spawn(comm)?;
@@ -125,7 +130,10 @@ async fn register(args: &ServeArgs, addr: std::net::SocketAddr, handle: worker::
     });
     let card = WorkerCard {
         id: args.id.clone().unwrap_or_else(|| format!("{}-{}", host.unwrap_or_else(|| "worker".into()), addr.port())),
-        address: addr.to_string(),
+        address: match &args.advertise_host {
+            Some(host) => format!("{host}:{}", addr.port()),
+            None => addr.to_string(),
+        },
         device: "cpu".into(),
         memory_bytes: args.memory_bytes.unwrap_or_else(available_memory),
         version: env!("CARGO_PKG_VERSION").into(),

@@ -72,11 +72,17 @@ pub struct CommSetup {
     /// Accepts peers' TCP links; `None` serves only single-rank replicas.
     pub listener: Option<CommListener>,
     pub options: TcpOptions,
+    /// The host peers reach the listener at, when it is bound to a wildcard address.
+    pub advertise_host: Option<String>,
 }
 
 impl Default for CommSetup {
     fn default() -> Self {
-        CommSetup { listener: None, options: TcpOptions { timeout: Duration::from_secs(30), setup_timeout: Duration::from_secs(60) } }
+        CommSetup {
+            listener: None,
+            options: TcpOptions { timeout: Duration::from_secs(30), setup_timeout: Duration::from_secs(60) },
+            advertise_host: None,
+        }
     }
 }
 
@@ -265,7 +271,11 @@ impl WorkerState {
 
 impl WorkerState {
     fn comm_address(&self) -> String {
-        self.comm.listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default()
+        let Some(addr) = self.comm.listener.as_ref().and_then(|l| l.local_addr().ok()) else { return String::new() };
+        match &self.comm.advertise_host {
+            Some(host) => format!("{host}:{}", addr.port()),
+            None => addr.to_string(),
+        }
     }
 }
 
