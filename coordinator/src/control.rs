@@ -307,7 +307,7 @@ impl Controller {
         // Kept replicas move to the new epoch at a step boundary; the others retire.
         for r in std::mem::take(&mut self.live) {
             if wanted.contains(&r.plan) && r.handle.is_alive() {
-                match r.handle.advance(self.assignments(&r.plan)).await {
+                match r.handle.advance(self.epoch).await {
                     Ok(()) => next.push(r),
                     Err(message) => {
                         tracing::warn!(%message, "a replica could not move to the new epoch");
@@ -374,7 +374,7 @@ impl Controller {
         }
         let calls: Vec<_> = clients
             .iter()
-            .zip(requests)
+            .zip(requests.clone())
             .map(|(c, req)| {
                 let mut c = c.clone();
                 tokio::spawn(async move { c.load_assignment(req).await })
@@ -402,8 +402,8 @@ impl Controller {
         let handle = ReplicaHandle::spawn(
             self.next_replica,
             clients,
+            requests,
             plan.layout.driver(),
-            self.epoch,
             self.cfg.sched,
             self.metrics.clone(),
             self.down_tx.clone(),

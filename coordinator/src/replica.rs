@@ -49,9 +49,9 @@ type Reply<T> = tokio::sync::oneshot::Sender<T>;
 enum Command {
     Submit(SeqRequest, mpsc::UnboundedSender<ReplicaEvent>),
     Abort(u64),
-    /// At the next step boundary: send each rank its assignment for a new epoch (the same
-    /// shard, so nothing reloads) and step in that epoch from then on.
-    Advance(Vec<pb::LoadAssignmentRequest>, Reply<Result<(), String>>),
+    /// At the next step boundary: send each rank its assignment again with a new epoch (the
+    /// same shard, so nothing reloads) and step in that epoch from then on.
+    Advance(u64, Reply<Result<(), String>>),
     /// At the next step boundary: hand every request back (they move to other replicas) and
     /// stop.
     Retire(Reply<()>),
@@ -68,14 +68,14 @@ pub struct ReplicaHandle {
 }
 
 impl ReplicaHandle {
-    /// Starts the replica task over its ranks' workers, which already hold their assignments
-    /// for `epoch`; rank `driver` returns the sampled tokens.
+    /// Starts the replica task over its ranks' workers, which already hold `assignments` (by
+    /// rank); rank `driver` returns the sampled tokens.
     /// A failed step stops the task and is reported on `down`.
     pub fn spawn(
         id: u64,
         ranks: Vec<pb::worker_client::WorkerClient<Channel>>,
+        assignments: Vec<pb::LoadAssignmentRequest>,
         driver: usize,
-        epoch: u64,
         cfg: SchedulerConfig,
         metrics: Arc<Metrics>,
         down: mpsc::UnboundedSender<ReplicaDown>,
@@ -83,8 +83,10 @@ impl ReplicaHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: cfg.num_blocks, ..Default::default() });
         let active = Arc::new(AtomicUsize::new(0));
+        let epoch = assignments.first().map_or(0, |a| a.epoch);
         let task = ReplicaTask {
             id,
+            assignments,
             down,
             stopped: false,
             ranks,
@@ -107,9 +109,9 @@ impl ReplicaHandle {
     }
 
     /// Moves the replica to `epoch` at its next step boundary (see [`Command::Advance`]).
-    pub async fn advance(&self, assignments: Vec<pb::LoadAssignmentRequest>) -> Result<(), String> {
+    pub async fn advance(&self, epoch: u64) -> Result<(), String> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Command::Advance(assignments, reply)).map_err(|_| "the replica has stopped".to_owned())?;
+        self.tx.send(Command::Advance(epoch, reply)).map_err(|_| "the replica has stopped".to_owned())?;
         rx.await.map_err(|_| "the replica has stopped".to_owned())?
     }
 
@@ -147,6 +149,8 @@ impl ReplicaHandle {
 
 struct ReplicaTask {
     id: u64,
+    /// Each rank's assignment (its epoch is the one it was loaded in).
+    assignments: Vec<pb::LoadAssignmentRequest>,
     down: mpsc::UnboundedSender<ReplicaDown>,
     /// Set when the task must end after this turn.
     stopped: bool,
@@ -189,8 +193,8 @@ impl ReplicaTask {
 
     async fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Advance(assignments, reply) => {
-                let _ = reply.send(self.advance(assignments).await);
+            Command::Advance(epoch, reply) => {
+                let _ = reply.send(self.advance(epoch).await);
             }
             Command::Retire(reply) => {
                 self.hand_back("the replica was retired by a new placement");
@@ -282,9 +286,9 @@ impl ReplicaTask {
         }
     }
 
-    async fn advance(&mut self, assignments: Vec<pb::LoadAssignmentRequest>) -> Result<(), String> {
-        let epoch = assignments.first().map_or(self.epoch, |a| a.epoch);
-        for (rank, (worker, request)) in self.ranks.iter().zip(assignments).enumerate() {
+    async fn advance(&mut self, epoch: u64) -> Result<(), String> {
+        for (rank, (worker, assignment)) in self.ranks.iter().zip(&self.assignments).enumerate() {
+            let request = pb::LoadAssignmentRequest { epoch, ..assignment.clone() };
             worker.clone().load_assignment(request).await.map_err(|s| format!("rank {rank}: {}", s.message()))?;
         }
         self.epoch = epoch;

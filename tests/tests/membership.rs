@@ -136,6 +136,13 @@ async fn a_tp2_replica_that_loses_a_rank_continues_on_the_survivor() {
     wait_for("the TP-2 replica", LIMIT, || async { replicas(&c).await == 1 }).await;
     assert_eq!(status(url.clone()).await.layout, "tp 2 ep 1 pp 1");
     let solo = solo(&mut c).await;
+    // A third worker joins under load: the TP-2 replica moves to the new epoch in place and
+    // the newcomer serves as a TP-1 replica beside it.
+    let running = streams(&c);
+    let _w3 = worker(&etcd);
+    wait_for("the join", LIMIT, || async { serving(&url).await.len() == 3 }).await;
+    assert_eq!(status(url.clone()).await.layout, "tp 2 ep 1 pp 1, tp 1 ep 1 pp 1");
+    all_complete(running, &solo).await;
     let running = streams(&c);
     tokio::time::sleep(Duration::from_millis(300)).await;
     w2.kill();
