@@ -12,7 +12,7 @@ use clap::Parser;
 use rayon::prelude::*;
 use worker::parallel::Parallel;
 use worker::weights::WeightSource;
-use worker::{CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Request, SamplingParams};
+use worker::{Backend, CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Request, SamplingParams};
 
 #[derive(Debug, Parser)]
 #[command(about = "Decode benchmark: tokens/s vs the memory-bandwidth roofline and peers")]
@@ -26,6 +26,9 @@ struct Args {
     /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 8)]
     prompt_len: usize,
+    /// Tokens of the prompt whose prefill is timed (0 skips it).
+    #[arg(long, default_value_t = 512)]
+    prefill_len: usize,
     #[arg(long, default_value = "f32")]
     dtype: DType,
     /// A config.json to benchmark instead of the mix-bench shape (weights are dummy).
@@ -69,6 +72,8 @@ fn main() -> anyhow::Result<()> {
         rows.push((batch, tps, bytes, roofline));
         eprintln!("batch {batch}: {tps:.1} tok/s");
     }
+    let prefill = (args.prefill_len > 0).then(|| prefill_tokens_per_s(&mut generator, args.prefill_len)).transpose()?;
+    let kernel = (args.prefill_len > 0).then(|| kernel_ms(args.prefill_len, &config)).transpose()?;
     let peers = if args.peers { run_peers(&args, &config, threads) } else { serde_json::Value::Null };
 
     println!();
@@ -92,11 +97,61 @@ fn main() -> anyhow::Result<()> {
             ratio(cpp)
         );
     }
+    if let (Some(tps), Some((ours, candle))) = (prefill, kernel) {
+        let (m, h, i) = (args.prefill_len, config.hidden_size, config.intermediate_size);
+        println!();
+        println!("prefill of one {m}-token prompt: {tps:.1} tok/s");
+        println!(
+            "x[{m}×{h}]·W[{i}×{h}]ᵀ: batch-invariant kernel {ours:.1} ms, candle matmul {candle:.1} ms ({:.2}× candle's time)",
+            ours / candle
+        );
+    }
     if !peers.is_null() {
         println!();
         println!("peers: {peers}");
     }
     Ok(())
+}
+
+/// Tokens/s of one prompt's prefill (a single step).
+fn prefill_tokens_per_s(g: &mut Generator<Cpu>, len: usize) -> anyhow::Result<f64> {
+    let prompt: Vec<u32> = (0..len).map(|t| (3 + t * 7 % 1000) as u32).collect();
+    g.add(Request { id: 1 << 40, prompt, params: SamplingParams { max_tokens: 1, ..SamplingParams::default() } })?;
+    let started = Instant::now();
+    g.step()?;
+    let secs = started.elapsed().as_secs_f64();
+    g.run_to_completion()?;
+    Ok(len as f64 / secs)
+}
+
+/// Milliseconds of one prefill-shaped product (`up_proj`-like) in the engine's f32 kernel and
+/// in candle's matmul (best of three each).
+fn kernel_ms(m: usize, c: &ModelConfig) -> anyhow::Result<(f64, f64)> {
+    let (k, n) = (c.hidden_size, c.intermediate_size);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 5000.0).collect();
+    let best = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let started = Instant::now();
+            f()?;
+            best = best.min(started.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(best)
+    };
+    let ours = worker::Cpu.execute(|| {
+        best(&mut || {
+            std::hint::black_box(worker::backend::gemv_f32(&x, &w, m, n, k));
+            Ok(())
+        })
+    })?;
+    let dev = candle_core::Device::Cpu;
+    let (xt, wt) = (candle_core::Tensor::from_slice(&x, (m, k), &dev)?, candle_core::Tensor::from_slice(&w, (n, k), &dev)?);
+    let candle = best(&mut || {
+        std::hint::black_box(xt.matmul(&wt.t()?)?);
+        Ok(())
+    })?;
+    Ok((ours, candle))
 }
 
 /// Tokens/s of steady-state decode with `batch` sequences: prefill and one warm-up step
