@@ -525,11 +525,16 @@ async fn connect(addr: &str) -> Result<WorkerClient, String> {
     Ok(WorkerClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
-/// Whether the worker at `addr` answers Health within a second.
-async fn healthy(addr: &str) -> bool {
+/// The worker's Health answer, if it gives one within `limit`.
+pub async fn worker_health(addr: &str, limit: Duration) -> Option<wpb::HealthResponse> {
     let check = async {
         let mut c = connect(addr).await.ok()?;
-        c.health(wpb::HealthRequest {}).await.ok()
+        c.health(wpb::HealthRequest {}).await.ok().map(tonic::Response::into_inner)
     };
-    matches!(tokio::time::timeout(Duration::from_secs(1), check).await, Ok(Some(_)))
+    tokio::time::timeout(limit, check).await.ok().flatten()
+}
+
+/// Whether the worker at `addr` answers Health within a second.
+async fn healthy(addr: &str) -> bool {
+    worker_health(addr, Duration::from_secs(1)).await.is_some()
 }

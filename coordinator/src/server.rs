@@ -78,17 +78,14 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         let m = MemoryMembership::new();
         for (i, address) in cfg.workers.iter().enumerate() {
             // The worker's pid, for status (it may not answer yet: placement retries it).
-            let pid = async {
-                let mut c = proto::tramontane::worker::v1::worker_client::WorkerClient::connect(format!("http://{address}")).await.ok()?;
-                c.health(proto::tramontane::worker::v1::HealthRequest {}).await.ok().map(|h| h.into_inner().pid)
-            };
+            let health = control::worker_health(address, Duration::from_secs(5)).await;
             let card = WorkerCard {
                 id: format!("worker-{i}"),
                 address: address.clone(),
                 device: "cpu".into(),
                 memory_bytes: 0,
                 version: String::new(),
-                pid: tokio::time::timeout(Duration::from_secs(5), pid).await.ok().flatten().unwrap_or(0),
+                pid: health.map_or(0, |h| h.pid),
             };
             m.register(&card).await?;
         }

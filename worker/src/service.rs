@@ -119,15 +119,11 @@ impl WorkerState {
         }
         let same = pb::LoadAssignmentRequest { epoch: 0, ..req.clone() };
         if let (Some(engine), Some(assigned)) = (&self.engine, &self.assigned)
-            && *assigned == same {
-                self.epoch = req.epoch;
-                let c = engine.config();
-                return Ok(pb::LoadAssignmentResponse {
-                    architecture: c.architecture.hf_name().to_owned(),
-                    vocab_size: c.vocab_size as u32,
-                    max_context: c.max_position_embeddings as u32,
-                });
-            }
+            && *assigned == same
+        {
+            self.epoch = req.epoch;
+            return Ok(loaded(engine));
+        }
         let invalid = ServiceError::InvalidArgument;
         let dtype = if req.dtype.is_empty() { DType::F32 } else { req.dtype.parse().map_err(invalid)? };
         let load_format = if req.load_format.is_empty() { LoadFormat::Safetensors } else { req.load_format.parse().map_err(invalid)? };
@@ -161,12 +157,7 @@ impl WorkerState {
         self.unload("a new assignment replaces it");
         let par = if world == 1 { Parallel::single() } else { Parallel::new(layout, self.connect(req, world)?).map_err(EngineError::from)? };
         let engine = Engine::from_source(Cpu, &config, &source, &options, par)?;
-        let c = engine.config();
-        let response = pb::LoadAssignmentResponse {
-            architecture: c.architecture.hf_name().to_owned(),
-            vocab_size: c.vocab_size as u32,
-            max_context: c.max_position_embeddings as u32,
-        };
+        let response = loaded(&engine);
         self.engine = Some(engine);
         self.assigned = Some(same);
         self.epoch = req.epoch;
@@ -299,12 +290,17 @@ fn create_nccl_id() -> Result<Vec<u8>, ServiceError> {
 
 /// The process's peak resident set (`VmHWM`), where the OS reports it.
 pub fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    crate::serving::proc_kb_field("/proc/self/status", "VmHWM")
+}
+
+/// What LoadAssignment answers about the loaded model.
+fn loaded(engine: &Engine<Cpu>) -> pb::LoadAssignmentResponse {
+    let c = engine.config();
+    pb::LoadAssignmentResponse {
+        architecture: c.architecture.hf_name().to_owned(),
+        vocab_size: c.vocab_size as u32,
+        max_context: c.max_position_embeddings as u32,
+    }
 }
 
 fn sampling_params(p: &pb::Sampling, vocab: usize) -> Result<SamplingParams, ServiceError> {

@@ -39,3 +39,13 @@ pub fn nodelay_incoming(
         Ok(conn)
     })
 }
+
+/// A `kB` field of a `/proc` file (`VmHWM` of `/proc/self/status`, `MemAvailable` of
+/// `/proc/meminfo`), in bytes; 0 where the OS does not report it.
+pub fn proc_kb_field(path: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}

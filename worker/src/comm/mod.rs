@@ -101,6 +101,14 @@ fn check_parts(send: &[Vec<f32>], world: usize) -> Result<(), CommError> {
     Ok(())
 }
 
+/// The members (ranks of the underlying world) of the sub-communicator `ranks` of a
+/// communicator whose members are `members`, and this rank's index among them (`me` is its
+/// index in `members`).
+fn sub_members(members: &[usize], me: usize, ranks: &[usize]) -> Result<(Vec<usize>, usize), CommError> {
+    let index = check_split(ranks, me, members.len())?;
+    Ok((ranks.iter().map(|&r| members[r]).collect(), index))
+}
+
 /// `ranks` must be ascending, within `0..world`, and contain `me`.
 fn check_split(ranks: &[usize], me: usize, world: usize) -> Result<usize, CommError> {
     if ranks.windows(2).any(|w| w[0] >= w[1]) || ranks.last().is_some_and(|&r| r >= world) {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::safe::{Comm as RawComm, Id, ReduceOp, group_end, group_start};
 
-use super::{Comm, CommError, check_parts, check_split};
+use super::{Comm, CommError, check_parts, sub_members};
 
 /// Fails with a clear error, instead of cudarc's panic, where the driver or NCCL is missing.
 fn check_libraries() -> Result<(), CommError> {
@@ -196,8 +196,7 @@ impl Comm for NcclComm {
     }
 
     fn split(&self, ranks: &[usize]) -> Result<Arc<dyn Comm>, CommError> {
-        let me = check_split(ranks, self.me, self.members.len())?;
-        let members = ranks.iter().map(|&r| self.members[r]).collect();
+        let (members, me) = sub_members(&self.members, self.me, ranks)?;
         Ok(Arc::new(NcclComm { shared: self.shared.clone(), members, me }))
     }
 }

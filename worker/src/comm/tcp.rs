@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use super::{Comm, CommError, check_parts, check_split};
+use super::{Comm, CommError, check_parts, sub_members};
 
 const MAGIC: u32 = 0x5452_4d43; // "TRMC"
 /// How long a connecting rank waits between attempts while its peer is not listening yet.
@@ -430,8 +430,7 @@ impl Comm for TcpComm {
     }
 
     fn split(&self, ranks: &[usize]) -> Result<Arc<dyn Comm>, CommError> {
-        let me = check_split(ranks, self.me, self.members.len())?;
-        let members = ranks.iter().map(|&r| self.members[r]).collect();
+        let (members, me) = sub_members(&self.members, self.me, ranks)?;
         Ok(Arc::new(TcpComm { mesh: self.mesh.clone(), members, me }))
     }
 }
