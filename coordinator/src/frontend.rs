@@ -78,7 +78,9 @@ pub enum Chunk {
     Token { token: TokenLogprobs, text: String, finish: Option<Finish> },
 }
 
-type Running = Arc<Mutex<HashMap<String, (ReplicaHandle, u64)>>>;
+/// Client request id -> the replica and internal id serving it (`None` while it waits for a
+/// replica). Abort removes the entry, which also stops a waiting request from being placed.
+type Running = Arc<Mutex<HashMap<String, Option<(ReplicaHandle, u64)>>>>;
 
 #[derive(Clone)]
 pub struct Frontend {
@@ -86,7 +88,6 @@ pub struct Frontend {
     pub pool: watch::Receiver<Arc<Pool>>,
     pub metrics: Arc<Metrics>,
     next_id: Arc<AtomicU64>,
-    /// Client request id -> (replica, internal id), for Abort.
     running: Running,
 }
 
@@ -116,10 +117,7 @@ impl Frontend {
             if running.contains_key(&request_id) {
                 return Err(FrontendError::AlreadyExists(request_id));
             }
-            // Placeholder until the request is on a replica (Abort then only drops the id).
-            if let Some(h) = self.pool().pick() {
-                running.insert(request_id.clone(), (h.clone(), 0));
-            }
+            running.insert(request_id.clone(), None);
         }
         let mut g = Generation {
             request_id,
@@ -137,14 +135,14 @@ impl Frontend {
             outcome: None,
             moves: 0,
         };
-        g.try_submit();
+        g.try_submit()?;
         Ok(g)
     }
 
     /// Aborts a running request by its client id; false if none runs.
     pub fn abort(&self, request_id: &str) -> bool {
         let found = self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(request_id);
-        if let Some((replica, internal)) = &found {
+        if let Some(Some((replica, internal))) = &found {
             replica.abort(*internal);
         }
         found.is_some()
@@ -193,10 +191,15 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Puts the request (what remains of it) on the least-loaded live replica, if any.
-    fn try_submit(&mut self) -> bool {
+    /// Puts the request (what remains of it) on the least-loaded live replica: `Ok(false)`
+    /// while none serves, an error once the request was aborted.
+    fn try_submit(&mut self) -> Result<bool, FrontendError> {
+        let mut running = self.frontend.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = running.get_mut(&self.request_id) else {
+            return Err(FrontendError::Unavailable("the request was aborted".into()));
+        };
         let pool = self.frontend.pool();
-        let Some(handle) = pool.pick() else { return false };
+        let Some(handle) = pool.pick() else { return Ok(false) };
         let id = self.frontend.next_internal_id();
         let mut params = self.params.clone();
         if !self.generated.is_empty() {
@@ -205,9 +208,8 @@ impl Generation {
         }
         let prompt = self.prompt.iter().chain(&self.generated).copied().collect();
         self.events = Some(handle.submit(SeqRequest { id, prompt, params }));
-        let mut running = self.frontend.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.insert(self.request_id.clone(), (handle.clone(), id));
-        true
+        *slot = Some((handle.clone(), id));
+        Ok(true)
     }
 
     /// Waits until a replica takes the request again, the deadline passes, or no capacity
@@ -216,7 +218,7 @@ impl Generation {
         let mut pool = self.frontend.pool.clone();
         loop {
             pool.borrow_and_update();
-            if self.try_submit() {
+            if self.try_submit()? {
                 self.moves += 1;
                 return Ok(());
             }
@@ -245,12 +247,9 @@ impl Generation {
                     Ok(event) => event,
                 },
             };
-            let aborted = || !self.frontend.running.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&self.request_id);
-            if event.is_none() && self.events.is_some() && aborted() {
-                break Err(FrontendError::Unavailable("the request was aborted".into()));
-            }
             match event {
-                // The replica failed, was retired, or stopped: continue elsewhere.
+                // The replica failed, was retired, or stopped (an aborted request's replica
+                // drops it: placing it again then fails): continue elsewhere.
                 None | Some(ReplicaEvent::Failed(_)) => {
                     if let Some(ReplicaEvent::Failed(why)) = &event {
                         tracing::info!(request = %self.request_id, generated = self.generated.len(), %why, "moving the request");
@@ -302,9 +301,10 @@ impl Drop for Generation {
     fn drop(&mut self) {
         let found = self.frontend.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.request_id);
         if self.outcome.is_none()
-            && let Some((replica, internal)) = found {
-                replica.abort(internal);
-            }
+            && let Some(Some((replica, internal))) = found
+        {
+            replica.abort(internal);
+        }
         let outcome = self.outcome.unwrap_or(Outcome::Aborted);
         self.frontend.metrics.finished(outcome, self.arrived.elapsed().as_secs_f64(), self.prompt.len(), self.completion_tokens);
     }
