@@ -10,7 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::slot;
 use crate::model::{CausalLm, Loader};
 use crate::parallel::Parallel;
-use crate::sampling::{SamplingParams, TokenLogprobs, sample, token_logprobs};
+use crate::sampling::{RowChoice, SamplingParams, TokenLogprobs};
 use crate::weights::{Checkpoint, WeightSource};
 
 /// Where the weights come from.
@@ -189,34 +189,47 @@ impl<B: Backend> Engine<B> {
             }
             meta.seqs.push(SeqAttention { token_start, num_tokens: s.tokens.len(), context_len, block_table: s.block_table.to_vec() });
         }
+        let mut choices = Vec::with_capacity(logit_rows.len());
+        for s in seqs {
+            let position = s.start_pos + s.tokens.len();
+            let last = match s.sample {
+                Some(params) => RowChoice::Sample { params, position },
+                None => RowChoice::Skip,
+            };
+            if let Some(top_n) = s.prompt_logprobs {
+                choices.extend(s.tokens[1..].iter().map(|&token| RowChoice::Score { token, top_n }));
+                choices.push(last);
+            } else if s.sample.is_some() {
+                choices.push(last);
+            }
+        }
         let (backend, model, caches) = (&self.backend, &self.model, &mut self.caches);
-        let logits = backend.execute(|| -> Result<Vec<f32>> {
+        let chosen = backend.execute(|| -> Result<Vec<Option<TokenLogprobs>>> {
             if logit_rows.is_empty() {
                 // Nothing to sample: run the layers for their KV cache writes only.
                 model.forward(backend, &tokens, &meta, caches, &[0])?;
-                Ok(Vec::new())
-            } else {
-                Ok(model.forward(backend, &tokens, &meta, caches, &logit_rows)?.unwrap_or_default())
+                return Ok(Vec::new());
+            }
+            match model.forward(backend, &tokens, &meta, caches, &logit_rows)? {
+                Some(logits) if model.par.is_driver() => backend.choose(&logits, &choices),
+                _ => Ok(Vec::new()),
             }
         })?;
         if !model.par.is_driver() {
             return Ok(vec![SeqOutput::default(); seqs.len()]);
         }
-        let mut rows = logits.chunks_exact(vocab);
+        let mut rows = chosen.into_iter();
         let mut next_row = || rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()));
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {
             let mut o = SeqOutput::default();
-            if let Some(n) = s.prompt_logprobs {
-                for &next in &s.tokens[1..] {
-                    o.prompt_logprobs.push(token_logprobs(next_row()?, next, n));
+            if s.prompt_logprobs.is_some() {
+                for _ in &s.tokens[1..] {
+                    o.prompt_logprobs.extend(next_row()?);
                 }
-                let last = next_row()?;
-                if let Some(params) = s.sample {
-                    o.sampled = Some(sample(last, params, s.start_pos + s.tokens.len()));
-                }
-            } else if let Some(params) = s.sample {
-                o.sampled = Some(sample(next_row()?, params, s.start_pos + s.tokens.len()));
+            }
+            if s.prompt_logprobs.is_some() || s.sample.is_some() {
+                o.sampled = next_row()?;
             }
             out.push(o);
         }

@@ -111,11 +111,35 @@ pub fn sample(logits: &[f32], params: &SamplingParams, position: usize) -> Token
     let token = if params.temperature == 0.0 {
         top_n(logits, 1)[0].0
     } else {
-        let mut state = params.seed ^ (position as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        let u = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
-        draw(logits, params, u)
+        draw(logits, params, uniform(params.seed, position))
     };
     token_logprobs(logits, token, params.logprobs.unwrap_or(0))
+}
+
+/// The uniform draw in [0, 1) that sampling uses for `seed` at `position`.
+pub fn uniform(seed: u64, position: usize) -> f64 {
+    let mut state = seed ^ (position as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What a step wants from one row of logits.
+#[derive(Debug, Clone, Copy)]
+pub enum RowChoice<'a> {
+    /// Nothing (a prompt chunk's last row when nothing is sampled).
+    Skip,
+    /// The logprob of a known `token` (the next prompt token) with `top_n` alternatives.
+    Score { token: u32, top_n: usize },
+    /// A token chosen by `params`; `position` is the index it takes in its sequence.
+    Sample { params: &'a SamplingParams, position: usize },
+}
+
+/// [`RowChoice`] carried out on one host row of logits.
+pub fn choose(logits: &[f32], choice: &RowChoice<'_>) -> Option<TokenLogprobs> {
+    match *choice {
+        RowChoice::Skip => None,
+        RowChoice::Score { token, top_n } => Some(token_logprobs(logits, token, top_n)),
+        RowChoice::Sample { params, position } => Some(sample(logits, params, position)),
+    }
 }
 
 /// Inverse-CDF draw at `u` in [0, 1) from the tempered, top-k and top-p filtered distribution.

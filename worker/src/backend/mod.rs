@@ -7,7 +7,8 @@ mod gemv;
 pub use cpu::Cpu;
 pub use gemv::gemv_f32;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+use crate::sampling::{RowChoice, TokenLogprobs};
 use crate::weights::HostTensor;
 
 /// Element types of weights and activations.
@@ -143,6 +144,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
     /// Activations `[rows, cols]` from f32 host data (what a communicator received).
     fn upload_activations(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Carries out `choices[r]` on row `r` of `logits` (`[rows, vocab]`): only the chosen
+    /// tokens and their logprobs leave the backend. The default copies the logits to the host.
+    fn choose(&self, logits: &Self::Tensor, choices: &[RowChoice<'_>]) -> Result<Vec<Option<TokenLogprobs>>> {
+        let (rows, vocab) = self.dims(logits);
+        if rows != choices.len() {
+            return Err(EngineError::Backend(format!("choose: {rows} rows of logits for {} choices", choices.len())));
+        }
+        let host = self.to_host(logits)?;
+        Ok(host.chunks_exact(vocab).zip(choices).map(|(row, c)| crate::sampling::choose(row, c)).collect())
+    }
 }
 
 /// One expert's contribution to [`Backend::scatter_add_rows`].

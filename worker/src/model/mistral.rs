@@ -185,7 +185,7 @@ impl<B: Backend> CausalLm<B> {
     /// Runs the batch's new tokens through this stage, writing their K/V into `caches` (one
     /// per layer of the stage). The first stage embeds `tokens`; the others receive the
     /// previous stage's activations; all but the last hand theirs on and return `None`. The
-    /// last returns the logits `[logit_rows.len(), vocab]` of the rows asked for, on the host.
+    /// last returns the logits `[logit_rows.len(), vocab]` of the rows asked for.
     pub fn forward(
         &self,
         b: &B,
@@ -193,7 +193,7 @@ impl<B: Backend> CausalLm<B> {
         meta: &AttentionMeta,
         caches: &mut [B::KvCache],
         logit_rows: &[u32],
-    ) -> Result<Option<Vec<f32>>> {
+    ) -> Result<Option<B::Tensor>> {
         let hidden = self.config.hidden_size;
         let mut x = match &self.embed_tokens {
             Some(embed) => embed.forward(b, tokens)?,

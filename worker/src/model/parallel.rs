@@ -117,13 +117,14 @@ pub struct ParallelLmHead<B: Backend> {
 }
 
 impl<B: Backend> ParallelLmHead<B> {
-    /// Full-vocabulary logits `[rows, vocab]` of `x`, on the host.
-    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<Vec<f32>> {
-        let local = b.to_host(&b.linear(x, &self.weight)?)?;
+    /// Full-vocabulary logits `[rows, vocab]` of `x`.
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let local = b.linear(x, &self.weight)?;
         let world = self.comm.world();
         if world == 1 {
             return Ok(local);
         }
+        let local = b.to_host(&local)?;
         let rows = b.dims(x).0;
         let width = self.vocab.div_ceil(world);
         let mine = b.dims(&self.weight).0;
@@ -140,6 +141,6 @@ impl<B: Backend> ParallelLmHead<B> {
                 logits.extend_from_slice(&gathered[at..at + len]);
             }
         }
-        Ok(logits)
+        b.upload_activations(logits, rows, self.vocab)
     }
 }
