@@ -9,6 +9,13 @@ pub const MIX_BENCH: &str = r#"{"architectures":["MixtralForCausalLM"],"vocab_si
   "num_local_experts":8,"num_experts_per_tok":2,"rope_theta":1000000.0,"max_position_embeddings":4096,
   "rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
 
+/// A Mistral-7B-shaped config (v0.3: vocabulary 32768, no sliding window), for benchmarks on
+/// dummy weights.
+pub const MISTRAL_7B: &str = r#"{"architectures":["MistralForCausalLM"],"vocab_size":32768,"hidden_size":4096,
+  "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,
+  "head_dim":128,"rope_theta":1000000.0,"max_position_embeddings":32768,"rms_norm_eps":1e-5,
+  "sliding_window":null,"tie_word_embeddings":false}"#;
+
 use std::path::Path;
 
 use serde::Deserialize;
@@ -236,6 +243,24 @@ impl ModelConfig {
             Architecture::Mixtral => self.num_experts_per_tok * mlp + h * self.num_local_experts,
         };
         self.num_hidden_layers * (attn + ffn + 2 * h) + h + self.vocab_size * h + h
+    }
+
+    /// Bytes of matrices a decode step of `batch` sequences must read at `dtype`: attention,
+    /// the experts the batch touches (expected count under uniform routing) with the
+    /// routers, and the lm_head.
+    pub fn decode_weight_bytes(&self, batch: usize, dtype: crate::backend::DType) -> usize {
+        let h = self.hidden_size;
+        let attn = h * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2);
+        let mlp = (3 * h * self.intermediate_size) as f64;
+        let ffn = match self.architecture {
+            Architecture::Mistral => mlp,
+            Architecture::Mixtral => {
+                let (e, k) = (self.num_local_experts as f64, self.num_experts_per_tok as f64);
+                e * (1.0 - (1.0 - k / e).powi(batch as i32)) * mlp + (h * self.num_local_experts) as f64
+            }
+        };
+        let total = self.num_hidden_layers as f64 * (attn as f64 + ffn) + (self.vocab_size * h) as f64;
+        (total * dtype.size_in_bytes() as f64) as usize
     }
 }
 

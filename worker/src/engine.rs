@@ -121,6 +121,7 @@ impl<B: Backend> Engine<B> {
             block_size: options.cache.block_size,
             num_kv_heads: par.kv_heads(config).len(),
             head_dim: config.head_dim,
+            dtype: options.dtype,
         };
         let caches = model.layers.iter().map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
         let weight_bytes = loader.loaded_bytes.get();
@@ -148,6 +149,9 @@ impl<B: Backend> Engine<B> {
     /// Every rank of a replica runs the same step; only the driver rank (the first of the
     /// last stage) samples, the others return empty outputs.
     pub fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<Vec<SeqOutput>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
         let vocab = self.model.config.vocab_size;
         let bs = self.cache.block_size;
         let mut tokens = Vec::new();

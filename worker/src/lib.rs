@@ -2,6 +2,7 @@
 //! paged KV cache, sampling and tokenization.
 
 pub mod backend;
+pub mod bench;
 pub mod comm;
 pub mod config;
 pub mod engine;
@@ -17,7 +18,7 @@ pub mod serving;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::{Backend, Cpu, DType};
+pub use backend::{Backend, Cpu, DType, Device};
 pub use config::{Architecture, ModelConfig};
 pub use engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqOutput, SeqStep};
 pub use error::{EngineError, Result};

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use worker::{CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, IncrementalDecoder, LoadFormat, Request, SamplingParams, Tokenizer};
+use worker::{
+    Backend, CacheConfig, Cpu, DType, Device, Engine, EngineOptions, Generator, IncrementalDecoder, LoadFormat, Request, SamplingParams,
+    Tokenizer,
+};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Tramontane worker")]
@@ -45,9 +48,13 @@ struct ServeArgs {
     /// This worker's id in the cluster (default: host name and API port).
     #[arg(long, env = "TRAMONTANE_WORKER_ID")]
     id: Option<String>,
-    /// Memory the worker offers for weights and KV cache (default: the host's available memory).
+    /// Memory the worker offers for weights and KV cache (default: the host's available
+    /// memory, or the GPU's free memory).
     #[arg(long, env = "TRAMONTANE_MEMORY_BYTES")]
     memory_bytes: Option<u64>,
+    /// Where the engine runs: cpu, cuda or cuda:N (builds with the `cuda` feature).
+    #[arg(long, env = "TRAMONTANE_DEVICE", default_value = "cpu")]
+    device: Device,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +83,9 @@ struct GenerateArgs {
     /// KV cache blocks of 16 tokens.
     #[arg(long, env = "TRAMONTANE_KV_BLOCKS", default_value_t = 1024)]
     kv_blocks: usize,
+    /// Where the engine runs: cpu, cuda or cuda:N (builds with the `cuda` feature).
+    #[arg(long, env = "TRAMONTANE_DEVICE", default_value = "cpu")]
+    device: Device,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,7 +94,10 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Args::parse().command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => match args.device {
+            Device::Cpu => generate(Cpu, args),
+            Device::Cuda(n) => generate(cuda(n)?, args),
+        },
         Command::Serve(args) => serve(args),
     }
 }
@@ -94,10 +107,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
-        // The first line of stdout tells a parent process where to connect.
-        println!("listening on {addr}");
-        std::io::stdout().flush()?;
-        tracing::info!(%addr, "worker listening");
         let comm_addr = args.comm_listen.unwrap_or_else(|| std::net::SocketAddr::new(addr.ip(), 0));
         let comm_listener = worker::comm::CommListener::bind(comm_addr).with_context(|| format!("binding {comm_addr}"))?;
         tracing::info!(addr = %comm_listener.local_addr()?, "communicator listening");
@@ -108,12 +117,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             advertise_host: args.advertise_host.clone(),
         };
         let shutdown = worker::serving::shutdown_on_signal();
-        let handle = worker::service::EngineHandle::spawn(comm)?;
+        let (handle, device_memory) = match args.device {
+            Device::Cpu => (worker::service::EngineHandle::spawn(Cpu, comm)?, None),
+            Device::Cuda(n) => {
+                let backend = cuda(n)?;
+                let free = device_memory(&backend)?;
+                (worker::service::EngineHandle::spawn(backend, comm)?, Some(free))
+            }
+        };
+        // Ready (the device opened): the first line of stdout tells a parent process where
+        // to connect.
+        println!("listening on {addr}");
+        std::io::stdout().flush()?;
+        tracing::info!(%addr, device = %args.device, "worker listening");
         // Registered for as long as this lives; dropping it revokes the lease.
         let _registration = if args.membership.etcd.is_empty() {
             None
         } else {
-            Some(register(&args, addr, handle.clone()).await?)
+            Some(register(&args, addr, device_memory, handle.clone()).await?)
         };
         worker::service::serve(listener, handle, shutdown).await.map_err(|e| anyhow::anyhow!(e))
     })
@@ -121,7 +142,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Registers this worker's card on etcd; a lost lease unloads the model (no zombie keeps
 /// serving a placement that moved on) and the worker registers again.
-async fn register(args: &ServeArgs, addr: std::net::SocketAddr, handle: worker::service::EngineHandle) -> anyhow::Result<worker::membership::Lease> {
+async fn register(
+    args: &ServeArgs,
+    addr: std::net::SocketAddr,
+    device_memory: Option<u64>,
+    handle: worker::service::EngineHandle,
+) -> anyhow::Result<worker::membership::Lease> {
     use worker::membership::{EtcdMembership, Membership, WorkerCard};
     let ttl = std::time::Duration::from_secs(args.membership.lease_ttl_secs);
     let membership = EtcdMembership::connect(&args.membership.etcd, &args.membership.cluster, ttl).await.context("connecting to etcd")?;
@@ -134,8 +160,8 @@ async fn register(args: &ServeArgs, addr: std::net::SocketAddr, handle: worker::
             Some(host) => format!("{host}:{}", addr.port()),
             None => addr.to_string(),
         },
-        device: "cpu".into(),
-        memory_bytes: args.memory_bytes.unwrap_or_else(available_memory),
+        device: args.device.to_string(),
+        memory_bytes: args.memory_bytes.or(device_memory).unwrap_or_else(available_memory),
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
     };
@@ -158,7 +184,30 @@ fn available_memory() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+#[cfg(feature = "_cuda")]
+fn cuda(ordinal: usize) -> anyhow::Result<worker::backend::Cuda> {
+    let backend = worker::backend::Cuda::new(ordinal).with_context(|| format!("opening GPU {ordinal}"))?;
+    tracing::info!(device = backend.device_name(), ordinal, "CUDA backend ready");
+    Ok(backend)
+}
+
+#[cfg(feature = "_cuda")]
+fn device_memory(backend: &worker::backend::Cuda) -> anyhow::Result<u64> {
+    Ok(backend.memory()?.0 as u64)
+}
+
+/// Without the `cuda` feature no GPU backend exists; `--device cuda` says so.
+#[cfg(not(feature = "_cuda"))]
+fn cuda(_: usize) -> anyhow::Result<Cpu> {
+    anyhow::bail!("this worker was built without the `cuda` feature: only --device cpu is available")
+}
+
+#[cfg(not(feature = "_cuda"))]
+fn device_memory(_: &Cpu) -> anyhow::Result<u64> {
+    Ok(available_memory())
+}
+
+fn generate<B: Backend>(backend: B, args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
     let options = EngineOptions {
         dtype: args.dtype,
@@ -166,7 +215,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         cache: CacheConfig { num_blocks: args.kv_blocks, block_size: 16 },
     };
     let started = std::time::Instant::now();
-    let engine = Engine::load(Cpu, &args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    let engine = Engine::load(backend, &args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
     tracing::info!(elapsed = ?started.elapsed(), architecture = engine.config().architecture.hf_name(), "model loaded");
     let prompt = tokenizer.encode(&args.prompt, true)?;
     let params = SamplingParams {

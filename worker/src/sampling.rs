@@ -142,7 +142,8 @@ pub fn choose(logits: &[f32], choice: &RowChoice<'_>) -> Option<TokenLogprobs> {
     }
 }
 
-/// Inverse-CDF draw at `u` in [0, 1) from the tempered, top-k and top-p filtered distribution.
+/// Inverse-CDF draw at `u` in [0, 1) from the tempered, top-k and top-p filtered distribution
+/// (the nucleus is the most likely tokens; ties at its edge are cut by id).
 fn draw(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
     let k = if params.top_k == 0 { logits.len() } else { params.top_k };
     let mut cand = top_n(logits, k);
@@ -164,14 +165,17 @@ fn draw(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
         let kept: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= kept);
     }
+    // The draw walks the kept tokens in id order, as the GPU backend's sampler does.
+    let mut kept: Vec<(u32, f64)> = cand.iter().map(|c| c.0).zip(probs).collect();
+    kept.sort_by_key(|k| k.0);
     let mut cum = 0.0;
-    for (&(id, _), p) in cand.iter().zip(&probs) {
+    for &(id, p) in &kept {
         cum += p;
         if u < cum {
             return id;
         }
     }
-    cand[cand.len() - 1].0
+    kept[kept.len() - 1].0
 }
 
 /// SplitMix64: a small, well-mixed 64-bit generator (Steele et al., 2014).

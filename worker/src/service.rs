@@ -10,7 +10,7 @@ use std::time::Duration;
 use proto::tramontane::worker::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{Cpu, DType};
+use crate::backend::{Backend, Cpu, DType};
 use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
 use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqStep, open_model};
 use crate::error::EngineError;
@@ -87,18 +87,24 @@ impl Default for CommSetup {
 }
 
 /// The state the engine thread owns.
-#[derive(Default)]
-pub struct WorkerState {
+pub struct WorkerState<B: Backend = Cpu> {
+    backend: B,
     epoch: u64,
-    engine: Option<Engine<Cpu>>,
+    engine: Option<Engine<B>>,
     /// The loaded assignment, epoch cleared (a newer epoch of the same one only moves the epoch).
     assigned: Option<pb::LoadAssignmentRequest>,
     comm: CommSetup,
 }
 
-impl WorkerState {
-    pub fn new(comm: CommSetup) -> Self {
-        WorkerState { epoch: 0, engine: None, assigned: None, comm }
+impl Default for WorkerState<Cpu> {
+    fn default() -> Self {
+        WorkerState::new(Cpu, CommSetup::default())
+    }
+}
+
+impl<B: Backend> WorkerState<B> {
+    pub fn new(backend: B, comm: CommSetup) -> Self {
+        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm }
     }
 
     /// Drops the model (lease lost, replica broken): steps are refused until a new assignment.
@@ -156,7 +162,7 @@ impl WorkerState {
         layout.validate(&config).map_err(ServiceError::InvalidArgument)?;
         self.unload("a new assignment replaces it");
         let par = if world == 1 { Parallel::single() } else { Parallel::new(layout, self.connect(req, world)?).map_err(EngineError::from)? };
-        let engine = Engine::from_source(Cpu, &config, &source, &options, par)?;
+        let engine = Engine::from_source(self.backend.clone(), &config, &source, &options, par)?;
         let response = loaded(&engine);
         self.engine = Some(engine);
         self.assigned = Some(same);
@@ -260,7 +266,7 @@ impl WorkerState {
     }
 }
 
-impl WorkerState {
+impl<B: Backend> WorkerState<B> {
     fn comm_address(&self) -> String {
         let Some(addr) = self.comm.listener.as_ref().and_then(|l| l.local_addr().ok()) else { return String::new() };
         match &self.comm.advertise_host {
@@ -294,7 +300,7 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// What LoadAssignment answers about the loaded model.
-fn loaded(engine: &Engine<Cpu>) -> pb::LoadAssignmentResponse {
+fn loaded<B: Backend>(engine: &Engine<B>) -> pb::LoadAssignmentResponse {
     let c = engine.config();
     pb::LoadAssignmentResponse {
         architecture: c.architecture.hf_name().to_owned(),
@@ -344,11 +350,11 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread; it stops when every handle is dropped.
-    pub fn spawn(comm: CommSetup) -> std::io::Result<Self> {
+    /// Starts the engine thread on `backend`; it stops when every handle is dropped.
+    pub fn spawn<B: Backend>(backend: B, comm: CommSetup) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         std::thread::Builder::new().name("engine".into()).spawn(move || {
-            let mut state = WorkerState::new(comm);
+            let mut state = WorkerState::new(backend, comm);
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     Command::Unload(why) => state.unload(&why),

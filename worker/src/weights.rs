@@ -8,6 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use rayon::prelude::*;
 
 use crate::backend::DType;
 use crate::error::{EngineError, Result};
@@ -268,17 +269,18 @@ fn dummy_tensor(seed: u64, name: &str, shape: &[usize], dim: usize, rows: std::o
     let fan_in = *shape.last().unwrap_or(&1) as f32;
     let scale = if name.contains("embed_tokens") { 1.0 } else { 1.0 / fan_in.sqrt() };
     let base = name.bytes().fold(seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
-    let mut out = Vec::with_capacity(n * 4);
-    for o in 0..outer {
-        for r in rows.clone() {
-            for i in 0..inner {
-                let mut state = base.wrapping_add((((o * full_rows + r) * inner + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                let r = crate::sampling::splitmix64(&mut state);
-                let unit = (r >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-                out.extend_from_slice(&((unit * 2.0 - 1.0) * scale).to_le_bytes());
-            }
+    let mut out = vec![0u8; n * 4];
+    let len = rows.len();
+    // One output row (o, r) per task: large tensors are generated on every core.
+    out.par_chunks_mut((inner * 4).max(1)).enumerate().for_each(|(at, row)| {
+        let (o, r) = (at / len, rows.start + at % len);
+        for (i, bytes) in row.chunks_exact_mut(4).enumerate() {
+            let mut state = base.wrapping_add((((o * full_rows + r) * inner + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let r = crate::sampling::splitmix64(&mut state);
+            let unit = (r >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            bytes.copy_from_slice(&((unit * 2.0 - 1.0) * scale).to_le_bytes());
         }
-    }
+    });
     out
 }
 

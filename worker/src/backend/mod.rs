@@ -2,9 +2,13 @@
 //! CPU backend (candle) and the CUDA backend slot in without touching it.
 
 mod cpu;
+#[cfg(feature = "_cuda")]
+pub mod cuda;
 mod gemv;
 
 pub use cpu::Cpu;
+#[cfg(feature = "_cuda")]
+pub use cuda::Cuda;
 pub use gemv::gemv_f32;
 
 use crate::error::{EngineError, Result};
@@ -50,6 +54,38 @@ impl std::fmt::Display for DType {
     }
 }
 
+/// Where a worker runs its engine: `cpu`, or `cuda` / `cuda:N` (GPU N).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {other:?} (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// One sequence's slice of a batch, as paged attention sees it.
 #[derive(Debug, Clone)]
 pub struct SeqAttention {
@@ -83,6 +119,8 @@ pub struct KvShape {
     pub block_size: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The element type the cache keeps (the model's; the CPU backend keeps f32).
+    pub dtype: DType,
 }
 
 /// Heads layout of a projection's output rows: `[tokens, num_heads * head_dim]`.

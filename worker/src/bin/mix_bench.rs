@@ -12,7 +12,7 @@ use clap::Parser;
 use rayon::prelude::*;
 use worker::parallel::Parallel;
 use worker::weights::WeightSource;
-use worker::{Backend, CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Request, SamplingParams};
+use worker::{Backend, CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig};
 
 #[derive(Debug, Parser)]
 #[command(about = "Decode benchmark: tokens/s vs the memory-bandwidth roofline and peers")]
@@ -66,13 +66,13 @@ fn main() -> anyhow::Result<()> {
     let mut generator = Generator::new(engine, args.batches.iter().max().copied().unwrap_or(1));
     let mut rows = Vec::new();
     for &batch in &args.batches {
-        let tps = decode_tokens_per_s(&mut generator, batch, &args)?;
-        let bytes = step_bytes(&config, batch, args.dtype);
+        let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
+        let bytes = config.decode_weight_bytes(batch, args.dtype);
         let roofline = bandwidth / bytes as f64 * batch as f64;
         rows.push((batch, tps, bytes, roofline));
         eprintln!("batch {batch}: {tps:.1} tok/s");
     }
-    let prefill = (args.prefill_len > 0).then(|| prefill_tokens_per_s(&mut generator, args.prefill_len)).transpose()?;
+    let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 1)).transpose()?;
     let kernel = (args.prefill_len > 0).then(|| kernel_ms(args.prefill_len, &config)).transpose()?;
     let peers = if args.peers { run_peers(&args, &config, threads) } else { serde_json::Value::Null };
 
@@ -113,17 +113,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tokens/s of one prompt's prefill (a single step).
-fn prefill_tokens_per_s(g: &mut Generator<Cpu>, len: usize) -> anyhow::Result<f64> {
-    let prompt: Vec<u32> = (0..len).map(|t| (3 + t * 7 % 1000) as u32).collect();
-    g.add(Request { id: 1 << 40, prompt, params: SamplingParams { max_tokens: 1, ..SamplingParams::default() } })?;
-    let started = Instant::now();
-    g.step()?;
-    let secs = started.elapsed().as_secs_f64();
-    g.run_to_completion()?;
-    Ok(len as f64 / secs)
-}
-
 /// Milliseconds of one prefill-shaped product (`up_proj`-like) in the engine's f32 kernel and
 /// in candle's matmul (best of three each).
 fn kernel_ms(m: usize, c: &ModelConfig) -> anyhow::Result<(f64, f64)> {
@@ -156,46 +145,6 @@ fn kernel_ms(m: usize, c: &ModelConfig) -> anyhow::Result<(f64, f64)> {
 
 /// Tokens/s of steady-state decode with `batch` sequences: prefill and one warm-up step
 /// excluded, then `steps` timed steps.
-fn decode_tokens_per_s(g: &mut Generator<Cpu>, batch: usize, args: &Args) -> anyhow::Result<f64> {
-    let vocab = g.engine.config().vocab_size as u64;
-    let mut state = 0x5EED + batch as u64;
-    for i in 0..batch {
-        let prompt = (0..args.prompt_len).map(|_| (worker::sampling::splitmix64(&mut state) % (vocab - 3) + 3) as u32).collect();
-        let params = SamplingParams { max_tokens: args.steps + 2, ..SamplingParams::default() };
-        g.add(Request { id: i as u64, prompt, params })?;
-    }
-    g.step()?; // prefill
-    g.step()?; // warm-up decode
-    anyhow::ensure!(g.num_running() == batch, "only {} of {batch} sequences running", g.num_running());
-    let started = Instant::now();
-    for _ in 0..args.steps {
-        g.step()?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    g.run_to_completion()?;
-    Ok((batch * args.steps) as f64 / secs)
-}
-
-/// Weight bytes one decode step reads: attention, norms, router and lm_head always; of the
-/// experts, the expected number that at least one of `batch` tokens routes to (uniform routing).
-fn step_bytes(c: &ModelConfig, batch: usize, dtype: DType) -> usize {
-    let h = c.hidden_size;
-    let attn = h * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2);
-    let mlp = 3 * h * c.intermediate_size;
-    let ffn = if c.num_local_experts == 0 {
-        mlp as f64
-    } else {
-        let (e, k) = (c.num_local_experts as f64, c.num_experts_per_tok as f64);
-        let touched = e * (1.0 - (1.0 - k / e).powi(batch as i32));
-        touched * mlp as f64 + (h * c.num_local_experts) as f64
-    };
-    let per_layer = attn as f64 + ffn;
-    let total = c.num_hidden_layers as f64 * per_layer + (c.vocab_size * h) as f64;
-    (total * dtype.size_in_bytes() as f64) as usize
-}
-
-/// Best of five vectorized, multi-threaded passes summing `bytes` of f32 (larger than the
-/// last-level cache, so it measures memory).
 fn read_bandwidth(bytes: usize) -> f64 {
     let data: Vec<f32> = (0..bytes / 4).into_par_iter().map(|i| (i % 7) as f32).collect();
     let chunk = 1 << 20;

@@ -20,7 +20,11 @@ fn check_libraries() -> Result<(), CommError> {
     match (driver, nccl) {
         (true, true) => Ok(()),
         (false, _) => Err(CommError::Nccl("the CUDA driver library (libcuda) is not present on this machine".into())),
-        (true, false) => Err(CommError::Nccl("the NCCL library (libnccl) is not present on this machine".into())),
+        (true, false) => Err(CommError::Nccl(
+            "the NCCL library is not present on this machine (looked for libnccl.so on LD_LIBRARY_PATH; \
+             pip's nvidia-nccl ships libnccl.so.2: link it as libnccl.so)"
+                .into(),
+        )),
     }
 }
 
@@ -127,9 +131,10 @@ impl Comm for NcclComm {
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError> {
-        if self.members.len() == 1 || data.is_empty() {
+        if data.is_empty() {
             return Ok(());
         }
+        // The world communicator always goes through NCCL, at world size 1 too.
         if self.is_world() {
             let stream = &self.shared.stream;
             let comm = self.shared.comm.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,9 +11,19 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
+    // Each test binary uses the constructor it needs.
+    #[allow(dead_code)]
     pub fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        Self::start_with(&[])
+    }
+
+    /// `worker serve` with `extra` arguments. The binary is `TRAMONTANE_WORKER_BIN` where set
+    /// (tests run on another machine than the one they were built on), else this build's.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let bin = std::env::var_os("TRAMONTANE_WORKER_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_worker")), PathBuf::from);
+        let mut child = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--comm-timeout-secs", "20"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -36,8 +46,12 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// A fixture directory: under `TRAMONTANE_FIXTURES` where set, else beside this crate.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    let dir = std::env::var_os("TRAMONTANE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
+    dir.join(name)
 }
 
 /// A fixture's `reference.json` (written by tests/fixtures/generate.py from transformers).

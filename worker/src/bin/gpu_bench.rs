@@ -1,0 +1,163 @@
+//! Decode benchmark of the CUDA backend on a Mistral-7B-shaped dummy model (bf16, one GPU).
+//! Prints decode tokens/s per batch size next to the HBM roofline (the device-to-device copy
+//! bandwidth measured in the same run) and, with `--peers`, transformers on the same GPU.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use worker::backend::Cuda;
+use worker::parallel::Parallel;
+use worker::weights::WeightSource;
+use worker::{CacheConfig, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig};
+
+#[derive(Debug, Parser)]
+#[command(about = "GPU decode benchmark: tokens/s vs the HBM roofline and transformers")]
+struct Args {
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    batches: Vec<usize>,
+    /// Decode steps timed per batch size (after one warm-up step).
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens of one prompt whose prefill is timed (0 skips it).
+    #[arg(long, default_value_t = 2048)]
+    prefill_len: usize,
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    /// A config.json to benchmark instead of the Mistral-7B shape (weights are dummy).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// GiB copied by the bandwidth probe.
+    #[arg(long, default_value_t = 2)]
+    copy_gib: usize,
+    /// Also run transformers (worker/benches/gpu_peer.py) on the same shapes and GPU.
+    #[arg(long)]
+    peers: bool,
+    #[arg(long, env = "TRAMONTANE_PYTHON", default_value = "python3")]
+    python: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => ModelConfig::from_file(path)?,
+        None => ModelConfig::parse(worker::config::MISTRAL_7B, "mistral-7b".as_ref())?,
+    };
+    let backend = Cuda::new(args.device)?;
+    eprintln!("{}: measuring the copy bandwidth over {} GiB...", backend.device_name(), args.copy_gib);
+    let bandwidth = copy_bandwidth(&backend, args.copy_gib << 30)?;
+    eprintln!("loading dummy weights ({} M parameters, {})...", config.num_parameters() / 1_000_000, args.dtype);
+    let max_batch = args.batches.iter().max().copied().unwrap_or(1);
+    let per_seq = (args.prompt_len + args.steps + 4).max(args.prefill_len + 2);
+    let options = EngineOptions {
+        dtype: args.dtype,
+        load_format: LoadFormat::Dummy,
+        cache: CacheConfig { num_blocks: max_batch * per_seq.div_ceil(16) + 16, block_size: 16 },
+    };
+    let started = Instant::now();
+    let engine = Engine::from_source(backend.clone(), &config, &WeightSource::Dummy { seed: 0 }, &options, Parallel::single())?;
+    let (free, total) = backend.memory()?;
+    eprintln!("loaded in {:.1} s; {:.1} of {:.1} GiB free", started.elapsed().as_secs_f64(), gib(free), gib(total));
+    let mut generator = Generator::new(engine, max_batch);
+    let mut rows = Vec::new();
+    for &batch in &args.batches {
+        let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
+        let bytes = config.decode_weight_bytes(batch, args.dtype);
+        let roofline = bandwidth / bytes as f64 * batch as f64;
+        eprintln!("batch {batch}: {tps:.1} tok/s");
+        rows.push((batch, tps, bytes, roofline));
+    }
+    let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 2)).transpose()?;
+    drop(generator);
+    let peers = if args.peers { run_peers(&args, &config) } else { serde_json::Value::Null };
+
+    println!();
+    println!(
+        "gpu-bench on {}: {} M parameters, {}, prompt {} tokens, {} decode steps timed",
+        backend.device_name(),
+        config.num_parameters() / 1_000_000,
+        args.dtype,
+        args.prompt_len,
+        args.steps
+    );
+    println!("copy bandwidth (device to device, read + write): {:.0} GB/s", bandwidth / 1e9);
+    println!();
+    println!("| batch | tramontane tok/s | ms/step | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (batch, tps, bytes, roofline) in rows {
+        let hf = peers.get("transformers").and_then(|p| p.get(batch.to_string())).and_then(|v| v.as_f64());
+        println!(
+            "| {batch} | {tps:.1} | {:.2} | {:.2} GB | {roofline:.1} | {:.0} % | {} | {} |",
+            1e3 * batch as f64 / tps,
+            bytes as f64 / 1e9,
+            100.0 * tps / roofline,
+            hf.map_or("–".to_owned(), |v| format!("{v:.1}")),
+            hf.map_or("–".to_owned(), |v| format!("{:.2}×", tps / v)),
+        );
+    }
+    if let Some(tps) = prefill {
+        println!();
+        println!("prefill of one {}-token prompt: {tps:.0} tok/s", args.prefill_len);
+    }
+    if !peers.is_null() {
+        println!();
+        println!("peers: {peers}");
+    }
+    Ok(())
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Device-to-device copy bandwidth, counting the bytes read and written (best of 5 rounds of
+/// 4 copies).
+fn copy_bandwidth(backend: &Cuda, bytes: usize) -> anyhow::Result<f64> {
+    let stream = backend.stream();
+    let src = stream.alloc_zeros::<u8>(bytes)?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes)?;
+    stream.memcpy_dtod(&src, &mut dst)?;
+    backend.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let started = Instant::now();
+        for _ in 0..4 {
+            stream.memcpy_dtod(&src, &mut dst)?;
+        }
+        backend.synchronize()?;
+        best = best.min(started.elapsed().as_secs_f64() / 4.0);
+    }
+    Ok(2.0 * bytes as f64 / best)
+}
+
+fn run_peers(args: &Args, c: &ModelConfig) -> serde_json::Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/gpu_peer.py");
+    let script = if script.exists() { script } else { PathBuf::from("worker/benches/gpu_peer.py") };
+    let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
+    eprintln!("running transformers ({})...", script.display());
+    let output = Command::new(&args.python)
+        .arg(&script)
+        .args(["--hidden", &c.hidden_size.to_string(), "--heads", &c.num_attention_heads.to_string()])
+        .args(["--kv-heads", &c.num_key_value_heads.to_string(), "--head-dim", &c.head_dim.to_string()])
+        .args(["--intermediate", &c.intermediate_size.to_string(), "--layers", &c.num_hidden_layers.to_string()])
+        .args(["--vocab", &c.vocab_size.to_string(), "--batches", &batches, "--steps", &args.steps.to_string()])
+        .args(["--prompt-len", &args.prompt_len.to_string(), "--dtype", &args.dtype.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting the peer script");
+    match output {
+        Ok(out) => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let last = stdout.lines().last().unwrap_or_default();
+            serde_json::from_str(last).unwrap_or_else(|e| serde_json::json!({"error": format!("the peer printed no JSON ({e}): {last}")}))
+        }
+        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+    }
+}
