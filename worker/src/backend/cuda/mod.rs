@@ -168,6 +168,30 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
+/// Each step allocates its activations from the device's memory pool and synchronizes once
+/// (the chosen tokens come back); by default the pool returns its free memory to the driver
+/// at every synchronization, so each step would map it again. Keep it.
+fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle is live; both calls only read or write the given values.
+    let status = unsafe {
+        match sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) {
+            sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            ),
+            other => other,
+        }
+    };
+    match status {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        other => Err(EngineError::Backend(format!("CUDA: configuring the memory pool: {other:?}"))),
+    }
+}
+
 impl Cuda {
     /// Opens GPU `ordinal`, compiles the kernels and starts cuBLAS.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -177,6 +201,9 @@ impl Cuda {
         // SAFETY: called before any buffer exists; all work is ordered on `stream`.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        if ctx.has_async_alloc() {
+            keep_pool_memory(&ctx)?;
+        }
         let (major, minor) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
         let ptx = compile_kernels(arch_name(major, minor))?;
         let module = ctx.load_module(ptx).map_err(cuda_err("loading the kernels"))?;
