@@ -8,7 +8,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
+use rayon::prelude::*;
 use worker::backend::Cuda;
+use worker::backend::cuda::Product;
+use worker::weights::HostTensor;
+use worker::Backend;
 use worker::parallel::Parallel;
 use worker::weights::WeightSource;
 use worker::{CacheConfig, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig};
@@ -53,6 +57,8 @@ fn main() -> anyhow::Result<()> {
     let backend = Cuda::new(args.device)?;
     eprintln!("{}: measuring the copy bandwidth over {} GiB...", backend.device_name(), args.copy_gib);
     let bandwidth = copy_bandwidth(&backend, args.copy_gib << 30)?;
+    eprintln!("timing the products of the model's shapes...");
+    let products = product_table(&backend, &config, &args, bandwidth)?;
     eprintln!("loading dummy weights ({} M parameters, {})...", config.num_parameters() / 1_000_000, args.dtype);
     let max_batch = args.batches.iter().max().copied().unwrap_or(1);
     let per_seq = (args.prompt_len + args.steps + 4).max(args.prefill_len + 2);
@@ -102,6 +108,14 @@ fn main() -> anyhow::Result<()> {
             hf.map_or("–".to_owned(), |v| format!("{:.2}×", tps / v)),
         );
     }
+    println!();
+    println!("products x[m×k]·W[n×k]ᵀ ({} weights), time per call and weight bytes per second:", args.dtype);
+    println!();
+    println!("| m | n × k | GEMV kernel µs | GB/s | % of copy bw | cuBLAS µs | GB/s | % of copy bw |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    for row in products {
+        println!("{row}");
+    }
     if let Some(tps) = prefill {
         println!();
         println!("prefill of one {}-token prompt: {tps:.0} tok/s", args.prefill_len);
@@ -111,6 +125,46 @@ fn main() -> anyhow::Result<()> {
         println!("peers: {peers}");
     }
     Ok(())
+}
+
+/// Times `x · wᵀ` for the decoder's weight shapes at a few batch sizes, through the GEMV
+/// kernel (where it applies) and through cuBLAS; one table row each.
+fn product_table(backend: &Cuda, c: &ModelConfig, args: &Args, bandwidth: f64) -> anyhow::Result<Vec<String>> {
+    let h = c.hidden_size;
+    let shapes = [
+        (c.intermediate_size, h),
+        (h, c.intermediate_size),
+        (c.num_key_value_heads * c.head_dim, h),
+        (c.vocab_size, h),
+    ];
+    let mut rows = Vec::new();
+    for (n, k) in shapes {
+        let values: Vec<f32> = (0..n * k).into_par_iter().map(|i| ((i % 1013) as f32 - 506.0) * 1e-4).collect();
+        let data: Vec<u8> = values.par_iter().flat_map_iter(|v| v.to_le_bytes()).collect();
+        let w = backend.upload(HostTensor { dtype: DType::F32, shape: vec![n, k], data: data.into() }, args.dtype)?;
+        let bytes = (n * k * args.dtype.size_in_bytes()) as f64;
+        for m in [1usize, 4, 8, 64] {
+            let x = backend.upload_activations(vec![0.01; m * k], m, k)?;
+            let time = |product: Product| -> anyhow::Result<Option<f64>> {
+                if backend.linear_with(&x, &w, product).is_err() {
+                    return Ok(None);
+                }
+                backend.synchronize()?;
+                let started = Instant::now();
+                for _ in 0..20 {
+                    backend.linear_with(&x, &w, product)?;
+                }
+                backend.synchronize()?;
+                Ok(Some(started.elapsed().as_secs_f64() / 20.0))
+            };
+            let cell = |t: Option<f64>| match t {
+                Some(t) => format!("{:.1} | {:.0} | {:.0} %", t * 1e6, bytes / t / 1e9, 100.0 * bytes / t / bandwidth),
+                None => "– | – | –".to_owned(),
+            };
+            rows.push(format!("| {m} | {n} × {k} | {} | {} |", cell(time(Product::Gemv)?), cell(time(Product::Cublas)?)));
+        }
+    }
+    Ok(rows)
 }
 
 fn gib(bytes: usize) -> f64 {

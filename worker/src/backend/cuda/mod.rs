@@ -7,6 +7,8 @@
 
 mod ops;
 
+pub use ops::Product;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -136,6 +136,60 @@ impl Cuda {
     }
 }
 
+/// Which kernel multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Product {
+    /// The GEMV kernel where it applies (few rows, 2-byte weights), else cuBLAS.
+    Auto,
+    Gemv,
+    Cublas,
+}
+
+impl Cuda {
+    /// `x · wᵀ` by the chosen kernel (the benchmark compares them; `linear` picks).
+    pub fn linear_with(&self, x: &CudaTensor, w: &CudaTensor, product: Product) -> Result<CudaTensor> {
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        if w.cols != k {
+            return Err(bad(format!("linear: x is [{m}, {k}] but w is [{n}, {}]", w.cols)));
+        }
+        if k == 0 || n == 0 {
+            return Err(bad(format!("linear: empty weight [{n}, {k}]")));
+        }
+        if m == 0 {
+            return self.empty(n);
+        }
+        let xs = x.f32()?;
+        let mut out = self.alloc_f32(m * n)?;
+        let wd = w.buf.dtype();
+        let gemv_fits = wd != DType::F32 && m <= GEMV_MAX_ROWS && k % 8 == 0;
+        if product == Product::Gemv && !gemv_fits {
+            return Err(bad(format!("the GEMV kernel takes 2-byte weights, <= {GEMV_MAX_ROWS} rows and k % 8 == 0")));
+        }
+        if gemv_fits && product != Product::Cublas {
+            let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
+            let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            self.launch(&format!("gemv_small_{}", type_suffix(wd)), cfg, |l| {
+                push_buf(l, &w.buf);
+                l.arg(xs).arg(&mut out).arg(&m_i).arg(&n_i).arg(&k_i);
+            })?;
+        } else if wd == DType::F32 {
+            let (x_ptr, _x) = xs.device_ptr(&self.inner.stream);
+            self.gemm(&w.buf, x_ptr, DType::F32, &mut out, m, n, k)?;
+        } else {
+            // cuBLAS multiplies like types: x goes to the weights' 2-byte type first.
+            // SAFETY: the cast kernel writes every element.
+            let mut xh = unsafe { self.inner.stream.alloc::<u16>(m * k) }.map_err(cuda_err("allocating device memory"))?;
+            let n64 = (m * k) as u64;
+            self.launch(&format!("cast_f32_to_{}", type_suffix(wd)), elementwise(m * k), |l| {
+                l.arg(xs).arg(&mut xh).arg(&n64);
+            })?;
+            let (x_ptr, _x) = xh.device_ptr(&self.inner.stream);
+            self.gemm(&w.buf, x_ptr, wd, &mut out, m, n, k)?;
+        }
+        Ok(Cuda::tensor(Buf::F32(out), m, n))
+    }
+}
+
 impl Backend for Cuda {
     type Tensor = CudaTensor;
     type KvCache = CudaKvCache;
@@ -191,41 +245,7 @@ impl Backend for Cuda {
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaTensor) -> Result<CudaTensor> {
-        let (m, k, n) = (x.rows, x.cols, w.rows);
-        if w.cols != k {
-            return Err(bad(format!("linear: x is [{m}, {k}] but w is [{n}, {}]", w.cols)));
-        }
-        if k == 0 || n == 0 {
-            return Err(bad(format!("linear: empty weight [{n}, {k}]")));
-        }
-        if m == 0 {
-            return self.empty(n);
-        }
-        let xs = x.f32()?;
-        let mut out = self.alloc_f32(m * n)?;
-        let wd = w.buf.dtype();
-        if wd != DType::F32 && m <= GEMV_MAX_ROWS && k % 8 == 0 {
-            let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
-            let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            self.launch(&format!("gemv_small_{}", type_suffix(wd)), cfg, |l| {
-                push_buf(l, &w.buf);
-                l.arg(xs).arg(&mut out).arg(&m_i).arg(&n_i).arg(&k_i);
-            })?;
-        } else if wd == DType::F32 {
-            let (x_ptr, _x) = xs.device_ptr(&self.inner.stream);
-            self.gemm(&w.buf, x_ptr, DType::F32, &mut out, m, n, k)?;
-        } else {
-            // cuBLAS multiplies like types: x goes to the weights' 2-byte type first.
-            // SAFETY: the cast kernel writes every element.
-            let mut xh = unsafe { self.inner.stream.alloc::<u16>(m * k) }.map_err(cuda_err("allocating device memory"))?;
-            let n64 = (m * k) as u64;
-            self.launch(&format!("cast_f32_to_{}", type_suffix(wd)), elementwise(m * k), |l| {
-                l.arg(xs).arg(&mut xh).arg(&n64);
-            })?;
-            let (x_ptr, _x) = xh.device_ptr(&self.inner.stream);
-            self.gemm(&w.buf, x_ptr, wd, &mut out, m, n, k)?;
-        }
-        Ok(Cuda::tensor(Buf::F32(out), m, n))
+        self.linear_with(x, w, Product::Auto)
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f64) -> Result<CudaTensor> {
