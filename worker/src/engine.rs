@@ -121,7 +121,9 @@ impl<B: Backend> Engine<B> {
             block_size: options.cache.block_size,
             num_kv_heads: par.kv_heads(config).len(),
             head_dim: config.head_dim,
-            dtype: options.dtype,
+            // Keys and values keep the activations' precision (f32): with 2-byte weights the
+            // weights halve the bytes a decode step reads, and the results stay those of f32.
+            dtype: DType::F32,
         };
         let caches = model.layers.iter().map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
         let weight_bytes = loader.loaded_bytes.get();

@@ -41,9 +41,6 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
     return r;
 }
 
-// `x` rounded to T and back.
-template <typename T> __device__ __forceinline__ float rt(float x) { return to_f32(from_f32<T>(x)); }
-
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -109,6 +106,23 @@ template <typename T>
 __device__ void cast_from_f32(const float *x, T *out, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         out[i] = from_f32<T>(x[i]);
+}
+
+// f32 activations as two rows of 2-byte values for cuBLAS: `out[0..n)` = hi = T(x) and
+// `out[n..2n)` = lo = T(x - hi), so hi + lo carries x to about 2^-17 relative.
+template <typename T>
+__device__ void split_from_f32(const float *x, T *out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        T hi = from_f32<T>(x[i]);
+        out[i] = hi;
+        out[n + i] = from_f32<T>(x[i] - to_f32(hi));
+    }
+}
+
+// out = the hi half of a split product plus its lo half.
+extern "C" __global__ void add_halves_f32(const float *both, float *out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = both[i] + both[n + i];
 }
 
 template <typename T>
@@ -184,7 +198,7 @@ extern "C" __global__ void scatter_add_rows_f32(float *out, const float *src, co
 // ---- products -----------------------------------------------------------------------------
 
 // Small-batch x · Wᵀ for 2-byte weights (the decode shape): one warp per output feature,
-// 16-byte loads of W, all `m` (<= 4) rows of x at once. Needs k % 8 == 0.
+// 16-byte loads of W, all `m` (<= 4) rows of x (f32) at once. Needs k % 8 == 0.
 template <typename T>
 __device__ void gemv_small(const T *w, const float *x, float *out, int m, int n, int k) {
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -211,9 +225,8 @@ __device__ void gemv_small(const T *w, const float *x, float *out, int m, int n,
             if (r < m) {
                 const float4 *xr = (const float4 *)(x + (u64)r * k) + 2 * v;
                 float4 a = __ldg(xr), b = __ldg(xr + 1);
-                // x is rounded to the weights' type, as the cuBLAS path multiplies it.
-                acc[r] += wf[0] * rt<T>(a.x) + wf[1] * rt<T>(a.y) + wf[2] * rt<T>(a.z) + wf[3] * rt<T>(a.w)
-                        + wf[4] * rt<T>(b.x) + wf[5] * rt<T>(b.y) + wf[6] * rt<T>(b.z) + wf[7] * rt<T>(b.w);
+                acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w
+                        + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
             }
         }
     }
@@ -505,7 +518,8 @@ FOR_TYPE(f16, f16)
 
 #define FOR_HALF(T, S)                                                                              \
     extern "C" __global__ void cast_f32_to_##S(const float *x, T *out, u64 n) { cast_from_f32<T>(x, out, n); } \
-    extern "C" __global__ void cast_##S##_to_f32(const T *x, float *out, u64 n) { cast_to_f32<T>(x, out, n); }
+    extern "C" __global__ void cast_##S##_to_f32(const T *x, float *out, u64 n) { cast_to_f32<T>(x, out, n); } \
+    extern "C" __global__ void split_f32_to_##S(const float *x, T *out, u64 n) { split_from_f32<T>(x, out, n); }
 
 FOR_HALF(bf16, bf16)
 FOR_HALF(f16, f16)

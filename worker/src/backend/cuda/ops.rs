@@ -176,15 +176,24 @@ impl Cuda {
             let (x_ptr, _x) = xs.device_ptr(&self.inner.stream);
             self.gemm(&w.buf, x_ptr, DType::F32, &mut out, m, n, k)?;
         } else {
-            // cuBLAS multiplies like types: x goes to the weights' 2-byte type first.
-            // SAFETY: the cast kernel writes every element.
-            let mut xh = unsafe { self.inner.stream.alloc::<u16>(m * k) }.map_err(cuda_err("allocating device memory"))?;
+            // cuBLAS multiplies like types. Rounding x to the weights' 2-byte type would cost
+            // the f32 activations their precision, so x goes as two rows of that type, hi and
+            // lo, in one product (the weights are read once) whose halves are then added.
+            // SAFETY: the split kernel writes every element.
+            let mut split = unsafe { self.inner.stream.alloc::<u16>(2 * m * k) }.map_err(cuda_err("allocating device memory"))?;
             let n64 = (m * k) as u64;
-            self.launch(&format!("cast_f32_to_{}", type_suffix(wd)), elementwise(m * k), |l| {
-                l.arg(xs).arg(&mut xh).arg(&n64);
+            self.launch(&format!("split_f32_to_{}", type_suffix(wd)), elementwise(m * k), |l| {
+                l.arg(xs).arg(&mut split).arg(&n64);
             })?;
-            let (x_ptr, _x) = xh.device_ptr(&self.inner.stream);
-            self.gemm(&w.buf, x_ptr, wd, &mut out, m, n, k)?;
+            let mut both = self.alloc_f32(2 * m * n)?;
+            {
+                let (x_ptr, _x) = split.device_ptr(&self.inner.stream);
+                self.gemm(&w.buf, x_ptr, wd, &mut both, 2 * m, n, k)?;
+            }
+            let half = (m * n) as u64;
+            self.launch("add_halves_f32", elementwise(m * n), |l| {
+                l.arg(&both).arg(&mut out).arg(&half);
+            })?;
         }
         Ok(Cuda::tensor(Buf::F32(out), m, n))
     }
