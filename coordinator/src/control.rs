@@ -372,6 +372,18 @@ impl Controller {
                 r.peers = peers.clone();
             }
         }
+        // Ranks that all run on GPUs link over NCCL (rank 0 makes the group's unique id);
+        // any CPU rank keeps the replica on TCP.
+        let gpus: Vec<Option<usize>> = plan.workers.iter().map(|id| self.cards.get(id).and_then(|c| gpu_ordinal(&c.device))).collect();
+        if plan.workers.len() > 1 && gpus.iter().all(Option::is_some) {
+            let fail = |s: tonic::Status| (vec![plan.workers[0].clone()], format!("worker {}: making the NCCL id: {}", plan.workers[0], s.message()));
+            let nccl_id = clients[0].clone().create_nccl_id(wpb::CreateNcclIdRequest {}).await.map_err(fail)?.into_inner().nccl_id;
+            for (r, gpu) in requests.iter_mut().zip(&gpus) {
+                r.comm = "nccl".into();
+                r.nccl_id = nccl_id.clone();
+                r.device = gpu.unwrap_or(0) as u32;
+            }
+        }
         let calls: Vec<_> = clients
             .iter()
             .zip(requests.clone())
@@ -537,4 +549,12 @@ pub async fn worker_health(addr: &str, limit: Duration) -> Option<wpb::HealthRes
 /// Whether the worker at `addr` answers Health within a second.
 async fn healthy(addr: &str) -> bool {
     worker_health(addr, Duration::from_secs(1)).await.is_some()
+}
+
+/// The GPU a worker card names (`cuda:N`), if any.
+fn gpu_ordinal(device: &str) -> Option<usize> {
+    match device.parse::<worker::Device>() {
+        Ok(worker::Device::Cuda(n)) => Some(n),
+        _ => None,
+    }
 }

@@ -225,3 +225,18 @@ pub fn route_top_k(logits: &[f32], num_experts: usize, k: usize) -> (Vec<u32>, V
     }
     (ids, weights)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        for (text, device) in [("cpu", Device::Cpu), ("cuda", Device::Cuda(0)), ("cuda:3", Device::Cuda(3))] {
+            assert_eq!(text.parse::<Device>(), Ok(device));
+        }
+        assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+        assert!("gpu".parse::<Device>().unwrap_err().contains("cpu, cuda or cuda:N"));
+        assert!("cuda:x".parse::<Device>().is_err());
+    }
+}

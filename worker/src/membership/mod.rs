@@ -41,7 +41,7 @@ pub struct WorkerCard {
     pub id: String,
     /// Worker API address (`host:port`).
     pub address: String,
-    /// `cpu`, or the GPU's name.
+    /// `cpu`, or `cuda:N` (the worker's GPU).
     pub device: String,
     /// Memory available for weights and KV cache; 0 = unknown (assumed enough).
     pub memory_bytes: u64,
