@@ -81,7 +81,9 @@ fn main() -> anyhow::Result<()> {
         rows.push((batch, tps, bytes, roofline));
     }
     let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 2)).transpose()?;
+    // The peer runs in another process: give it the memory the engine held.
     drop(generator);
+    backend.release_free_memory()?;
     let peers = if args.peers { run_peers(&args, &config) } else { serde_json::Value::Null };
 
     println!();

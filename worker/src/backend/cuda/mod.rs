@@ -177,23 +177,35 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
 /// (the chosen tokens come back); by default the pool returns its free memory to the driver
 /// at every synchronization, so each step would map it again. Keep it.
 fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    let mut threshold = u64::MAX;
+    with_pool(ctx, "configuring the memory pool", |pool| {
+        // SAFETY: the pool is the device's; the call reads the given value.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            )
+        }
+    })
+}
+
+/// Runs `f` on the device's default memory pool.
+fn with_pool(
+    ctx: &CudaContext,
+    what: &str,
+    f: impl FnOnce(cudarc::driver::sys::CUmemoryPool) -> cudarc::driver::sys::CUresult,
+) -> Result<()> {
     use cudarc::driver::sys;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    // SAFETY: the device handle is live; both calls only read or write the given values.
-    let status = unsafe {
-        match sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) {
-            sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut std::ffi::c_void,
-            ),
-            other => other,
-        }
+    // SAFETY: the device handle is live; the call writes the pool handle.
+    let status = match unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) } {
+        sys::CUresult::CUDA_SUCCESS => f(pool),
+        other => other,
     };
     match status {
         sys::CUresult::CUDA_SUCCESS => Ok(()),
-        other => Err(EngineError::Backend(format!("CUDA: configuring the memory pool: {other:?}"))),
+        other => Err(EngineError::Backend(format!("CUDA: {what}: {other:?}"))),
     }
 }
 
@@ -238,6 +250,17 @@ impl Cuda {
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.bind()?;
         self.inner.ctx.mem_get_info().map_err(cuda_err("reading the free memory"))
+    }
+
+    /// Gives the memory pool's free memory back to the driver (for other processes), once
+    /// the queued work is done.
+    pub fn release_free_memory(&self) -> Result<()> {
+        self.synchronize()?;
+        if !self.inner.ctx.has_async_alloc() {
+            return Ok(());
+        }
+        // SAFETY: the pool is the device's; trimming only unmaps memory no allocation holds.
+        with_pool(&self.inner.ctx, "trimming the memory pool", |pool| unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) })
     }
 
     /// Waits for all queued work.
