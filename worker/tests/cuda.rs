@@ -90,6 +90,23 @@ fn every_op_matches_the_cpu_backend() {
     check("add", &x, &y, 1e-6);
     let (x, y) = pair(&g.silu_mul(&ag, &bg).unwrap(), &c.silu_mul(&ac, &bc).unwrap());
     check("silu_mul", &x, &y, 1e-5);
+    let ((sg, ng), (sc, nc)) = (g.add_rms_norm(&ag, &bg, &wg, 1e-5).unwrap(), c.add_rms_norm(&ac, &bc, &wc, 1e-5).unwrap());
+    check("add_rms_norm (sum)", &g.to_host(&sg).unwrap(), &c.to_host(&sc).unwrap(), 1e-6);
+    check("add_rms_norm (norm)", &g.to_host(&ng).unwrap(), &c.to_host(&nc).unwrap(), 1e-5);
+    // SwiGLU: the fused small-batch kernel (m <= 4) and the two-product path.
+    for m in [1usize, 3, 9] {
+        let (n, k) = (1792, 1024);
+        let x = random(m * k, 40 + m as u64, 1.0);
+        let (gw, uw) = (random(n * k, 41, 0.05), random(n * k, 42, 0.05));
+        let xg = g.upload_activations(x.clone(), m, k).unwrap();
+        let (gg, ug) = (g.upload(host(&gw, &[n, k]), DType::BF16).unwrap(), g.upload(host(&uw, &[n, k]), DType::BF16).unwrap());
+        let fused = g.to_host(&g.swiglu(&xg, &gg, &ug).unwrap()).unwrap();
+        let apart = g.to_host(&g.silu_mul(&g.linear_with(&xg, &gg, Product::Cublas).unwrap(), &g.linear_with(&xg, &ug, Product::Cublas).unwrap()).unwrap()).unwrap();
+        check(&format!("swiglu [{m}×{k}] bf16 vs two products"), &fused, &apart, 1e-5);
+        let xc = c.upload_activations(x, m, k).unwrap();
+        let (gc, uc) = (c.upload(host(&gw, &[n, k]), DType::BF16).unwrap(), c.upload(host(&uw, &[n, k]), DType::BF16).unwrap());
+        check(&format!("swiglu [{m}×{k}] bf16"), &fused, &c.to_host(&c.swiglu(&xc, &gc, &uc).unwrap()).unwrap(), 2e-2);
+    }
     let heads = Heads { num_heads: 32, head_dim: 128 };
     let positions: Vec<u32> = (0..rows as u32).map(|i| i * 997 % 32_768).collect();
     let (x, y) = pair(&g.rope(&ag, heads, &positions, 1e6).unwrap(), &c.rope(&ac, heads, &positions, 1e6).unwrap());

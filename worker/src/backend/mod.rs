@@ -156,6 +156,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The residual step of a pre-norm block: `x + residual`, and its RMSNorm. A backend may
+    /// do both in one pass.
+    fn add_rms_norm(&self, x: &Self::Tensor, residual: &Self::Tensor, weight: &Self::Tensor, eps: f64) -> Result<(Self::Tensor, Self::Tensor)> {
+        let sum = self.add(x, residual)?;
+        let normed = self.rms_norm(&sum, weight, eps)?;
+        Ok((sum, normed))
+    }
+    /// SwiGLU's first half: `silu(x · gateᵀ) * (x · upᵀ)`. A backend may do it in one pass
+    /// over both weights.
+    fn swiglu(&self, x: &Self::Tensor, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
+        self.silu_mul(&self.linear(x, gate)?, &self.linear(x, up)?)
+    }
     /// Rotary position embedding (rotate-half convention) of every head of every row.
     fn rope(&self, x: &Self::Tensor, heads: Heads, positions: &[u32], theta: f64) -> Result<Self::Tensor>;
     fn alloc_kv_cache(&self, shape: KvShape) -> Result<Self::KvCache>;

@@ -90,7 +90,7 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let act = b.silu_mul(&self.gate_proj.forward(b, x)?, &self.up_proj.forward(b, x)?)?;
+        let act = b.swiglu(x, &self.gate_proj.weight, &self.up_proj.weight)?;
         self.down_proj.forward(b, &act)
     }
 }
@@ -129,8 +129,8 @@ impl<B: Backend> DecoderLayer<B> {
 
     pub fn forward(&self, b: &B, x: &B::Tensor, cache: &mut B::KvCache, meta: &AttentionMeta) -> Result<B::Tensor> {
         let h = self.self_attn.forward(b, &self.input_layernorm.forward(b, x)?, cache, meta)?;
-        let x = b.add(x, &h)?;
-        let normed = self.post_attention_layernorm.forward(b, &x)?;
+        let norm = &self.post_attention_layernorm;
+        let (x, normed) = b.add_rms_norm(x, &h, &norm.weight, norm.eps)?;
         let h = match &self.feed_forward {
             FeedForward::Mlp(mlp) => mlp.forward(b, &normed)?,
             FeedForward::SparseMoe(moe) => moe.forward(b, &normed)?,

@@ -39,7 +39,7 @@ impl<B: Backend> Expert<B> {
 
     /// This rank's partial output (summed over `tp` by the caller, once for all experts).
     pub fn forward_partial(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let act = b.silu_mul(&self.w1.forward(b, x)?, &self.w3.forward(b, x)?)?;
+        let act = b.swiglu(x, &self.w1.weight, &self.w3.weight)?;
         self.w2.forward_partial(b, &act)
     }
 }

@@ -154,6 +154,22 @@ extern "C" __global__ void rms_norm_f32(const float *x, const float *weight, flo
     for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = weight[c] * (row[c] * inv);
 }
 
+// One block per row: sum = x + residual, out = sum / rms(sum) * weight.
+extern "C" __global__ void add_rms_norm_f32(const float *x, const float *residual, const float *weight, float *sum,
+                                            float *out, int cols, float eps) {
+    u64 base = (u64)blockIdx.x * cols;
+    double ss = 0.0;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = x[base + c] + residual[base + c];
+        sum[base + c] = v;
+        ss += (double)(v * v);
+    }
+    float ms = (float)(block_sum(ss) / cols);
+    float inv = 1.0f / sqrtf(ms + eps);
+    // Each thread reads back only the sums it wrote.
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[base + c] = weight[c] * (sum[base + c] * inv);
+}
+
 // Rotate-half RoPE. One block per row; threads over (head, i < head_dim / 2).
 extern "C" __global__ void rope_f32(const float *x, float *out, const u32 *positions, int heads, int head_dim, float theta) {
     int half = head_dim / 2;
@@ -197,6 +213,27 @@ extern "C" __global__ void scatter_add_rows_f32(float *out, const float *src, co
 
 // ---- products -----------------------------------------------------------------------------
 
+// Eight 2-byte values packed in 16 bytes, as f32.
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 packed, float out[8]) {
+    u32 words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        T lo, hi;
+        lo.bits = (u16)(words[q] & 0xffffu);
+        hi.bits = (u16)(words[q] >> 16);
+        out[2 * q] = to_f32(lo);
+        out[2 * q + 1] = to_f32(hi);
+    }
+}
+
+// The dot product of eight weights with x[8 * v .. 8 * v + 8) of row `xr`.
+__device__ __forceinline__ float dot8(const float w[8], const float *xr, int v) {
+    const float4 *p = (const float4 *)xr + 2 * v;
+    float4 a = __ldg(p), b = __ldg(p + 1);
+    return w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
+}
+
 // Small-batch x · Wᵀ for 2-byte weights (the decode shape): one warp per output feature,
 // 16-byte loads of W, all `m` (<= 4) rows of x (f32) at once. Needs k % 8 == 0.
 template <typename T>
@@ -209,31 +246,47 @@ __device__ void gemv_small(const T *w, const float *x, float *out, int m, int n,
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 4
     for (int v = lane; v < nvec; v += 32) {
-        uint4 pk = wr[v];
-        u32 words[4] = {pk.x, pk.y, pk.z, pk.w};
         float wf[8];
+        unpack8<T>(wr[v], wf);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            T lo, hi;
-            lo.bits = (u16)(words[q] & 0xffffu);
-            hi.bits = (u16)(words[q] >> 16);
-            wf[2 * q] = to_f32(lo);
-            wf[2 * q + 1] = to_f32(hi);
-        }
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            if (r < m) {
-                const float4 *xr = (const float4 *)(x + (u64)r * k) + 2 * v;
-                float4 a = __ldg(xr), b = __ldg(xr + 1);
-                acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w
-                        + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
-            }
-        }
+        for (int r = 0; r < 4; ++r)
+            if (r < m) acc[r] += dot8(wf, x + (u64)r * k, v);
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         float s = warp_sum(acc[r]);
         if (lane == 0 && r < m) out[(u64)r * n + j] = s;
+    }
+}
+
+// SwiGLU's first half for small batches: each warp takes row j of both `gate` and `up`,
+// all `m` (<= 4) rows of x, and writes silu(x · gate_j) * (x · up_j). Needs k % 8 == 0.
+template <typename T>
+__device__ void gemv_swiglu(const T *gate, const T *up, const float *x, float *out, int m, int n, int k) {
+    int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (j >= n) return;
+    const uint4 *gr = (const uint4 *)(gate + (u64)j * k);
+    const uint4 *ur = (const uint4 *)(up + (u64)j * k);
+    int nvec = k >> 3;
+    float g_acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u_acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+    for (int v = lane; v < nvec; v += 32) {
+        float gf[8], uf[8];
+        unpack8<T>(gr[v], gf);
+        unpack8<T>(ur[v], uf);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (r < m) {
+                g_acc[r] += dot8(gf, x + (u64)r * k, v);
+                u_acc[r] += dot8(uf, x + (u64)r * k, v);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        float g = warp_sum(g_acc[r]), u = warp_sum(u_acc[r]);
+        if (lane == 0 && r < m) out[(u64)r * n + j] = g / (1.0f + expf(-g)) * u;
     }
 }
 
@@ -249,7 +302,7 @@ __device__ void write_kv(const float *k, const float *v, T *kc, T *vc, const u32
     }
 }
 
-#define ATTN_WARPS 4
+#define ATTN_WARPS 16
 #define MAX_HEAD_DIM 256
 
 // Causal (optionally sliding-window) paged attention. Grid (rows, heads), ATTN_WARPS warps per
@@ -529,4 +582,10 @@ extern "C" __global__ void gemv_small_bf16(const bf16 *w, const float *x, float 
 }
 extern "C" __global__ void gemv_small_f16(const f16 *w, const float *x, float *out, int m, int n, int k) {
     gemv_small<f16>(w, x, out, m, n, k);
+}
+extern "C" __global__ void gemv_swiglu_bf16(const bf16 *gate, const bf16 *up, const float *x, float *out, int m, int n, int k) {
+    gemv_swiglu<bf16>(gate, up, x, out, m, n, k);
+}
+extern "C" __global__ void gemv_swiglu_f16(const f16 *gate, const f16 *up, const float *x, float *out, int m, int n, int k) {
+    gemv_swiglu<f16>(gate, up, x, out, m, n, k);
 }

@@ -23,6 +23,8 @@ const CHOSEN_WORDS: usize = 2 + 2 * MAX_TOP;
 /// Largest batch the small-batch product kernel takes (`gemv_small` in kernels.cu).
 const GEMV_MAX_ROWS: usize = 4;
 const MAX_HEAD_DIM: usize = 256;
+/// Threads of a paged-attention block (`ATTN_WARPS` warps in kernels.cu).
+const ATTN_THREADS: u32 = 16 * 32;
 const MAX_EXPERTS: usize = 256;
 
 fn bad(msg: String) -> EngineError {
@@ -279,6 +281,45 @@ impl Backend for Cuda {
         self.binary("add_f32", a, b)
     }
 
+    fn add_rms_norm(&self, x: &CudaTensor, residual: &CudaTensor, weight: &CudaTensor, eps: f64) -> Result<(CudaTensor, CudaTensor)> {
+        self.same_len("add_rms_norm", x, residual)?;
+        let (rows, cols) = (x.rows, x.cols);
+        let ws = match &*weight.buf {
+            Buf::F32(s) if weight.len() == cols => s,
+            _ => return Err(bad(format!("add_rms_norm: the weight must be {cols} f32 values, got {weight:?}"))),
+        };
+        if rows == 0 {
+            return Ok((self.empty(cols)?, self.empty(cols)?));
+        }
+        let (xs, rs) = (x.f32()?, residual.f32()?);
+        let mut sum = self.alloc_f32(rows * cols)?;
+        let mut out = self.alloc_f32(rows * cols)?;
+        let (cols_i, eps_f) = (cols as i32, eps as f32);
+        self.launch("add_rms_norm_f32", per_row(rows, 256), |l| {
+            l.arg(xs).arg(rs).arg(ws).arg(&mut sum).arg(&mut out).arg(&cols_i).arg(&eps_f);
+        })?;
+        Ok((Cuda::tensor(Buf::F32(sum), rows, cols), Cuda::tensor(Buf::F32(out), rows, cols)))
+    }
+
+    fn swiglu(&self, x: &CudaTensor, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        let (m, k, n) = (x.rows, x.cols, gate.rows);
+        let wd = gate.buf.dtype();
+        let fused = wd != DType::F32 && up.buf.dtype() == wd && (up.rows, up.cols, gate.cols) == (n, k, k) && m <= GEMV_MAX_ROWS && m > 0 && k % 8 == 0;
+        if !fused {
+            return self.silu_mul(&self.linear(x, gate)?, &self.linear(x, up)?);
+        }
+        let xs = x.f32()?;
+        let mut out = self.alloc_f32(m * n)?;
+        let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&format!("gemv_swiglu_{}", type_suffix(wd)), cfg, |l| {
+            push_buf(l, &gate.buf);
+            push_buf(l, &up.buf);
+            l.arg(xs).arg(&mut out).arg(&m_i).arg(&n_i).arg(&k_i);
+        })?;
+        Ok(Cuda::tensor(Buf::F32(out), m, n))
+    }
+
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         self.binary("silu_mul_f32", gate, up)
     }
@@ -382,7 +423,7 @@ impl Backend for Cuda {
         let mut out = self.alloc_f32(q.len())?;
         let ints = [num_heads, kv_heads, head_dim, meta.block_size, meta.sliding_window.unwrap_or(0)].map(|v| v as i32);
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, num_heads as u32, 1), block_dim: (ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
         self.launch(&format!("paged_attention_{}", type_suffix(cache.k.dtype())), cfg, |l| {
             l.arg(qs);
             push_buf(l, &cache.k);
