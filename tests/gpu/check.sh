@@ -56,7 +56,9 @@ EOF
     for d in ${dirs//:/ } /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu; do
         [ -e "$d/libnccl.so.2" ] && [ ! -e "$links/libnccl.so" ] && ln -sf "$d/libnccl.so.2" "$links/libnccl.so"
     done
+    # The machine's own toolkit first: its NVRTC emits PTX its driver accepts.
     local extra=$links
+    [ -d /usr/local/cuda/lib64 ] && extra="$extra:/usr/local/cuda/lib64"
     [ -n "$dirs" ] && extra="$extra:$dirs"
     [ -d /usr/local/nvidia/lib64 ] && extra="$extra:/usr/local/nvidia/lib64"
     export LD_LIBRARY_PATH="$extra${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -67,6 +69,8 @@ run() {
     cuda_libraries
     export TRAMONTANE_FIXTURES=$PWD/tests/fixtures TRAMONTANE_WORKER_BIN=$PWD/$OUT_DIR/worker
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    echo "libraries: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    for d in ${LD_LIBRARY_PATH//:/ }; do ls "$d" 2>/dev/null | grep -E '^lib(nvrtc|cublas|nccl|cuda)\.so' | sed "s|^|  $d/|"; done || true
     local status=0
     echo "== kernels (NVRTC) and NCCL unit tests"
     "$OUT_DIR/worker-unit-tests" --test-threads=1 backend::cuda comm::nccl || status=1

@@ -7,7 +7,7 @@
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{AttentionMeta, Backend, DType, Heads, KvShape, RowsUpdate, gemv_f32, route_top_k};
+use super::{AttentionMeta, Backend, DType, Heads, KvShape, RowsUpdate, gemv_f32, rope_inv_freq, route_top_k};
 use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
 
@@ -134,9 +134,7 @@ impl Backend for Cpu {
             return Err(EngineError::Backend(format!("rope: x is [{rows}, {cols}], {} positions", positions.len())));
         }
         let half = head_dim / 2;
-        // As transformers computes it, in f32: inv_freq = 1 / theta^(2i / d).
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let inv_freq = rope_inv_freq(head_dim, theta);
         let x = x.contiguous()?;
         let out = with_f32(&x, |xs| {
             let mut out = vec![0f32; xs.len()];

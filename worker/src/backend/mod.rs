@@ -206,6 +206,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
 }
 
+/// RoPE's inverse frequencies `1 / theta^(2i / d)` for `i < d / 2`, in f32 as transformers
+/// computes them; every backend rotates by these same values.
+pub fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect()
+}
+
 /// One expert's contribution to [`Backend::scatter_add_rows`].
 #[derive(Debug)]
 pub struct RowsUpdate<'a, T> {

@@ -170,16 +170,17 @@ extern "C" __global__ void add_rms_norm_f32(const float *x, const float *residua
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[base + c] = weight[c] * (sum[base + c] * inv);
 }
 
-// Rotate-half RoPE. One block per row; threads over (head, i < head_dim / 2).
-extern "C" __global__ void rope_f32(const float *x, float *out, const u32 *positions, int heads, int head_dim, float theta) {
+// Rotate-half RoPE with the host's inverse frequencies (f32 bits). One block per row; threads
+// over (head, i < head_dim / 2).
+extern "C" __global__ void rope_f32(const float *x, float *out, const u32 *positions, const u32 *inv_freq_bits, int heads,
+                                    int head_dim) {
     int half = head_dim / 2;
     u64 base = (u64)blockIdx.x * heads * head_dim;
     float pos = (float)positions[blockIdx.x];
     for (int t = threadIdx.x; t < heads * half; t += blockDim.x) {
         int h = t / half, i = t % half;
-        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
         float s, c;
-        sincosf(pos * inv_freq, &s, &c);
+        sincosf(pos * __uint_as_float(inv_freq_bits[i]), &s, &c);
         u64 at = base + (u64)h * head_dim;
         float a = x[at + i], b = x[at + i + half];
         out[at + i] = a * c - b * s;

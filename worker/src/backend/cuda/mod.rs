@@ -226,7 +226,12 @@ impl Cuda {
         }
         let (major, minor) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
         let ptx = compile_kernels(arch_name(major, minor))?;
-        let module = ctx.load_module(ptx).map_err(cuda_err("loading the kernels"))?;
+        let module = ctx.load_module(ptx).map_err(|e| {
+            EngineError::Backend(format!(
+                "CUDA: loading the kernels: {e} (NVRTC's PTX must be no newer than the driver's CUDA version: \
+                 put a matching libnvrtc first on LD_LIBRARY_PATH)"
+            ))
+        })?;
         let mut kernels = HashMap::new();
         for &name in KERNELS {
             kernels.insert(name.to_string(), module.load_function(name).map_err(cuda_err("finding a kernel"))?);

@@ -11,7 +11,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::{Buf, Cuda, CudaKvCache, CudaTensor, cuda_err, elementwise, per_row, push_buf, type_suffix};
-use crate::backend::{AttentionMeta, Backend, DType, Heads, KvShape, RowsUpdate};
+use crate::backend::{AttentionMeta, Backend, DType, Heads, KvShape, RowsUpdate, rope_inv_freq};
 use crate::error::{EngineError, Result};
 use crate::sampling::{RowChoice, TokenLogprobs, uniform};
 use crate::weights::HostTensor;
@@ -333,11 +333,14 @@ impl Backend for Cuda {
             return self.empty(x.cols);
         }
         let pos = self.indices("positions", positions)?;
+        // The host's table (f32 bits), so the GPU rotates by exactly the CPU's frequencies.
+        let bits: Vec<u32> = rope_inv_freq(head_dim, theta).iter().map(|f| f.to_bits()).collect();
+        let inv_freq = self.indices("rope_inv_freq", &bits)?;
         let xs = x.f32()?;
         let mut out = self.alloc_f32(x.len())?;
-        let (h_i, d_i, theta_f) = (num_heads as i32, head_dim as i32, theta as f32);
+        let (h_i, d_i) = (num_heads as i32, head_dim as i32);
         self.launch("rope_f32", per_row(x.rows, 256), |l| {
-            l.arg(xs).arg(&mut out).arg(&*pos).arg(&h_i).arg(&d_i).arg(&theta_f);
+            l.arg(xs).arg(&mut out).arg(&*pos).arg(&*inv_freq).arg(&h_i).arg(&d_i);
         })?;
         Ok(Cuda::tensor(Buf::F32(out), x.rows, x.cols))
     }
