@@ -83,6 +83,10 @@ struct UpArgs {
     /// The cluster's name on etcd.
     #[arg(long, default_value = "default")]
     cluster: String,
+    /// Where the workers run: cpu, or cuda[:N] (worker i on GPU N + i; the worker must be
+    /// built with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: worker::Device,
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,8 +193,12 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     let etcd = a.etcd.join(",");
     let membership: Vec<&str> = if a.etcd.is_empty() { Vec::new() } else { vec!["--etcd", &etcd, "--cluster", &a.cluster] };
     for i in 0..a.workers {
+        let device = match a.device {
+            worker::Device::Cpu => worker::Device::Cpu,
+            worker::Device::Cuda(first) => worker::Device::Cuda(first + i),
+        };
         let mut worker = Command::new(sibling("worker")?);
-        worker.args(["serve", "--listen", "127.0.0.1:0"]).args(&membership);
+        worker.args(["serve", "--listen", "127.0.0.1:0", "--device", &device.to_string()]).args(&membership);
         let lines = spawn(&mut children, &format!("worker-{i}"), &mut worker, 1)?;
         println!("worker {i} pid {} {}", children.0.last().map_or(0, |c| c.1.id()), lines[0]);
         let addr = lines[0].strip_prefix("listening on ").context("worker did not print its address")?.to_owned();
