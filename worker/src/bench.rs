@@ -1,5 +1,6 @@
 //! Timed decode and prefill through a [`Generator`], shared by the benchmark binaries.
 
+use std::process::Command;
 use std::time::Instant;
 
 use crate::backend::Backend;
@@ -29,6 +30,19 @@ pub fn decode_tokens_per_s<B: Backend>(g: &mut Generator<B>, batch: usize, promp
     let secs = started.elapsed().as_secs_f64();
     g.run_to_completion()?;
     Ok((batch * steps) as f64 / secs)
+}
+
+/// Runs a peer benchmark script and returns the JSON object its last stdout line holds, or
+/// `{"error": ...}` when it could not start or printed none (stderr passes through).
+pub fn peer_json(command: &mut Command) -> serde_json::Value {
+    match command.stderr(std::process::Stdio::inherit()).output() {
+        Ok(out) => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let last = stdout.lines().last().unwrap_or_default();
+            serde_json::from_str(last).unwrap_or_else(|e| serde_json::json!({"error": format!("the peer printed no JSON ({e}): {last}")}))
+        }
+        Err(e) => serde_json::json!({"error": format!("starting the peer script: {e}")}),
+    }
 }
 
 /// Tokens/s of one `len`-token prompt's prefill (a single step), best of `rounds`.

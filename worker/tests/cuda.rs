@@ -101,8 +101,11 @@ fn every_op_matches_the_cpu_backend() {
         let xg = g.upload_activations(x.clone(), m, k).unwrap();
         let (gg, ug) = (g.upload(host(&gw, &[n, k]), DType::BF16).unwrap(), g.upload(host(&uw, &[n, k]), DType::BF16).unwrap());
         let fused = g.to_host(&g.swiglu(&xg, &gg, &ug).unwrap()).unwrap();
-        let apart = g.to_host(&g.silu_mul(&g.linear_with(&xg, &gg, Product::Cublas).unwrap(), &g.linear_with(&xg, &ug, Product::Cublas).unwrap()).unwrap()).unwrap();
-        check(&format!("swiglu [{m}×{k}] bf16 vs two products"), &fused, &apart, 1e-5);
+        if m <= 4 {
+            // The fused kernel against two cuBLAS products (above 4 rows swiglu is those).
+            let apart = g.silu_mul(&g.linear_with(&xg, &gg, Product::Cublas).unwrap(), &g.linear_with(&xg, &ug, Product::Cublas).unwrap());
+            check(&format!("swiglu [{m}×{k}] bf16 vs two products"), &fused, &g.to_host(&apart.unwrap()).unwrap(), 1e-5);
+        }
         let xc = c.upload_activations(x, m, k).unwrap();
         let (gc, uc) = (c.upload(host(&gw, &[n, k]), DType::BF16).unwrap(), c.upload(host(&uw, &[n, k]), DType::BF16).unwrap());
         check(&format!("swiglu [{m}×{k}] bf16"), &fused, &c.to_host(&c.swiglu(&xc, &gc, &uc).unwrap()).unwrap(), 2e-2);

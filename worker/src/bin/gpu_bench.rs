@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Parser;
 use rayon::prelude::*;
 use worker::backend::Cuda;
@@ -198,22 +197,13 @@ fn run_peers(args: &Args, c: &ModelConfig) -> serde_json::Value {
     let script = if script.exists() { script } else { PathBuf::from("worker/benches/gpu_peer.py") };
     let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
     eprintln!("running transformers ({})...", script.display());
-    let output = Command::new(&args.python)
-        .arg(&script)
-        .args(["--hidden", &c.hidden_size.to_string(), "--heads", &c.num_attention_heads.to_string()])
-        .args(["--kv-heads", &c.num_key_value_heads.to_string(), "--head-dim", &c.head_dim.to_string()])
-        .args(["--intermediate", &c.intermediate_size.to_string(), "--layers", &c.num_hidden_layers.to_string()])
-        .args(["--vocab", &c.vocab_size.to_string(), "--batches", &batches, "--steps", &args.steps.to_string()])
-        .args(["--prompt-len", &args.prompt_len.to_string(), "--dtype", &args.dtype.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("starting the peer script");
-    match output {
-        Ok(out) => {
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let last = stdout.lines().last().unwrap_or_default();
-            serde_json::from_str(last).unwrap_or_else(|e| serde_json::json!({"error": format!("the peer printed no JSON ({e}): {last}")}))
-        }
-        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
-    }
+    worker::bench::peer_json(
+        Command::new(&args.python)
+            .arg(&script)
+            .args(["--hidden", &c.hidden_size.to_string(), "--heads", &c.num_attention_heads.to_string()])
+            .args(["--kv-heads", &c.num_key_value_heads.to_string(), "--head-dim", &c.head_dim.to_string()])
+            .args(["--intermediate", &c.intermediate_size.to_string(), "--layers", &c.num_hidden_layers.to_string()])
+            .args(["--vocab", &c.vocab_size.to_string(), "--batches", &batches, "--steps", &args.steps.to_string()])
+            .args(["--prompt-len", &args.prompt_len.to_string(), "--dtype", &args.dtype.to_string()]),
+    )
 }

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Parser;
 use rayon::prelude::*;
 use worker::parallel::Parallel;
@@ -201,22 +200,13 @@ fn run_peers(args: &Args, c: &ModelConfig, threads: usize) -> serde_json::Value 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers.py");
     let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
     eprintln!("running peers ({})...", script.display());
-    let output = Command::new(&args.python)
-        .arg(&script)
-        .args(["--hidden", &c.hidden_size.to_string(), "--heads", &c.num_attention_heads.to_string()])
-        .args(["--kv-heads", &c.num_key_value_heads.to_string(), "--intermediate", &c.intermediate_size.to_string()])
-        .args(["--layers", &c.num_hidden_layers.to_string(), "--experts", &c.num_local_experts.to_string()])
-        .args(["--top-k", &c.num_experts_per_tok.to_string(), "--vocab", &c.vocab_size.to_string()])
-        .args(["--batches", &batches, "--steps", &args.steps.to_string(), "--threads", &threads.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("starting the peers script");
-    match output {
-        Ok(out) => {
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let last = stdout.lines().last().unwrap_or_default();
-            serde_json::from_str(last).unwrap_or_else(|e| serde_json::json!({"error": format!("peers printed no JSON ({e}): {last}")}))
-        }
-        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
-    }
+    worker::bench::peer_json(
+        Command::new(&args.python)
+            .arg(&script)
+            .args(["--hidden", &c.hidden_size.to_string(), "--heads", &c.num_attention_heads.to_string()])
+            .args(["--kv-heads", &c.num_key_value_heads.to_string(), "--intermediate", &c.intermediate_size.to_string()])
+            .args(["--layers", &c.num_hidden_layers.to_string(), "--experts", &c.num_local_experts.to_string()])
+            .args(["--top-k", &c.num_experts_per_tok.to_string(), "--vocab", &c.vocab_size.to_string()])
+            .args(["--batches", &batches, "--steps", &args.steps.to_string(), "--threads", &threads.to_string()]),
+    )
 }

@@ -313,10 +313,15 @@ impl Cuda {
         {
             return Ok(dev.clone());
         }
-        let padded: &[u32] = if data.is_empty() { &[0] } else { data };
-        let dev = Arc::new(self.inner.stream.clone_htod(padded).map_err(cuda_err("uploading indices"))?);
+        let dev = Arc::new(self.upload_u32(data)?);
         uploads.by_purpose.insert(purpose, (data.to_vec(), dev.clone()));
         Ok(dev)
+    }
+
+    /// `data` on the device (one element at least: CUDA allocates nothing for zero).
+    fn upload_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>> {
+        let padded: &[u32] = if data.is_empty() { &[0] } else { data };
+        self.inner.stream.clone_htod(padded).map_err(cuda_err("uploading indices"))
     }
 }
 

@@ -62,11 +62,6 @@ fn blas_type(d: DType) -> cudaDataType_t {
 }
 
 impl Cuda {
-    fn upload_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>> {
-        let padded: &[u32] = if data.is_empty() { &[0] } else { data };
-        self.inner.stream.clone_htod(padded).map_err(cuda_err("uploading indices"))
-    }
-
     fn upload_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
         let padded: &[f32] = if data.is_empty() { &[0.0] } else { data };
         self.inner.stream.clone_htod(padded).map_err(cuda_err("uploading values"))
