@@ -56,8 +56,8 @@ fn gemv_block(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
                     i += 4;
                 }
                 for i in i..m {
-                    for (a, wr) in ws.iter().enumerate() {
-                        out[(r + a) * m + i] = dot(wr, x_row(i));
+                    for (a, v) in rows4(ws, x_row(i)).into_iter().enumerate() {
+                        out[(r + a) * m + i] = v;
                     }
                 }
                 r += 4;
@@ -213,6 +213,69 @@ mod x86 {
         super::reduce16(lanes)
     }
 
+    /// Prefetches, into L2, the weight row four rows below `row` at element `i`: the
+    /// kernels that stream four rows of `k` elements at once run over contiguous rows, so
+    /// this is the next group's row, fetched while the current group is summed. (The
+    /// hardware prefetcher stops at every 4 KiB page, which is one row when `k` = 1024.)
+    #[inline(always)]
+    fn prefetch_next_group(row: *const f32, i: usize, k: usize) {
+        // SAFETY: prefetching never faults; addresses past the matrix are harmless.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(i + 4 * k) as *const i8) };
+    }
+
+    /// `[a+b per lane]` of the 128-bit quarters `A` of `a` and `B` of `b` picked by
+    /// `_mm512_shuffle_f32x4` selectors: one step of the canonical tree for two registers.
+    #[inline(always)]
+    fn fold_quarters<const A: i32, const B: i32>(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: shuffles and adds on registers; callers enable AVX-512F.
+        unsafe { _mm512_add_ps(_mm512_shuffle_f32x4::<A>(a, b), _mm512_shuffle_f32x4::<B>(a, b)) }
+    }
+
+    /// One step of the canonical tree inside every 128-bit quarter of two registers.
+    #[inline(always)]
+    fn fold_lanes<const A: i32, const B: i32>(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: as above.
+        unsafe { _mm512_add_ps(_mm512_shuffle_ps::<A>(a, b), _mm512_shuffle_ps::<B>(a, b)) }
+    }
+
+    /// The canonical reduction of sixteen registers at once, with register shuffles
+    /// instead of sixteen stores and scalar trees. Every step adds lane `l` and lane
+    /// `l + half` of the same register, as [`super::reduce16`] does, so the bits are the
+    /// same. Lane `4q + e` of the result is the sum of `v[4e + q]`.
+    #[target_feature(enable = "avx512f")]
+    fn reduce16x16(v: [__m512; 16]) -> __m512 {
+        // half = 8: [v.lo256 + v.hi256 | w.lo256 + w.hi256].
+        let w: [__m512; 8] = std::array::from_fn(|p| fold_quarters::<0b01_00_01_00, 0b11_10_11_10>(v[2 * p], v[2 * p + 1]));
+        // half = 4: quarter q of x[p] holds register 4p + q.
+        let x: [__m512; 4] = std::array::from_fn(|p| fold_quarters::<0b10_00_10_00, 0b11_01_11_01>(w[2 * p], w[2 * p + 1]));
+        // half = 2 and half = 1, inside each quarter.
+        let y: [__m512; 2] = std::array::from_fn(|p| fold_lanes::<0b01_00_01_00, 0b11_10_11_10>(x[2 * p], x[2 * p + 1]));
+        fold_lanes::<0b10_00_10_00, 0b11_01_11_01>(y[0], y[1])
+    }
+
+    /// The canonical reductions of a 4 × 4 tile of accumulators.
+    #[target_feature(enable = "avx512f")]
+    fn reduce4x4(acc: [[__m512; 4]; 4]) -> [[f32; 4]; 4] {
+        // Register 4j + a is acc[a][j], so lane 4a + j is its sum: row-major [a][j].
+        let sums = reduce16x16(std::array::from_fn(|r| acc[r % 4][r / 4]));
+        let mut out = [[0f32; 4]; 4];
+        // SAFETY: `out` is sixteen contiguous f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().cast(), sums) };
+        out
+    }
+
+    /// The canonical reductions of four accumulators.
+    #[target_feature(enable = "avx512f")]
+    fn reduce4(acc: [__m512; 4]) -> [f32; 4] {
+        let zero = _mm512_setzero_ps();
+        // Registers 0, 4, 8, 12 land in lanes 0, 1, 2, 3.
+        let sums = reduce16x16(std::array::from_fn(|r| if r % 4 == 0 { acc[r / 4] } else { zero }));
+        let mut all = [0f32; 16];
+        // SAFETY: `all` holds sixteen f32.
+        unsafe { _mm512_storeu_ps(all.as_mut_ptr(), sums) };
+        [all[0], all[1], all[2], all[3]]
+    }
+
     /// The canonical dot product, prefetching `a` (the weight row) ahead of use.
     ///
     /// # Safety
@@ -282,16 +345,16 @@ mod x86 {
             // SAFETY (every load): i + 16 <= n bounds all five rows.
             let xv = unsafe { _mm512_loadu_ps(px.add(i)) };
             for (a, p) in pw.iter().enumerate() {
-                if i % 64 == 0 {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
-                }
+                prefetch_next_group(*p, i, n);
                 acc[a] = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(p.add(i)) }, xv, acc[a]);
             }
             i += 16;
         }
-        let mut out = [0f32; 4];
-        for (a, o) in out.iter_mut().enumerate() {
-            *o = super::tail(reduce(acc[a]), &w[a][i..n], &x[i..n]);
+        let mut out = reduce4(acc);
+        if i < n {
+            for (a, o) in out.iter_mut().enumerate() {
+                *o = super::tail(*o, &w[a][i..n], &x[i..n]);
+            }
         }
         out
     }
@@ -311,7 +374,7 @@ mod x86 {
             // SAFETY (every load): i + 16 <= n bounds all eight rows.
             let wv = pw.map(|p| unsafe { _mm512_loadu_ps(p.add(i)) });
             for p in pw {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
+                prefetch_next_group(p, i, n);
             }
             for (j, p) in px.iter().enumerate() {
                 let xv = unsafe { _mm512_loadu_ps(p.add(i)) };
@@ -321,10 +384,12 @@ mod x86 {
             }
             i += 16;
         }
-        let mut out = [[0f32; 4]; 4];
-        for a in 0..4 {
-            for j in 0..4 {
-                out[a][j] = super::tail(reduce(acc[a][j]), &w[a][i..n], &xs[j][i..n]);
+        let mut out = reduce4x4(acc);
+        if i < n {
+            for a in 0..4 {
+                for j in 0..4 {
+                    out[a][j] = super::tail(out[a][j], &w[a][i..n], &xs[j][i..n]);
+                }
             }
         }
         out
