@@ -35,15 +35,20 @@ pub fn gemv_f32(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> 
 
 fn gemv_block(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
-    let (dot, dot4, tile, rows4) = (select_dot(), select_dot4(), select_tile4x4(), select_rows4());
+    let (dot, dot4, tile, rows4, groups) = (select_dot(), select_dot4(), select_tile4x4(), select_rows4(), select_groups());
     out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
         let w_rows = |r: usize| &w[(first + r) * k..(first + r + 1) * k];
         let x_row = |i: usize| &x[i * k..(i + 1) * k];
         let rows = out.len() / m;
         let mut r = 0;
-        // Four weight rows at a time (they stay in L1 while every x row passes by), tiled
-        // with four x rows: eight loads feed sixteen FMAs.
+        // With AVX-512, every whole group of four weight rows goes through the blocked
+        // kernel (tiles of up to four x rows, k in chunks that stay in L1).
+        if let (true, Some(groups)) = (m >= 2, groups) {
+            r = rows / 4 * 4;
+            groups(&w[first * k..(first + r) * k], x, m, k, &mut out[..r * m]);
+        }
+        // Otherwise four weight rows at a time, tiled with four x rows.
         if m >= 4 {
             while r + 4 <= rows {
                 let ws = [w_rows(r), w_rows(r + 1), w_rows(r + 2), w_rows(r + 3)];
@@ -104,6 +109,20 @@ type DotFn = fn(&[f32], &[f32]) -> f32;
 type Dot4Fn = fn(&[f32], [&[f32]; 4]) -> [f32; 4];
 type Tile4x4Fn = fn([&[f32]; 4], [&[f32]; 4]) -> [[f32; 4]; 4];
 type Rows4Fn = fn([&[f32]; 4], &[f32]) -> [f32; 4];
+type GroupsFn = fn(&[f32], &[f32], usize, usize, &mut [f32]);
+
+fn select_groups() -> Option<GroupsFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(|w, x, m, k, out| {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                unsafe { x86::groups_avx512(w, x, m, k, out) }
+            });
+        }
+    }
+    None
+}
 
 fn select_rows4() -> Rows4Fn {
     #[cfg(target_arch = "x86_64")]
@@ -119,15 +138,6 @@ fn select_rows4() -> Rows4Fn {
 }
 
 fn select_tile4x4() -> Tile4x4Fn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return |w, xs| {
-                // SAFETY: the CPU supports AVX-512F (checked just above).
-                unsafe { x86::tile4x4_avx512(w, xs) }
-            };
-        }
-    }
     |w, xs| w.map(|row| select_dot4()(row, xs))
 }
 
@@ -359,40 +369,85 @@ mod x86 {
         out
     }
 
-    /// The 4 × 4 canonical dot products of four weight rows with four `x` rows.
+    /// Elements of `k` per pass of [`groups_avx512`]: a group of four weight rows and a tile
+    /// of four x rows of this many elements take 24 KiB, half of L1.
+    const K_CHUNK: usize = 768;
+
+    /// `out[(r + a) * m + i]` = the canonical dot product of weight row `r + a` with x row
+    /// `i`, for `w` holding whole groups of four contiguous rows of `k` elements and `x`
+    /// holding `m` rows. Each group is swept over `k` in chunks, every x row passing the
+    /// group's chunk while both are in L1; the accumulators wait in memory between chunks.
+    /// Each lane still sums its elements in order, so the bits are the canonical ones.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile4x4_avx512(w: [&[f32]; 4], xs: [&[f32]; 4]) -> [[f32; 4]; 4] {
-        let n = w.iter().chain(&xs).fold(usize::MAX, |n, r| n.min(r.len()));
-        let pw = w.map(|r| r.as_ptr());
-        let px = xs.map(|r| r.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY (every load): i + 16 <= n bounds all eight rows.
+    pub unsafe fn groups_avx512(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+        assert!(k > 0 && w.len().is_multiple_of(4 * k) && x.len() == m * k && out.len() == w.len() / k * m);
+        let k16 = k / 16 * 16;
+        let zero = [[_mm512_setzero_ps(); 4]; 4];
+        let mut acc = vec![zero; m.div_ceil(4)];
+        for (g, group) in w.chunks_exact(4 * k).enumerate() {
+            acc.fill(zero);
+            let mut from = 0;
+            while from < k16 {
+                let to = (from + K_CHUNK).min(k16);
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let xs = &x[4 * t * k..(4 * t + 4).min(m) * k];
+                    // SAFETY: `group` holds four rows and `xs` its rows of `k` elements, and
+                    // `to` <= the last full sixteen of `k`.
+                    unsafe {
+                        match xs.len() / k {
+                            4 => pass::<4>(group, xs, k, from..to, t == 0, acc),
+                            3 => pass::<3>(group, xs, k, from..to, t == 0, acc),
+                            2 => pass::<2>(group, xs, k, from..to, t == 0, acc),
+                            _ => pass::<1>(group, xs, k, from..to, t == 0, acc),
+                        }
+                    }
+                }
+                from = to;
+            }
+            for (t, acc) in acc.iter().enumerate() {
+                let sums = reduce4x4(*acc);
+                for (a, (w_row, sums)) in group.chunks_exact(k).zip(sums).enumerate() {
+                    for (i, sum) in (4 * t..m).zip(sums) {
+                        let x_row = &x[i * k..(i + 1) * k];
+                        out[(4 * g + a) * m + i] = super::tail(sum, &w_row[k16..], &x_row[k16..]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds elements `range` of four weight rows times `R` x rows to `acc[a][j]`,
+    /// prefetching the next group's rows when `prefetch`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `group` holds 4 and `xs` `R` rows of `k` elements;
+    /// `range` is in `0..k` in steps of sixteen.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pass<const R: usize>(group: &[f32], xs: &[f32], k: usize, range: std::ops::Range<usize>, prefetch: bool, acc: &mut [[__m512; 4]; 4]) {
+        let pw: [*const f32; 4] = std::array::from_fn(|a| group[a * k..].as_ptr());
+        let px: [*const f32; R] = std::array::from_fn(|j| xs[j * k..].as_ptr());
+        let mut sums = *acc;
+        let mut i = range.start;
+        while i + 16 <= range.end {
+            // SAFETY (every load): i + 16 <= k bounds every row.
             let wv = pw.map(|p| unsafe { _mm512_loadu_ps(p.add(i)) });
-            for p in pw {
-                prefetch_next_group(p, i, n);
+            if prefetch {
+                for p in pw {
+                    prefetch_next_group(p, i, k);
+                }
             }
             for (j, p) in px.iter().enumerate() {
                 let xv = unsafe { _mm512_loadu_ps(p.add(i)) };
                 for a in 0..4 {
-                    acc[a][j] = _mm512_fmadd_ps(wv[a], xv, acc[a][j]);
+                    sums[a][j] = _mm512_fmadd_ps(wv[a], xv, sums[a][j]);
                 }
             }
             i += 16;
         }
-        let mut out = reduce4x4(acc);
-        if i < n {
-            for a in 0..4 {
-                for j in 0..4 {
-                    out[a][j] = super::tail(out[a][j], &w[a][i..n], &xs[j][i..n]);
-                }
-            }
-        }
-        out
+        *acc = sums;
     }
 
     /// The canonical dot product with AVX2/FMA: two eight-lane accumulators are lanes
@@ -430,7 +485,12 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_in_any_batch() {
-        let (n, k) = (37, 300);
+        for (n, k) in [(37, 300), (12, 1553)] {
+            same_bits_in_any_batch(n, k);
+        }
+    }
+
+    fn same_bits_in_any_batch(n: usize, k: usize) {
         let x: Vec<f32> = (0..70 * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 89.0).collect();
         let alone: Vec<Vec<f32>> = (0..70).map(|i| gemv_f32(&x[i * k..(i + 1) * k], &w, 1, n, k)).collect();
@@ -445,7 +505,8 @@ mod tests {
 
     #[test]
     fn matches_a_plain_loop_for_odd_shapes() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 130, 37), (3, 67, 100), (8, 200, 64), (5, 1, 1030), (13, 70, 33), (32, 131, 1024)] {
+        // (3, 9, 1700) and (9, 12, 1553) span several k chunks of the blocked kernel, with a tail.
+        for &(m, n, k) in &[(1, 1, 1), (1, 130, 37), (3, 67, 100), (8, 200, 64), (5, 1, 1030), (13, 70, 33), (32, 131, 1024), (3, 9, 1700), (9, 12, 1553)] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
             let got = gemv_f32(&x, &w, m, n, k);
