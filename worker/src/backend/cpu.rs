@@ -25,6 +25,48 @@ fn pool() -> &'static rayon::ThreadPool {
     })
 }
 
+/// Steps under way in this process: the first one's guard holds `true`.
+struct Polling(bool);
+
+static STEPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Polling {
+    fn start() -> Self {
+        Polling(STEPS.fetch_add(1, std::sync::atomic::Ordering::AcqRel) == 0)
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        STEPS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Sets its flag when dropped: when the step's work returns, or unwinds.
+struct StepDone<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StepDone<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// How long a polling thread goes without finding a task before it returns to sleeping
+/// (a step waiting on another rank, say, leaves the core to others).
+const POLL_IDLE: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// Runs this pool's tasks as they appear until `done`, or until none came for [`POLL_IDLE`].
+fn poll_for_tasks(done: &std::sync::atomic::AtomicBool) {
+    let mut idle_since = std::time::Instant::now();
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => idle_since = std::time::Instant::now(),
+            Some(rayon::Yield::Idle) if idle_since.elapsed() < POLL_IDLE => std::thread::yield_now(),
+            _ => return,
+        }
+    }
+}
+
 /// One layer's paged cache: `[num_blocks, block_size, num_kv_heads, head_dim]` for K and V.
 pub struct CpuKvCache {
     shape: KvShape,
@@ -66,7 +108,29 @@ impl Backend for Cpu {
     }
 
     fn execute<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
-        pool().install(work)
+        pool().install(|| {
+            // Only one step at a time polls: the pollers of one step would otherwise hold
+            // the threads that another step (a rank in the same process) needs.
+            let polling = Polling::start();
+            if pool().current_num_threads() < 2 || !polling.0 {
+                return work();
+            }
+            // For the length of the step, the other threads poll for its parallel tasks
+            // instead of sleeping between them: a sleeping thread took 20–80 µs to join a
+            // product, and a decode step starts about a hundred of them. Between polls they
+            // yield the core to the OS, so a machine shared with other ranks loses little.
+            let caller = rayon::current_thread_index();
+            let done = std::sync::atomic::AtomicBool::new(false);
+            rayon::scope(|s| {
+                s.spawn_broadcast(|_, ctx| {
+                    if Some(ctx.index()) != caller {
+                        poll_for_tasks(&done);
+                    }
+                });
+                let _done = StepDone(&done);
+                work()
+            })
+        })
     }
 
     fn upload(&self, host: HostTensor<'_>, dtype: DType) -> Result<Tensor> {

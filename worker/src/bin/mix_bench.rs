@@ -39,6 +39,11 @@ struct Args {
     /// Also run transformers and llama.cpp (worker/benches/peers.py) on the same shapes.
     #[arg(long)]
     peers: bool,
+    /// Rounds of (bandwidth probe, Tramontane decode, peers), one after the other; the table
+    /// shows medians. This machine's bandwidth drifts by minutes, so alternating rounds
+    /// keeps engines measured minutes apart comparable.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Python interpreter with the peers' packages (worker/benches/peers-requirements.txt).
     #[arg(long, env = "TRAMONTANE_PYTHON", default_value = "python3")]
     python: String,
@@ -51,8 +56,6 @@ fn main() -> anyhow::Result<()> {
         None => ModelConfig::parse(worker::config::MIX_BENCH, "mix-bench".as_ref())?,
     };
     let threads = rayon::current_num_threads();
-    eprintln!("measuring read bandwidth over {} GiB with {threads} threads...", args.bandwidth_gib);
-    let bandwidth = read_bandwidth(args.bandwidth_gib << 30);
     eprintln!("loading dummy weights ({} M parameters, {})...", config.num_parameters() / 1_000_000, args.dtype);
     let options = EngineOptions {
         dtype: args.dtype,
@@ -63,26 +66,35 @@ fn main() -> anyhow::Result<()> {
     let engine = Engine::from_source(Cpu, &config, &WeightSource::Dummy { seed: 0 }, &options, Parallel::single())?;
     eprintln!("loaded in {:.1} s", started.elapsed().as_secs_f64());
     let mut generator = Generator::new(engine, args.batches.iter().max().copied().unwrap_or(1));
-    let mut rows = Vec::new();
-    for &batch in &args.batches {
-        let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
-        let bytes = config.decode_weight_bytes(batch, args.dtype);
-        let roofline = bandwidth / bytes as f64 * batch as f64;
-        rows.push((batch, tps, bytes, roofline));
-        eprintln!("batch {batch}: {tps:.1} tok/s");
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        eprintln!("round {round}: measuring read bandwidth over {} GiB with {threads} threads...", args.bandwidth_gib);
+        let bandwidth = read_bandwidth(args.bandwidth_gib << 30);
+        let mut ours = Vec::new();
+        for &batch in &args.batches {
+            let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
+            eprintln!("round {round}, batch {batch}: {tps:.1} tok/s");
+            ours.push(tps);
+        }
+        let peers = if args.peers { run_peers(&args, &config, threads) } else { serde_json::Value::Null };
+        rounds.push(Round { bandwidth, ours, peers });
     }
     let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 1)).transpose()?;
     let kernel = (args.prefill_len > 0).then(|| kernel_ms(args.prefill_len, &config)).transpose()?;
-    let peers = if args.peers { run_peers(&args, &config, threads) } else { serde_json::Value::Null };
 
+    let bandwidth = median(rounds.iter().map(|r| Some(r.bandwidth))).unwrap_or(0.0);
+    let of = if rounds.len() > 1 { format!(", medians of {} rounds", rounds.len()) } else { String::new() };
     println!();
-    println!("mix-bench: {} M parameters, {} M read per token at batch 1, {}, {threads} threads", config.num_parameters() / 1_000_000, config.decode_parameters_per_token() / 1_000_000, args.dtype);
+    println!("mix-bench: {} M parameters, {} M read per token at batch 1, {}, {threads} threads{of}", config.num_parameters() / 1_000_000, config.decode_parameters_per_token() / 1_000_000, args.dtype);
     println!("read bandwidth (vectorized, {threads} threads, {} GiB): {:.1} GB/s", args.bandwidth_gib, bandwidth / 1e9);
     println!();
     println!("| batch | tramontane tok/s | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers | llama.cpp tok/s | vs llama.cpp |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (batch, tps, bytes, roofline) in rows {
-        let peer = |name: &str| peers.get(name).and_then(|p| p.get(batch.to_string())).and_then(|v| v.as_f64());
+    for (b, &batch) in args.batches.iter().enumerate() {
+        let tps = median(rounds.iter().map(|r| Some(r.ours[b]))).unwrap_or(0.0);
+        let bytes = config.decode_weight_bytes(batch, args.dtype);
+        let roofline = bandwidth / bytes as f64 * batch as f64;
+        let peer = |name: &str| median(rounds.iter().map(|r| r.peer(name, batch)));
         let cell = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
         let ratio = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{:.2}×", tps / v));
         let (hf, cpp) = (peer("transformers"), peer("llama.cpp"));
@@ -96,6 +108,21 @@ fn main() -> anyhow::Result<()> {
             ratio(cpp)
         );
     }
+    if rounds.len() > 1 {
+        let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" / ");
+        println!();
+        println!("each round, tok/s at batch {batches}:");
+        for (i, r) in rounds.iter().enumerate() {
+            let list = |v: Vec<Option<f64>>| v.iter().map(|v| v.map_or("–".to_owned(), |v| format!("{v:.1}"))).collect::<Vec<_>>().join(" / ");
+            let mut line = format!("- round {}: {:.1} GB/s; tramontane {}", i + 1, r.bandwidth / 1e9, list(r.ours.iter().map(|v| Some(*v)).collect()));
+            if !r.peers.is_null() {
+                for name in ["transformers", "llama.cpp"] {
+                    line += &format!("; {name} {}", list(args.batches.iter().map(|&b| r.peer(name, b)).collect()));
+                }
+            }
+            println!("{line}");
+        }
+    }
     if let (Some(tps), Some((ours, candle))) = (prefill, kernel) {
         let (m, h, i) = (args.prefill_len, config.hidden_size, config.intermediate_size);
         println!();
@@ -105,11 +132,33 @@ fn main() -> anyhow::Result<()> {
             ours / candle
         );
     }
-    if !peers.is_null() {
+    for r in rounds.iter().filter(|r| !r.peers.is_null()) {
         println!();
-        println!("peers: {peers}");
+        println!("peers: {}", r.peers);
     }
     Ok(())
+}
+
+/// One round's measurements: the read bandwidth, Tramontane's tok/s per batch size, and the
+/// peers' JSON (null without `--peers`).
+struct Round {
+    bandwidth: f64,
+    ours: Vec<f64>,
+    peers: serde_json::Value,
+}
+
+impl Round {
+    fn peer(&self, name: &str, batch: usize) -> Option<f64> {
+        self.peers.get(name).and_then(|p| p.get(batch.to_string())).and_then(|v| v.as_f64())
+    }
+}
+
+/// The median of the values present (the mean of the middle two for an even count).
+fn median(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let mut v: Vec<f64> = values.flatten().collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (n > 0).then(|| if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
 /// Milliseconds of one prefill-shaped product (`up_proj`-like) in the engine's f32 kernel and
