@@ -341,3 +341,44 @@ impl Backend for Cpu {
         from_vec(data, rows, cols)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Steps from several threads at once (ranks in one process) all finish, with the right
+    /// results: one step's pollers never hold up another step for good.
+    #[test]
+    fn concurrent_steps_all_finish() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u64 {
+                        let n = 10_000 + 1000 * t + i;
+                        let sum: u64 = Cpu.execute(|| (0..n).into_par_iter().sum());
+                        assert_eq!(sum, n * (n - 1) / 2, "thread {t}, step {i}");
+                    }
+                    tx.send(t).expect("the test is waiting");
+                })
+            })
+            .collect();
+        drop(tx);
+        for _ in 0..threads.len() {
+            rx.recv_timeout(std::time::Duration::from_secs(60)).expect("every thread's steps finish within a minute");
+        }
+        for t in threads {
+            t.join().expect("no step failed");
+        }
+    }
+
+    #[test]
+    fn a_failing_step_unwinds_and_the_next_step_runs() {
+        let failed = std::panic::catch_unwind(|| {
+            Cpu.execute(|| (0..1000u32).into_par_iter().for_each(|i| assert_ne!(i, 500, "a task fails")))
+        });
+        assert!(failed.is_err(), "the task's panic reaches the caller");
+        assert_eq!(Cpu.execute(|| (0..100u64).into_par_iter().sum::<u64>()), 4950);
+    }
+}
