@@ -35,53 +35,23 @@ pub fn gemv_f32(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> 
 
 fn gemv_block(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
-    let (dot, dot4, tile, rows4, groups) = (select_dot(), select_dot4(), select_tile4x4(), select_rows4(), select_groups());
+    let (dot, dot4, rows4, groups) = (select_dot(), select_dot4(), select_rows4(), select_groups());
     out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
         let w_rows = |r: usize| &w[(first + r) * k..(first + r + 1) * k];
         let x_row = |i: usize| &x[i * k..(i + 1) * k];
         let rows = out.len() / m;
-        let mut r = 0;
-        // With AVX-512, every whole group of four weight rows goes through the blocked
-        // kernel (tiles of up to four x rows, k in chunks that stay in L1).
-        if let (true, Some(groups)) = (m >= 2, groups) {
-            r = rows / 4 * 4;
-            groups(&w[first * k..(first + r) * k], x, m, k, &mut out[..r * m]);
-        }
-        // Otherwise four weight rows at a time, tiled with four x rows.
-        if m >= 4 {
-            while r + 4 <= rows {
-                let ws = [w_rows(r), w_rows(r + 1), w_rows(r + 2), w_rows(r + 3)];
-                let mut i = 0;
-                while i + 4 <= m {
-                    let t = tile(ws, [x_row(i), x_row(i + 1), x_row(i + 2), x_row(i + 3)]);
-                    for (a, row) in t.iter().enumerate() {
-                        out[(r + a) * m + i..(r + a) * m + i + 4].copy_from_slice(row);
-                    }
-                    i += 4;
-                }
-                for i in i..m {
-                    for (a, v) in rows4(ws, x_row(i)).into_iter().enumerate() {
-                        out[(r + a) * m + i] = v;
-                    }
-                }
-                r += 4;
+        // Whole groups of four weight rows: one x row streams past them (four independent
+        // sums keep the FMA units busy); two or more go through the blocked kernel.
+        let whole = rows / 4 * 4;
+        if m == 1 {
+            for r in (0..whole).step_by(4) {
+                out[r..r + 4].copy_from_slice(&rows4([w_rows(r), w_rows(r + 1), w_rows(r + 2), w_rows(r + 3)], x));
             }
+        } else {
+            groups(&w[first * k..(first + whole) * k], x, m, k, &mut out[..whole * m]);
         }
-        // Fewer than four x rows: four weight rows at a time against each x row (four
-        // independent sums keep the FMA units busy).
-        if m < 4 {
-            while r + 4 <= rows {
-                let ws = [w_rows(r), w_rows(r + 1), w_rows(r + 2), w_rows(r + 3)];
-                for i in 0..m {
-                    for (a, v) in rows4(ws, x_row(i)).into_iter().enumerate() {
-                        out[(r + a) * m + i] = v;
-                    }
-                }
-                r += 4;
-            }
-        }
-        for r in r..rows {
+        for r in whole..rows {
             let out_row = &mut out[r * m..(r + 1) * m];
             let mut i = 0;
             while i + 4 <= m {
@@ -107,21 +77,45 @@ fn gemv_block(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 
 type DotFn = fn(&[f32], &[f32]) -> f32;
 type Dot4Fn = fn(&[f32], [&[f32]; 4]) -> [f32; 4];
-type Tile4x4Fn = fn([&[f32]; 4], [&[f32]; 4]) -> [[f32; 4]; 4];
 type Rows4Fn = fn([&[f32]; 4], &[f32]) -> [f32; 4];
 type GroupsFn = fn(&[f32], &[f32], usize, usize, &mut [f32]);
 
-fn select_groups() -> Option<GroupsFn> {
+/// The products of whole groups of four contiguous weight rows (`w`, rows of `k`) with the
+/// `m` rows of `x`, written `out[r * m + i]`.
+fn select_groups() -> GroupsFn {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            return Some(|w, x, m, k, out| {
+            return |w, x, m, k, out| {
                 // SAFETY: the CPU supports AVX-512F (checked just above).
                 unsafe { x86::groups_avx512(w, x, m, k, out) }
-            });
+            };
         }
     }
-    None
+    groups_portable
+}
+
+/// [`select_groups`] without AVX-512: each group of four weight rows against tiles of four
+/// x rows, then the x rows left one at a time.
+fn groups_portable(w: &[f32], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    let (dot4, rows4) = (select_dot4(), select_rows4());
+    let x_row = |i: usize| &x[i * k..(i + 1) * k];
+    for (group, out) in w.chunks_exact(4 * k).zip(out.chunks_exact_mut(4 * m)) {
+        let ws: [&[f32]; 4] = std::array::from_fn(|a| &group[a * k..(a + 1) * k]);
+        let mut i = 0;
+        while i + 4 <= m {
+            let xs = [x_row(i), x_row(i + 1), x_row(i + 2), x_row(i + 3)];
+            for (a, w_row) in ws.iter().enumerate() {
+                out[a * m + i..a * m + i + 4].copy_from_slice(&dot4(w_row, xs));
+            }
+            i += 4;
+        }
+        for i in i..m {
+            for (a, v) in rows4(ws, x_row(i)).into_iter().enumerate() {
+                out[a * m + i] = v;
+            }
+        }
+    }
 }
 
 fn select_rows4() -> Rows4Fn {
@@ -135,10 +129,6 @@ fn select_rows4() -> Rows4Fn {
         }
     }
     |w, x| w.map(|row| select_dot()(row, x))
-}
-
-fn select_tile4x4() -> Tile4x4Fn {
-    |w, xs| w.map(|row| select_dot4()(row, xs))
 }
 
 fn select_dot4() -> Dot4Fn {
@@ -500,6 +490,22 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&batch[i * n..(i + 1) * n]), bits(&alone[i]), "row {i} in a batch of {m}");
             }
+        }
+    }
+
+    #[test]
+    fn the_portable_groups_give_the_same_bits() {
+        for (m, k) in [(2, 100), (5, 1553), (9, 64)] {
+            let n = 12;
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 89.0).collect();
+            let (mut portable, mut selected) = (vec![0f32; n * m], vec![0f32; n * m]);
+            groups_portable(&w, &x, m, k, &mut portable);
+            select_groups()(&w, &x, m, k, &mut selected);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&portable), bits(&selected), "m{m} k{k}");
+            let want: f64 = (0..k).map(|c| x[c] as f64 * w[c] as f64).sum();
+            assert!((portable[0] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "m{m} k{k}: {} vs {want}", portable[0]);
         }
     }
 
