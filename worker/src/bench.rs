@@ -32,6 +32,24 @@ pub fn decode_tokens_per_s<B: Backend>(g: &mut Generator<B>, batch: usize, promp
     Ok((batch * steps) as f64 / secs)
 }
 
+/// The flags every peer script takes: the model's shape, the batch sizes and the timed steps.
+pub fn peer_shape_args(c: &crate::ModelConfig, batches: &[usize], steps: usize) -> Vec<String> {
+    let batches = batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
+    [
+        ("--hidden", c.hidden_size.to_string()),
+        ("--heads", c.num_attention_heads.to_string()),
+        ("--kv-heads", c.num_key_value_heads.to_string()),
+        ("--intermediate", c.intermediate_size.to_string()),
+        ("--layers", c.num_hidden_layers.to_string()),
+        ("--vocab", c.vocab_size.to_string()),
+        ("--batches", batches),
+        ("--steps", steps.to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_owned(), value])
+    .collect()
+}
+
 /// Runs a peer benchmark script and returns the JSON object its last stdout line holds, or
 /// `{"error": ...}` when it could not start or printed none (stderr passes through).
 pub fn peer_json(command: &mut Command) -> serde_json::Value {

@@ -195,15 +195,12 @@ fn copy_bandwidth(backend: &Cuda, bytes: usize) -> anyhow::Result<f64> {
 fn run_peers(args: &Args, c: &ModelConfig) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/gpu_peer.py");
     let script = if script.exists() { script } else { PathBuf::from("worker/benches/gpu_peer.py") };
-    let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
     eprintln!("running transformers ({})...", script.display());
     worker::bench::peer_json(
         Command::new(&args.python)
             .arg(&script)
-            .args(["--hidden", &c.hidden_size.to_string(), "--heads", &c.num_attention_heads.to_string()])
-            .args(["--kv-heads", &c.num_key_value_heads.to_string(), "--head-dim", &c.head_dim.to_string()])
-            .args(["--intermediate", &c.intermediate_size.to_string(), "--layers", &c.num_hidden_layers.to_string()])
-            .args(["--vocab", &c.vocab_size.to_string(), "--batches", &batches, "--steps", &args.steps.to_string()])
-            .args(["--prompt-len", &args.prompt_len.to_string(), "--dtype", &args.dtype.to_string()]),
+            .args(worker::bench::peer_shape_args(c, &args.batches, args.steps))
+            .args(["--head-dim", &c.head_dim.to_string(), "--prompt-len", &args.prompt_len.to_string()])
+            .args(["--dtype", &args.dtype.to_string()]),
     )
 }

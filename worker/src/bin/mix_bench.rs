@@ -95,7 +95,6 @@ fn main() -> anyhow::Result<()> {
         let bytes = config.decode_weight_bytes(batch, args.dtype);
         let roofline = bandwidth / bytes as f64 * batch as f64;
         let peer = |name: &str| median(rounds.iter().map(|r| r.peer(name, batch)));
-        let cell = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
         let ratio = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{:.2}×", tps / v));
         let (hf, cpp) = (peer("transformers"), peer("llama.cpp"));
         println!(
@@ -113,7 +112,7 @@ fn main() -> anyhow::Result<()> {
         println!();
         println!("each round, tok/s at batch {batches}:");
         for (i, r) in rounds.iter().enumerate() {
-            let list = |v: Vec<Option<f64>>| v.iter().map(|v| v.map_or("–".to_owned(), |v| format!("{v:.1}"))).collect::<Vec<_>>().join(" / ");
+            let list = |v: Vec<Option<f64>>| v.into_iter().map(cell).collect::<Vec<_>>().join(" / ");
             let mut line = format!("- round {}: {:.1} GB/s; tramontane {}", i + 1, r.bandwidth / 1e9, list(r.ours.iter().map(|v| Some(*v)).collect()));
             if !r.peers.is_null() {
                 for name in ["transformers", "llama.cpp"] {
@@ -151,6 +150,11 @@ impl Round {
     fn peer(&self, name: &str, batch: usize) -> Option<f64> {
         self.peers.get(name).and_then(|p| p.get(batch.to_string())).and_then(|v| v.as_f64())
     }
+}
+
+/// One tok/s cell: one decimal, or a dash when the peer has no number.
+fn cell(v: Option<f64>) -> String {
+    v.map_or("–".to_owned(), |v| format!("{v:.1}"))
 }
 
 /// The median of the values present (the mean of the middle two for an even count).
@@ -247,15 +251,12 @@ unsafe fn sum_avx512(xs: &[f32]) -> f32 {
 
 fn run_peers(args: &Args, c: &ModelConfig, threads: usize) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers.py");
-    let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
     eprintln!("running peers ({})...", script.display());
     worker::bench::peer_json(
         Command::new(&args.python)
             .arg(&script)
-            .args(["--hidden", &c.hidden_size.to_string(), "--heads", &c.num_attention_heads.to_string()])
-            .args(["--kv-heads", &c.num_key_value_heads.to_string(), "--intermediate", &c.intermediate_size.to_string()])
-            .args(["--layers", &c.num_hidden_layers.to_string(), "--experts", &c.num_local_experts.to_string()])
-            .args(["--top-k", &c.num_experts_per_tok.to_string(), "--vocab", &c.vocab_size.to_string()])
-            .args(["--batches", &batches, "--steps", &args.steps.to_string(), "--threads", &threads.to_string()]),
+            .args(worker::bench::peer_shape_args(c, &args.batches, args.steps))
+            .args(["--experts", &c.num_local_experts.to_string(), "--top-k", &c.num_experts_per_tok.to_string()])
+            .args(["--threads", &threads.to_string()]),
     )
 }
