@@ -77,17 +77,55 @@ pub struct TokenLogprobs {
 
 /// Log-softmax of one row of logits, in f64 accumulation for stability.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let log_z = max as f64 + sum.ln();
+    let log_z = log_normaliser(logits);
     logits.iter().map(|&l| (l as f64 - log_z) as f32).collect()
+}
+
+/// `log Σ exp(l)` over a row of logits: the max taken out first, the exponentials summed in
+/// f64 over eight interleaved partial sums (a fixed order, so the same row always gives the
+/// same bits).
+fn log_normaliser(logits: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks.clone() {
+        for (m, &l) in max.iter_mut().zip(c) {
+            *m = m.max(l);
+        }
+    }
+    let max = rest.iter().chain(&max).copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = [0f64; LANES];
+    for c in chunks {
+        for (s, &l) in sum.iter_mut().zip(c) {
+            *s += (l - max).exp() as f64;
+        }
+    }
+    let sum = rest.iter().map(|&l| (l - max).exp() as f64).chain(sum).sum::<f64>();
+    max as f64 + sum.ln()
 }
 
 /// The `n` largest entries of `values` as (index, value), largest first, ties by index.
 pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     let n = n.min(values.len());
-    if n == 0 {
-        return Vec::new();
+    if n <= SCAN_TOP_N {
+        // One pass, keeping the best `n` (key, index) in order: a vocabulary of logits is
+        // scanned once instead of sorting its indices. A later index never beats an equal key.
+        let mut top: Vec<(i32, usize)> = Vec::with_capacity(n + 1);
+        let mut worst = i32::MIN;
+        for (i, &v) in values.iter().enumerate() {
+            let key = total_order_key(v);
+            if top.len() == n && (n == 0 || key <= worst) {
+                continue;
+            }
+            let at = top.partition_point(|t| t.0 >= key);
+            top.insert(at, (key, i));
+            top.truncate(n);
+            if top.len() == n {
+                worst = top[n - 1].0;
+            }
+        }
+        return top.into_iter().map(|(_, i)| (i as u32, values[i])).collect();
     }
     let mut idx: Vec<u32> = (0..values.len() as u32).collect();
     let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
@@ -99,8 +137,24 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, values[i as usize])).collect()
 }
 
-/// Logprob of `token` under `logits`, with `n` alternatives.
+/// An integer that orders like [`f32::total_cmp`] (the same transform it applies).
+fn total_order_key(v: f32) -> i32 {
+    let bits = v.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
+}
+
+/// Up to this many entries, [`top_n`] keeps them in one pass over the values; more (a wide
+/// `top_k`) select over sorted indices.
+const SCAN_TOP_N: usize = 64;
+
+/// Logprob of `token` under `logits`, with `n` alternatives. Without alternatives, only the
+/// normaliser and the token's own logprob are computed (the same values as
+/// [`log_softmax`]'s).
 pub fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
+    if n == 0 {
+        let log_z = log_normaliser(logits);
+        return TokenLogprobs { token, logprob: (logits[token as usize] as f64 - log_z) as f32, top: Vec::new() };
+    }
     let lp = log_softmax(logits);
     TokenLogprobs { token, logprob: lp[token as usize], top: top_n(&lp, n) }
 }
@@ -235,6 +289,37 @@ mod tests {
             assert!(t == 3 || t == 2);
             // p(3) = 0.64, p(2) = 0.24: top_p 0.5 keeps only token 3.
             assert_eq!(sample(&logits, &params(1.0, 0, 0.5, 7), pos).token, 3);
+        }
+    }
+
+    #[test]
+    fn the_one_pass_top_n_ranks_like_sorting_every_index() {
+        // Ties, infinities and NaN (which total_cmp ranks above +inf) included.
+        let mut state = 3u64;
+        let mut values: Vec<f32> = (0..5000).map(|_| (splitmix64(&mut state) % 200) as f32 / 8.0 - 12.0).collect();
+        values[17] = f32::INFINITY;
+        values[4000] = f32::NAN;
+        values[9] = f32::NEG_INFINITY;
+        for n in [0, 1, 2, 5, 20, SCAN_TOP_N, SCAN_TOP_N + 1, 300] {
+            let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+            idx.sort_by(|a, b| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b)));
+            let want: Vec<u32> = idx[..n].to_vec();
+            let got: Vec<u32> = top_n(&values, n).into_iter().map(|t| t.0).collect();
+            assert_eq!(got, want, "n = {n}");
+        }
+        assert_eq!(top_n(&[1.0, 1.0], 5), vec![(0, 1.0), (1, 1.0)]);
+    }
+
+    #[test]
+    fn a_logprob_alone_equals_the_log_softmax_entry() {
+        let mut state = 11u64;
+        let logits: Vec<f32> = (0..32000).map(|_| (splitmix64(&mut state) % 10_000) as f32 / 700.0 - 7.0).collect();
+        let lp = log_softmax(&logits);
+        for token in [0u32, 1234, 31999] {
+            let alone = token_logprobs(&logits, token, 0);
+            assert_eq!(alone.logprob.to_bits(), lp[token as usize].to_bits());
+            assert!(alone.top.is_empty());
+            assert_eq!(token_logprobs(&logits, token, 3).logprob.to_bits(), alone.logprob.to_bits());
         }
     }
 

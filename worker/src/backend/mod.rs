@@ -11,6 +11,8 @@ pub use cpu::Cpu;
 pub use cuda::Cuda;
 pub use gemv::gemv_f32;
 
+use rayon::prelude::*;
+
 use crate::error::{EngineError, Result};
 use crate::sampling::{RowChoice, TokenLogprobs};
 use crate::weights::HostTensor;
@@ -195,14 +197,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Activations `[rows, cols]` from f32 host data (what a communicator received).
     fn upload_activations(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// Carries out `choices[r]` on row `r` of `logits` (`[rows, vocab]`): only the chosen
-    /// tokens and their logprobs leave the backend. The default copies the logits to the host.
+    /// tokens and their logprobs leave the backend. The default copies the logits to the host
+    /// and takes the rows in parallel.
     fn choose(&self, logits: &Self::Tensor, choices: &[RowChoice<'_>]) -> Result<Vec<Option<TokenLogprobs>>> {
         let (rows, vocab) = self.dims(logits);
         if rows != choices.len() {
             return Err(EngineError::Backend(format!("choose: {rows} rows of logits for {} choices", choices.len())));
         }
         let host = self.to_host(logits)?;
-        Ok(host.chunks_exact(vocab).zip(choices).map(|(row, c)| crate::sampling::choose(row, c)).collect())
+        Ok(host.par_chunks_exact(vocab.max(1)).zip(choices).map(|(row, c)| crate::sampling::choose(row, c)).collect())
     }
 }
 
