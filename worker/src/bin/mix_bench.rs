@@ -44,6 +44,10 @@ struct Args {
     /// keeps engines measured minutes apart comparable.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Also measure the f32 product kernel alone on weights streamed from memory, for 1 to 32
+    /// rows of x, and bound each batch's expert products by those rates.
+    #[arg(long)]
+    kernel_sweep: bool,
     /// Python interpreter with the peers' packages (worker/benches/peers-requirements.txt).
     #[arg(long, env = "TRAMONTANE_PYTHON", default_value = "python3")]
     python: String,
@@ -131,9 +135,70 @@ fn main() -> anyhow::Result<()> {
             ours / candle
         );
     }
+    if args.kernel_sweep {
+        kernel_sweep(&args, &config, bandwidth)?;
+    }
     for r in rounds.iter().filter(|r| !r.peers.is_null()) {
         println!();
         println!("peers: {}", r.peers);
+    }
+    Ok(())
+}
+
+/// Rows of x the kernel sweep measures, besides each batch's rows per expert.
+const SWEEP_ROWS: [usize; 6] = [1, 2, 4, 8, 16, 32];
+
+/// Rounds of the kernel sweep (medians reported).
+const SWEEP_ROUNDS: usize = 5;
+
+/// Prints the f32 product kernel's rate on weights streamed from memory (two matrices of
+/// half the probe's size each, alternated so neither is cached) for `m` rows of x and `k`
+/// = the hidden and the intermediate size, then, for each batch whose tokens reach every
+/// expert, the fastest its expert products can run at those rates.
+fn kernel_sweep(args: &Args, c: &ModelConfig, bandwidth: f64) -> anyhow::Result<()> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let experts = c.num_local_experts;
+    // Rows per expert at batch b when its tokens reach every expert (b · top-k / experts).
+    let expert_rows = |b: usize| (experts > 0 && b * c.num_experts_per_tok >= experts).then(|| (b * c.num_experts_per_tok).div_ceil(experts));
+    let mut rows: Vec<usize> = SWEEP_ROWS.iter().copied().chain(args.batches.iter().filter_map(|&b| expert_rows(b))).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let mut rates = std::collections::BTreeMap::new();
+    println!();
+    println!("f32 product kernel on weights streamed from memory ({} threads, medians of {SWEEP_ROUNDS}):", rayon::current_num_threads());
+    println!();
+    println!("| x rows | k | weights GB/s | % of read bandwidth | GFLOP/s |");
+    println!("|---:|---:|---:|---:|---:|");
+    for k in [h, i] {
+        let n = (args.bandwidth_gib << 30) / 2 / 4 / k;
+        let ws: Vec<Vec<f32>> = (0..2).map(|s| (0..n * k).into_par_iter().map(|j| ((j * 7 + s) % 13) as f32 / 13.0 - 0.5).collect()).collect();
+        for &m in &rows {
+            let x: Vec<f32> = (0..m * k).map(|j| (j % 7) as f32 / 7.0 - 0.5).collect();
+            let mut secs = Vec::new();
+            for _ in 0..SWEEP_ROUNDS {
+                for w in &ws {
+                    let started = Instant::now();
+                    std::hint::black_box(worker::Cpu.execute(|| worker::backend::gemv_f32(&x, w, m, n, k)));
+                    secs.push(started.elapsed().as_secs_f64());
+                }
+            }
+            let rate = (n * k * 4) as f64 / median(secs.into_iter().map(Some)).unwrap_or(f64::NAN);
+            rates.insert((m, k), rate);
+            println!("| {m} | {k} | {:.1} | {:.0} % | {:.1} |", rate / 1e9, 100.0 * rate / bandwidth, rate / 4.0 * 2.0 * m as f64 / 1e9);
+        }
+    }
+    for &b in &args.batches {
+        let Some(m) = expert_rows(b) else { continue };
+        // Gate and up read `k` = hidden, down reads `k` = intermediate, every expert of every layer.
+        let bytes = (c.num_hidden_layers * experts * h * i * 4) as f64;
+        let secs = 2.0 * bytes / rates[&(m, h)] + bytes / rates[&(m, i)];
+        println!();
+        println!(
+            "batch {b}: the expert products alone ({m} rows each, {:.0} MB) take at least {:.0} ms per step at these rates: at most {:.1} tok/s",
+            3.0 * bytes / 1e6,
+            secs * 1e3,
+            b as f64 / secs
+        );
     }
     Ok(())
 }
@@ -195,8 +260,7 @@ fn kernel_ms(m: usize, c: &ModelConfig) -> anyhow::Result<(f64, f64)> {
     Ok((ours, candle))
 }
 
-/// Tokens/s of steady-state decode with `batch` sequences: prefill and one warm-up step
-/// excluded, then `steps` timed steps.
+/// Bytes per second of the best of five vectorized reads of `bytes`, on every thread.
 fn read_bandwidth(bytes: usize) -> f64 {
     let data: Vec<f32> = (0..bytes / 4).into_par_iter().map(|i| (i % 7) as f32).collect();
     let chunk = 1 << 20;
