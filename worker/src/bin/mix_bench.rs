@@ -39,9 +39,9 @@ struct Args {
     /// Also run transformers and llama.cpp (worker/benches/peers.py) on the same shapes.
     #[arg(long)]
     peers: bool,
-    /// Rounds of (bandwidth probe, Tramontane decode, peers), one after the other; the table
-    /// shows medians. This machine's bandwidth drifts by minutes, so alternating rounds
-    /// keeps engines measured minutes apart comparable.
+    /// Rounds of (bandwidth probe, Tramontane decode, peers), one after the other, the peers
+    /// first in even rounds; the table shows medians. This machine's bandwidth drifts by
+    /// minutes, so alternating rounds keeps engines measured minutes apart comparable.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// Also measure the f32 product kernel alone on weights streamed from memory, for 1 to 32
@@ -70,17 +70,24 @@ fn main() -> anyhow::Result<()> {
     let engine = Engine::from_source(Cpu, &config, &WeightSource::Dummy { seed: 0 }, &options, Parallel::single())?;
     eprintln!("loaded in {:.1} s", started.elapsed().as_secs_f64());
     let mut generator = Generator::new(engine, args.batches.iter().max().copied().unwrap_or(1));
+    // Allocated once, so that no round allocates and frees gigabytes between measurements.
+    let probe: Vec<f32> = (0..(args.bandwidth_gib << 30) / 4).into_par_iter().map(|i| (i % 7) as f32).collect();
     let mut rounds = Vec::new();
     for round in 1..=args.rounds.max(1) {
         eprintln!("round {round}: measuring read bandwidth over {} GiB with {threads} threads...", args.bandwidth_gib);
-        let bandwidth = read_bandwidth(args.bandwidth_gib << 30);
+        let bandwidth = read_bandwidth(&probe);
+        // Even rounds run the peers first, so that no engine always takes the same place.
+        let peers_first = args.peers && round % 2 == 0;
+        let mut peers = if peers_first { run_peers(&args, &config, threads) } else { serde_json::Value::Null };
         let mut ours = Vec::new();
         for &batch in &args.batches {
             let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
             eprintln!("round {round}, batch {batch}: {tps:.1} tok/s");
             ours.push(tps);
         }
-        let peers = if args.peers { run_peers(&args, &config, threads) } else { serde_json::Value::Null };
+        if args.peers && !peers_first {
+            peers = run_peers(&args, &config, threads);
+        }
         rounds.push(Round { bandwidth, ours, peers });
     }
     let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 1)).transpose()?;
@@ -169,14 +176,15 @@ fn kernel_sweep(args: &Args, c: &ModelConfig, bandwidth: f64) -> anyhow::Result<
     println!();
     println!("| x rows | k | weights GB/s | % of read bandwidth | GFLOP/s |");
     println!("|---:|---:|---:|---:|---:|");
+    let len = (args.bandwidth_gib << 30) / 2 / 4;
+    let ws: Vec<Vec<f32>> = (0..2).map(|s| (0..len).into_par_iter().map(|j| ((j * 7 + s) % 13) as f32 / 13.0 - 0.5).collect()).collect();
     for k in [h, i] {
-        let n = (args.bandwidth_gib << 30) / 2 / 4 / k;
-        let ws: Vec<Vec<f32>> = (0..2).map(|s| (0..n * k).into_par_iter().map(|j| ((j * 7 + s) % 13) as f32 / 13.0 - 0.5).collect()).collect();
+        let n = len / k;
         for &m in &rows {
             let x: Vec<f32> = (0..m * k).map(|j| (j % 7) as f32 / 7.0 - 0.5).collect();
             let mut secs = Vec::new();
             for _ in 0..SWEEP_ROUNDS {
-                for w in &ws {
+                for w in ws.iter().map(|w| &w[..n * k]) {
                     let started = Instant::now();
                     std::hint::black_box(worker::Cpu.execute(|| worker::backend::gemv_f32(&x, w, m, n, k)));
                     secs.push(started.elapsed().as_secs_f64());
@@ -260,9 +268,8 @@ fn kernel_ms(m: usize, c: &ModelConfig) -> anyhow::Result<(f64, f64)> {
     Ok((ours, candle))
 }
 
-/// Bytes per second of the best of five vectorized reads of `bytes`, on every thread.
-fn read_bandwidth(bytes: usize) -> f64 {
-    let data: Vec<f32> = (0..bytes / 4).into_par_iter().map(|i| (i % 7) as f32).collect();
+/// Bytes per second of the best of five vectorized reads of `data`, on every thread.
+fn read_bandwidth(data: &[f32]) -> f64 {
     let chunk = 1 << 20;
     let mut best = f64::INFINITY;
     let mut check = 0f32;
@@ -272,7 +279,7 @@ fn read_bandwidth(bytes: usize) -> f64 {
         best = best.min(started.elapsed().as_secs_f64());
     }
     std::hint::black_box(check);
-    bytes as f64 / best
+    std::mem::size_of_val(data) as f64 / best
 }
 
 /// Sum of `xs`: the widest vector loads the CPU has, eight independent accumulators.
