@@ -81,9 +81,10 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&l| (l as f64 - log_z) as f32).collect()
 }
 
-/// `log Σ exp(l)` over a row of logits: the max taken out first, the exponentials summed in
-/// f64 over eight interleaved partial sums (a fixed order, so the same row always gives the
-/// same bits).
+/// `log Σ exp(l)` over a row of logits: the max taken out first, each exponential taken in f32
+/// (its argument is <= 0: within an ulp of the f64 value, and cheaper) and summed in f64
+/// over eight interleaved partial sums (a fixed order, so the same row always gives the same
+/// bits).
 fn log_normaliser(logits: &[f32]) -> f64 {
     const LANES: usize = 8;
     let mut max = [f32::NEG_INFINITY; LANES];
