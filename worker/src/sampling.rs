@@ -113,18 +113,15 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
         // One pass, keeping the best `n` (key, index) in order: a vocabulary of logits is
         // scanned once instead of sorting its indices. A later index never beats an equal key.
         let mut top: Vec<(i32, usize)> = Vec::with_capacity(n + 1);
-        let mut worst = i32::MIN;
         for (i, &v) in values.iter().enumerate() {
             let key = total_order_key(v);
-            if top.len() == n && (n == 0 || key <= worst) {
+            // Full (always, for n = 0) and not above the n-th: nothing moves.
+            if top.len() == n && top.last().is_none_or(|t| key <= t.0) {
                 continue;
             }
             let at = top.partition_point(|t| t.0 >= key);
             top.insert(at, (key, i));
             top.truncate(n);
-            if top.len() == n {
-                worst = top[n - 1].0;
-            }
         }
         return top.into_iter().map(|(_, i)| (i as u32, values[i])).collect();
     }
