@@ -229,19 +229,15 @@ pub fn route_top_k(logits: &[f32], num_experts: usize, k: usize) -> (Vec<u32>, V
     let tokens = logits.len() / num_experts;
     let mut ids = Vec::with_capacity(tokens * k);
     let mut weights = Vec::with_capacity(tokens * k);
-    let mut order: Vec<usize> = Vec::with_capacity(num_experts);
     for row in logits.chunks_exact(num_experts) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exp: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
         let sum: f32 = exp.iter().sum();
-        order.clear();
-        order.extend(0..num_experts);
-        order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
-        let chosen = &order[..k];
-        let total: f32 = chosen.iter().map(|&e| exp[e] / sum).sum();
-        for &e in chosen {
-            ids.push(e as u32);
-            weights.push(exp[e] / sum / total);
+        let chosen = crate::sampling::top_n(&exp, k);
+        let total: f32 = chosen.iter().map(|&(_, p)| p / sum).sum();
+        for (e, p) in chosen {
+            ids.push(e);
+            weights.push(p / sum / total);
         }
     }
     (ids, weights)
