@@ -50,6 +50,22 @@ pub fn peer_shape_args(c: &crate::ModelConfig, batches: &[usize], steps: usize) 
     .collect()
 }
 
+/// A peer's tok/s at `batch` in a peer script's JSON (`{"name": {"batch": tok_s}}`), if it
+/// reported a number.
+pub fn peer_tok_s(peers: &serde_json::Value, name: &str, batch: usize) -> Option<f64> {
+    peers.get(name).and_then(|p| p.get(batch.to_string())).and_then(|v| v.as_f64())
+}
+
+/// A tok/s table cell: one decimal, or a dash when there is no number.
+pub fn tok_s_cell(v: Option<f64>) -> String {
+    v.map_or("–".to_owned(), |v| format!("{v:.1}"))
+}
+
+/// A "vs peer" table cell: `ours / peer` as `1.23×`, or a dash when the peer has no number.
+pub fn ratio_cell(ours: f64, peer: Option<f64>) -> String {
+    peer.map_or("–".to_owned(), |v| format!("{:.2}×", ours / v))
+}
+
 /// Runs a peer benchmark script and returns the JSON object its last stdout line holds, or
 /// `{"error": ...}` when it could not start or printed none (stderr passes through).
 pub fn peer_json(command: &mut Command) -> serde_json::Value {

@@ -99,14 +99,14 @@ fn main() -> anyhow::Result<()> {
     println!("| batch | tramontane tok/s | ms/step | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (batch, tps, bytes, roofline) in rows {
-        let hf = peers.get("transformers").and_then(|p| p.get(batch.to_string())).and_then(|v| v.as_f64());
+        let hf = worker::bench::peer_tok_s(&peers, "transformers", batch);
         println!(
             "| {batch} | {tps:.1} | {:.2} | {:.2} GB | {roofline:.1} | {:.0} % | {} | {} |",
             1e3 * batch as f64 / tps,
             bytes as f64 / 1e9,
             100.0 * tps / roofline,
-            hf.map_or("–".to_owned(), |v| format!("{v:.1}")),
-            hf.map_or("–".to_owned(), |v| format!("{:.2}×", tps / v)),
+            worker::bench::tok_s_cell(hf),
+            worker::bench::ratio_cell(tps, hf),
         );
     }
     println!();

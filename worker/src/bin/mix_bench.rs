@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use rayon::prelude::*;
+use worker::bench::{peer_tok_s, ratio_cell, tok_s_cell};
 use worker::parallel::Parallel;
 use worker::weights::WeightSource;
 use worker::{Backend, CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig};
@@ -106,16 +107,15 @@ fn main() -> anyhow::Result<()> {
         let bytes = config.decode_weight_bytes(batch, args.dtype);
         let roofline = bandwidth / bytes as f64 * batch as f64;
         let peer = |name: &str| median(rounds.iter().map(|r| r.peer(name, batch)));
-        let ratio = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{:.2}×", tps / v));
         let (hf, cpp) = (peer("transformers"), peer("llama.cpp"));
         println!(
             "| {batch} | {tps:.1} | {:.0} MB | {roofline:.1} | {:.0} % | {} | {} | {} | {} |",
             bytes as f64 / 1e6,
             100.0 * tps / roofline,
-            cell(hf),
-            ratio(hf),
-            cell(cpp),
-            ratio(cpp)
+            tok_s_cell(hf),
+            ratio_cell(tps, hf),
+            tok_s_cell(cpp),
+            ratio_cell(tps, cpp)
         );
     }
     if rounds.len() > 1 {
@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
         println!();
         println!("each round, tok/s at batch {batches}:");
         for (i, r) in rounds.iter().enumerate() {
-            let list = |v: Vec<Option<f64>>| v.into_iter().map(cell).collect::<Vec<_>>().join(" / ");
+            let list = |v: Vec<Option<f64>>| v.into_iter().map(tok_s_cell).collect::<Vec<_>>().join(" / ");
             let mut line = format!("- round {}: {:.1} GB/s; tramontane {}", i + 1, r.bandwidth / 1e9, list(r.ours.iter().map(|v| Some(*v)).collect()));
             if !r.peers.is_null() {
                 for name in ["transformers", "llama.cpp"] {
@@ -221,13 +221,8 @@ struct Round {
 
 impl Round {
     fn peer(&self, name: &str, batch: usize) -> Option<f64> {
-        self.peers.get(name).and_then(|p| p.get(batch.to_string())).and_then(|v| v.as_f64())
+        peer_tok_s(&self.peers, name, batch)
     }
-}
-
-/// One tok/s cell: one decimal, or a dash when the peer has no number.
-fn cell(v: Option<f64>) -> String {
-    v.map_or("–".to_owned(), |v| format!("{v:.1}"))
 }
 
 /// The median of the values present (the mean of the middle two for an even count).
