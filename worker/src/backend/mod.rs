@@ -9,7 +9,7 @@ mod gemv;
 pub use cpu::Cpu;
 #[cfg(feature = "_cuda")]
 pub use cuda::Cuda;
-pub use gemv::gemv_f32;
+pub use gemv::{E4M3_VALUES, Elem, gemv_f32, matmul_t};
 
 use rayon::prelude::*;
 
