@@ -61,6 +61,10 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint declares (`torch_dtype` or `dtype`).
     pub checkpoint_dtype: Option<String>,
+    /// The checkpoint stores its projections as FP8 E4M3 with scales (its
+    /// `quantization_config` is FP8: `quant_method` `fp8`, or `compressed-tensors` in the
+    /// `float-quantized` format, per tensor or per channel).
+    pub fp8_weights: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +104,42 @@ struct RawConfig {
     eos_token_id: Option<OneOrMany>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    quantization_config: Option<serde_json::Value>,
+    compression_config: Option<serde_json::Value>,
+}
+
+/// Whether a checkpoint's `quantization_config` declares FP8 weights the engine reads
+/// (see [`ModelConfig::fp8_weights`]); any other scheme is refused by name.
+fn fp8_weights(q: Option<&serde_json::Value>) -> Result<bool, String> {
+    let Some(q) = q.filter(|q| !q.is_null()) else { return Ok(false) };
+    let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+    match method {
+        "fp8" => match q.get("weight_block_size") {
+            Some(b) if !b.is_null() => Err(format!("quantization_config: block-wise FP8 (weight_block_size {b}) is not supported; per-tensor and per-channel are")),
+            _ => Ok(true),
+        },
+        "compressed-tensors" => {
+            let format = q.get("format").and_then(|f| f.as_str()).unwrap_or("");
+            if format != "float-quantized" {
+                return Err(format!("quantization_config: compressed-tensors format {format:?} is not supported (only \"float-quantized\" FP8)"));
+            }
+            let groups = q.get("config_groups").and_then(|g| g.as_object()).ok_or("quantization_config: no config_groups")?;
+            for (name, group) in groups {
+                let w = group.get("weights").ok_or_else(|| format!("quantization_config: {name} has no weights scheme"))?;
+                let field = |k: &str| w.get(k).map(|v| v.to_string()).unwrap_or_default();
+                let strategy = w.get("strategy").and_then(|s| s.as_str()).unwrap_or("");
+                if field("type") != "\"float\"" || field("num_bits") != "8" || !matches!(strategy, "tensor" | "channel") {
+                    return Err(format!(
+                        "quantization_config: {name} weights are type {}, {} bits, strategy {strategy:?}: only 8-bit float per tensor or per channel is supported",
+                        field("type"),
+                        field("num_bits")
+                    ));
+                }
+            }
+            Ok(true)
+        }
+        other => Err(format!("quantization_config: quant_method {other:?} is not supported (FP8 checkpoints: \"fp8\" or \"compressed-tensors\")")),
+    }
 }
 
 impl ModelConfig {
@@ -175,6 +215,7 @@ impl ModelConfig {
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
             checkpoint_dtype: raw.dtype.or(raw.torch_dtype),
+            fp8_weights: fp8_weights(raw.quantization_config.as_ref().or(raw.compression_config.as_ref())).map_err(ConfigProblem::Invalid)?,
         };
         cfg.validate().map_err(ConfigProblem::Invalid)?;
         Ok(cfg)
@@ -307,5 +348,28 @@ mod tests {
         assert!(matches!(ModelConfig::from_json(&bad), Err(ConfigProblem::Invalid(m)) if m.contains("multiple")));
         let topk = V4.replace(r#""num_experts_per_tok":2"#, r#""num_experts_per_tok":9"#);
         assert!(ModelConfig::from_json(&topk).is_err());
+    }
+
+    #[test]
+    fn fp8_quantization_configs_are_read_and_others_refused_by_name() {
+        let with = |q: &str| ModelConfig::from_json(&V4.replacen('{', &format!("{{\"quantization_config\":{q},"), 1));
+        assert!(!ModelConfig::from_json(V4).unwrap().fp8_weights);
+        assert!(with(r#"{"quant_method":"fp8","activation_scheme":"static","ignored_layers":["lm_head"]}"#).unwrap().fp8_weights);
+        let ct = r#"{"quant_method":"compressed-tensors","format":"float-quantized","config_groups":{"group_0":{"targets":["Linear"],"weights":{"num_bits":8,"type":"float","strategy":"channel","symmetric":true}}},"ignore":["lm_head"]}"#;
+        assert!(with(ct).unwrap().fp8_weights);
+        let refused = [
+            (ct.replace("channel", "group"), "strategy \"group\""),
+            (ct.replace("float-quantized", "pack-quantized"), "pack-quantized"),
+            (r#"{"quant_method":"fp8","weight_block_size":[128,128]}"#.to_owned(), "block-wise"),
+            (r#"{"quant_method":"awq","bits":4}"#.to_owned(), "\"awq\""),
+        ];
+        for (q, named) in refused {
+            let Err(ConfigProblem::Invalid(m)) = with(&q) else { panic!("{q} is refused") };
+            assert!(m.contains(named), "{m} names {named}");
+        }
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        for name in ["mistral-fp8-tiny", "mixtral-fp8-tiny"] {
+            assert!(ModelConfig::from_file(&fixture.join(name).join("config.json")).unwrap().fp8_weights, "{name}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::slot;
 use crate::model::{CausalLm, Loader};
 use crate::parallel::Parallel;
+use crate::quant::{Quantization, WeightDType};
 use crate::sampling::{RowChoice, SamplingParams, TokenLogprobs};
 use crate::weights::{Checkpoint, WeightSource};
 
@@ -55,14 +56,21 @@ pub struct CacheConfig {
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    pub dtype: DType,
+    /// The dtype dense weight matrices are kept in (as stored by default).
+    pub dtype: WeightDType,
+    pub quantization: Quantization,
     pub load_format: LoadFormat,
     pub cache: CacheConfig,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { dtype: DType::F32, load_format: LoadFormat::Safetensors, cache: CacheConfig { num_blocks: 512, block_size: 16 } }
+        EngineOptions {
+            dtype: WeightDType::Auto,
+            quantization: Quantization::Auto,
+            load_format: LoadFormat::Safetensors,
+            cache: CacheConfig { num_blocks: 512, block_size: 16 },
+        }
     }
 }
 
@@ -114,15 +122,16 @@ impl<B: Backend> Engine<B> {
         par: Parallel,
     ) -> Result<Self> {
         par.layout.validate(config).map_err(EngineError::Layout)?;
-        let loader = Loader::new(&backend, source, config, options.dtype, &par);
+        let loader = Loader::new(&backend, source, config, options.dtype, options.quantization, &par);
         let model = CausalLm::load(&loader)?;
         let shape = KvShape {
             num_blocks: options.cache.num_blocks,
             block_size: options.cache.block_size,
             num_kv_heads: par.kv_heads(config).len(),
             head_dim: config.head_dim,
-            // Keys and values keep the activations' precision (f32): with 2-byte weights the
-            // weights halve the bytes a decode step reads, and the results stay those of f32.
+            // Keys and values keep the activations' precision (f32): with 2-byte or 8-bit
+            // weights the weights shrink the bytes a decode step reads, and the arithmetic
+            // stays that of f32.
             dtype: DType::F32,
         };
         let caches = model.layers.iter().map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use worker::{
-    Backend, CacheConfig, Cpu, DType, Device, Engine, EngineOptions, Generator, IncrementalDecoder, LoadFormat, Request, SamplingParams,
-    Tokenizer,
+    Backend, CacheConfig, Cpu, Device, Engine, EngineOptions, Generator, IncrementalDecoder, LoadFormat, Quantization, Request,
+    SamplingParams, Tokenizer, WeightDType,
 };
 
 #[derive(Debug, Parser)]
@@ -74,9 +74,13 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Compute dtype of the weights (f32, f16, bf16).
-    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "f32")]
-    dtype: DType,
+    /// The dtype dense weight matrices are kept in: auto (as the checkpoint stores them), f32,
+    /// f16 or bf16. Activations and the KV cache are f32.
+    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "auto")]
+    dtype: WeightDType,
+    /// 8-bit weights: auto (FP8 checkpoints stay FP8), none, int8 or fp8 (quantized at load).
+    #[arg(long, env = "TRAMONTANE_QUANTIZATION", default_value = "auto")]
+    quantization: Quantization,
     /// `safetensors` (the checkpoint) or `dummy` (random weights of the config's shapes).
     #[arg(long, default_value = "safetensors")]
     load_format: LoadFormat,
@@ -211,6 +215,7 @@ fn generate<B: Backend>(backend: B, args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_file(&args.model.join("tokenizer.json"))?;
     let options = EngineOptions {
         dtype: args.dtype,
+        quantization: args.quantization,
         load_format: args.load_format,
         cache: CacheConfig { num_blocks: args.kv_blocks, block_size: 16 },
     };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use proto::tramontane::worker::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{Backend, Cpu, DType};
+use crate::backend::{Backend, Cpu};
 use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
 use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqStep, open_model};
 use crate::error::EngineError;
@@ -131,13 +131,15 @@ impl<B: Backend> WorkerState<B> {
             return Ok(loaded(engine));
         }
         let invalid = ServiceError::InvalidArgument;
-        let dtype = if req.dtype.is_empty() { DType::F32 } else { req.dtype.parse().map_err(invalid)? };
+        let dtype = req.dtype.parse().map_err(invalid)?;
+        let quantization = req.quantization.parse().map_err(invalid)?;
         let load_format = if req.load_format.is_empty() { LoadFormat::Safetensors } else { req.load_format.parse().map_err(invalid)? };
         if req.kv_blocks == 0 || req.block_size == 0 {
             return Err(ServiceError::InvalidArgument("`kv_blocks` and `block_size` must be >= 1".into()));
         }
         let options = EngineOptions {
             dtype,
+            quantization,
             load_format,
             cache: CacheConfig { num_blocks: req.kv_blocks as usize, block_size: req.block_size as usize },
         };

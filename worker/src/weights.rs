@@ -2,24 +2,113 @@
 //! `model.safetensors.index.json`), memory-mapped and read tensor by tensor, or deterministic
 //! random weights (`--load-format dummy`) for any config.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
-use crate::backend::DType;
+use crate::backend::{DType, Elem};
 use crate::error::{EngineError, Result};
 
-/// A tensor in host memory, borrowed from a mapped checkpoint where possible.
-#[derive(Debug)]
+/// Bytes of a tensor in host memory: a range of a mapped checkpoint file (kept mapped for
+/// as long as the bytes live: no copy), borrowed, or owned.
+#[derive(Debug, Clone)]
+pub enum HostBytes<'a> {
+    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl HostBytes<'_> {
+    /// These bytes without a borrow: mapped and owned bytes as they are, borrowed ones copied.
+    pub fn into_static(self) -> HostBytes<'static> {
+        match self {
+            HostBytes::Mapped { map, range } => HostBytes::Mapped { map, range },
+            HostBytes::Borrowed(b) => HostBytes::Owned(b.to_vec()),
+            HostBytes::Owned(v) => HostBytes::Owned(v),
+        }
+    }
+}
+
+impl std::ops::Deref for HostBytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            HostBytes::Mapped { map, range } => &map[range.clone()],
+            HostBytes::Borrowed(b) => b,
+            HostBytes::Owned(v) => v,
+        }
+    }
+}
+
+impl From<Vec<u8>> for HostBytes<'static> {
+    fn from(v: Vec<u8>) -> Self {
+        HostBytes::Owned(v)
+    }
+}
+
+/// A tensor in host memory, mapped from a checkpoint where possible.
+#[derive(Debug, Clone)]
 pub struct HostTensor<'a> {
     pub dtype: DType,
     pub shape: Vec<usize>,
     /// Little-endian elements, row-major.
-    pub data: Cow<'a, [u8]>,
+    pub data: HostBytes<'a>,
+}
+
+/// A `[rows, cols]` weight matrix in host memory: dense, or 8-bit values with one f32 scale
+/// per row (`w[r, c] = value[r, c] · scales[r]`; symmetric, no zero point).
+#[derive(Debug, Clone)]
+pub enum HostMatrix<'a> {
+    Dense(HostTensor<'a>),
+    Scaled { elem: Elem, rows: usize, cols: usize, values: HostBytes<'a>, scales: Vec<f32> },
+}
+
+impl HostMatrix<'_> {
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            HostMatrix::Dense(t) => (t.shape.first().copied().unwrap_or(1), t.shape.get(1).copied().unwrap_or(1)),
+            HostMatrix::Scaled { rows, cols, .. } => (*rows, *cols),
+        }
+    }
+
+    /// Bytes it holds (values and scales).
+    pub fn bytes(&self) -> usize {
+        match self {
+            HostMatrix::Dense(t) => t.data.len(),
+            HostMatrix::Scaled { values, scales, .. } => values.len() + 4 * scales.len(),
+        }
+    }
+}
+
+/// The element types a checkpoint may store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Float(DType),
+    F8E4M3,
+}
+
+impl Stored {
+    fn size_in_bytes(self) -> usize {
+        match self {
+            Stored::Float(d) => d.size_in_bytes(),
+            Stored::F8E4M3 => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stored::Float(d) => d.fmt(f),
+            Stored::F8E4M3 => f.write_str("F8_E4M3"),
+        }
+    }
 }
 
 /// Which part of a tensor a rank loads: all of it, one of `world` equal slices along `dim`,
@@ -55,7 +144,7 @@ impl Shard {
 }
 
 struct TensorEntry {
-    dtype: DType,
+    dtype: Stored,
     shape: Vec<usize>,
     /// Byte range inside the mapped file.
     start: usize,
@@ -64,7 +153,7 @@ struct TensorEntry {
 
 struct MappedFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     tensors: HashMap<String, TensorEntry>,
 }
 
@@ -108,14 +197,16 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_owned(), files, index })
     }
 
-    /// Reads tensor `name`, checking it has `shape`, and returns the requested shard of it.
-    pub fn tensor(&self, name: &str, shape: &[usize], shard: Shard) -> Result<HostTensor<'_>> {
+    fn entry(&self, name: &str) -> Result<(&MappedFile, &TensorEntry)> {
         let file = self
             .index
             .get(name)
             .map(|&i| &self.files[i])
             .ok_or_else(|| EngineError::MissingTensor { name: name.to_owned(), dir: self.dir.clone() })?;
-        let entry = &file.tensors[name];
+        Ok((file, &file.tensors[name]))
+    }
+
+    fn check_shape(file: &MappedFile, name: &str, entry: &TensorEntry, shape: &[usize]) -> Result<()> {
         if entry.shape != shape {
             return Err(EngineError::TensorShape {
                 path: file.path.clone(),
@@ -124,32 +215,96 @@ impl Checkpoint {
                 expected: shape.to_vec(),
             });
         }
-        let bytes = &file.mmap[entry.start..entry.end];
-        slice_host(entry.dtype, shape, bytes, shard)
+        Ok(())
+    }
+
+    /// Reads float tensor `name`, checking it has `shape`, and returns the requested shard of it.
+    pub fn tensor(&self, name: &str, shape: &[usize], shard: Shard) -> Result<HostTensor<'static>> {
+        let (file, entry) = self.entry(name)?;
+        Self::check_shape(file, name, entry, shape)?;
+        let Stored::Float(dtype) = entry.dtype else {
+            return Err(EngineError::TensorDtype { path: file.path.clone(), name: name.to_owned(), dtype: format!("{} (a float tensor was expected)", entry.dtype) });
+        };
+        let bytes = HostBytes::Mapped { map: file.mmap.clone(), range: entry.start..entry.end };
+        let (shape, data) = slice_host(dtype.size_in_bytes(), shape, bytes, shard)?;
+        Ok(HostTensor { dtype, shape, data })
+    }
+
+    /// Reads projection weight `name` (`[out, in]`) as stored: a float tensor, or FP8 E4M3
+    /// values with their `weight_scale` (or `weight_scale_inv`, which also multiplies): one
+    /// per tensor (`[]` or `[1]`) or per output row (`[out, 1]` or `[out]`).
+    pub fn matrix(&self, name: &str, shape: [usize; 2], shard: Shard) -> Result<HostMatrix<'static>> {
+        let (file, entry) = self.entry(name)?;
+        if entry.dtype != Stored::F8E4M3 {
+            return self.tensor(name, &shape, shard).map(HostMatrix::Dense);
+        }
+        Self::check_shape(file, name, entry, &shape)?;
+        let base = name.strip_suffix(".weight").unwrap_or(name);
+        let scale_name = [format!("{base}.weight_scale"), format!("{base}.weight_scale_inv")]
+            .into_iter()
+            .find(|n| self.index.contains_key(n))
+            .ok_or_else(|| EngineError::MissingTensor { name: format!("{base}.weight_scale"), dir: self.dir.clone() })?;
+        let (scale_file, scale_entry) = self.entry(&scale_name)?;
+        let scale_shape = scale_entry.shape.clone();
+        let per_row = match scale_shape.as_slice() {
+            [] | [1] => false,
+            [o] | [o, 1] if *o == shape[0] => true,
+            _ => {
+                return Err(EngineError::Checkpoint {
+                    path: scale_file.path.clone(),
+                    message: format!(
+                        "{scale_name} has shape {scale_shape:?}: only per-tensor ([] or [1]) and per-channel ([{}, 1]) FP8 scales are supported, not block- or group-wise ones",
+                        shape[0]
+                    ),
+                });
+            }
+        };
+        let scales = self.tensor(&scale_name, &scale_shape, Shard::Full)?;
+        let scales: Vec<f32> = scales.data.chunks_exact(scales.dtype.size_in_bytes()).map(|b| widen(scales.dtype, b)).collect();
+        let bytes = HostBytes::Mapped { map: file.mmap.clone(), range: entry.start..entry.end };
+        let (sharded, values) = slice_host(1, &shape, bytes, shard)?;
+        let rows = match shard.range(&shape)? {
+            Some((0, start, len)) => start..start + len,
+            _ => 0..shape[0],
+        };
+        let scales = if per_row { scales[rows].to_vec() } else { vec![scales[0]; rows.len()] };
+        Ok(HostMatrix::Scaled { elem: Elem::E4m3, rows: sharded[0], cols: sharded[1], values, scales })
     }
 }
 
-/// Applies `shard` to a full tensor's bytes: a borrowed range for dim 0, a copy otherwise.
-fn slice_host<'a>(dtype: DType, shape: &[usize], bytes: &'a [u8], shard: Shard) -> Result<HostTensor<'a>> {
+/// One little-endian float of `dtype`, as f32.
+pub fn widen(dtype: DType, b: &[u8]) -> f32 {
+    match dtype {
+        DType::F32 => Elem::F32.get(b, 0),
+        DType::BF16 => Elem::Bf16.get(b, 0),
+        DType::F16 => Elem::F16.get(b, 0),
+    }
+}
+
+/// Applies `shard` to a full tensor's bytes (`element` bytes each): a sub-range for dim 0
+/// (still mapped), a copy otherwise. Returns the shard's shape and bytes.
+fn slice_host<'a>(element: usize, shape: &[usize], bytes: HostBytes<'a>, shard: Shard) -> Result<(Vec<usize>, HostBytes<'a>)> {
     let Some((dim, start, len)) = shard.range(shape)? else {
-        return Ok(HostTensor { dtype, shape: shape.to_vec(), data: Cow::Borrowed(bytes) });
+        return Ok((shape.to_vec(), bytes));
     };
     let outer: usize = shape[..dim].iter().product();
-    let inner: usize = shape[dim + 1..].iter().product::<usize>() * dtype.size_in_bytes();
+    let inner: usize = shape[dim + 1..].iter().product::<usize>() * element;
     let mut out_shape = shape.to_vec();
     out_shape[dim] = len;
     let row = shape[dim] * inner;
     let (lo, hi) = (start * inner, (start + len) * inner);
-    let data = if outer == 1 {
-        Cow::Borrowed(&bytes[lo..hi])
-    } else {
-        let mut v = Vec::with_capacity(outer * (hi - lo));
-        for o in 0..outer {
-            v.extend_from_slice(&bytes[o * row + lo..o * row + hi]);
+    let data = match bytes {
+        HostBytes::Mapped { map, range } if outer == 1 => HostBytes::Mapped { map, range: range.start + lo..range.start + hi },
+        HostBytes::Borrowed(b) if outer == 1 => HostBytes::Borrowed(&b[lo..hi]),
+        bytes => {
+            let mut v = Vec::with_capacity(outer * (hi - lo));
+            for o in 0..outer {
+                v.extend_from_slice(&bytes[o * row + lo..o * row + hi]);
+            }
+            HostBytes::Owned(v)
         }
-        Cow::Owned(v)
     };
-    Ok(HostTensor { dtype, shape: out_shape, data })
+    Ok((out_shape, data))
 }
 
 impl MappedFile {
@@ -159,7 +314,7 @@ impl MappedFile {
         let file = File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only; a checkpoint modified while mapped is outside
         // the contract (as for every safetensors reader), and bounds are checked below.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let mmap = Arc::new(unsafe { Mmap::map(&file) }.map_err(io)?);
         if mmap.len() < 8 {
             return Err(bad(format!("file is {} bytes, too short for a header", mmap.len())));
         }
@@ -197,9 +352,10 @@ fn parse_entry(name: &str, info: &serde_json::Value, data_start: usize, data_len
     let invalid = |m: &str| EntryProblem::Invalid(m.to_owned());
     let dtype_name = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| invalid("no dtype"))?;
     let dtype = match dtype_name {
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
+        "F32" => Stored::Float(DType::F32),
+        "F16" => Stored::Float(DType::F16),
+        "BF16" => Stored::Float(DType::BF16),
+        "F8_E4M3" => Stored::F8E4M3,
         other => return Err(EntryProblem::Dtype(other.to_owned())),
     };
     let shape: Vec<usize> = info
@@ -239,8 +395,8 @@ pub enum WeightSource {
 }
 
 impl WeightSource {
-    /// Tensor `name` of `shape`, sharded as asked.
-    pub fn tensor(&self, name: &str, shape: &[usize], shard: Shard) -> Result<HostTensor<'_>> {
+    /// Float tensor `name` of `shape`, sharded as asked. Dummy weights are made in `dummy`.
+    pub fn tensor(&self, name: &str, shape: &[usize], shard: Shard, dummy: DType) -> Result<HostTensor<'static>> {
         match self {
             WeightSource::Checkpoint(c) => c.tensor(name, shape, shard),
             WeightSource::Dummy { seed } => {
@@ -249,36 +405,54 @@ impl WeightSource {
                 if !out_shape.is_empty() {
                     out_shape[dim] = len;
                 }
-                let data = dummy_tensor(*seed, name, shape, dim, start..start + len);
-                Ok(HostTensor { dtype: DType::F32, shape: out_shape, data: Cow::Owned(data) })
+                let data = dummy_tensor(*seed, name, shape, dim, start..start + len, dummy);
+                Ok(HostTensor { dtype: dummy, shape: out_shape, data: HostBytes::Owned(data) })
             }
+        }
+    }
+
+    /// Projection weight `name` (`[out, in]`) as stored, sharded as asked (see
+    /// [`Checkpoint::matrix`]). Dummy weights are made in `dummy`.
+    pub fn matrix(&self, name: &str, shape: [usize; 2], shard: Shard, dummy: DType) -> Result<HostMatrix<'static>> {
+        match self {
+            WeightSource::Checkpoint(c) => c.matrix(name, shape, shard),
+            WeightSource::Dummy { .. } => self.tensor(name, &shape, shard, dummy).map(HostMatrix::Dense),
         }
     }
 }
 
-/// Norm weights are 1; everything else uniform in ±1/sqrt(fan_in). Element `i` of the full
-/// tensor depends only on (seed, name, i), so a rank generates just its rows `rows` of `dim`.
-fn dummy_tensor(seed: u64, name: &str, shape: &[usize], dim: usize, rows: std::ops::Range<usize>) -> Vec<u8> {
+/// Norm weights are 1; everything else uniform in ±1/sqrt(fan_in), rounded to `dtype`.
+/// Element `i` of the full tensor depends only on (seed, name, i), so a rank generates just
+/// its rows `rows` of `dim`, on every core.
+fn dummy_tensor(seed: u64, name: &str, shape: &[usize], dim: usize, rows: std::ops::Range<usize>, dtype: DType) -> Vec<u8> {
     let outer: usize = shape[..dim.min(shape.len())].iter().product();
     let inner: usize = shape.get(dim + 1..).map_or(1, |s| s.iter().product());
     let full_rows = shape.get(dim).copied().unwrap_or(1);
     let n = outer * rows.len() * inner;
+    let size = dtype.size_in_bytes();
+    let put = |bytes: &mut [u8], v: f32| match dtype {
+        DType::F32 => bytes.copy_from_slice(&v.to_le_bytes()),
+        DType::BF16 => bytes.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        DType::F16 => bytes.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+    };
+    let mut out = vec![0u8; n * size];
     if name.ends_with("norm.weight") {
-        return 1.0f32.to_le_bytes().repeat(n);
+        out.par_chunks_exact_mut(size).for_each(|b| put(b, 1.0));
+        return out;
     }
     let fan_in = *shape.last().unwrap_or(&1) as f32;
     let scale = if name.contains("embed_tokens") { 1.0 } else { 1.0 / fan_in.sqrt() };
     let base = name.bytes().fold(seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
-    let mut out = vec![0u8; n * 4];
     let len = rows.len();
-    // One output row (o, r) per task: large tensors are generated on every core.
-    out.par_chunks_mut((inner * 4).max(1)).enumerate().for_each(|(at, row)| {
+    // One output row (o, r) per task.
+    out.par_chunks_mut((inner * size).max(1)).enumerate().for_each(|(at, row)| {
         let (o, r) = (at / len, rows.start + at % len);
-        for (i, bytes) in row.chunks_exact_mut(4).enumerate() {
-            let mut state = base.wrapping_add((((o * full_rows + r) * inner + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let first = ((o * full_rows + r) * inner) as u64;
+        for (i, bytes) in row.chunks_exact_mut(size).enumerate() {
+            let mut state = base.wrapping_add((first + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let r = crate::sampling::splitmix64(&mut state);
             let unit = (r >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            bytes.copy_from_slice(&((unit * 2.0 - 1.0) * scale).to_le_bytes());
+            put(bytes, (unit * 2.0 - 1.0) * scale);
         }
     });
     out
@@ -292,30 +466,36 @@ mod tests {
     fn slicing_dim0_borrows_and_dim1_copies_the_right_elements() {
         // 2 x 4 matrix of u8-sized "f16" pairs: use F16 (2 bytes per element).
         let bytes: Vec<u8> = (0u8..16).collect();
-        let t = slice_host(DType::F16, &[2, 4], &bytes, Shard::Slice { dim: 0, rank: 1, world: 2 }).unwrap();
-        assert!(matches!(t.data, Cow::Borrowed(_)));
-        assert_eq!(&*t.data, &bytes[8..16]);
-        let t = slice_host(DType::F16, &[2, 4], &bytes, Shard::Slice { dim: 1, rank: 1, world: 2 }).unwrap();
-        assert_eq!(t.shape, vec![2, 2]);
-        assert_eq!(&*t.data, &[4, 5, 6, 7, 12, 13, 14, 15]);
-        assert!(slice_host(DType::F16, &[2, 4], &bytes, Shard::Slice { dim: 1, rank: 0, world: 3 }).is_err());
+        let borrowed = || HostBytes::Borrowed(&bytes);
+        let (_, t) = slice_host(2, &[2, 4], borrowed(), Shard::Slice { dim: 0, rank: 1, world: 2 }).unwrap();
+        assert!(matches!(t, HostBytes::Borrowed(_)));
+        assert_eq!(&*t, &bytes[8..16]);
+        let (shape, t) = slice_host(2, &[2, 4], borrowed(), Shard::Slice { dim: 1, rank: 1, world: 2 }).unwrap();
+        assert_eq!(shape, vec![2, 2]);
+        assert_eq!(&*t, &[4, 5, 6, 7, 12, 13, 14, 15]);
+        assert!(slice_host(2, &[2, 4], borrowed(), Shard::Slice { dim: 1, rank: 0, world: 3 }).is_err());
     }
 
     #[test]
     fn dummy_weights_are_deterministic_and_bounded() {
         let name = "model.layers.0.mlp.up_proj.weight";
-        let a = dummy_tensor(7, name, &[8, 16], 0, 0..8);
-        let b = dummy_tensor(7, name, &[8, 16], 0, 0..8);
-        let c = dummy_tensor(8, name, &[8, 16], 0, 0..8);
+        let a = dummy_tensor(7, name, &[8, 16], 0, 0..8, DType::F32);
+        let b = dummy_tensor(7, name, &[8, 16], 0, 0..8, DType::F32);
+        let c = dummy_tensor(8, name, &[8, 16], 0, 0..8, DType::F32);
         assert_eq!(a, b);
         assert_ne!(a, c);
         // A shard generates exactly the full tensor's elements.
         let source = WeightSource::Dummy { seed: 7 };
-        let full = source.tensor(name, &[8, 16], Shard::Full).unwrap();
-        let part = source.tensor(name, &[8, 16], Shard::Range { dim: 1, start: 4, len: 8 }).unwrap();
-        let expect = slice_host(DType::F32, &[8, 16], &full.data, Shard::Range { dim: 1, start: 4, len: 8 }).unwrap();
+        let full = source.tensor(name, &[8, 16], Shard::Full, DType::F32).unwrap();
+        let part = source.tensor(name, &[8, 16], Shard::Range { dim: 1, start: 4, len: 8 }, DType::F32).unwrap();
+        let (_, expect) = slice_host(4, &[8, 16], full.data, Shard::Range { dim: 1, start: 4, len: 8 }).unwrap();
         assert_eq!(part.shape, vec![8, 8]);
-        assert_eq!(part.data, expect.data);
+        assert_eq!(&*part.data, &*expect);
+        // In bf16: the f32 values rounded.
+        let rounded = source.tensor(name, &[8, 16], Shard::Full, DType::BF16).unwrap();
+        for (h, f) in rounded.data.chunks_exact(2).zip(a.chunks_exact(4)) {
+            assert_eq!(widen(DType::BF16, h), half::bf16::from_f32(widen(DType::F32, f)).to_f32());
+        }
         for v in a.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())) {
             assert!(v.abs() <= 0.25 + 1e-6);
         }

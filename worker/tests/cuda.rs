@@ -32,6 +32,12 @@ fn host(values: &[f32], shape: &[usize]) -> HostTensor<'static> {
     HostTensor { dtype: DType::F32, shape: shape.to_vec(), data: data.into() }
 }
 
+/// A weight matrix on the CPU backend, rounded to `dtype` as the GPU's upload rounds it.
+fn cpu_weight(c: &Cpu, values: &[f32], shape: &[usize], dtype: DType) -> <Cpu as Backend>::Weight {
+    let dense = worker::weights::HostMatrix::Dense(host(values, shape));
+    c.upload_weight(worker::quant::convert(dense, worker::quant::Format::Dense(dtype)).unwrap()).unwrap()
+}
+
 /// Largest |a - b| relative to the largest |b| (at least 1), asserted under `tol`; prints a
 /// table row.
 fn check(op: &str, a: &[f32], b: &[f32], tol: f32) {
@@ -62,7 +68,7 @@ fn every_op_matches_the_cpu_backend() {
     ] {
         let (x, w) = (random(m * k, 1 + m as u64, 1.0), random(n * k, 2 + n as u64, 0.05));
         let (xg, wg) = (g.upload_activations(x.clone(), m, k).unwrap(), g.upload(host(&w, &[n, k]), dtype).unwrap());
-        let (xc, wc) = (c.upload_activations(x, m, k).unwrap(), c.upload(host(&w, &[n, k]), dtype).unwrap());
+        let (xc, wc) = (c.upload_activations(x, m, k).unwrap(), cpu_weight(&c, &w, &[n, k], dtype));
         let ours = g.to_host(&g.linear(&xg, &wg).unwrap()).unwrap();
         let cpu = c.to_host(&c.linear(&xc, &wc).unwrap()).unwrap();
         check(&format!("linear [{m}×{k}]·[{n}×{k}]ᵀ {dtype}"), &ours, &cpu, tol);
@@ -72,7 +78,8 @@ fn every_op_matches_the_cpu_backend() {
             check(&format!("GEMV kernel vs cuBLAS [{m}×{k}]·[{n}×{k}]ᵀ {dtype}"), &ours, &blas, 1e-5);
         }
         // Weights come back exactly as uploaded.
-        check(&format!("weights {dtype} to host"), &g.to_host(&wg).unwrap(), &c.to_host(&wc).unwrap(), 0.0);
+        let every_row: Vec<u32> = (0..n as u32).collect();
+        check(&format!("weights {dtype} to host"), &g.to_host(&wg).unwrap(), &c.to_host(&c.embedding(&wc, &every_row).unwrap()).unwrap(), 0.0);
     }
 
     let (rows, cols) = (33, 4096);
@@ -107,7 +114,7 @@ fn every_op_matches_the_cpu_backend() {
             check(&format!("swiglu [{m}×{k}] bf16 vs two products"), &fused, &g.to_host(&apart.unwrap()).unwrap(), 1e-5);
         }
         let xc = c.upload_activations(x, m, k).unwrap();
-        let (gc, uc) = (c.upload(host(&gw, &[n, k]), DType::BF16).unwrap(), c.upload(host(&uw, &[n, k]), DType::BF16).unwrap());
+        let (gc, uc) = (cpu_weight(&c, &gw, &[n, k], DType::BF16), cpu_weight(&c, &uw, &[n, k], DType::BF16));
         check(&format!("swiglu [{m}×{k}] bf16"), &fused, &c.to_host(&c.swiglu(&xc, &gc, &uc).unwrap()).unwrap(), 2e-2);
     }
     let heads = Heads { num_heads: 32, head_dim: 128 };
@@ -118,7 +125,7 @@ fn every_op_matches_the_cpu_backend() {
     // Embedding from a bf16 table; gather and scatter of rows.
     let table = random(1000 * 256, 13, 1.0);
     let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 1000) as u32).collect();
-    let (tg, tc) = (g.upload(host(&table, &[1000, 256]), DType::BF16).unwrap(), c.upload(host(&table, &[1000, 256]), DType::BF16).unwrap());
+    let (tg, tc) = (g.upload(host(&table, &[1000, 256]), DType::BF16).unwrap(), cpu_weight(&c, &table, &[1000, 256], DType::BF16));
     let (x, y) = pair(&g.embedding(&tg, &ids).unwrap(), &c.embedding(&tc, &ids).unwrap());
     check("embedding (bf16 table)", &x, &y, 0.0);
     let picks = [5u32, 0, 32, 7, 7];
@@ -282,7 +289,7 @@ fn the_reference_fixtures_run_on_the_gpu() {
         let native: DType = config.checkpoint_dtype.as_deref().unwrap_or("float32").parse().expect("a known dtype");
         let runs = if native == DType::F32 { vec![(DType::F32, 2e-3f32)] } else { vec![(native, 2e-2), (DType::F32, 2e-3)] };
         for (dtype, tol) in runs {
-            let options = EngineOptions { dtype, ..EngineOptions::default() };
+            let options = EngineOptions { dtype: worker::WeightDType::As(dtype), ..EngineOptions::default() };
             let engine = Engine::load(gpu(), &fixture(name), &options).unwrap_or_else(|e| panic!("{name}: {e}"));
             let mut g = Generator::new(engine, 16);
             // All prompts in one batch: mixed lengths share every step.

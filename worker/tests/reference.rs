@@ -5,9 +5,11 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use worker::{Completion, Cpu, DType, Engine, EngineOptions, Generator, Request, SamplingParams, TokenLogprobs};
+use worker::{Completion, Cpu, DType, Engine, EngineOptions, Generator, Request, SamplingParams, TokenLogprobs, WeightDType};
 
-const FIXTURES: [&str; 4] = ["mistral-v1-tiny", "mixtral-v3-tiny", "mistral-nemo-tiny", "mixtral-f32-tiny"];
+/// Every fixture: bf16, f16 and f32 checkpoints, and two FP8 ones (weights kept FP8, the
+/// reference computed from their dequantized values).
+const FIXTURES: [&str; 6] = ["mistral-v1-tiny", "mixtral-v3-tiny", "mistral-nemo-tiny", "mixtral-f32-tiny", "mistral-fp8-tiny", "mixtral-fp8-tiny"];
 /// Logprob tolerance against transformers in f32.
 const TOL: f32 = 2e-3;
 
@@ -36,7 +38,7 @@ fn reference(name: &str) -> Reference {
     serde_json::from_str(&text).expect("reference.json parses")
 }
 
-fn generator(name: &str, dtype: DType) -> Generator<Cpu> {
+fn generator(name: &str, dtype: WeightDType) -> Generator<Cpu> {
     let options = EngineOptions { dtype, ..EngineOptions::default() };
     let engine = Engine::load(Cpu, &fixture_dir(name), &options).unwrap_or_else(|e| panic!("{name}: {e}"));
     Generator::new(engine, 16)
@@ -83,7 +85,7 @@ fn check_case(name: &str, i: usize, case: &Case, done: &Completion, tol: f32) ->
 fn every_fixture_matches_transformers_one_request_at_a_time() {
     for name in FIXTURES {
         let reference = reference(name);
-        let mut g = generator(name, DType::F32);
+        let mut g = generator(name, WeightDType::Auto);
         let mut worst = 0f32;
         for (i, case) in reference.cases.iter().enumerate() {
             g.add(request(i as u64, case)).expect("valid request");
@@ -100,11 +102,11 @@ fn a_mixed_length_batch_equals_one_at_a_time() {
         let reference = reference(name);
         let mut alone = Vec::new();
         for (i, case) in reference.cases.iter().enumerate() {
-            let mut g = generator(name, DType::F32);
+            let mut g = generator(name, WeightDType::Auto);
             g.add(request(i as u64, case)).expect("valid request");
             alone.extend(g.run_to_completion().expect("runs"));
         }
-        let mut g = generator(name, DType::F32);
+        let mut g = generator(name, WeightDType::Auto);
         for (i, case) in reference.cases.iter().enumerate() {
             g.add(request(i as u64, case)).expect("valid request");
         }
@@ -123,22 +125,29 @@ fn a_mixed_length_batch_equals_one_at_a_time() {
     }
 }
 
+/// Weights kept as stored (bf16, f16, FP8) widen to f32 exactly inside the product kernel,
+/// so every logprob has the bits it has with the weights converted to f32 at load.
 #[test]
-fn bf16_compute_stays_close_to_the_f32_reference() {
-    let name = "mixtral-v3-tiny";
-    let reference = reference(name);
-    let mut g = generator(name, DType::BF16);
-    let case = &reference.cases[3];
-    g.add(request(0, case)).expect("valid request");
-    let done = g.run_to_completion().expect("runs");
-    let worst = done[0]
-        .prompt_logprobs
-        .iter()
-        .zip(&case.prompt_logprobs[1..])
-        .map(|(o, r)| (o.logprob - r.expect("logprob")).abs())
-        .fold(0f32, f32::max);
-    eprintln!("{name} bf16: max prompt |logprob - transformers f32| = {worst:.2e}");
-    assert!(worst < 5e-2, "bf16 prompt logprob error {worst}");
+fn weights_kept_as_stored_give_the_bits_of_their_f32_copy() {
+    for name in FIXTURES {
+        let reference = reference(name);
+        let run = |dtype| {
+            let mut g = generator(name, dtype);
+            for (i, case) in reference.cases.iter().enumerate() {
+                g.add(request(i as u64, case)).expect("valid request");
+            }
+            g.run_to_completion().expect("runs")
+        };
+        let (kept, widened) = (run(WeightDType::Auto), run(WeightDType::As(DType::F32)));
+        assert_eq!(kept.len(), reference.cases.len(), "{name}: every request completes");
+        assert_eq!(kept.len(), widened.len());
+        for (a, b) in kept.iter().zip(&widened) {
+            assert_eq!(a.tokens, b.tokens, "{name} request {}", a.id);
+            let bits = |c: &Completion| c.prompt_logprobs.iter().chain(&c.logprobs).map(|t| (t.token, t.logprob.to_bits())).collect::<Vec<_>>();
+            assert!(!bits(a).is_empty(), "{name}: logprobs to compare");
+            assert_eq!(bits(a), bits(b), "{name} request {}", a.id);
+        }
+    }
 }
 
 #[test]

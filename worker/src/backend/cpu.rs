@@ -1,15 +1,15 @@
-//! The CPU backend: tensors are candle tensors; activations are f32, weights f32, f16 or
-//! bf16. Products against f32 weights use the batch-invariant kernel in [`super::gemv`] (a
-//! row's result never depends on the rest of the batch); f16/bf16 weights go through
-//! candle's matmul. Paged attention runs
-//! directly on the block-paged cache.
+//! The CPU backend: activations are f32 candle tensors; weight matrices are kept as the
+//! loader hands them over (f32, bf16, f16, or 8-bit values with row scales; a checkpoint's
+//! bytes stay mapped, uncopied, where the layout allows). Every product goes through the
+//! batch-invariant kernel in [`super::gemv`] (a row's result never depends on the rest of
+//! the batch). Paged attention runs directly on the block-paged cache.
 
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{AttentionMeta, Backend, DType, Heads, KvShape, RowsUpdate, gemv_f32, rope_inv_freq, route_top_k};
+use super::{AttentionMeta, Backend, DType, Elem, Heads, KvShape, RowsUpdate, matmul_t, rope_inv_freq, route_top_k};
 use crate::error::{EngineError, Result};
-use crate::weights::HostTensor;
+use crate::weights::{HostBytes, HostMatrix, HostTensor};
 
 #[derive(Debug, Clone, Default)]
 pub struct Cpu;
@@ -67,6 +67,32 @@ fn poll_for_tasks(done: &std::sync::atomic::AtomicBool) {
     }
 }
 
+/// A weight matrix `[rows, cols]`: elements of `elem`, times `scales[r]` per row when scaled.
+#[derive(Clone)]
+pub struct CpuWeight(std::sync::Arc<Matrix>);
+
+struct Matrix {
+    rows: usize,
+    cols: usize,
+    elem: Elem,
+    bytes: HostBytes<'static>,
+    scales: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for CpuWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CpuWeight([{}, {}] {:?}{})", self.0.rows, self.0.cols, self.0.elem, if self.0.scales.is_some() { " scaled" } else { "" })
+    }
+}
+
+fn elem_of(d: DType) -> Elem {
+    match d {
+        DType::F32 => Elem::F32,
+        DType::F16 => Elem::F16,
+        DType::BF16 => Elem::Bf16,
+    }
+}
+
 /// One layer's paged cache: `[num_blocks, block_size, num_kv_heads, head_dim]` for K and V.
 pub struct CpuKvCache {
     shape: KvShape,
@@ -101,6 +127,7 @@ fn from_vec(v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
 
 impl Backend for Cpu {
     type Tensor = Tensor;
+    type Weight = CpuWeight;
     type KvCache = CpuKvCache;
 
     fn name(&self) -> &'static str {
@@ -138,29 +165,61 @@ impl Backend for Cpu {
         Ok(t.to_dtype(candle_dtype(dtype))?)
     }
 
+    fn upload_weight(&self, host: HostMatrix<'static>) -> Result<CpuWeight> {
+        let (rows, cols) = host.dims();
+        let (elem, bytes, scales) = match host {
+            HostMatrix::Dense(t) => (elem_of(t.dtype), t.data, None),
+            HostMatrix::Scaled { elem, values, scales, .. } => (elem, values, Some(scales)),
+        };
+        if bytes.len() != rows * cols * elem.bytes() || scales.as_ref().is_some_and(|s| s.len() != rows) {
+            return Err(EngineError::Backend(format!("upload_weight: {} bytes for [{rows}, {cols}] of {elem:?}", bytes.len())));
+        }
+        Ok(CpuWeight(std::sync::Arc::new(Matrix { rows, cols, elem, bytes, scales })))
+    }
+
     fn dims(&self, x: &Tensor) -> (usize, usize) {
         let d = x.dims();
         (d[0], d.get(1).copied().unwrap_or(1))
     }
 
-    fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
-        let ids = Tensor::new(ids, &Device::Cpu)?;
-        Ok(table.index_select(&ids, 0)?.to_dtype(candle_core::DType::F32)?)
+    fn weight_dims(&self, w: &CpuWeight) -> (usize, usize) {
+        (w.0.rows, w.0.cols)
     }
 
-    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<Tensor> {
+        let t = &*table.0;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= t.rows) {
+            return Err(EngineError::Backend(format!("embedding: id {bad} outside the table's {} rows", t.rows)));
+        }
+        let row_bytes = t.cols * t.elem.bytes();
+        let mut out = vec![0f32; ids.len() * t.cols];
+        for (o, &id) in out.chunks_exact_mut(t.cols.max(1)).zip(ids) {
+            let row = &t.bytes[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+            let scale = t.scales.as_ref().map_or(1.0, |s| s[id as usize]);
+            for (c, o) in o.iter_mut().enumerate() {
+                *o = t.elem.get(row, c) * scale;
+            }
+        }
+        from_vec(out, ids.len(), t.cols)
+    }
+
+    fn linear(&self, x: &Tensor, w: &CpuWeight) -> Result<Tensor> {
         let (m, k) = self.dims(x);
-        let (n, kw) = self.dims(w);
+        let w = &*w.0;
+        let (n, kw) = (w.rows, w.cols);
         if k != kw {
             return Err(EngineError::Backend(format!("linear: x is [{m}, {k}] but w is [{n}, {kw}]")));
         }
-        if w.dtype() == candle_core::DType::F32 {
-            let x = x.contiguous()?;
-            let out = with_f32(&x, |xs| with_f32(w, |ws| gemv_f32(xs, ws, m, n, k)))??;
-            return from_vec(out, m, n);
+        let x = x.contiguous()?;
+        let mut out = with_f32(&x, |xs| matmul_t(xs, &w.bytes, w.elem, m, n, k))?;
+        if let Some(scales) = &w.scales {
+            for row in out.chunks_exact_mut(n.max(1)) {
+                for (o, s) in row.iter_mut().zip(scales) {
+                    *o *= s;
+                }
+            }
         }
-        let xd = x.to_dtype(w.dtype())?;
-        Ok(xd.matmul(&w.t()?)?.to_dtype(candle_core::DType::F32)?)
+        from_vec(out, m, n)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use crate::sampling::{RowChoice, TokenLogprobs};
-use crate::weights::HostTensor;
+use crate::weights::{HostMatrix, HostTensor};
 
 /// Element types of weights and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,6 +136,8 @@ pub struct Heads {
 /// or weights; index arrays (token ids, positions, slots) come from the host.
 pub trait Backend: Clone + Send + Sync + 'static {
     type Tensor: Clone + Send + Sync + std::fmt::Debug;
+    /// A weight matrix `[out, in]` as products and lookups read it (dense, or scaled 8-bit).
+    type Weight: Clone + Send + Sync + std::fmt::Debug;
     /// One layer's paged K and V cache.
     type KvCache: Send;
 
@@ -145,14 +147,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn execute<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
         work()
     }
-    /// Moves a host tensor (weights) to the device, converted to `dtype`.
+    /// Moves a host tensor (norm weights) to the device, converted to `dtype`.
     fn upload(&self, host: HostTensor<'_>, dtype: DType) -> Result<Self::Tensor>;
+    /// Moves a weight matrix to the device in the format it has (the loader converted it).
+    fn upload_weight(&self, host: HostMatrix<'static>) -> Result<Self::Weight>;
     /// `[rows, cols]` of a tensor.
     fn dims(&self, x: &Self::Tensor) -> (usize, usize);
+    /// `[out, in]` of a weight matrix.
+    fn weight_dims(&self, w: &Self::Weight) -> (usize, usize);
     /// Rows `ids` of `table` (`[vocab, hidden]`), as activations.
-    fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
     /// `x · wᵀ` with `w` stored `[out, in]` as checkpoints store it.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor>;
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor>;
     /// `x / rms(x) * weight`, per row.
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f64) -> Result<Self::Tensor>;
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
@@ -167,7 +173,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
     /// SwiGLU's first half: `silu(x · gateᵀ) * (x · upᵀ)`. A backend may do it in one pass
     /// over both weights.
-    fn swiglu(&self, x: &Self::Tensor, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
+    fn swiglu(&self, x: &Self::Tensor, gate: &Self::Weight, up: &Self::Weight) -> Result<Self::Tensor> {
         self.silu_mul(&self.linear(x, gate)?, &self.linear(x, up)?)
     }
     /// Rotary position embedding (rotate-half convention) of every head of every row.

@@ -62,7 +62,8 @@ fn main() -> anyhow::Result<()> {
     let max_batch = args.batches.iter().max().copied().unwrap_or(1);
     let per_seq = (args.prompt_len + args.steps + 4).max(args.prefill_len + 2);
     let options = EngineOptions {
-        dtype: args.dtype,
+        dtype: worker::WeightDType::As(args.dtype),
+        quantization: worker::Quantization::None,
         load_format: LoadFormat::Dummy,
         cache: CacheConfig { num_blocks: max_batch * per_seq.div_ceil(16) + 16, block_size: 16 },
     };

@@ -63,7 +63,8 @@ fn main() -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     eprintln!("loading dummy weights ({} M parameters, {})...", config.num_parameters() / 1_000_000, args.dtype);
     let options = EngineOptions {
-        dtype: args.dtype,
+        dtype: worker::WeightDType::As(args.dtype),
+        quantization: worker::Quantization::None,
         load_format: LoadFormat::Dummy,
         cache: CacheConfig { num_blocks: 64 * args.batches.iter().max().copied().unwrap_or(1), block_size: 16 },
     };

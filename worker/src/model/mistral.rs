@@ -2,7 +2,7 @@
 //! rotary embeddings (optionally over a sliding window) and a SwiGLU MLP. Mixtral is the
 //! same decoder with the MLP replaced by a sparse mixture of experts.
 
-use super::{ColumnParallelLinear, Loader, ParallelLmHead, RowParallelLinear, SparseMoeBlock, VocabParallelEmbedding};
+use super::{ColumnParallelLinear, Loader, ParallelLmHead, Role, RowParallelLinear, SparseMoeBlock, VocabParallelEmbedding};
 use crate::backend::{AttentionMeta, Backend, Heads};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
@@ -166,13 +166,19 @@ impl<B: Backend> CausalLm<B> {
         let range = par.layers(c.num_hidden_layers);
         let layers = range
             .clone()
-            .map(|i| DecoderLayer::load(loader, &format!("model.layers.{i}")))
+            .map(|i| {
+                let layer = DecoderLayer::load(loader, &format!("model.layers.{i}"));
+                loader.progress(i + 1 - range.start, range.len());
+                layer
+            })
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if par.is_last_stage() {
+            let (head, shard) = ("lm_head.weight", vocab_shard(&vocab));
             let weight = match (&embed_tokens, c.tie_word_embeddings) {
-                (Some(e), true) => e.weight.clone(),
-                (None, true) => loader.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size, vocab_shard(&vocab))?,
-                (_, false) => loader.matrix("lm_head.weight", c.vocab_size, c.hidden_size, vocab_shard(&vocab))?,
+                // Tied, and kept as the table is: the same matrix.
+                (Some(e), true) if loader.keeps_projections_dense() => e.weight.clone(),
+                (_, true) => loader.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size, shard, Role::Projection)?,
+                (_, false) => loader.matrix(head, c.vocab_size, c.hidden_size, shard, Role::Projection)?,
             };
             let head = ParallelLmHead { weight, vocab: c.vocab_size, comm: par.tp.clone() };
             (Some(RmsNorm::load(loader, "model.norm")?), Some(head))

@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::Loader;
+use super::{Loader, Role};
 use crate::backend::Backend;
 use crate::comm::Comm;
 use crate::error::Result;
@@ -26,13 +26,13 @@ pub fn all_reduce<B: Backend>(b: &B, comm: &dyn Comm, x: B::Tensor) -> Result<B:
 /// produces those output columns. No exchange: the next layer consumes the slice.
 #[derive(Debug, Clone)]
 pub struct ColumnParallelLinear<B: Backend> {
-    pub weight: B::Tensor,
+    pub weight: B::Weight,
 }
 
 impl<B: Backend> ColumnParallelLinear<B> {
     pub fn load(loader: &Loader<'_, B>, prefix: &str, out: usize, inp: usize, part: Range<usize>) -> Result<Self> {
         let shard = Shard::Range { dim: 0, start: part.start, len: part.len() };
-        Ok(ColumnParallelLinear { weight: loader.matrix(&format!("{prefix}.weight"), out, inp, shard)? })
+        Ok(ColumnParallelLinear { weight: loader.matrix(&format!("{prefix}.weight"), out, inp, shard, Role::Projection)? })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
@@ -44,7 +44,7 @@ impl<B: Backend> ColumnParallelLinear<B> {
 /// the matching slice of `x`, and the partial products are summed over `comm`.
 #[derive(Debug, Clone)]
 pub struct RowParallelLinear<B: Backend> {
-    pub weight: B::Tensor,
+    pub weight: B::Weight,
     pub comm: Arc<dyn Comm>,
 }
 
@@ -58,7 +58,7 @@ impl<B: Backend> RowParallelLinear<B> {
         comm: Arc<dyn Comm>,
     ) -> Result<Self> {
         let shard = if part.len() == inp { Shard::Full } else { Shard::Range { dim: 1, start: part.start, len: part.len() } };
-        Ok(RowParallelLinear { weight: loader.matrix(&format!("{prefix}.weight"), out, inp, shard)?, comm })
+        Ok(RowParallelLinear { weight: loader.matrix(&format!("{prefix}.weight"), out, inp, shard, Role::Projection)?, comm })
     }
 
     /// This rank's partial product, not yet summed (for callers that sum once for several).
@@ -75,7 +75,7 @@ impl<B: Backend> RowParallelLinear<B> {
 /// looks up the ids that fall in it (zeros for the others) and the rows are summed over `comm`.
 #[derive(Debug, Clone)]
 pub struct VocabParallelEmbedding<B: Backend> {
-    pub weight: B::Tensor,
+    pub weight: B::Weight,
     pub part: Range<usize>,
     pub hidden: usize,
     pub comm: Arc<dyn Comm>,
@@ -85,7 +85,7 @@ impl<B: Backend> VocabParallelEmbedding<B> {
     pub fn load(loader: &Loader<'_, B>, name: &str, part: Range<usize>, comm: Arc<dyn Comm>) -> Result<Self> {
         let (vocab, hidden) = (loader.config.vocab_size, loader.config.hidden_size);
         let shard = if part.len() == vocab { Shard::Full } else { Shard::Range { dim: 0, start: part.start, len: part.len() } };
-        Ok(VocabParallelEmbedding { weight: loader.matrix(name, vocab, hidden, shard)?, part, hidden, comm })
+        Ok(VocabParallelEmbedding { weight: loader.matrix(name, vocab, hidden, shard, Role::Table)?, part, hidden, comm })
     }
 
     pub fn forward(&self, b: &B, ids: &[u32]) -> Result<B::Tensor> {
@@ -111,7 +111,7 @@ impl<B: Backend> VocabParallelEmbedding<B> {
 /// part, and the parts are gathered (padded to equal length) into full rows on the host.
 #[derive(Debug, Clone)]
 pub struct ParallelLmHead<B: Backend> {
-    pub weight: B::Tensor,
+    pub weight: B::Weight,
     pub vocab: usize,
     pub comm: Arc<dyn Comm>,
 }
@@ -127,7 +127,7 @@ impl<B: Backend> ParallelLmHead<B> {
         let local = b.to_host(&local)?;
         let rows = b.dims(x).0;
         let width = self.vocab.div_ceil(world);
-        let mine = b.dims(&self.weight).0;
+        let mine = b.weight_dims(&self.weight).0;
         let mut padded = vec![0f32; rows * width];
         for (src, dst) in local.chunks_exact(mine.max(1)).zip(padded.chunks_exact_mut(width)) {
             dst[..mine].copy_from_slice(src);

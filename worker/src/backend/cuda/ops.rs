@@ -14,7 +14,7 @@ use super::{Buf, Cuda, CudaKvCache, CudaTensor, cuda_err, elementwise, per_row, 
 use crate::backend::{AttentionMeta, Backend, DType, Heads, KvShape, RowsUpdate, rope_inv_freq};
 use crate::error::{EngineError, Result};
 use crate::sampling::{RowChoice, TokenLogprobs, uniform};
-use crate::weights::HostTensor;
+use crate::weights::{HostMatrix, HostTensor};
 
 /// Most alternatives per row the choose kernel reports (`MAX_TOP` in kernels.cu).
 const MAX_TOP: usize = 20;
@@ -198,6 +198,7 @@ impl Cuda {
 
 impl Backend for Cuda {
     type Tensor = CudaTensor;
+    type Weight = CudaTensor;
     type KvCache = CudaKvCache;
 
     fn name(&self) -> &'static str {
@@ -227,8 +228,24 @@ impl Backend for Cuda {
         Ok(Cuda::tensor(buf, rows, cols))
     }
 
+    fn upload_weight(&self, host: HostMatrix<'static>) -> Result<CudaTensor> {
+        match host {
+            HostMatrix::Dense(t) => {
+                let dtype = t.dtype;
+                self.upload(t, dtype)
+            }
+            HostMatrix::Scaled { elem, .. } => {
+                Err(bad(format!("{elem:?} weights are not supported on the CUDA backend yet (use --quantization none)")))
+            }
+        }
+    }
+
     fn dims(&self, x: &CudaTensor) -> (usize, usize) {
         (x.rows, x.cols)
+    }
+
+    fn weight_dims(&self, w: &CudaTensor) -> (usize, usize) {
+        (w.rows, w.cols)
     }
 
     fn embedding(&self, table: &CudaTensor, ids: &[u32]) -> Result<CudaTensor> {

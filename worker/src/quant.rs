@@ -1,0 +1,240 @@
+//! How weights are kept: the dtype of dense matrices (`--dtype`: as stored by default) and
+//! 8-bit weights (`--quantization`): int8 quantized at load, or FP8 E4M3 as FP8 checkpoints
+//! store it or quantized at load. Both are weight-only, symmetric, one f32 scale per output
+//! row: `w[r, c] = q[r, c] · scale[r]`. Activations, norms and the KV cache stay f32.
+//!
+//! Per output row (channel), not per group: a product's row scale multiplies its finished
+//! dot product once, so the kernels stay the f32 kernels with a widening load, and the
+//! measured error on the fixtures (worker/tests/quantized.rs) is at the level of the
+//! bf16 → int8 rounding itself; FP8 checkpoints publish the same layout (`strategy:
+//! channel`) or one scale per tensor, which is a row scale repeated.
+
+use rayon::prelude::*;
+
+use crate::backend::{DType, Elem};
+use crate::error::{EngineError, Result};
+use crate::weights::{HostBytes, HostMatrix, HostTensor, widen};
+
+/// The dtype dense weights are kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDType {
+    /// As the checkpoint stores each tensor (dummy weights: the config's `torch_dtype`).
+    #[default]
+    Auto,
+    As(DType),
+}
+
+impl std::str::FromStr for WeightDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" | "" => Ok(WeightDType::Auto),
+            other => other.parse().map(WeightDType::As).map_err(|_| format!("unknown dtype {other:?} (expected auto, f32, f16 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightDType::Auto => f.write_str("auto"),
+            WeightDType::As(d) => d.fmt(f),
+        }
+    }
+}
+
+/// 8-bit weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// What the checkpoint declares: FP8 for an FP8 checkpoint, none otherwise.
+    #[default]
+    Auto,
+    /// Dense weights (an FP8 checkpoint is dequantized to the dense dtype).
+    None,
+    /// int8 values quantized at load.
+    Int8,
+    /// FP8 E4M3 values: as an FP8 checkpoint stores them, or quantized at load.
+    Fp8,
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" | "" => Ok(Quantization::Auto),
+            "none" => Ok(Quantization::None),
+            "int8" => Ok(Quantization::Int8),
+            "fp8" => Ok(Quantization::Fp8),
+            other => Err(format!("unknown quantization {other:?} (expected auto, none, int8 or fp8)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quantization::Auto => "auto",
+            Quantization::None => "none",
+            Quantization::Int8 => "int8",
+            Quantization::Fp8 => "fp8",
+        })
+    }
+}
+
+/// The largest finite E4M3 value.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// `v` rounded to the nearest E4M3 value (ties to even), saturating at ±448.
+pub fn e4m3_from_f32(v: f32) -> u8 {
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs();
+    if a.is_nan() {
+        return 0x7F;
+    }
+    if a >= E4M3_MAX {
+        return sign | 0x7E;
+    }
+    // Subnormals are multiples of 2⁻⁹; from 2⁻⁶ on, eight steps per binade.
+    let exp = if a < 2f32.powi(-6) { -6 } else { a.log2().floor() as i32 };
+    let step = 2f64.powi(exp.max(-6) - 3);
+    let q = (a as f64 / step).round_ties_even() * step;
+    // The byte of an exact E4M3 magnitude `q` (q < 2⁻⁶ is subnormal; q may have rounded up a binade).
+    let byte = if q < 2f64.powi(-6) {
+        (q * 512.0) as u8
+    } else {
+        let e = q.log2().floor() as i32;
+        let m = ((q / 2f64.powi(e) - 1.0) * 8.0).round() as u8;
+        (((e + 7) as u8) << 3) | m
+    };
+    sign | byte.min(0x7E)
+}
+
+/// `m` as the format asked, rows in parallel: a dense matrix converted to `dtype`, or
+/// quantized with one scale per row (`Elem::I8`: max |w| / 127; `Elem::E4m3`: / 448).
+/// An FP8 matrix converts to a dense dtype by dequantizing; to int8 it does not.
+pub fn convert(m: HostMatrix<'static>, format: Format) -> Result<HostMatrix<'static>> {
+    let (rows, cols) = m.dims();
+    match (m, format) {
+        (HostMatrix::Dense(t), Format::Dense(d)) if t.dtype == d => Ok(HostMatrix::Dense(t)),
+        (m @ HostMatrix::Scaled { elem: Elem::E4m3, .. }, Format::Fp8) => Ok(m),
+        (HostMatrix::Scaled { elem, .. }, Format::Int8) => {
+            Err(EngineError::Backend(format!("{elem:?} weights cannot be requantized to int8 (use --quantization auto or none)")))
+        }
+        (m, Format::Dense(d)) => {
+            let mut out = vec![0u8; rows * cols * d.size_in_bytes()];
+            out.par_chunks_mut((cols * d.size_in_bytes()).max(1)).enumerate().for_each(|(r, dst)| {
+                let row = widened_row(&m, r);
+                for (b, v) in dst.chunks_exact_mut(d.size_in_bytes()).zip(row) {
+                    match d {
+                        DType::F32 => b.copy_from_slice(&v.to_le_bytes()),
+                        DType::BF16 => b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                        DType::F16 => b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                    }
+                }
+            });
+            Ok(HostMatrix::Dense(HostTensor { dtype: d, shape: vec![rows, cols], data: HostBytes::Owned(out) }))
+        }
+        (m, Format::Int8 | Format::Fp8) => {
+            let (elem, max) = if format == Format::Int8 { (Elem::I8, 127.0) } else { (Elem::E4m3, E4M3_MAX) };
+            let mut values = vec![0u8; rows * cols];
+            let mut scales = vec![0f32; rows];
+            values.par_chunks_mut(cols.max(1)).zip(scales.par_iter_mut()).enumerate().for_each(|(r, (dst, scale))| {
+                let row = widened_row(&m, r);
+                let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+                *scale = if amax > 0.0 { amax / max } else { 1.0 };
+                for (q, v) in dst.iter_mut().zip(row) {
+                    let x = v / *scale;
+                    *q = if elem == Elem::I8 { x.round().clamp(-127.0, 127.0) as i8 as u8 } else { e4m3_from_f32(x) };
+                }
+            });
+            Ok(HostMatrix::Scaled { elem, rows, cols, values: HostBytes::Owned(values), scales })
+        }
+    }
+}
+
+/// Row `r` of `m` as f32 (scaled rows multiplied out).
+fn widened_row(m: &HostMatrix<'_>, r: usize) -> Vec<f32> {
+    match m {
+        HostMatrix::Dense(t) => {
+            let (cols, size) = (t.shape.get(1).copied().unwrap_or(1), t.dtype.size_in_bytes());
+            t.data[r * cols * size..(r + 1) * cols * size].chunks_exact(size).map(|b| widen(t.dtype, b)).collect()
+        }
+        HostMatrix::Scaled { elem, cols, values, scales, .. } => {
+            let row = &values[r * cols..(r + 1) * cols];
+            (0..*cols).map(|c| elem.get(row, c) * scales[r]).collect()
+        }
+    }
+}
+
+/// The format a matrix is kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Dense(DType),
+    Int8,
+    Fp8,
+}
+
+impl Format {
+    /// Bytes of a `[rows, cols]` matrix in this format.
+    pub fn bytes(self, rows: usize, cols: usize) -> usize {
+        match self {
+            Format::Dense(d) => rows * cols * d.size_in_bytes(),
+            Format::Int8 | Format::Fp8 => rows * cols + 4 * rows,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::E4M3_VALUES;
+
+    #[test]
+    fn e4m3_encoding_rounds_to_nearest_even_and_saturates() {
+        for b in 0..=255u8 {
+            let v = E4M3_VALUES[b as usize];
+            if v.is_nan() {
+                continue;
+            }
+            let back = e4m3_from_f32(v);
+            assert_eq!(E4M3_VALUES[back as usize].to_bits(), v.to_bits(), "byte {b:#04x} ({v}) round-trips");
+        }
+        // Between every two neighbouring positive values: the midpoint goes to the even
+        // mantissa, a little off it to the nearer one.
+        for b in 0..0x7Du8 {
+            let (lo, hi) = (E4M3_VALUES[b as usize], E4M3_VALUES[b as usize + 1]);
+            let mid = (lo + hi) / 2.0;
+            assert_eq!(e4m3_from_f32(mid), if b % 2 == 0 { b } else { b + 1 }, "midpoint of {lo} and {hi}");
+            assert_eq!(e4m3_from_f32(mid - (hi - lo) / 8.0), b);
+            assert_eq!(e4m3_from_f32(mid + (hi - lo) / 8.0), b + 1);
+        }
+        assert_eq!(e4m3_from_f32(1e9), 0x7E);
+        assert_eq!(e4m3_from_f32(-500.0), 0xFE);
+        assert_eq!(e4m3_from_f32(1e-4), 0);
+    }
+
+    #[test]
+    fn quantized_rows_stay_within_half_a_step() {
+        let (rows, cols) = (5, 300);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 997.0 * (1 + i / cols) as f32).collect();
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let dense = || HostMatrix::Dense(HostTensor { dtype: DType::F32, shape: vec![rows, cols], data: HostBytes::Owned(bytes.clone()) });
+        for format in [Format::Int8, Format::Fp8] {
+            let q = convert(dense(), format).unwrap();
+            let HostMatrix::Scaled { scales, .. } = &q else { panic!("{format:?} is scaled") };
+            for r in 0..rows {
+                let amax = w[r * cols..(r + 1) * cols].iter().fold(0f32, |a, v| a.max(v.abs()));
+                let got = widened_row(&q, r);
+                for (g, v) in got.iter().zip(&w[r * cols..]) {
+                    // int8: half a step of amax/127; E4M3: 3 mantissa bits, half an ulp ≤ 1/16 of |v| (or of the subnormal step).
+                    let bound = if format == Format::Int8 { scales[r] / 2.0 } else { (v.abs() / 16.0).max(scales[r] * 2f32.powi(-10)) };
+                    assert!((g - v).abs() <= bound * 1.0001, "{format:?} row {r}: {g} vs {v} (amax {amax})");
+                }
+            }
+        }
+        // And back to dense: the dequantized values.
+        let q = convert(dense(), Format::Int8).unwrap();
+        let back = convert(q.clone(), Format::Dense(DType::F32)).unwrap();
+        assert_eq!(widened_row(&back, 3), widened_row(&q, 3));
+    }
+}
