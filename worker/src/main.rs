@@ -48,8 +48,10 @@ struct ServeArgs {
     /// This worker's id in the cluster (default: host name and API port).
     #[arg(long, env = "TRAMONTANE_WORKER_ID")]
     id: Option<String>,
-    /// Memory the worker offers for weights and KV cache (default: the host's available
-    /// memory, or the GPU's free memory).
+    /// Memory the worker offers for weights and KV cache, reported in its Health and etcd
+    /// card (the coordinator's planner refuses placements that do not fit). Default, measured
+    /// at start: on CPU the smaller of the host's available memory and its cgroup's room, on
+    /// a GPU its free memory.
     #[arg(long, env = "TRAMONTANE_MEMORY_BYTES")]
     memory_bytes: Option<u64>,
     /// Where the engine runs: cpu, cuda or cuda:N (builds with the `cuda` feature).
@@ -121,12 +123,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             advertise_host: args.advertise_host.clone(),
         };
         let shutdown = worker::serving::shutdown_on_signal();
-        let (handle, device_memory) = match args.device {
-            Device::Cpu => (worker::service::EngineHandle::spawn(Cpu, comm)?, None),
+        let handle = match args.device {
+            Device::Cpu => {
+                let memory = budget(args.memory_bytes, "host", worker::serving::host_memory);
+                worker::service::EngineHandle::spawn(Cpu, comm, memory)?
+            }
             Device::Cuda(n) => {
                 let backend = cuda(n)?;
                 let free = device_memory(&backend)?;
-                (worker::service::EngineHandle::spawn(backend, comm)?, Some(free))
+                let memory = budget(args.memory_bytes, "GPU", || free);
+                worker::service::EngineHandle::spawn(backend, comm, memory)?
             }
         };
         // Ready (the device opened): the first line of stdout tells a parent process where
@@ -138,7 +144,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _registration = if args.membership.etcd.is_empty() {
             None
         } else {
-            Some(register(&args, addr, device_memory, handle.clone()).await?)
+            Some(register(&args, addr, handle.clone()).await?)
         };
         worker::service::serve(listener, handle, shutdown).await.map_err(|e| anyhow::anyhow!(e))
     })
@@ -149,7 +155,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn register(
     args: &ServeArgs,
     addr: std::net::SocketAddr,
-    device_memory: Option<u64>,
     handle: worker::service::EngineHandle,
 ) -> anyhow::Result<worker::membership::Lease> {
     use worker::membership::{EtcdMembership, Membership, WorkerCard};
@@ -165,7 +170,7 @@ async fn register(
             None => addr.to_string(),
         },
         device: args.device.to_string(),
-        memory_bytes: args.memory_bytes.or(device_memory).unwrap_or_else(available_memory),
+        memory_bytes: handle.memory_bytes(),
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
     };
@@ -179,13 +184,18 @@ async fn register(
     Ok(lease)
 }
 
-/// `MemAvailable` of the host, 0 where unknown.
-fn available_memory() -> u64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+/// The memory this worker offers: `--memory-bytes`, else `measured` (the `what`'s room now).
+fn budget(flag: Option<u64>, what: &str, measured: impl FnOnce() -> u64) -> u64 {
+    let (bytes, source) = match flag {
+        Some(b) => (b, "--memory-bytes"),
+        None => (measured(), what),
+    };
+    if bytes == 0 {
+        tracing::warn!("cannot tell how much memory this worker has: give --memory-bytes; it reports 0 (unknown)");
+    } else {
+        tracing::info!(gb = format!("{:.2}", bytes as f64 / 1e9), source, "memory offered for weights and KV cache");
+    }
+    bytes
 }
 
 #[cfg(feature = "_cuda")]
@@ -208,7 +218,7 @@ fn cuda(_: usize) -> anyhow::Result<Cpu> {
 
 #[cfg(not(feature = "_cuda"))]
 fn device_memory(_: &Cpu) -> anyhow::Result<u64> {
-    Ok(available_memory())
+    Ok(worker::serving::host_memory())
 }
 
 fn generate<B: Backend>(backend: B, args: GenerateArgs) -> anyhow::Result<()> {

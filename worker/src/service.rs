@@ -94,6 +94,8 @@ pub struct WorkerState<B: Backend = Cpu> {
     /// The loaded assignment, epoch cleared (a newer epoch of the same one only moves the epoch).
     assigned: Option<pb::LoadAssignmentRequest>,
     comm: CommSetup,
+    /// The memory this worker offers (reported by Health; 0 = unknown).
+    memory_bytes: u64,
 }
 
 impl Default for WorkerState<Cpu> {
@@ -104,7 +106,12 @@ impl Default for WorkerState<Cpu> {
 
 impl<B: Backend> WorkerState<B> {
     pub fn new(backend: B, comm: CommSetup) -> Self {
-        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm }
+        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm, memory_bytes: 0 }
+    }
+
+    /// The memory this worker offers for weights and KV cache, as Health reports it.
+    pub fn with_memory_bytes(self, memory_bytes: u64) -> Self {
+        WorkerState { memory_bytes, ..self }
     }
 
     /// Drops the model (lease lost, replica broken): steps are refused until a new assignment.
@@ -247,6 +254,7 @@ impl<B: Backend> WorkerState<B> {
                 comm_address: self.comm_address(),
                 peak_rss_bytes: peak_rss_bytes(),
                 pid: std::process::id(),
+                memory_bytes: self.memory_bytes,
                 ..Default::default()
             },
             Some(e) => {
@@ -262,6 +270,7 @@ impl<B: Backend> WorkerState<B> {
                     world: e.parallel().layout.world() as u32,
                     peak_rss_bytes: peak_rss_bytes(),
                     pid: std::process::id(),
+                    memory_bytes: self.memory_bytes,
                 }
             }
         }
@@ -349,14 +358,16 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     /// Cancelled when the coordinator releases this worker (the process then exits).
     released: tokio_util::sync::CancellationToken,
+    memory_bytes: u64,
 }
 
 impl EngineHandle {
-    /// Starts the engine thread on `backend`; it stops when every handle is dropped.
-    pub fn spawn<B: Backend>(backend: B, comm: CommSetup) -> std::io::Result<Self> {
+    /// Starts the engine thread on `backend`; it stops when every handle is dropped. Health
+    /// reports `memory_bytes` as the memory this worker offers.
+    pub fn spawn<B: Backend>(backend: B, comm: CommSetup, memory_bytes: u64) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         std::thread::Builder::new().name("engine".into()).spawn(move || {
-            let mut state = WorkerState::new(backend, comm);
+            let mut state = WorkerState::new(backend, comm).with_memory_bytes(memory_bytes);
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     Command::Unload(why) => state.unload(&why),
@@ -381,7 +392,12 @@ impl EngineHandle {
                 }
             }
         })?;
-        Ok(EngineHandle { tx, released: tokio_util::sync::CancellationToken::new() })
+        Ok(EngineHandle { tx, released: tokio_util::sync::CancellationToken::new(), memory_bytes })
+    }
+
+    /// The memory this worker offers for weights and KV cache (0 = unknown).
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
     }
 
     /// Drops the loaded model (the worker's lease was lost).
@@ -488,10 +504,11 @@ mod tests {
 
     #[test]
     fn epochs_fence_steps_and_assignments() {
-        let mut state = WorkerState::default();
+        let mut state = WorkerState::default().with_memory_bytes(123 << 20);
         assert!(matches!(state.step(&step(0)), Err(ServiceError::NotLoaded)));
+        assert_eq!(state.health().memory_bytes, 123 << 20, "reported before a model loads");
         state.load(&assignment(4)).expect("loads");
-        assert_eq!(state.health().epoch, 4);
+        assert_eq!((state.health().epoch, state.health().memory_bytes), (4, 123 << 20));
         let out = state.step(&step(4)).expect("current epoch");
         assert_eq!(out.results[0].seq_id, 7);
         assert_eq!(out.results[0].prompt_logprobs.len(), 1);
