@@ -73,6 +73,24 @@ impl Layout {
         start..start + self.stage_layers[stage]
     }
 
+    /// The attention heads of tensor rank `tensor`: a `tp`-th of them.
+    pub fn q_heads(&self, c: &ModelConfig, tensor: usize) -> Range<usize> {
+        even_part(c.num_attention_heads, tensor, self.tp)
+    }
+
+    /// The KV heads of tensor rank `tensor`: a `tp`-th of them, or, when `tp` exceeds them,
+    /// the one its query heads read (KV heads are then replicated over
+    /// `tp / num_key_value_heads` ranks).
+    pub fn kv_heads(&self, c: &ModelConfig, tensor: usize) -> Range<usize> {
+        let (kv, tp) = (c.num_key_value_heads, self.tp);
+        if tp <= kv {
+            even_part(kv, tensor, tp)
+        } else {
+            let head = tensor / (tp / kv);
+            head..head + 1
+        }
+    }
+
     /// Checks the layout fits the model; the message says what does not.
     pub fn validate(&self, c: &ModelConfig) -> Result<(), String> {
         let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
@@ -176,19 +194,12 @@ impl Parallel {
 
     /// This rank's attention heads: a `tp`-th of them.
     pub fn q_heads(&self, c: &ModelConfig) -> Range<usize> {
-        even_part(c.num_attention_heads, self.coords.tensor, self.layout.tp)
+        self.layout.q_heads(c, self.coords.tensor)
     }
 
-    /// This rank's KV heads: a `tp`-th of them, or, when `tp` exceeds them, the one its query
-    /// heads read (KV heads are then replicated over `tp / num_key_value_heads` ranks).
+    /// This rank's KV heads (see [`Layout::kv_heads`]).
     pub fn kv_heads(&self, c: &ModelConfig) -> Range<usize> {
-        let (kv, tp, t) = (c.num_key_value_heads, self.layout.tp, self.coords.tensor);
-        if tp <= kv {
-            even_part(kv, t, tp)
-        } else {
-            let head = t / (tp / kv);
-            head..head + 1
-        }
+        self.layout.kv_heads(c, self.coords.tensor)
     }
 
     /// This rank's slice of a `tp`-split dimension (intermediate size, vocabulary).

@@ -184,6 +184,68 @@ impl Format {
     }
 }
 
+/// Bytes of weights rank `rank` of `layout` keeps of a model of `config` under `--dtype` and
+/// `--quantization`, counted as [`Loader::matrix`](crate::model::Loader::matrix) keeps them,
+/// without reading the checkpoint: the embedding table (first stage, the vocabulary split over
+/// tp), the stage's decoder layers (attention and MLP split over tp, Mixtral's experts over
+/// tp · ep, router gates whole), norms in f32, and on the last stage the final norm and the
+/// lm_head (a tied lm_head shares the table where the projections stay dense on a stage that
+/// holds it; otherwise it is a copy in the projections' format).
+///
+/// Dense matrices take the bytes of `--dtype`, or under `auto` of the config's
+/// `checkpoint_dtype` (`torch_dtype`/`dtype`: bfloat16 and float16 → 2, float32 or absent → 4).
+/// Projections under int8 or fp8, and those of an FP8 checkpoint (`fp8_weights`) under auto,
+/// take [`Format::bytes`]: 1 byte per element and a 4-byte scale per row. An FP8 checkpoint is
+/// taken to store its decoder layers' projections in FP8 and its embedding table, lm_head and
+/// router gates dense (as they publish them). Dummy weights are dense: size them with a config
+/// whose `fp8_weights` is false.
+pub fn rank_weight_bytes(config: &crate::ModelConfig, layout: &crate::parallel::Layout, rank: usize, dtype: WeightDType, quantization: Quantization) -> u64 {
+    use crate::parallel::even_part;
+    let c = config;
+    let at = layout.coords(rank);
+    let declared = c.checkpoint_dtype.as_deref().and_then(|d| d.parse().ok()).unwrap_or(DType::F32);
+    let dense = Format::Dense(match dtype {
+        WeightDType::As(d) => d,
+        WeightDType::Auto => declared,
+    });
+    // A projection stored dense (the lm_head, a tied table, every projection of a dense
+    // checkpoint), and one of an FP8 checkpoint's decoder layers.
+    let projection = match quantization {
+        Quantization::Int8 => Format::Int8,
+        Quantization::Fp8 => Format::Fp8,
+        Quantization::Auto | Quantization::None => dense,
+    };
+    let layer_projection = match (c.fp8_weights, quantization) {
+        (true, Quantization::Auto) => Format::Fp8,
+        (true, Quantization::None) => dense,
+        _ => projection,
+    };
+    let (h, d, tensor) = (c.hidden_size, c.head_dim, at.tensor);
+    let vocab = even_part(c.vocab_size, tensor, layout.tp).len();
+    let (first, last) = (at.stage == 0, at.stage + 1 == layout.pp);
+    let p = layer_projection;
+    let (q, kv) = (layout.q_heads(c, tensor).len() * d, layout.kv_heads(c, tensor).len() * d);
+    let attention = p.bytes(q, h) + 2 * p.bytes(kv, h) + p.bytes(h, q);
+    let i = even_part(c.intermediate_size, tensor, layout.tp).len();
+    let mlp = 2 * p.bytes(i, h) + p.bytes(h, i);
+    let feed_forward = match c.architecture {
+        crate::Architecture::Mistral => mlp,
+        crate::Architecture::Mixtral => {
+            even_part(c.num_local_experts, at.expert, layout.ep).len() * mlp + dense.bytes(c.num_local_experts, h)
+        }
+    };
+    let layer = attention + feed_forward + 2 * h * 4;
+    let mut bytes = layout.layers(c.num_hidden_layers, at.stage).len() * layer;
+    if first {
+        bytes += dense.bytes(vocab, h);
+    }
+    if last {
+        let shares_the_table = c.tie_word_embeddings && first && matches!(quantization, Quantization::Auto | Quantization::None);
+        bytes += h * 4 + if shares_the_table { 0 } else { projection.bytes(vocab, h) };
+    }
+    bytes as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +298,64 @@ mod tests {
         let q = convert(dense(), Format::Int8).unwrap();
         let back = convert(q.clone(), Format::Dense(DType::F32)).unwrap();
         assert_eq!(widened_row(&back, 3), widened_row(&q, 3));
+    }
+
+    /// What the engine loads, byte for byte, for every fixture under each option and for
+    /// ranks of sharded layouts (a rank loads alone: its communicators are not used to load).
+    #[test]
+    fn rank_weight_bytes_is_what_the_engine_loads() {
+        use std::sync::Arc;
+
+        use crate::comm::SoloComm;
+        use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, open_model};
+        use crate::parallel::{Layout, Parallel};
+
+        let layout = |tp, ep, pp| Layout { tp, ep, pp, stage_layers: Vec::new() };
+        let fixtures: [(&str, Vec<Layout>); 6] = [
+            ("mistral-v1-tiny", vec![layout(2, 1, 1), layout(1, 1, 2), layout(2, 1, 2)]),
+            ("mixtral-v3-tiny", vec![layout(1, 2, 1), layout(2, 2, 1), layout(1, 3, 2)]),
+            ("mistral-nemo-tiny", vec![layout(2, 1, 1), layout(1, 1, 3)]),
+            ("mixtral-f32-tiny", vec![layout(2, 4, 1), layout(8, 1, 1)]),
+            ("mistral-fp8-tiny", vec![layout(2, 1, 1), layout(4, 1, 2)]),
+            ("mixtral-fp8-tiny", vec![layout(2, 2, 1), layout(1, 1, 2)]),
+        ];
+        let options: [(WeightDType, Quantization); 5] = [
+            (WeightDType::Auto, Quantization::Auto),
+            (WeightDType::As(DType::F32), Quantization::Auto),
+            (WeightDType::Auto, Quantization::Int8),
+            (WeightDType::Auto, Quantization::Fp8),
+            (WeightDType::As(DType::BF16), Quantization::None),
+        ];
+        let mut checked = 0;
+        for (name, sharded) in fixtures {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+            let (config, source) = open_model(&dir, LoadFormat::Safetensors).unwrap();
+            for layout in std::iter::once(Layout::default()).chain(sharded) {
+                layout.validate(&config).unwrap_or_else(|e| panic!("{name} {layout:?}: {e}"));
+                for (dtype, quantization) in options {
+                    let opts = EngineOptions { dtype, quantization, load_format: LoadFormat::Safetensors, cache: CacheConfig { num_blocks: 1, block_size: 16 } };
+                    for rank in 0..layout.world() {
+                        let solo = || Arc::new(SoloComm) as Arc<dyn crate::comm::Comm>;
+                        let par = Parallel { layout: layout.clone(), rank, coords: layout.coords(rank), world: solo(), tp: solo(), ep: solo() };
+                        let what = format!("{name} {layout:?} rank {rank} --dtype {dtype} --quantization {quantization}");
+                        match Engine::from_source(crate::Cpu, &config, &source, &opts, par) {
+                            Ok(engine) => {
+                                assert_eq!(rank_weight_bytes(&config, &layout, rank, dtype, quantization), engine.weight_bytes() as u64, "{what}");
+                                checked += 1;
+                            }
+                            // FP8 weights are not requantized to int8: the worker refuses it.
+                            Err(e) => assert!(config.fp8_weights && quantization == Quantization::Int8, "{what}: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 100, "{checked} loads compared");
+        // Dummy weights are dense: an FP8 config sized with `fp8_weights` off.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral-fp8-tiny");
+        let (config, source) = open_model(&dir, LoadFormat::Dummy).unwrap();
+        let engine = Engine::from_source(crate::Cpu, &config, &source, &EngineOptions { load_format: LoadFormat::Dummy, ..EngineOptions::default() }, Parallel::single()).unwrap();
+        let dense = crate::ModelConfig { fp8_weights: false, ..config };
+        assert_eq!(rank_weight_bytes(&dense, &Layout::default(), 0, WeightDType::Auto, Quantization::Auto), engine.weight_bytes() as u64);
     }
 }
