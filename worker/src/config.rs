@@ -286,10 +286,10 @@ impl ModelConfig {
         self.num_hidden_layers * (attn + ffn + 2 * h) + h + self.vocab_size * h + h
     }
 
-    /// Bytes of matrices a decode step of `batch` sequences must read at `dtype`: attention,
-    /// the experts the batch touches (expected count under uniform routing) with the
-    /// routers, and the lm_head.
-    pub fn decode_weight_bytes(&self, batch: usize, dtype: crate::backend::DType) -> usize {
+    /// Bytes of matrices a decode step of `batch` sequences must read at `bytes_per_weight`:
+    /// attention, the experts the batch touches (expected count under uniform routing) with
+    /// the routers, and the lm_head.
+    pub fn decode_weight_bytes(&self, batch: usize, bytes_per_weight: f64) -> usize {
         let h = self.hidden_size;
         let attn = h * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2);
         let mlp = (3 * h * self.intermediate_size) as f64;
@@ -301,7 +301,7 @@ impl ModelConfig {
             }
         };
         let total = self.num_hidden_layers as f64 * (attn as f64 + ffn) + (self.vocab_size * h) as f64;
-        (total * dtype.size_in_bytes() as f64) as usize
+        (total * bytes_per_weight) as usize
     }
 }
 

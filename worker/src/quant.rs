@@ -94,19 +94,18 @@ pub fn e4m3_from_f32(v: f32) -> u8 {
     if a >= E4M3_MAX {
         return sign | 0x7E;
     }
-    // Subnormals are multiples of 2⁻⁹; from 2⁻⁶ on, eight steps per binade.
-    let exp = if a < 2f32.powi(-6) { -6 } else { a.log2().floor() as i32 };
-    let step = 2f64.powi(exp.max(-6) - 3);
-    let q = (a as f64 / step).round_ties_even() * step;
-    // The byte of an exact E4M3 magnitude `q` (q < 2⁻⁶ is subnormal; q may have rounded up a binade).
-    let byte = if q < 2f64.powi(-6) {
-        (q * 512.0) as u8
-    } else {
-        let e = q.log2().floor() as i32;
-        let m = ((q / 2f64.powi(e) - 1.0) * 8.0).round() as u8;
-        (((e + 7) as u8) << 3) | m
-    };
-    sign | byte.min(0x7E)
+    let bits = a.to_bits();
+    let exp = (bits >> 23) as i32 - 127;
+    if exp < -6 {
+        // Subnormal: a multiple of 2⁻⁹ (8 of them reach 2⁻⁶, whose byte is 0x08).
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    // Keep three mantissa bits, rounding the other twenty to nearest, ties to even; a carry
+    // moves into the exponent as it should.
+    let (keep, rest) = ((bits >> 20) & 7, bits & 0xF_FFFF);
+    let up = u32::from(rest > 0x8_0000 || (rest == 0x8_0000 && keep & 1 == 1));
+    let byte = ((((exp + 7) as u32) << 3) | keep) + up;
+    sign | byte.min(0x7E) as u8
 }
 
 /// `m` as the format asked, rows in parallel: a dense matrix converted to `dtype`, or
@@ -142,9 +141,14 @@ pub fn convert(m: HostMatrix<'static>, format: Format) -> Result<HostMatrix<'sta
                 let row = widened_row(&m, r);
                 let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
                 *scale = if amax > 0.0 { amax / max } else { 1.0 };
-                for (q, v) in dst.iter_mut().zip(row) {
-                    let x = v / *scale;
-                    *q = if elem == Elem::I8 { x.round().clamp(-127.0, 127.0) as i8 as u8 } else { e4m3_from_f32(x) };
+                if elem == Elem::I8 {
+                    for (q, v) in dst.iter_mut().zip(row) {
+                        *q = round_to_i8(v / *scale) as u8;
+                    }
+                } else {
+                    for (q, v) in dst.iter_mut().zip(row) {
+                        *q = e4m3_from_f32(v / *scale);
+                    }
                 }
             });
             Ok(HostMatrix::Scaled { elem, rows, cols, values: HostBytes::Owned(values), scales })
@@ -152,12 +156,25 @@ pub fn convert(m: HostMatrix<'static>, format: Format) -> Result<HostMatrix<'sta
     }
 }
 
+/// `x` (|x| ≤ 127.5) rounded to the nearest integer, ties to even: adding and removing 1.5·2²³
+/// leaves no fraction bits (plain float arithmetic, where `round` would call libm).
+fn round_to_i8(x: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((x + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8
+}
+
 /// Row `r` of `m` as f32 (scaled rows multiplied out).
 fn widened_row(m: &HostMatrix<'_>, r: usize) -> Vec<f32> {
     match m {
         HostMatrix::Dense(t) => {
             let (cols, size) = (t.shape.get(1).copied().unwrap_or(1), t.dtype.size_in_bytes());
-            t.data[r * cols * size..(r + 1) * cols * size].chunks_exact(size).map(|b| widen(t.dtype, b)).collect()
+            let row = t.data[r * cols * size..(r + 1) * cols * size].chunks_exact(size);
+            // One loop per dtype, so each is a plain widening loop.
+            match t.dtype {
+                DType::F32 => row.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                DType::BF16 => row.map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
+                DType::F16 => row.map(|b| widen(DType::F16, b)).collect(),
+            }
         }
         HostMatrix::Scaled { elem, cols, values, scales, .. } => {
             let row = &values[r * cols..(r + 1) * cols];

@@ -421,6 +421,15 @@ impl WeightSource {
     }
 }
 
+/// A 32-bit finaliser (murmur3's): every input bit moves every output bit.
+fn hash32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
 /// Norm weights are 1; everything else uniform in ±1/sqrt(fan_in), rounded to `dtype`.
 /// Element `i` of the full tensor depends only on (seed, name, i), so a rank generates just
 /// its rows `rows` of `dim`, on every core.
@@ -444,15 +453,28 @@ fn dummy_tensor(seed: u64, name: &str, shape: &[usize], dim: usize, rows: std::o
     let scale = if name.contains("embed_tokens") { 1.0 } else { 1.0 / fan_in.sqrt() };
     let base = name.bytes().fold(seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
     let len = rows.len();
-    // One output row (o, r) per task.
+    // One output row (o, r) per task, made in two loops the compiler vectorizes: a 32-bit
+    // hash of (name, index) per element, then the row in `dtype`. A rank makes only its
+    // rows, at more than a gigabyte a second a core.
     out.par_chunks_mut((inner * size).max(1)).enumerate().for_each(|(at, row)| {
         let (o, r) = (at / len, rows.start + at % len);
         let first = ((o * full_rows + r) * inner) as u64;
-        for (i, bytes) in row.chunks_exact_mut(size).enumerate() {
-            let mut state = base.wrapping_add((first + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let r = crate::sampling::splitmix64(&mut state);
-            let unit = (r >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            put(bytes, (unit * 2.0 - 1.0) * scale);
+        // The element index modulo 2³² (tensors are far smaller), keyed by the name.
+        let (key, start) = ((base as u32) ^ (base >> 32) as u32, first as u32);
+        let values: Vec<f32> = (0..inner as u32)
+            .map(|i| {
+                let h = hash32(key ^ start.wrapping_add(i));
+                ((h >> 8) as f32 * (2.0 / (1u32 << 24) as f32) - 1.0) * scale
+            })
+            .collect();
+        match dtype {
+            DType::F32 => row.chunks_exact_mut(4).zip(&values).for_each(|(b, v)| b.copy_from_slice(&v.to_le_bytes())),
+            // Round to nearest even in the bits (the values are finite).
+            DType::BF16 => row.chunks_exact_mut(2).zip(&values).for_each(|(b, v)| {
+                let bits = v.to_bits();
+                b.copy_from_slice(&(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16).to_le_bytes());
+            }),
+            DType::F16 => row.chunks_exact_mut(2).zip(&values).for_each(|(b, v)| b.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
         }
     });
     out

@@ -16,6 +16,8 @@
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 /// How the elements of a weight matrix are stored. Each widens to f32 exactly.
@@ -204,6 +206,16 @@ impl<S: Stored> Kernels<S> {
                     _stored: std::marker::PhantomData,
                 };
             }
+            if avx2::available() {
+                return Kernels {
+                    // SAFETY (all four): the CPU supports AVX2, FMA and F16C (checked just above).
+                    dot: |w, x| unsafe { avx2::dot::<S>(w, x) },
+                    dot4: |w, xs| unsafe { avx2::dot4::<S>(w, xs) },
+                    rows4: |w, x| unsafe { avx2::rows4::<S>(w, x) },
+                    groups: |w, x, m, k, out| unsafe { avx2::groups::<S>(w, x, m, k, out) },
+                    _stored: std::marker::PhantomData,
+                };
+            }
         }
         Kernels {
             dot: select_dot::<S>(),
@@ -215,7 +227,7 @@ impl<S: Stored> Kernels<S> {
     }
 }
 
-/// The blocked products without AVX-512: each weight row against each x row.
+/// The blocked products in portable code: each weight row against each x row.
 fn groups_portable<S: Stored>(w: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
     let dot = select_dot::<S>();
     let row_bytes = k * S::KIND.bytes();

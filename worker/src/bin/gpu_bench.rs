@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &batch in &args.batches {
         let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
-        let bytes = config.decode_weight_bytes(batch, args.dtype);
+        let bytes = config.decode_weight_bytes(batch, args.dtype.size_in_bytes() as f64);
         let roofline = bandwidth / bytes as f64 * batch as f64;
         eprintln!("batch {batch}: {tps:.1} tok/s");
         rows.push((batch, tps, bytes, roofline));

@@ -1,7 +1,10 @@
 //! Decode benchmark on a Mixtral-shaped dummy model ("mix-bench": hidden 1024, 16 heads / 4
-//! KV heads, 8 experts top-2, intermediate 3584, 8 layers, vocab 32000; 791 M parameters).
-//! Prints decode tokens/s per batch size next to the memory-bandwidth roofline measured in
-//! the same run and, with `--peers`, transformers and llama.cpp on the same shapes.
+//! KV heads, 8 experts top-2, intermediate 3584, 8 layers, vocab 32000; 791 M parameters),
+//! or any config (`--config`), at each weight precision asked (`--dtype f32,bf16
+//! --quantization int8,fp8`). Prints decode tokens/s per precision and batch size next to
+//! the memory-bandwidth roofline measured in the same run and, with `--peers`, transformers
+//! and llama.cpp at the matching precision (f32, f16 for bf16, Q8_0 for 8-bit) on the same
+//! shapes; then each precision's load time, resident memory and prefill speed.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,7 +15,7 @@ use rayon::prelude::*;
 use worker::bench::{peer_tok_s, ratio_cell, tok_s_cell};
 use worker::parallel::Parallel;
 use worker::weights::WeightSource;
-use worker::{Backend, CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig};
+use worker::{Backend, CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Quantization, WeightDType};
 
 #[derive(Debug, Parser)]
 #[command(about = "Decode benchmark: tokens/s vs the memory-bandwidth roofline and peers")]
@@ -29,8 +32,12 @@ struct Args {
     /// Tokens of the prompt whose prefill is timed (0 skips it).
     #[arg(long, default_value_t = 512)]
     prefill_len: usize,
-    #[arg(long, default_value = "f32")]
-    dtype: DType,
+    /// Dense weight dtypes to measure, one table row each (f32, f16, bf16).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    dtype: Vec<DType>,
+    /// 8-bit weights to measure, one row each (int8, fp8; quantized at load, dense parts bf16).
+    #[arg(long, value_delimiter = ',')]
+    quantization: Vec<Quantization>,
     /// A config.json to benchmark instead of the mix-bench shape (weights are dummy).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -54,6 +61,52 @@ struct Args {
     python: String,
 }
 
+/// One row of the table: how weights are kept, and what the peers run to match.
+struct Precision {
+    label: String,
+    dtype: WeightDType,
+    quantization: Quantization,
+    /// `peers.py --precision`.
+    peer: &'static str,
+    /// Bytes a decode step reads per weight (8-bit: the value and its row's scale share).
+    bytes_per_weight: f64,
+}
+
+fn precisions(args: &Args, c: &ModelConfig) -> Vec<Precision> {
+    let dense = args.dtype.iter().map(|&d| Precision {
+        label: d.to_string(),
+        dtype: WeightDType::As(d),
+        quantization: Quantization::None,
+        peer: match d {
+            DType::F32 => "f32",
+            DType::F16 | DType::BF16 => "f16",
+        },
+        bytes_per_weight: d.size_in_bytes() as f64,
+    });
+    let quantized = args.quantization.iter().filter(|q| matches!(q, Quantization::Int8 | Quantization::Fp8)).map(|&q| Precision {
+        label: q.to_string(),
+        dtype: WeightDType::As(DType::BF16),
+        quantization: q,
+        peer: "q8_0",
+        bytes_per_weight: 1.0 + 4.0 / c.hidden_size as f64,
+    });
+    dense.chain(quantized).collect()
+}
+
+/// What one precision measured in one round.
+struct Measured {
+    ours: Vec<f64>,
+    peers: serde_json::Value,
+}
+
+/// What one precision measured once: load time, resident memory after loading, prefill.
+struct Loaded {
+    load_secs: f64,
+    rss: u64,
+    weight_bytes: usize,
+    prefill: Option<f64>,
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = match &args.config {
@@ -61,96 +114,141 @@ fn main() -> anyhow::Result<()> {
         None => ModelConfig::parse(worker::config::MIX_BENCH, "mix-bench".as_ref())?,
     };
     let threads = rayon::current_num_threads();
-    eprintln!("loading dummy weights ({} M parameters, {})...", config.num_parameters() / 1_000_000, args.dtype);
-    let options = EngineOptions {
-        dtype: worker::WeightDType::As(args.dtype),
-        quantization: worker::Quantization::None,
-        load_format: LoadFormat::Dummy,
-        cache: CacheConfig { num_blocks: 64 * args.batches.iter().max().copied().unwrap_or(1), block_size: 16 },
-    };
-    let started = Instant::now();
-    let engine = Engine::from_source(Cpu, &config, &WeightSource::Dummy { seed: 0 }, &options, Parallel::single())?;
-    eprintln!("loaded in {:.1} s", started.elapsed().as_secs_f64());
-    let mut generator = Generator::new(engine, args.batches.iter().max().copied().unwrap_or(1));
+    let precisions = precisions(&args, &config);
+    let max_batch = args.batches.iter().max().copied().unwrap_or(1);
     // Allocated once, so that no round allocates and frees gigabytes between measurements.
     let probe: Vec<f32> = (0..(args.bandwidth_gib << 30) / 4).into_par_iter().map(|i| (i % 7) as f32).collect();
-    let mut rounds = Vec::new();
+    let mut bandwidths = Vec::new();
+    let mut rounds: Vec<Vec<Measured>> = Vec::new();
+    let mut loaded: Vec<Loaded> = Vec::new();
     for round in 1..=args.rounds.max(1) {
         eprintln!("round {round}: measuring read bandwidth over {} GiB with {threads} threads...", args.bandwidth_gib);
-        let bandwidth = read_bandwidth(&probe);
-        // Even rounds run the peers first, so that no engine always takes the same place.
-        let peers_first = args.peers && round % 2 == 0;
-        let mut peers = if peers_first { run_peers(&args, &config, threads) } else { serde_json::Value::Null };
-        let mut ours = Vec::new();
-        for &batch in &args.batches {
-            let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
-            eprintln!("round {round}, batch {batch}: {tps:.1} tok/s");
-            ours.push(tps);
+        bandwidths.push(read_bandwidth(&probe));
+        let mut this = Vec::new();
+        for p in &precisions {
+            // Even rounds run the peers first, so that no engine always takes the same place.
+            let peers_first = args.peers && round % 2 == 0;
+            let mut peers = if peers_first { run_peers(&args, &config, threads, p.peer) } else { serde_json::Value::Null };
+            eprintln!("loading dummy weights ({} M parameters, {})...", config.num_parameters() / 1_000_000, p.label);
+            let options = EngineOptions {
+                dtype: p.dtype,
+                quantization: p.quantization,
+                load_format: LoadFormat::Dummy,
+                cache: CacheConfig { num_blocks: 64 * max_batch, block_size: 16 },
+            };
+            let started = Instant::now();
+            let engine = Engine::from_source(Cpu, &config, &WeightSource::Dummy { seed: 0 }, &options, Parallel::single())?;
+            let load_secs = started.elapsed().as_secs_f64();
+            let (rss, weight_bytes) = (resident_bytes("VmRSS"), engine.weight_bytes());
+            eprintln!("loaded in {load_secs:.1} s");
+            let mut generator = Generator::new(engine, max_batch);
+            let mut ours = Vec::new();
+            for &batch in &args.batches {
+                let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
+                eprintln!("round {round}, {}, batch {batch}: {tps:.1} tok/s", p.label);
+                ours.push(tps);
+            }
+            if round == 1 {
+                let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 1)).transpose()?;
+                loaded.push(Loaded { load_secs, rss, weight_bytes, prefill });
+            }
+            drop(generator);
+            if args.peers && !peers_first {
+                peers = run_peers(&args, &config, threads, p.peer);
+            }
+            this.push(Measured { ours, peers });
         }
-        if args.peers && !peers_first {
-            peers = run_peers(&args, &config, threads);
-        }
-        rounds.push(Round { bandwidth, ours, peers });
+        rounds.push(this);
     }
-    let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 1)).transpose()?;
     let kernel = (args.prefill_len > 0).then(|| kernel_ms(args.prefill_len, &config)).transpose()?;
 
-    let bandwidth = median(rounds.iter().map(|r| Some(r.bandwidth))).unwrap_or(0.0);
+    let bandwidth = median(bandwidths.iter().map(|&b| Some(b))).unwrap_or(0.0);
     let of = if rounds.len() > 1 { format!(", medians of {} rounds", rounds.len()) } else { String::new() };
     println!();
-    println!("mix-bench: {} M parameters, {} M read per token at batch 1, {}, {threads} threads{of}", config.num_parameters() / 1_000_000, config.decode_parameters_per_token() / 1_000_000, args.dtype);
+    println!("mix-bench: {} M parameters, {} M read per token at batch 1, {threads} threads{of}", config.num_parameters() / 1_000_000, config.decode_parameters_per_token() / 1_000_000);
     println!("read bandwidth (vectorized, {threads} threads, {} GiB): {:.1} GB/s", args.bandwidth_gib, bandwidth / 1e9);
     println!();
-    println!("| batch | tramontane tok/s | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers | llama.cpp tok/s | vs llama.cpp |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (b, &batch) in args.batches.iter().enumerate() {
-        let tps = median(rounds.iter().map(|r| Some(r.ours[b]))).unwrap_or(0.0);
-        let bytes = config.decode_weight_bytes(batch, args.dtype);
-        let roofline = bandwidth / bytes as f64 * batch as f64;
-        let peer = |name: &str| median(rounds.iter().map(|r| r.peer(name, batch)));
-        let (hf, cpp) = (peer("transformers"), peer("llama.cpp"));
+    println!("| precision | batch | tramontane tok/s | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers | llama.cpp tok/s | vs llama.cpp |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, p) in precisions.iter().enumerate() {
+        for (b, &batch) in args.batches.iter().enumerate() {
+            let tps = median(rounds.iter().map(|r| Some(r[i].ours[b]))).unwrap_or(0.0);
+            let bytes = config.decode_weight_bytes(batch, p.bytes_per_weight);
+            let roofline = bandwidth / bytes as f64 * batch as f64;
+            let peer = |name: &str| median(rounds.iter().map(|r| peer_tok_s(&r[i].peers, name, batch)));
+            let (hf, cpp) = (peer("transformers"), peer("llama.cpp"));
+            let cpp_type = rounds.iter().find_map(|r| r[i].peers.get("llama.cpp")?.get("weights")?.as_str().map(str::to_owned)).unwrap_or_else(|| p.peer.to_owned());
+            println!(
+                "| {} | {batch} | {tps:.1} | {:.0} MB | {roofline:.1} | {:.0} % | {} | {} | {} ({cpp_type}) | {} |",
+                p.label,
+                bytes as f64 / 1e6,
+                100.0 * tps / roofline,
+                tok_s_cell(hf),
+                ratio_cell(tps, hf),
+                tok_s_cell(cpp),
+                ratio_cell(tps, cpp)
+            );
+        }
+    }
+    println!();
+    println!("| precision | load s | weights | RSS after load | prefill tok/s ({} tokens) | llama.cpp prefill tok/s |", args.prefill_len);
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (i, (p, l)) in precisions.iter().zip(&loaded).enumerate() {
+        let cpp = median(rounds.iter().map(|r| r[i].peers.get("llama.cpp")?.get("prefill")?.as_f64()));
         println!(
-            "| {batch} | {tps:.1} | {:.0} MB | {roofline:.1} | {:.0} % | {} | {} | {} | {} |",
-            bytes as f64 / 1e6,
-            100.0 * tps / roofline,
-            tok_s_cell(hf),
-            ratio_cell(tps, hf),
-            tok_s_cell(cpp),
-            ratio_cell(tps, cpp)
+            "| {} | {:.1} | {:.2} GB | {:.2} GB | {} | {} |",
+            p.label,
+            l.load_secs,
+            l.weight_bytes as f64 / 1e9,
+            l.rss as f64 / 1e9,
+            tok_s_cell(l.prefill),
+            tok_s_cell(cpp)
         );
     }
+    println!("peak RSS of the process: {:.2} GB", resident_bytes("VmHWM") as f64 / 1e9);
     if rounds.len() > 1 {
         let batches = args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" / ");
         println!();
         println!("each round, tok/s at batch {batches}:");
-        for (i, r) in rounds.iter().enumerate() {
-            let list = |v: Vec<Option<f64>>| v.into_iter().map(tok_s_cell).collect::<Vec<_>>().join(" / ");
-            let mut line = format!("- round {}: {:.1} GB/s; tramontane {}", i + 1, r.bandwidth / 1e9, list(r.ours.iter().map(|v| Some(*v)).collect()));
-            if !r.peers.is_null() {
-                for name in ["transformers", "llama.cpp"] {
-                    line += &format!("; {name} {}", list(args.batches.iter().map(|&b| r.peer(name, b)).collect()));
+        for (r, (round, bw)) in rounds.iter().zip(&bandwidths).enumerate() {
+            for (p, m) in precisions.iter().zip(round) {
+                let list = |v: Vec<Option<f64>>| v.into_iter().map(tok_s_cell).collect::<Vec<_>>().join(" / ");
+                let mut line = format!("- round {} ({:.1} GB/s), {}: tramontane {}", r + 1, bw / 1e9, p.label, list(m.ours.iter().map(|v| Some(*v)).collect()));
+                if !m.peers.is_null() {
+                    for name in ["transformers", "llama.cpp"] {
+                        line += &format!("; {name} {}", list(args.batches.iter().map(|&b| peer_tok_s(&m.peers, name, b)).collect()));
+                    }
                 }
+                println!("{line}");
             }
-            println!("{line}");
         }
     }
-    if let (Some(tps), Some((ours, candle))) = (prefill, kernel) {
+    if let Some((ours, candle)) = kernel {
         let (m, h, i) = (args.prefill_len, config.hidden_size, config.intermediate_size);
         println!();
-        println!("prefill of one {m}-token prompt: {tps:.1} tok/s");
         println!(
-            "x[{m}×{h}]·W[{i}×{h}]ᵀ: batch-invariant kernel {ours:.1} ms, candle matmul {candle:.1} ms ({:.2}× candle's time)",
+            "x[{m}×{h}]·W[{i}×{h}]ᵀ in f32: batch-invariant kernel {ours:.1} ms, candle matmul {candle:.1} ms ({:.2}× candle's time)",
             ours / candle
         );
     }
     if args.kernel_sweep {
         kernel_sweep(&args, &config, bandwidth)?;
     }
-    for r in rounds.iter().filter(|r| !r.peers.is_null()) {
+    for m in rounds.iter().flatten().filter(|m| !m.peers.is_null()) {
         println!();
-        println!("peers: {}", r.peers);
+        println!("peers: {}", m.peers);
     }
     Ok(())
+}
+
+/// A `/proc/self/status` figure in bytes (`VmRSS`, `VmHWM`), or 0 where unknown.
+fn resident_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Rows of x the kernel sweep measures, besides each batch's rows per expert.
@@ -210,20 +308,6 @@ fn kernel_sweep(args: &Args, c: &ModelConfig, bandwidth: f64) -> anyhow::Result<
         );
     }
     Ok(())
-}
-
-/// One round's measurements: the read bandwidth, Tramontane's tok/s per batch size, and the
-/// peers' JSON (null without `--peers`).
-struct Round {
-    bandwidth: f64,
-    ours: Vec<f64>,
-    peers: serde_json::Value,
-}
-
-impl Round {
-    fn peer(&self, name: &str, batch: usize) -> Option<f64> {
-        peer_tok_s(&self.peers, name, batch)
-    }
 }
 
 /// The median of the values present (the mean of the middle two for an even count).
@@ -286,6 +370,10 @@ fn sum_lanes(xs: &[f32]) -> f32 {
             // SAFETY: the CPU supports AVX-512F (checked just above).
             return unsafe { sum_avx512(xs) };
         }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { sum_avx2(xs) };
+        }
     }
     let mut acc = [0f32; 32];
     for c in xs.chunks_exact(32) {
@@ -316,7 +404,30 @@ unsafe fn sum_avx512(xs: &[f32]) -> f32 {
     _mm512_reduce_add_ps(total) + xs[i..].iter().sum::<f32>()
 }
 
-fn run_peers(args: &Args, c: &ModelConfig, threads: usize) -> serde_json::Value {
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_avx2(xs: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let p = xs.as_ptr();
+    let mut i = 0;
+    while i + 64 <= xs.len() {
+        for (l, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 64 <= len bounds the load.
+            *acc = _mm256_add_ps(*acc, unsafe { _mm256_loadu_ps(p.add(i + 8 * l)) });
+        }
+        i += 64;
+    }
+    let mut lanes = [0f32; 8];
+    let total = acc.iter().fold(_mm256_setzero_ps(), |s, a| _mm256_add_ps(s, *a));
+    // SAFETY: `lanes` holds eight f32.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+    lanes.iter().sum::<f32>() + xs[i..].iter().sum::<f32>()
+}
+
+fn run_peers(args: &Args, c: &ModelConfig, threads: usize, precision: &str) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers.py");
     eprintln!("running peers ({})...", script.display());
     worker::bench::peer_json(
@@ -324,6 +435,7 @@ fn run_peers(args: &Args, c: &ModelConfig, threads: usize) -> serde_json::Value 
             .arg(&script)
             .args(worker::bench::peer_shape_args(c, &args.batches, args.steps))
             .args(["--experts", &c.num_local_experts.to_string(), "--top-k", &c.num_experts_per_tok.to_string()])
-            .args(["--threads", &threads.to_string()]),
+            .args(["--threads", &threads.to_string(), "--precision", precision])
+            .args(["--prefill-len", &args.prefill_len.to_string()]),
     )
 }

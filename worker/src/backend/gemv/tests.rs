@@ -133,3 +133,65 @@ fn e4m3_values_follow_the_format() {
         assert_eq!(matmul_t(&x, &w, Elem::E4m3, 1, 1, 16)[0], E4M3_VALUES[b as usize] * 16.0, "byte {b:#04x}");
     }
 }
+
+/// Every kernel this CPU can run (AVX-512, AVX2, portable), called directly, for every
+/// element type: the same bits.
+#[test]
+fn every_instruction_set_gives_the_same_bits() {
+    fn all<S: Stored>(w: &[u8], x: &[f32], m: usize, k: usize) {
+        let row = k * S::KIND.bytes();
+        let xs: [&[f32]; 4] = std::array::from_fn(|i| &x[i * k..(i + 1) * k]);
+        let ws: [&[u8]; 4] = std::array::from_fn(|a| &w[a * row..(a + 1) * row]);
+        let mut want_groups = vec![0f32; 4 * m];
+        groups_portable::<S>(&w[..4 * row], x, m, k, &mut want_groups);
+        let want = (dot_portable::<S>(ws[0], xs[0]), xs.map(|x| dot_portable::<S>(ws[0], x)), ws.map(|w| dot_portable::<S>(w, xs[0])));
+        let mut sets: Vec<(&str, Kernels<S>)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx512() {
+                sets.push(("avx512", Kernels {
+                    // SAFETY (all four): checked just above.
+                    dot: |w, x| unsafe { x86::dot_avx512::<S>(w, x) },
+                    dot4: |w, xs| unsafe { x86::dot4_avx512::<S>(w, xs) },
+                    rows4: |w, x| unsafe { x86::rows4_avx512::<S>(w, x) },
+                    groups: |w, x, m, k, out| unsafe { x86::groups_avx512::<S>(w, x, m, k, out) },
+                    _stored: std::marker::PhantomData,
+                }));
+            }
+            if avx2::available() {
+                sets.push(("avx2", Kernels {
+                    // SAFETY (all four): checked just above.
+                    dot: |w, x| unsafe { avx2::dot::<S>(w, x) },
+                    dot4: |w, xs| unsafe { avx2::dot4::<S>(w, xs) },
+                    rows4: |w, x| unsafe { avx2::rows4::<S>(w, x) },
+                    groups: |w, x, m, k, out| unsafe { avx2::groups::<S>(w, x, m, k, out) },
+                    _stored: std::marker::PhantomData,
+                }));
+            }
+        }
+        for (name, kernels) in sets {
+            let what = format!("{name} {:?} k{k}", S::KIND);
+            assert_eq!((kernels.dot)(ws[0], xs[0]).to_bits(), want.0.to_bits(), "{what}: dot");
+            assert_eq!(bits(&(kernels.dot4)(ws[0], xs)), bits(&want.1), "{what}: dot4");
+            assert_eq!(bits(&(kernels.rows4)(ws, xs[0])), bits(&want.2), "{what}: rows4");
+            let mut got = vec![0f32; 4 * m];
+            (kernels.groups)(&w[..4 * row], x, m, k, &mut got);
+            assert_eq!(bits(&got), bits(&want_groups), "{what}: groups");
+        }
+    }
+    for k in [16, 100, 1553, 2100] {
+        let m = 5;
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0).collect();
+        let w: Vec<f32> = (0..4 * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 89.0).collect();
+        for elem in ELEMS {
+            let (w, _) = stored(&w, elem);
+            match elem {
+                Elem::F32 => all::<F32>(&w, &x, m, k),
+                Elem::Bf16 => all::<Bf16>(&w, &x, m, k),
+                Elem::F16 => all::<F16>(&w, &x, m, k),
+                Elem::I8 => all::<I8>(&w, &x, m, k),
+                Elem::E4m3 => all::<E4m3>(&w, &x, m, k),
+            }
+        }
+    }
+}
