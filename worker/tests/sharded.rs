@@ -172,6 +172,12 @@ async fn every_layout_reproduces_the_reference() {
         ("mixtral-f32-tiny", layout(2, 2, 1)),
         ("mistral-nemo-tiny", layout(2, 1, 2)),
         ("mixtral-f32-tiny", layout(1, 2, 2)),
+        // FP8 checkpoints: values and their per-channel (Mistral) or per-tensor (Mixtral)
+        // scales sliced with the rows; a slice of columns keeps its rows' scales.
+        ("mistral-fp8-tiny", layout(2, 1, 1)),
+        ("mistral-fp8-tiny", layout(1, 1, 2)),
+        ("mixtral-fp8-tiny", layout(1, 2, 1)),
+        ("mixtral-fp8-tiny", layout(2, 2, 1)),
     ];
     for &(model, l) in runs {
         cluster.load(model, l).await.unwrap_or_else(|e| panic!("{model} {l:?}: {e:?}"));
