@@ -198,6 +198,7 @@ impl pb::admin_server::Admin for AdminService {
                     address: w.card.address.clone(),
                     state: w.state.into(),
                     pid: w.card.pid,
+                    memory_bytes: w.card.memory_bytes,
                     ..Default::default()
                 };
                 if let Some((replica, rank, l)) = &w.placement {
@@ -222,6 +223,7 @@ impl pb::admin_server::Admin for AdminService {
             layout: layouts.join(", "),
             workers,
             leader: view.leader,
+            no_capacity: self.frontend.pool().no_capacity.clone().unwrap_or_default(),
         }))
     }
 

@@ -36,6 +36,7 @@ pub struct ControlConfig {
     pub layout: Layout,
     pub sizing: Sizing,
     pub dtype: String,
+    pub quantization: String,
     pub load_format: String,
     pub sched: SchedulerConfig,
     /// This coordinator's id (for leadership).
@@ -333,6 +334,7 @@ impl Controller {
                 epoch: self.epoch,
                 model_path: self.cfg.model.display().to_string(),
                 dtype: self.cfg.dtype.clone(),
+                quantization: self.cfg.quantization.clone(),
                 load_format: self.cfg.load_format.clone(),
                 kv_blocks: self.cfg.sizing.kv_blocks as u32,
                 block_size: self.cfg.sizing.block_size as u32,

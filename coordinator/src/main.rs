@@ -43,8 +43,13 @@ struct Args {
     /// Decoder layers of each pipeline stage, e.g. `20,18,18` (default: as even as possible).
     #[arg(long, env = "TRAMONTANE_STAGE_LAYERS", value_delimiter = ',')]
     stage_layers: Vec<usize>,
-    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "f32")]
+    /// The dtype workers keep dense weights in: auto (as the checkpoint stores them), f32,
+    /// f16 or bf16.
+    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "auto")]
     dtype: String,
+    /// 8-bit weights: auto (FP8 checkpoints stay FP8), none, int8 or fp8 (quantized at load).
+    #[arg(long, env = "TRAMONTANE_QUANTIZATION", default_value = "auto")]
+    quantization: String,
     #[arg(long, default_value = "safetensors")]
     load_format: String,
     /// KV cache blocks per worker.
@@ -77,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         workers: args.workers,
         layout: worker::parallel::Layout { tp: args.tp, ep: args.ep, pp: args.pp, stage_layers: args.stage_layers },
         dtype: args.dtype,
+        quantization: args.quantization,
         load_format: args.load_format,
         kv_blocks: args.kv_blocks,
         block_size: args.block_size,

@@ -7,7 +7,8 @@
 use serde::{Deserialize, Serialize};
 use worker::membership::WorkerCard;
 use worker::parallel::Layout;
-use worker::{Architecture, ModelConfig};
+use worker::quant::rank_weight_bytes;
+use worker::{DType, ModelConfig, Quantization, WeightDType};
 
 /// One replica: its layout and the worker ids of its ranks, by rank.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,33 +31,47 @@ impl Plan {
     }
 }
 
-/// What every rank must hold besides its weights.
+/// What every rank must hold: its weights, as the workers keep them, and its KV cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Sizing {
-    /// Bytes per weight element (the compute dtype).
-    pub dtype_bytes: usize,
+    /// `--dtype`: the dtype of dense weights (auto: as the checkpoint declares).
+    pub dtype: WeightDType,
+    /// `--quantization`: 8-bit projections.
+    pub quantization: Quantization,
+    /// `--load-format dummy`: random weights, dense whatever the checkpoint declares.
+    pub dummy: bool,
     pub kv_blocks: usize,
     pub block_size: usize,
 }
 
-/// Bytes one rank of `layout` holds: its weight slices and its KV cache (f32).
-pub fn rank_memory(c: &ModelConfig, layout: &Layout, s: &Sizing) -> (u64, u64) {
-    let experts = match c.architecture {
-        Architecture::Mixtral => c.num_hidden_layers * c.num_local_experts * 3 * c.hidden_size * c.intermediate_size,
-        Architecture::Mistral => 0,
+/// Bytes rank `rank` of `layout` holds: its weights in the formats the workers keep
+/// ([`worker::quant::rank_weight_bytes`]) and its KV cache (f32 keys and values of its KV
+/// heads, for its stage's layers).
+pub fn rank_need(c: &ModelConfig, layout: &Layout, rank: usize, s: &Sizing) -> (u64, u64) {
+    let weights = if s.dummy && c.fp8_weights {
+        rank_weight_bytes(&ModelConfig { fp8_weights: false, ..c.clone() }, layout, rank, s.dtype, s.quantization)
+    } else {
+        rank_weight_bytes(c, layout, rank, s.dtype, s.quantization)
     };
-    let dense = c.num_parameters() - experts;
-    let (tp, ep, pp) = (layout.tp, layout.ep, layout.pp);
-    let weights = (dense / (tp * pp) + experts / (tp * ep * pp)) * s.dtype_bytes;
-    let kv_heads = (c.num_key_value_heads / tp).max(1);
-    let layers = c.num_hidden_layers.div_ceil(pp);
+    let at = layout.coords(rank);
+    let layers = layout.layers(c.num_hidden_layers, at.stage).len();
+    let kv_heads = layout.kv_heads(c, at.tensor).len();
     let kv = s.kv_blocks * s.block_size * layers * 2 * kv_heads * c.head_dim * 4;
-    (weights as u64, kv as u64)
+    (weights, kv as u64)
 }
 
+/// What the largest rank of `layout` holds: (weights, KV cache) bytes.
+pub fn rank_memory(c: &ModelConfig, layout: &Layout, s: &Sizing) -> (u64, u64) {
+    (0..layout.world()).map(|r| rank_need(c, layout, r, s)).max_by_key(|(w, kv)| w + kv).unwrap_or((0, 0))
+}
+
+/// Whether `workers` (by rank) can hold `layout`: a card's 0 memory is unknown, taken as enough.
 fn fits(c: &ModelConfig, layout: &Layout, s: &Sizing, workers: &[&WorkerCard]) -> bool {
-    let (w, kv) = rank_memory(c, layout, s);
-    layout.validate(c).is_ok() && workers.iter().all(|card| card.memory_bytes == 0 || card.memory_bytes >= w + kv)
+    layout.validate(c).is_ok()
+        && workers.iter().enumerate().all(|(rank, card)| {
+            let (w, kv) = rank_need(c, layout, rank, s);
+            card.memory_bytes == 0 || card.memory_bytes >= w + kv
+        })
 }
 
 /// Layouts of exactly `world` ranks that fit the model, the wanted shape's order first.
@@ -72,7 +87,8 @@ fn layouts_of(world: usize, want: &Layout) -> Vec<Layout> {
     out
 }
 
-/// Plans replicas over `workers` (live, not draining). Err says why no replica fits.
+/// Plans replicas over `workers` (live, not draining). Err says why no replica fits, with
+/// the arithmetic and what would fit.
 pub fn plan(
     config: &ModelConfig,
     want: &Layout,
@@ -80,6 +96,18 @@ pub fn plan(
     workers: &[WorkerCard],
     current: &[ReplicaPlan],
 ) -> Result<Vec<ReplicaPlan>, String> {
+    let replicas = place(config, want, sizing, workers, current);
+    if replicas.is_empty() {
+        return Err(match workers.len() {
+            0 => "no capacity remains: no live worker".to_owned(),
+            _ => refusal(config, want, sizing, workers),
+        });
+    }
+    Ok(replicas)
+}
+
+/// The replicas of [`plan`], none when nothing fits.
+fn place(config: &ModelConfig, want: &Layout, sizing: &Sizing, workers: &[WorkerCard], current: &[ReplicaPlan]) -> Vec<ReplicaPlan> {
     let live = |id: &String| workers.iter().any(|w| &w.id == id);
     let mut replicas: Vec<ReplicaPlan> = current.iter().filter(|r| r.workers.iter().all(live)).cloned().collect();
     let mut free: Vec<&WorkerCard> = workers.iter().filter(|w| !replicas.iter().any(|r| r.workers.contains(&w.id))).collect();
@@ -102,19 +130,138 @@ pub fn plan(
         }
         break;
     }
-    if replicas.is_empty() {
-        let (w, kv) = rank_memory(config, want, sizing);
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        return Err(match workers.len() {
-            0 => "no capacity remains: no live worker".to_owned(),
-            n => format!(
-                "no capacity remains: {n} live worker(s) cannot hold a replica (one rank of tp {} ep {} pp {} needs {:.2} GiB of weights + {:.2} GiB of KV cache)",
-                want.tp, want.ep, want.pp, gib(w), gib(kv)
-            ),
-        });
-    }
-    Ok(replicas)
+    replicas
 }
+
+fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
+/// `--tp 2 --pp 2` (the degrees above 1; `--tp 1` for one rank).
+fn flags(l: &Layout) -> String {
+    let f: Vec<String> = [("tp", l.tp), ("ep", l.ep), ("pp", l.pp)].iter().filter(|(_, n)| *n > 1).map(|(k, n)| format!("--{k} {n}")).collect();
+    if f.is_empty() { "--tp 1".into() } else { f.join(" ") }
+}
+
+/// "a, b or c".
+fn any_of(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
+/// The dtype dense weights are kept in, and whether that is as stored.
+fn dense_dtype(c: &ModelConfig, s: &Sizing) -> (DType, bool) {
+    match s.dtype {
+        WeightDType::As(d) => (d, false),
+        WeightDType::Auto => (c.checkpoint_dtype.as_deref().and_then(|d| d.parse().ok()).unwrap_or(DType::F32), true),
+    }
+}
+
+/// How the weights are kept, in words: "bf16 as stored", "f32", "int8 projections, the rest bf16 as stored".
+fn weights_in_words(c: &ModelConfig, s: &Sizing) -> String {
+    let (dense, as_stored) = dense_dtype(c, s);
+    let dense = if as_stored { format!("{dense} as stored") } else { dense.to_string() };
+    let fp8_stored = c.fp8_weights && !s.dummy;
+    match s.quantization {
+        Quantization::Int8 => format!("int8 projections, the rest {dense}"),
+        Quantization::Fp8 if fp8_stored => format!("fp8 projections as stored, the rest {dense}"),
+        Quantization::Fp8 => format!("fp8 projections, the rest {dense}"),
+        Quantization::Auto if fp8_stored => format!("fp8 projections as stored, the rest {dense}"),
+        Quantization::Auto | Quantization::None => dense,
+    }
+}
+
+/// Why no replica fits `workers` (not empty), with the arithmetic of the wanted layout's
+/// largest rank and the changes that would fit, each checked with the planner itself: other
+/// weight formats, fewer KV cache blocks, or more workers like the largest one.
+fn refusal(c: &ModelConfig, want: &Layout, s: &Sizing, workers: &[WorkerCard]) -> String {
+    let (w, kv) = rank_memory(c, want, s);
+    let ranks: Vec<(u64, u64)> = (0..want.world()).map(|r| rank_need(c, want, r, s)).collect();
+    let each = if ranks.iter().all(|r| *r == ranks[0]) { "each rank" } else { "the largest rank" };
+    let mut by_memory: Vec<&WorkerCard> = workers.iter().collect();
+    by_memory.sort_by_key(|card| std::cmp::Reverse(card.memory_bytes));
+    let (largest, smallest) = (by_memory[0], by_memory[by_memory.len() - 1]);
+    let has = match workers.len() {
+        1 => format!("{} has {}", largest.id, gb(largest.memory_bytes)),
+        n if largest.memory_bytes == smallest.memory_bytes => format!("each of the {n} workers has {}", gb(largest.memory_bytes)),
+        n => format!("the {n} workers have from {} ({}) to {} ({})", gb(smallest.memory_bytes), smallest.id, gb(largest.memory_bytes), largest.id),
+    };
+    let mut message = format!(
+        "no replica fits: {each} of tp {} × ep {} × pp {} needs {} of weights ({}) + {} KV cache ({} blocks × {} tokens, f32) = {}, but {has}",
+        want.tp,
+        want.ep,
+        want.pp,
+        gb(w),
+        weights_in_words(c, s),
+        gb(kv),
+        s.kv_blocks,
+        s.block_size,
+        gb(w + kv),
+    );
+    if workers.len() < want.world() {
+        message.push_str(&format!(" (and {} worker(s) live for its {} ranks)", workers.len(), want.world()));
+    }
+    let fits_with = |s: &Sizing| !place(c, want, s, workers, &[]).is_empty();
+    let mut would = Vec::new();
+    // Other formats of the weights.
+    let (dense, _) = dense_dtype(c, s);
+    let mut formats: Vec<(String, Sizing)> = Vec::new();
+    if dense.size_in_bytes() == 4 {
+        let declared = c.checkpoint_dtype.as_deref().and_then(|d| d.parse::<DType>().ok()).filter(|d| d.size_in_bytes() == 2);
+        match (s.dtype, declared) {
+            (WeightDType::As(_), Some(_)) => formats.push(("--dtype auto".into(), Sizing { dtype: WeightDType::Auto, ..*s })),
+            _ => formats.push(("--dtype bf16".into(), Sizing { dtype: WeightDType::As(DType::BF16), ..*s })),
+        }
+    }
+    match s.quantization {
+        Quantization::None if c.fp8_weights && !s.dummy => formats.push(("--quantization auto".into(), Sizing { quantization: Quantization::Auto, ..*s })),
+        Quantization::Auto | Quantization::None if !c.fp8_weights || s.dummy => {
+            formats.push(("--quantization int8".into(), Sizing { quantization: Quantization::Int8, ..*s }))
+        }
+        _ => {}
+    }
+    for (flag, sizing) in formats {
+        if fits_with(&sizing) {
+            let (w, kv) = rank_memory(c, want, &sizing);
+            would.push(format!("{flag} ({} + {})", gb(w), gb(kv)));
+        }
+    }
+    // A smaller KV cache: the most blocks that fit (fitting only grows as blocks shrink).
+    if fits_with(&Sizing { kv_blocks: 1, ..*s }) {
+        let (mut lo, mut hi) = (1, s.kv_blocks);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits_with(&Sizing { kv_blocks: mid, ..*s }) { lo = mid } else { hi = mid }
+        }
+        would.push(format!("--kv-blocks {lo}"));
+    }
+    // More workers like the largest: the fewest that hold one replica, and the layouts that do.
+    for n in 2..=MAX_SUGGESTED_WORKERS {
+        let cards: Vec<WorkerCard> = (0..n).map(|i| WorkerCard { id: format!("{}#{i}", largest.id), ..largest.clone() }).collect();
+        let refs: Vec<&WorkerCard> = cards.iter().collect();
+        let mut layouts: Vec<Layout> = layouts_of(n, want).into_iter().filter(|l| fits(c, l, s, &refs)).collect();
+        if layouts.is_empty() {
+            continue;
+        }
+        layouts.sort_by_key(|l| ([l.tp, l.ep, l.pp].iter().filter(|&&d| d > 1).count(), std::cmp::Reverse(l.tp), std::cmp::Reverse(l.ep)));
+        let options: Vec<String> = layouts.iter().take(3).map(flags).collect();
+        let like = if workers.iter().all(|w| w.memory_bytes == largest.memory_bytes) { String::new() } else { format!(" of {}", gb(largest.memory_bytes)) };
+        would.push(format!("{n} workers{like} with {}", any_of(&options)));
+        break;
+    }
+    if would.is_empty() {
+        message.push_str(&format!("; nothing would fit: no other weight format, KV cache size or layout of up to {MAX_SUGGESTED_WORKERS} such workers"));
+    } else {
+        message.push_str(&format!("; would fit: {}", any_of(&would)));
+    }
+    message
+}
+
+/// The most workers a refusal's suggestions consider.
+const MAX_SUGGESTED_WORKERS: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -130,7 +277,7 @@ mod tests {
         WorkerCard { id: id.into(), address: format!("{id}:1"), device: "cpu".into(), memory_bytes, version: "t".into(), pid: 0 }
     }
 
-    const SIZING: Sizing = Sizing { dtype_bytes: 4, kv_blocks: 16, block_size: 16 };
+    const SIZING: Sizing = Sizing { dtype: WeightDType::As(DType::F32), quantization: Quantization::None, dummy: false, kv_blocks: 16, block_size: 16 };
 
     fn tp(n: usize) -> Layout {
         Layout { tp: n, ..Layout::default() }
@@ -161,7 +308,7 @@ mod tests {
         assert_eq!(survivor, vec![ReplicaPlan { layout: tp(1), workers: vec!["b".into()] }]);
         // Too small for the whole model: no capacity, and the message says how much is needed.
         let err = plan(&c, &tp(2), &SIZING, &[card("b", w2 + kv2)], &both).unwrap_err();
-        assert!(err.contains("no capacity remains") && err.contains("GiB"), "{err}");
+        assert!(err.starts_with("no replica fits: each rank of tp 2 × ep 1 × pp 1 needs"), "{err}");
         assert!(plan(&c, &tp(2), &SIZING, &[], &both).unwrap_err().contains("no live worker"));
     }
 
@@ -171,5 +318,94 @@ mod tests {
         let p = plan(&c, &tp(2), &SIZING, &[card("a", 0), card("b", 0), card("c", 0)], &[]).unwrap();
         assert_eq!(p.iter().map(|r| r.layout.world()).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(p[1].workers, vec!["c".to_owned()]);
+    }
+
+    /// Mistral-7B's shape as a bf16 checkpoint.
+    fn mistral_7b() -> ModelConfig {
+        let c = ModelConfig::parse(worker::config::MISTRAL_7B, "7b".as_ref()).expect("config");
+        ModelConfig { checkpoint_dtype: Some("bfloat16".into()), ..c }
+    }
+
+    #[test]
+    fn a_rank_needs_its_weights_as_kept_and_its_kv_cache() {
+        let c = mistral_7b();
+        let (h, layers) = (c.hidden_size as u64, c.num_hidden_layers as u64);
+        let norms = (2 * layers + 1) * h;
+        let params = c.num_parameters() as u64;
+        let bf16 = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, dummy: false, kv_blocks: 1024, block_size: 16 };
+        let (w, kv) = rank_memory(&c, &tp(1), &bf16);
+        assert_eq!(w, 2 * (params - norms) + 4 * norms, "bf16 as stored, norms in f32");
+        let kv_per_token = layers * 2 * c.num_key_value_heads as u64 * c.head_dim as u64 * 4;
+        assert_eq!(kv, 1024 * 16 * kv_per_token);
+        let f32 = Sizing { dtype: WeightDType::As(DType::F32), ..bf16 };
+        assert_eq!(rank_memory(&c, &tp(1), &f32).0, 4 * params);
+        // int8: one byte per projection element and a 4-byte scale per row; the table stays bf16.
+        let int8 = Sizing { quantization: Quantization::Int8, ..bf16 };
+        let (vocab, table) = (c.vocab_size as u64, c.vocab_size as u64 * h);
+        let (q, kvd, i) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64, c.intermediate_size as u64);
+        let rows_per_layer = q + 2 * kvd + h + 2 * i + h;
+        let projections = params - norms - 2 * table;
+        assert_eq!(rank_memory(&c, &tp(1), &int8).0, projections + 4 * layers * rows_per_layer + 2 * table + table + 4 * vocab + 4 * norms);
+        // Two ranks: each holds about half, and the KV heads split too.
+        let (w2, kv2) = rank_memory(&c, &tp(2), &bf16);
+        assert!(w2 < w / 2 + w / 100 && kv2 == kv / 2, "{w2} {kv2}");
+        // Pipeline stages differ (the first holds the table, the last the lm_head and the final
+        // norm): the largest is what a worker must hold.
+        let pp = Layout { pp: 2, ..Layout::default() };
+        let (first, last) = (rank_need(&c, &pp, 0, &bf16), rank_need(&c, &pp, 1, &bf16));
+        assert_eq!(first.0 + last.0, w);
+        assert_eq!(rank_memory(&c, &pp, &bf16), if first.0 >= last.0 { first } else { last });
+        // Dummy weights of an FP8 checkpoint are dense.
+        let fp8 = ModelConfig { fp8_weights: true, ..c.clone() };
+        assert!(rank_memory(&fp8, &tp(1), &bf16).0 < w * 6 / 10);
+        assert_eq!(rank_memory(&fp8, &tp(1), &Sizing { dummy: true, ..bf16 }).0, w);
+    }
+
+    #[test]
+    fn a_refusal_gives_the_arithmetic_and_what_would_fit() {
+        let c = mistral_7b();
+        let s = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, dummy: false, kv_blocks: 1024, block_size: 16 };
+        let (w, kv) = rank_memory(&c, &tp(1), &s);
+        // A worker that holds the int8 weights and the KV cache, not the bf16 ones.
+        let int8 = Sizing { quantization: Quantization::Int8, ..s };
+        let (w8, kv8) = rank_memory(&c, &tp(1), &int8);
+        let memory = w8 + kv8 + (1 << 20);
+        assert!(memory < w, "not even the bf16 weights alone fit");
+        let err = plan(&c, &tp(1), &s, &[card("worker-0", memory)], &[]).unwrap_err();
+        let expected = format!(
+            "no replica fits: each rank of tp 1 × ep 1 × pp 1 needs {} of weights (bf16 as stored) + {} KV cache (1024 blocks × 16 tokens, f32) = {}, but worker-0 has {}; would fit: --quantization int8 ({} + {}) or 2 workers with --tp 2 or --pp 2",
+            gb(w), gb(kv), gb(w + kv), gb(memory), gb(w8), gb(kv8)
+        );
+        assert_eq!(err, expected);
+        // Every suggestion fits, as the planner sees it.
+        assert!(plan(&c, &tp(1), &int8, &[card("worker-0", memory)], &[]).is_ok());
+        for l in [tp(2), Layout { pp: 2, ..Layout::default() }] {
+            assert!(plan(&c, &l, &s, &[card("a", memory), card("b", memory)], &[]).is_ok(), "{l:?}");
+        }
+
+        // Room for the weights and part of the KV cache: the most blocks that fit.
+        let memory = w + kv / 4 + 1000;
+        let err = plan(&c, &tp(1), &s, &[card("w", memory)], &[]).unwrap_err();
+        let blocks = (memory - w) / (kv / 1024);
+        assert!(err.contains(&format!("--kv-blocks {blocks}")) && err.contains("--quantization int8"), "{err}");
+        assert!(plan(&c, &tp(1), &Sizing { kv_blocks: blocks as usize, ..s }, &[card("w", memory)], &[]).is_ok());
+        assert!(plan(&c, &tp(1), &Sizing { kv_blocks: blocks as usize + 1, ..s }, &[card("w", memory)], &[]).is_err());
+
+        // f32 weights of a bf16 checkpoint: keeping them as stored fits.
+        let f32 = Sizing { dtype: WeightDType::As(DType::F32), kv_blocks: 16, ..s };
+        let err = plan(&c, &tp(1), &f32, &[card("w", w + (1 << 30))], &[]).unwrap_err();
+        assert!(err.contains("needs") && err.contains("(f32)") && err.contains("--dtype auto ("), "{err}");
+
+        // Workers of different sizes, too small for anything but many more of the largest.
+        let err = plan(&c, &tp(1), &s, &[card("a", 2_000_000_000), card("b", 3_000_000_000)], &[]).unwrap_err();
+        assert!(err.contains("but the 2 workers have from 2.00 GB (a) to 3.00 GB (b)"), "{err}");
+        assert!(err.ends_with("; would fit: 8 workers of 3.00 GB with --tp 8, --pp 8 or --tp 4 --pp 2"), "{err}");
+        let like_b = |n: usize| (0..n).map(|i| card(&format!("b{i}"), 3_000_000_000)).collect::<Vec<_>>();
+        for l in [tp(8), Layout { pp: 8, ..Layout::default() }, Layout { tp: 4, pp: 2, ..Layout::default() }] {
+            assert!(plan(&c, &l, &s, &like_b(8), &[]).is_ok_and(|p| p.len() == 1 && p[0].layout == l), "{l:?}");
+        }
+        assert!(layouts_of(7, &tp(1)).iter().all(|l| plan(&c, l, &s, &like_b(7), &[]).is_err()), "7 are too few");
+        let tiny = plan(&c, &tp(1), &s, &[card("a", 1000)], &[]).unwrap_err();
+        assert!(tiny.ends_with("; nothing would fit: no other weight format, KV cache size or layout of up to 64 such workers"), "{tiny}");
     }
 }

@@ -33,7 +33,10 @@ pub struct ServeConfig {
     pub workers: Vec<String>,
     /// The wanted layout of each replica.
     pub layout: Layout,
+    /// `--dtype`: auto (as stored), f32, f16 or bf16.
     pub dtype: String,
+    /// `--quantization`: auto (FP8 checkpoints stay FP8), none, int8 or fp8.
+    pub quantization: String,
     pub load_format: String,
     pub kv_blocks: usize,
     pub block_size: usize,
@@ -63,6 +66,13 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
     cfg.layout.validate(&config).map_err(|e| anyhow::anyhow!("layout: {e}"))?;
+    let sizing = Sizing {
+        dtype: cfg.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+        quantization: cfg.quantization.parse().map_err(|e| anyhow::anyhow!("--quantization: {e}"))?,
+        dummy: cfg.load_format.parse::<worker::LoadFormat>().map_err(|e| anyhow::anyhow!("--load-format: {e}"))? == worker::LoadFormat::Dummy,
+        kv_blocks: cfg.kv_blocks,
+        block_size: cfg.block_size,
+    };
     let metrics = Arc::new(Metrics::default());
     let membership: Arc<dyn Membership> = if cfg.etcd.is_empty() {
         anyhow::ensure!(!cfg.workers.is_empty(), "give the workers (--worker) or an etcd cluster to find them in (--etcd)");
@@ -76,16 +86,21 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
             cfg.layout.pp
         );
         let m = MemoryMembership::new();
+        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
         for (i, address) in cfg.workers.iter().enumerate() {
-            // The worker's pid, for status (it may not answer yet: placement retries it).
-            let health = control::worker_health(address, Duration::from_secs(5)).await;
+            // Its memory and pid: the planner sizes placements by what each worker offers.
+            let id = format!("worker-{i}");
+            let health = first_health(&id, address, deadline).await?;
+            if health.memory_bytes == 0 {
+                tracing::warn!(worker = %id, %address, "the worker does not report its memory: placing as if it held anything");
+            }
             let card = WorkerCard {
-                id: format!("worker-{i}"),
+                id,
                 address: address.clone(),
                 device: "cpu".into(),
-                memory_bytes: 0,
+                memory_bytes: health.memory_bytes,
                 version: String::new(),
-                pid: health.map_or(0, |h| h.pid),
+                pid: health.pid,
             };
             m.register(&card).await?;
         }
@@ -93,13 +108,13 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     } else {
         Arc::new(EtcdMembership::connect(&cfg.etcd, &cfg.cluster, cfg.lease_ttl).await?)
     };
-    let dtype_bytes = cfg.dtype.parse::<worker::DType>().map_err(anyhow::Error::msg)?.size_in_bytes();
     let control_cfg = ControlConfig {
         model: cfg.model.clone(),
         config: config.clone(),
         layout: cfg.layout.clone(),
-        sizing: Sizing { dtype_bytes, kv_blocks: cfg.kv_blocks, block_size: cfg.block_size },
+        sizing,
         dtype: cfg.dtype.clone(),
+        quantization: cfg.quantization.clone(),
         load_format: cfg.load_format.clone(),
         sched: SchedulerConfig {
             num_blocks: cfg.kv_blocks,
@@ -132,6 +147,33 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         },
     };
     Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics), control })
+}
+
+/// How long a coordinator of a fixed cluster waits for its workers' first Health answers
+/// (workers may start after it).
+const WORKER_WAIT: Duration = Duration::from_secs(300);
+
+/// The worker's first Health answer, retried until it comes (the worker may not listen yet)
+/// or `deadline` passes; a line is logged while waiting.
+async fn first_health(id: &str, address: &str, deadline: tokio::time::Instant) -> anyhow::Result<proto::tramontane::worker::v1::HealthResponse> {
+    let started = tokio::time::Instant::now();
+    let mut next_log = Duration::from_secs(2);
+    loop {
+        if let Some(health) = control::worker_health(address, Duration::from_secs(2)).await {
+            return Ok(health);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{id} at {address} did not answer within {} s of the coordinator's start: is the worker running there?",
+            WORKER_WAIT.as_secs()
+        );
+        let waited = started.elapsed();
+        if waited >= next_log {
+            tracing::info!(worker = %id, %address, waited_s = waited.as_secs(), "waiting for the worker to answer");
+            next_log = waited + Duration::from_secs(10);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Serves the gRPC API on `grpc` and the OpenAI HTTP API on `http` until `shutdown` is

@@ -3,9 +3,9 @@
 //!   stops all of it on Ctrl-C / SIGTERM or when any part exits.
 //! - `tramctl generate "text"` streams a completion from a running cluster.
 //! - `tramctl status` prints the served model, the workers (with process ids), the placement
-//!   epoch and the load; `tramctl plan` the placement the current workers would get, with
-//!   each rank's memory; `tramctl drain WORKER_ID` moves a worker's sequences away and
-//!   releases it.
+//!   epoch, the load and why nothing is placed when the model does not fit; `tramctl plan`
+//!   the placement the current workers would get, with the largest rank's memory (or why
+//!   none fits); `tramctl drain WORKER_ID` moves a worker's sequences away and releases it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -71,8 +71,13 @@ struct UpArgs {
     grpc_addr: String,
     #[arg(long, default_value = "safetensors")]
     load_format: String,
-    #[arg(long, default_value = "f32")]
+    /// The dtype workers keep dense weights in: auto (as the checkpoint stores them), f32,
+    /// f16 or bf16.
+    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "auto")]
     dtype: String,
+    /// 8-bit weights: auto (FP8 checkpoints stay FP8), none, int8 or fp8 (quantized at load).
+    #[arg(long, env = "TRAMONTANE_QUANTIZATION", default_value = "auto")]
+    quantization: String,
     /// KV cache blocks per worker.
     #[arg(long, default_value_t = 1024)]
     kv_blocks: usize,
@@ -125,12 +130,12 @@ async fn admin(addr: &str) -> anyhow::Result<pb::admin_client::AdminClient<tonic
 
 async fn plan(a: AdminArgs) -> anyhow::Result<()> {
     let plan = admin(&a.grpc_addr).await?.plan(pb::PlanRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!("{:<8} {:<16} {:<6} {:<24} {:>12} {:>12} {:>12}", "REPLICA", "LAYOUT", "RANK", "WORKER", "WEIGHTS GiB", "KV GiB", "TOTAL GiB");
+    let gb = |b: u64| b as f64 / 1e9;
+    println!("{:<8} {:<16} {:<6} {:<24} {:>12} {:>12} {:>12}", "REPLICA", "LAYOUT", "RANK", "WORKER", "WEIGHTS GB", "KV GB", "TOTAL GB");
     for (i, r) in plan.replicas.iter().enumerate() {
         for (rank, w) in r.workers.iter().enumerate() {
             let (wb, kv) = (r.weight_bytes, r.kv_cache_bytes);
-            println!("{i:<8} {:<16} {rank:<6} {w:<24} {:>12.3} {:>12.3} {:>12.3}", r.layout, gib(wb), gib(kv), gib(wb + kv));
+            println!("{i:<8} {:<16} {rank:<6} {w:<24} {:>12.3} {:>12.3} {:>12.3}", r.layout, gb(wb), gb(kv), gb(wb + kv));
         }
     }
     Ok(())
@@ -158,6 +163,9 @@ impl Drop for Children {
     }
 }
 
+/// Memory `tramctl up` leaves to the coordinator when it splits the host's among the workers.
+const COORDINATOR_MARGIN: u64 = 512 << 20;
+
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(name);
@@ -173,7 +181,7 @@ fn spawn(children: &mut Children, name: &str, cmd: &mut Command, lines: usize) -
     let mut got = Vec::new();
     for _ in 0..lines {
         let mut line = String::new();
-        anyhow::ensure!(out.read_line(&mut line)? > 0, "{name} exited before serving");
+        anyhow::ensure!(out.read_line(&mut line)? > 0, "{name} exited before serving (its error is above)");
         got.push(line.trim().to_owned());
     }
     Ok(got)
@@ -192,6 +200,24 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     let mut addrs = Vec::new();
     let etcd = a.etcd.join(",");
     let membership: Vec<&str> = if a.etcd.is_empty() { Vec::new() } else { vec!["--etcd", &etcd, "--cluster", &a.cluster] };
+    // Workers on this machine's CPU share its memory: each offers its part, so that the
+    // planner does not count the same memory once per worker. (GPU workers measure their own
+    // GPU; TRAMONTANE_MEMORY_BYTES, when set, reaches every worker as it is.)
+    let share = match a.device {
+        worker::Device::Cpu if std::env::var_os("TRAMONTANE_MEMORY_BYTES").is_none() => {
+            let host = worker::serving::host_memory();
+            let share = host.saturating_sub(COORDINATOR_MARGIN) / a.workers as u64;
+            eprintln!(
+                "tramctl: each worker offers {:.2} GB ({:.2} GB available, less {} MiB for the coordinator, over {} worker(s))",
+                share as f64 / 1e9,
+                host as f64 / 1e9,
+                COORDINATOR_MARGIN >> 20,
+                a.workers
+            );
+            (host > 0).then_some(share)
+        }
+        _ => None,
+    };
     for i in 0..a.workers {
         let device = match a.device {
             worker::Device::Cpu => worker::Device::Cpu,
@@ -199,6 +225,9 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         };
         let mut worker = Command::new(sibling("worker")?);
         worker.args(["serve", "--listen", "127.0.0.1:0", "--device", &device.to_string()]).args(&membership);
+        if let Some(bytes) = share {
+            worker.args(["--memory-bytes", &bytes.to_string()]);
+        }
         let lines = spawn(&mut children, &format!("worker-{i}"), &mut worker, 1)?;
         println!("worker {i} pid {} {}", children.0.last().map_or(0, |c| c.1.id()), lines[0]);
         let addr = lines[0].strip_prefix("listening on ").context("worker did not print its address")?.to_owned();
@@ -212,7 +241,8 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         .args(if a.etcd.is_empty() { vec!["--worker".to_owned(), addrs.join(",")] } else { Vec::new() })
         .args(&membership)
         .args(["--grpc-addr", &a.grpc_addr, "--http-addr", &a.http_addr])
-        .args(["--load-format", &a.load_format, "--dtype", &a.dtype, "--kv-blocks", &a.kv_blocks.to_string()])
+        .args(["--load-format", &a.load_format, "--dtype", &a.dtype, "--quantization", &a.quantization])
+        .args(["--kv-blocks", &a.kv_blocks.to_string()])
         .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()]);
     let lines = spawn(&mut children, "coordinator", &mut coordinator, 2)?;
     // Same first lines as the coordinator's, so scripts can find the APIs.
@@ -281,12 +311,13 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             .workers
             .iter()
             .map(|w| serde_json::json!({
-                "id": w.id, "address": w.address, "pid": w.pid, "state": w.state, "replica": w.replica, "ranks": w.ranks,
+                "id": w.id, "address": w.address, "pid": w.pid, "memory_bytes": w.memory_bytes, "state": w.state, "replica": w.replica, "ranks": w.ranks,
                 "running": w.running, "waiting": w.waiting, "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
             }))
             .collect();
         let v = serde_json::json!({
             "model": info.model, "architecture": info.architecture, "epoch": cluster.epoch, "layout": cluster.layout, "leader": cluster.leader,
+            "no_capacity": cluster.no_capacity,
             "max_context": info.max_context, "running": info.running, "waiting": info.waiting,
             "kv_blocks_used": info.kv_blocks_used, "kv_blocks_total": info.kv_blocks_total, "workers": workers,
         });
@@ -295,11 +326,26 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         let role = if cluster.leader { "leader" } else { "standby" };
         println!("model    {} ({}), epoch {}, layouts: {} ({role})", info.model, info.architecture, cluster.epoch, cluster.layout);
         println!("load     {} running, {} waiting, KV cache {} / {} blocks", info.running, info.waiting, info.kv_blocks_used, info.kv_blocks_total);
-        println!("{:<16} {:<22} {:>8} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}", "WORKER", "ADDRESS", "PID", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS");
+        if !cluster.no_capacity.is_empty() {
+            println!("placing  {}", cluster.no_capacity);
+        }
+        println!(
+            "{:<16} {:<22} {:>8} {:>10} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
+            "WORKER", "ADDRESS", "PID", "MEMORY GB", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS"
+        );
         for w in &cluster.workers {
             println!(
-                "{:<16} {:<22} {:>8} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
-                w.id, w.address, w.pid, w.state, w.replica, w.ranks, w.running, w.waiting, format!("{}/{}", w.kv_blocks_used, w.kv_blocks_total)
+                "{:<16} {:<22} {:>8} {:>10.2} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
+                w.id,
+                w.address,
+                w.pid,
+                w.memory_bytes as f64 / 1e9,
+                w.state,
+                w.replica,
+                w.ranks,
+                w.running,
+                w.waiting,
+                format!("{}/{}", w.kv_blocks_used, w.kv_blocks_total)
             );
         }
     }
