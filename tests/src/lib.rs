@@ -22,21 +22,23 @@ pub fn target_dir() -> PathBuf {
     exe.ancestors().nth(3).expect("target/<profile>/deps/<exe>").to_owned()
 }
 
-/// Path of one of the workspace's binaries, built (once per test process) if needed.
+/// Path of one of the workspace's binaries, built (once per test process, in the test's own
+/// profile) if needed.
 pub fn binary(name: &str) -> PathBuf {
+    // tests/target/<profile>/deps/<test> -> <profile>/<name>
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_owned();
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "worker", "-p", "coordinator", "--bins"])
-            .current_dir(repo_root())
-            .status()
-            .expect("cargo runs");
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "worker", "-p", "coordinator", "--bins"]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.current_dir(repo_root()).status().expect("cargo runs");
         assert!(status.success(), "building the binaries failed");
     });
-    // tests/target/<profile>/deps/<test> -> <profile>/<name>
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     profile_dir.join(name)
 }
 
@@ -50,12 +52,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(binary_name: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(binary(binary_name))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{binary_name} starts: {e}"));
+        let mut cmd = Command::new(binary(binary_name));
+        cmd.args(args);
+        Self::spawn(binary_name, cmd)
+    }
+
+    /// [`Server::start`] of a prepared command (environment, arguments).
+    pub fn spawn(binary_name: &str, mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap_or_else(|e| panic!("{binary_name} starts: {e}"));
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let addr = loop {
             let mut line = String::new();
