@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::backend::{DType, Elem};
 use crate::error::{EngineError, Result};
-use crate::weights::{HostBytes, HostMatrix, HostTensor, widen};
+use crate::weights::{Buffer, HostMatrix, HostTensor, widen};
 
 /// The dtype dense weights are kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,7 +120,8 @@ pub fn convert(m: HostMatrix<'static>, format: Format) -> Result<HostMatrix<'sta
             Err(EngineError::Backend(format!("{elem:?} weights cannot be requantized to int8 (use --quantization auto or none)")))
         }
         (m, Format::Dense(d)) => {
-            let mut out = vec![0u8; rows * cols * d.size_in_bytes()];
+            let mut buffer = Buffer::zeroed(rows * cols * d.size_in_bytes())?;
+            let out = &mut buffer.bytes_mut()[..rows * cols * d.size_in_bytes()];
             out.par_chunks_mut((cols * d.size_in_bytes()).max(1)).enumerate().for_each(|(r, dst)| {
                 let row = widened_row(&m, r);
                 for (b, v) in dst.chunks_exact_mut(d.size_in_bytes()).zip(row) {
@@ -131,11 +132,12 @@ pub fn convert(m: HostMatrix<'static>, format: Format) -> Result<HostMatrix<'sta
                     }
                 }
             });
-            Ok(HostMatrix::Dense(HostTensor { dtype: d, shape: vec![rows, cols], data: HostBytes::Owned(out) }))
+            Ok(HostMatrix::Dense(HostTensor { dtype: d, shape: vec![rows, cols], data: buffer.freeze() }))
         }
         (m, Format::Int8 | Format::Fp8) => {
             let (elem, max) = if format == Format::Int8 { (Elem::I8, 127.0) } else { (Elem::E4m3, E4M3_MAX) };
-            let mut values = vec![0u8; rows * cols];
+            let mut buffer = Buffer::zeroed(rows * cols)?;
+            let values = &mut buffer.bytes_mut()[..rows * cols];
             let mut scales = vec![0f32; rows];
             values.par_chunks_mut(cols.max(1)).zip(scales.par_iter_mut()).enumerate().for_each(|(r, (dst, scale))| {
                 let row = widened_row(&m, r);
@@ -151,7 +153,7 @@ pub fn convert(m: HostMatrix<'static>, format: Format) -> Result<HostMatrix<'sta
                     }
                 }
             });
-            Ok(HostMatrix::Scaled { elem, rows, cols, values: HostBytes::Owned(values), scales })
+            Ok(HostMatrix::Scaled { elem, rows, cols, values: buffer.freeze(), scales })
         }
     }
 }
