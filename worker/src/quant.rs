@@ -269,6 +269,7 @@ pub fn rank_weight_bytes(config: &crate::ModelConfig, layout: &crate::parallel::
 mod tests {
     use super::*;
     use crate::backend::E4M3_VALUES;
+    use crate::weights::HostBytes;
 
     #[test]
     fn e4m3_encoding_rounds_to_nearest_even_and_saturates() {
