@@ -2,7 +2,7 @@
 """Peer decode-throughput benchmark for the Tramontane bench table.
 
 Measures CPU decode throughput (generated tokens per second, summed over the
-batch) of one Mixtral-shaped dummy model (random f32 weights) in:
+batch) of one Mixtral-shaped dummy model (random weights) in:
 
   * Hugging Face transformers (MixtralForCausalLM, KV cache, greedy), and
   * llama.cpp through llama-cpp-python (a GGUF written here with the `gguf`
@@ -12,18 +12,38 @@ batch) of one Mixtral-shaped dummy model (random f32 weights) in:
 For every batch size B: B sequences of PROMPT_LEN random tokens are prefilled
 in one call, WARMUP_STEPS decode steps are run untimed, then `--steps` decode
 steps (one token per sequence per step, greedy argmax of the logits) are
-timed. tok/s = B * steps / elapsed.
+timed. tok/s = B * steps / elapsed. With `--prefill-len N`, the prefill of one
+N-token prompt (one forward / one llama_decode call in one ubatch, fresh KV
+cache) is timed too, best of PREFILL_ROUNDS: tok/s = N / elapsed.
+
+`--precision` sets the weights' precision (default f32):
+
+  precision   transformers          llama.cpp GGUF
+  f32         float32               F32
+  f16, bf16   bfloat16              F16 (norms and router F32, as llama.cpp's
+                                    converter writes it)
+  q8_0        skipped ({"error"})   Q8_0, quantized from the F16 GGUF by
+                                    llama_model_quantize (as llama-quantize does)
+
+bf16 is what Mistral checkpoints hold and torch's 2-byte CPU type; F16 is
+llama.cpp's. Every type holds the same random values (rounded). With
+`--workdir`, GGUFs are cached there under names keyed by shape and type.
 
 Each peer runs in its own child process, so that a crash (or an out-of-memory
 kill) in one of them is reported as {"error": "..."} and does not take the
 other peer or the JSON line down. The last line of stdout is always exactly
 one JSON object:
 
-  {"transformers": {"version": "...", "1": tok_s, "8": ..., "32": ...},
-   "llama.cpp":    {"version": "...", "1": tok_s, "8": ..., "32": ...}}
+  {"transformers": {"version": "...", "precision": "bf16", "weights": "BF16",
+                    "1": tok_s, "8": ..., "32": ..., "prefill": tok_s},
+   "llama.cpp":    {"version": "...", "precision": "bf16", "weights": "F16",
+                    "1": tok_s, "8": ..., "32": ..., "prefill": tok_s}}
 
-A peer that fails as a whole is {"error": "..."}; a single batch size that
-fails is reported as {"error": "..."} under that key. Progress goes to stderr.
+"precision" is the --precision asked for, "weights" the type that ran (for
+llama.cpp, the file type llama.cpp reports for the GGUF); "prefill" is there
+only with --prefill-len. A peer that fails as a whole, or is skipped, is
+{"error": "...", "precision": ...}; a single batch size (or the prefill) that
+fails is reported as {"error": "..."} under its key. Progress goes to stderr.
 The script exits 0 whenever it could print that line.
 
 Requirements: worker/benches/peers-requirements.txt.
@@ -51,6 +71,12 @@ RMS_EPS = 1e-5
 N_SPECIAL = 3  # <unk>, <s>, </s>
 N_BYTE_TOKENS = 256  # <0x00> .. <0xFF>, SentencePiece byte fallback
 PEERS = ("transformers", "llamacpp")
+PRECISIONS = ("f32", "f16", "bf16", "q8_0")
+# The GGUF type llama.cpp runs for each --precision: bf16 runs as F16, llama.cpp's usual
+# 2-byte CPU type.
+GGUF_TYPE = {"f32": "f32", "f16": "f16", "bf16": "f16", "q8_0": "q8_0"}
+PREFILL_ROUNDS = 2
+_LOG_CALLBACKS: list = []
 PEER_KEY = {"transformers": "transformers", "llamacpp": "llama.cpp"}
 
 
@@ -90,11 +116,12 @@ class CpuWatch:
         return max(0.0, busy - own) / wall if wall > 0 else None
 
 
-def report_contention(peer: str, b: int, watch: CpuWatch) -> None:
+def report_contention(peer: str, b: int | str, watch: CpuWatch) -> None:
     o = watch.others()
     if o is None:
         return
-    msg = f"{peer} B={b}: other processes used {o:.2f} CPUs during timing"
+    what = f"B={b}" if isinstance(b, int) else b
+    msg = f"{peer} {what}: other processes used {o:.2f} CPUs during timing"
     if o > 0.15:
         log("WARNING: " + msg + " -- this number is perturbed")
     else:
@@ -116,6 +143,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=["transformers", "llamacpp"], default=None)
     p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="f32",
+        help="weight precision of the peers: transformers runs f32, or bf16 for f16/bf16 "
+        "(skipped for q8_0); llama.cpp's GGUF is F32, F16 for f16/bf16, or Q8_0 "
+        "(quantized from the F16 GGUF by llama.cpp's own quantizer)",
+    )
+    p.add_argument(
+        "--prefill-len",
+        type=int,
+        default=0,
+        help="also time the prefill of one prompt of this many tokens (best of "
+        f"{PREFILL_ROUNDS}), reported as \"prefill\" tok/s; 0 skips it",
+    )
+    p.add_argument(
         "--workdir",
         default=None,
         help="where the GGUF is written and cached (kept); default: a temporary "
@@ -132,8 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--hidden must be a multiple of --heads, --heads a multiple of --kv-heads")
     if a.vocab < N_SPECIAL + N_BYTE_TOKENS + 1:
         p.error(f"--vocab must be at least {N_SPECIAL + N_BYTE_TOKENS + 1}")
-    if a.top_k > a.experts or a.steps < 1 or a.threads < 1:
-        p.error("need 1 <= --top-k <= --experts, --steps >= 1, --threads >= 1")
+    if a.top_k > a.experts or a.steps < 1 or a.threads < 1 or a.prefill_len < 0:
+        p.error("need 1 <= --top-k <= --experts, --steps >= 1, --threads >= 1, --prefill-len >= 0")
     a.head_dim = a.hidden // a.heads
     return a
 
@@ -147,12 +189,17 @@ def expected_params(a) -> int:
     return a.layers * (attn + moe + norms) + 2 * a.vocab * a.hidden + a.hidden
 
 
-def prompt_tokens(a, batch: int, seed: int = 1234) -> list[list[int]]:
+def prompt_tokens(a, batch: int, seed: int = 1234, length: int = PROMPT_LEN) -> list[list[int]]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
     lo = N_SPECIAL + N_BYTE_TOKENS
-    return rng.integers(lo, a.vocab, size=(batch, PROMPT_LEN)).tolist()
+    return rng.integers(lo, a.vocab, size=(batch, length)).tolist()
+
+
+def prefill_prompt(a) -> list[int]:
+    """The one --prefill-len-token prompt whose prefill is timed (same for every peer)."""
+    return prompt_tokens(a, 1, seed=4321, length=a.prefill_len)[0]
 
 
 # --------------------------------------------------------------------------
@@ -161,10 +208,21 @@ def prompt_tokens(a, batch: int, seed: int = 1234) -> list[list[int]]:
 
 
 def run_transformers(a) -> dict:
+    if a.precision == "q8_0":
+        # torch's CPU int8 paths (torch.ao dynamic quantization, torchao) cover nn.Linear
+        # at best, not the fused 3-D expert tensors of transformers' Mixtral, and
+        # bitsandbytes' 8-bit path needs a GPU: there is no like-for-like Q8_0 run.
+        return {
+            "error": "skipped: transformers has no 8-bit CPU weight path for Mixtral's experts",
+            "precision": a.precision,
+        }
+
     import torch
     import transformers
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, MixtralConfig
 
+    # f16 runs as bf16 too: Mistral's checkpoints are bf16, and bf16 is torch's 2-byte CPU type.
+    dtype = torch.float32 if a.precision == "f32" else torch.bfloat16
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = MixtralConfig(
@@ -183,21 +241,31 @@ def run_transformers(a) -> dict:
         initializer_range=INIT_STD,
     )
     t0 = time.perf_counter()
-    model = MixtralForCausalLM(cfg).to(torch.float32).eval()
+    # As from_pretrained(..., dtype=...) builds a checkpoint's model.
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
+    wdtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     impl = []
     for attr in ("_attn_implementation", "_experts_implementation"):
         impl.append(f"{attr.strip('_')}={getattr(model.config, attr, '?')}")
     log(
         f"transformers {transformers.__version__} torch {torch.__version__}: built model in "
         f"{time.perf_counter() - t0:.1f}s, {n_params / 1e6:.1f} M params "
-        f"(expected {expected_params(a) / 1e6:.1f} M), threads={torch.get_num_threads()}, "
-        + ", ".join(impl)
+        f"(expected {expected_params(a) / 1e6:.1f} M), weights {'/'.join(wdtypes)}, "
+        f"threads={torch.get_num_threads()}, " + ", ".join(impl)
     )
+    if type(model).__name__ != "MixtralForCausalLM":
+        raise RuntimeError(f"built {type(model).__name__}, not MixtralForCausalLM")
     if n_params != expected_params(a):
         raise RuntimeError(f"parameter count {n_params} != expected {expected_params(a)}")
+    if wdtypes != [str(dtype).removeprefix("torch.")]:
+        raise RuntimeError(f"weights are {wdtypes}, want {dtype}")
 
-    res: dict = {"version": f"{transformers.__version__} (torch {torch.__version__})"}
+    res: dict = {
+        "version": f"{transformers.__version__} (torch {torch.__version__})",
+        "precision": a.precision,
+        "weights": {"float32": "F32", "bfloat16": "BF16"}.get(wdtypes[0], wdtypes[0]),
+    }
     for b in a.batch_list:
         try:
             ids = torch.tensor(prompt_tokens(a, b), dtype=torch.long)
@@ -224,7 +292,34 @@ def run_transformers(a) -> dict:
         except Exception as e:  # noqa: BLE001 - report per batch size
             traceback.print_exc(file=sys.stderr)
             res[str(b)] = {"error": f"{type(e).__name__}: {e}"}
+    if a.prefill_len:
+        try:
+            res["prefill"] = round(_transformers_prefill(a, torch, model), 3)
+        except Exception as e:  # noqa: BLE001 - reported under its key
+            traceback.print_exc(file=sys.stderr)
+            res["prefill"] = {"error": f"{type(e).__name__}: {e}"}
     return res
+
+
+def _transformers_prefill(a, torch, model) -> float:
+    """tok/s of one --prefill-len-token prompt's prefill (one forward, fresh KV cache), best
+    of PREFILL_ROUNDS."""
+    ids = torch.tensor([prefill_prompt(a)], dtype=torch.long)
+    best = float("inf")
+    for r in range(PREFILL_ROUNDS):
+        with torch.no_grad():
+            watch = CpuWatch()
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out.logits[:, -1, :].argmax(-1)
+            dt = time.perf_counter() - t0
+        if out.past_key_values.get_seq_length() != a.prefill_len:
+            raise RuntimeError(f"KV cache length {out.past_key_values.get_seq_length()} is wrong")
+        del out
+        best = min(best, dt)
+        log(f"transformers prefill {a.prefill_len} tokens, round {r + 1}: {dt:.2f}s -> {a.prefill_len / dt:.2f} tok/s")
+        report_contention("transformers", f"prefill round {r + 1}", watch)
+    return a.prefill_len / best
 
 
 # --------------------------------------------------------------------------
@@ -232,15 +327,30 @@ def run_transformers(a) -> dict:
 # --------------------------------------------------------------------------
 
 
-def gguf_name(a) -> str:
+def gguf_name(a, gtype: str) -> str:
+    """Cache file name: the shape and the GGUF type (f32, f16 or q8_0)."""
     return (
         f"mixbench-h{a.hidden}-nh{a.heads}-kv{a.kv_heads}-ff{a.intermediate}-l{a.layers}"
-        f"-e{a.experts}-k{a.top_k}-v{a.vocab}-f32.gguf"
+        f"-e{a.experts}-k{a.top_k}-v{a.vocab}-{gtype}.gguf"
     )
 
 
-def write_gguf(a, path: str) -> None:
-    """Write a Mixtral-shaped f32 GGUF (arch "llama" + MoE tensors), streaming tensors."""
+def gguf_gb(a, gtype: str) -> float:
+    """Approximate file size (the big tensors' bytes per weight)."""
+    return expected_params(a) * {"f32": 4, "f16": 2, "q8_0": 34 / 32}[gtype] / 1e9
+
+
+def keeps_f32(name: str, ndim: int) -> bool:
+    """Tensors that llama.cpp's converter (convert_hf_to_gguf.py) leaves in F32 in an F16
+    GGUF: 1-D tensors, norms and the MoE router (ffn_gate_inp); llama.cpp's quantizer
+    leaves the same ones unquantized."""
+    return ndim <= 1 or name.endswith("_norm.weight") or name.endswith("ffn_gate_inp.weight")
+
+
+def write_gguf(a, path: str, gtype: str = "f32") -> None:
+    """Write a Mixtral-shaped GGUF (arch "llama" + MoE tensors), streaming tensors: all F32
+    (gtype "f32"), or F16 but for the tensors keeps_f32 names (gtype "f16"). The F16 values
+    are the F32 file's values rounded, so every type runs the same model."""
     import gguf
     import numpy as np
 
@@ -282,7 +392,10 @@ def write_gguf(a, path: str) -> None:
     w.add_expert_count(E)
     w.add_expert_used_count(a.top_k)
     w.add_vocab_size(V)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if gtype not in ("f32", "f16"):
+        raise ValueError(f"write_gguf writes f32 or f16, not {gtype}")
+    half = gtype == "f16"
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
 
     # SentencePiece ("llama") vocab laid out like Mistral's: <unk>, <s>, </s>,
     # 256 byte-fallback tokens, then dummy pieces.
@@ -302,9 +415,12 @@ def write_gguf(a, path: str) -> None:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
 
-    f32 = np.dtype(np.float32)
+    def dtype_of(name, shape):
+        return np.dtype(np.float16 if half and not keeps_f32(name, len(shape)) else np.float32)
+
     for name, shape in shapes:
-        w.add_tensor_info(name, shape, f32, int(np.prod(shape)) * 4)
+        dt = dtype_of(name, shape)
+        w.add_tensor_info(name, shape, dt, int(np.prod(shape)) * dt.itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -315,28 +431,71 @@ def write_gguf(a, path: str) -> None:
         else:
             t = rng.standard_normal(shape, dtype=np.float32)
             t *= INIT_STD
+        dt = dtype_of(name, shape)
+        if t.dtype != dt:
+            t = t.astype(dt)
         w.write_tensor_data(t)
         del t
     w.close()
 
 
-def ensure_gguf(a, workdir: str) -> str:
-    path = os.path.join(workdir, gguf_name(a))
+def capture_llama_logs(L):
+    """Routes llama.cpp's log into a list (returned with the callback, which the caller keeps
+    alive) and initialises the backend."""
+    logs: list[str] = []
+
+    @L.llama_log_callback
+    def on_log(level, text, user_data):  # noqa: ARG001
+        logs.append(text.decode("utf-8", errors="replace") if text else "")
+
+    L.llama_log_set(on_log, ctypes.c_void_p(0))
+    L.llama_backend_init()
+    return logs, on_log
+
+
+def quantize_gguf(a, src: str, dst: str, gtype: str) -> None:
+    """Quantize GGUF `src` into `dst` with llama.cpp's own quantizer (llama_model_quantize,
+    as the llama-quantize tool calls it: default parameters, the target ftype, --threads)."""
+    import llama_cpp as L
+
+    ftype = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0}[gtype]
+    logs, on_log = capture_llama_logs(L)
+    params = L.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = a.threads
+    rc = L.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    _LOG_CALLBACKS.append(on_log)  # llama.cpp keeps the pointer until the next llama_log_set
+    out = "".join(logs)
+    for line in out.splitlines():
+        if re.search(r"model size|quant size|- type\s", line):
+            log("  llama.cpp quantize| " + line.strip())
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}:\n" + out[-2000:])
+
+
+def ensure_gguf(a, workdir: str, gtype: str) -> str:
+    """The cached GGUF of this shape and type, written (f32, f16) or quantized from the
+    F16 one (q8_0, as llama.cpp's converter + llama-quantize make one) when missing."""
+    path = os.path.join(workdir, gguf_name(a, gtype))
     if os.path.exists(path):
         log(f"llama.cpp: reusing cached {path}")
         return path
+    src = ensure_gguf(a, workdir, "f16") if gtype == "q8_0" else None
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".partial"
     t0 = time.perf_counter()
-    log(f"llama.cpp: writing {path} ({expected_params(a) * 4 / 1e9:.2f} GB)")
+    log(f"llama.cpp: {'quantizing' if src else 'writing'} {path} ({gguf_gb(a, gtype):.2f} GB)")
     try:
-        write_gguf(a, tmp)
+        if src:
+            quantize_gguf(a, src, tmp, gtype)
+        else:
+            write_gguf(a, tmp, gtype)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     os.replace(tmp, path)  # only complete files are ever cached
-    log(f"llama.cpp: wrote GGUF in {time.perf_counter() - t0:.1f}s")
+    log(f"llama.cpp: {'quantized' if src else 'wrote'} GGUF in {time.perf_counter() - t0:.1f}s")
     return path
 
 
@@ -349,7 +508,7 @@ def run_llamacpp(a) -> dict:
         tmpdir = tempfile.mkdtemp(prefix="tramontane-peers-")
         workdir = tmpdir
     try:
-        return _run_llamacpp(a, ensure_gguf(a, workdir), np)
+        return _run_llamacpp(a, ensure_gguf(a, workdir, GGUF_TYPE[a.precision]), np)
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -360,14 +519,7 @@ def _run_llamacpp(a, model_path: str, np) -> dict:
     import llama_cpp as L
 
     version = f"{getattr(L, '__version__', '?')} (llama-cpp-python)"
-    logs: list[str] = []
-
-    @L.llama_log_callback
-    def on_log(level, text, user_data):  # noqa: ARG001
-        logs.append(text.decode("utf-8", errors="replace") if text else "")
-
-    L.llama_log_set(on_log, ctypes.c_void_p(0))
-    L.llama_backend_init()
+    logs, on_log = capture_llama_logs(L)
 
     mparams = L.llama_model_default_params()
     t0 = time.perf_counter()
@@ -406,7 +558,17 @@ def _run_llamacpp(a, model_path: str, np) -> dict:
     if n_vocab != a.vocab:
         raise RuntimeError(f"llama.cpp vocab {n_vocab} != {a.vocab}")
 
-    res: dict = {"version": version}
+    # The weight type that runs: the file type llama.cpp reports, checked against the
+    # tensors' own types (the most common one must be the GGUF type asked for).
+    m = re.search(r"print_info: file type\s*=\s*(.+)", load_log)
+    weights = m.group(1).strip().removeprefix("all ") if m else "?"  # "all F32" -> "F32"
+    counts = {t: int(n) for t, n in re.findall(r"- type\s+(\w+):\s+(\d+) tensors", load_log)}
+    log(f"  llama.cpp| weights {weights}; tensors by type: {counts}")
+    want = GGUF_TYPE[a.precision]
+    if not counts or max(counts, key=counts.get) != want:
+        raise RuntimeError(f"the GGUF's tensors are {counts}, want mostly {want}")
+
+    res: dict = {"version": version, "precision": a.precision, "weights": weights}
     try:
         for b in a.batch_list:
             try:
@@ -416,6 +578,12 @@ def _run_llamacpp(a, model_path: str, np) -> dict:
             except Exception as e:  # noqa: BLE001 - report per batch size
                 traceback.print_exc(file=sys.stderr)
                 res[str(b)] = {"error": f"{type(e).__name__}: {e}"}
+        if a.prefill_len:
+            try:
+                res["prefill"] = round(_llamacpp_prefill(L, np, a, model, n_vocab, logs), 3)
+            except Exception as e:  # noqa: BLE001 - reported under its key
+                traceback.print_exc(file=sys.stderr)
+                res["prefill"] = {"error": f"{type(e).__name__}: {e}"}
     finally:
         L.llama_model_free(model)
         L.llama_backend_free()
@@ -492,6 +660,51 @@ def _llamacpp_decode(L, np, a, model, b: int, n_vocab: int, logs: list[str]):
         L.llama_free(ctx)
 
 
+def _llamacpp_prefill(L, np, a, model, n_vocab: int, logs: list[str]) -> float:
+    """tok/s of one --prefill-len-token prompt's prefill, best of PREFILL_ROUNDS: the whole
+    prompt in one llama_decode call and one ubatch (as Tramontane prefills it in one step),
+    logits for the last token only, the KV cache cleared between rounds."""
+    n = a.prefill_len
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = (n + 8 + 255) // 256 * 256
+    cparams.n_batch = n
+    cparams.n_ubatch = n
+    cparams.n_seq_max = 1
+    cparams.n_threads = a.threads
+    cparams.n_threads_batch = a.threads
+    n_log = len(logs)
+    ctx = L.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed:\n" + "".join(logs[n_log:])[-2000:])
+    batch = L.llama_batch_init(n, 0, 1)
+    try:
+        for i, tok in enumerate(prefill_prompt(a)):
+            batch.token[i] = tok
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == n - 1
+        batch.n_tokens = n
+        best = float("inf")
+        for r in range(PREFILL_ROUNDS):
+            L.llama_memory_clear(L.llama_get_memory(ctx), True)
+            watch = CpuWatch()
+            t0 = time.perf_counter()
+            rc = L.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            # Reading the logits waits for the computation to finish.
+            np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, n - 1), shape=(n_vocab,)).argmax()
+            dt = time.perf_counter() - t0
+            best = min(best, dt)
+            log(f"llama.cpp prefill {n} tokens, round {r + 1}: {dt:.2f}s -> {n / dt:.2f} tok/s")
+            report_contention("llama.cpp", f"prefill round {r + 1}", watch)
+        return n / best
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+
+
 # --------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------
@@ -503,7 +716,7 @@ def child_main(a) -> int:
         res = run_transformers(a) if a._peer == "transformers" else run_llamacpp(a)
     except Exception as e:  # noqa: BLE001 - whole-peer failure
         traceback.print_exc(file=sys.stderr)
-        res = {"error": f"{type(e).__name__}: {e}"}
+        res = {"error": f"{type(e).__name__}: {e}", "precision": a.precision}
     log(f"{PEER_KEY[a._peer]}: done in {time.perf_counter() - t0:.1f}s")
     with open(a._result, "w") as f:
         json.dump(res, f)
@@ -539,8 +752,9 @@ def main(argv=None) -> int:
     log(
         f"shape: hidden={a.hidden} heads={a.heads} kv_heads={a.kv_heads} head_dim={a.head_dim} "
         f"intermediate={a.intermediate} layers={a.layers} experts={a.experts} top_k={a.top_k} "
-        f"vocab={a.vocab} -> {expected_params(a) / 1e6:.1f} M params f32; batches={a.batch_list} "
-        f"steps={a.steps} threads={a.threads} prompt={PROMPT_LEN} warmup={WARMUP_STEPS}"
+        f"vocab={a.vocab} -> {expected_params(a) / 1e6:.1f} M params; precision={a.precision} "
+        f"(llama.cpp GGUF {GGUF_TYPE[a.precision]}); batches={a.batch_list} steps={a.steps} "
+        f"threads={a.threads} prompt={PROMPT_LEN} warmup={WARMUP_STEPS} prefill={a.prefill_len}"
     )
     out = {}
     for peer in PEERS:
@@ -548,7 +762,9 @@ def main(argv=None) -> int:
             continue
         t0 = time.perf_counter()
         log(f"=== {PEER_KEY[peer]} ===")
-        out[PEER_KEY[peer]] = run_peer(peer, argv, a.timeout)
+        res = run_peer(peer, argv, a.timeout)
+        res.setdefault("precision", a.precision)  # also on a crash or timeout
+        out[PEER_KEY[peer]] = res
         log(f"=== {PEER_KEY[peer]}: {time.perf_counter() - t0:.1f}s wall ===")
     print(json.dumps(out), flush=True)
     return 0

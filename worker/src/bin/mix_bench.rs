@@ -436,6 +436,9 @@ fn run_peers(args: &Args, c: &ModelConfig, threads: usize, precision: &str) -> s
             .args(worker::bench::peer_shape_args(c, &args.batches, args.steps))
             .args(["--experts", &c.num_local_experts.to_string(), "--top-k", &c.num_experts_per_tok.to_string()])
             .args(["--threads", &threads.to_string(), "--precision", precision])
-            .args(["--prefill-len", &args.prefill_len.to_string()]),
+            .args(["--prefill-len", &args.prefill_len.to_string()])
+            // The GGUFs are written once and reused by every round and precision.
+            .arg("--workdir")
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/mix-bench-peers")),
     )
 }
