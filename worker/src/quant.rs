@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::backend::{DType, Elem};
 use crate::error::{EngineError, Result};
-use crate::weights::{Buffer, HostMatrix, HostTensor, widen};
+use crate::weights::{Buffer, HostMatrix, HostTensor};
 
 /// The dtype dense weights are kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -175,7 +175,7 @@ fn widened_row(m: &HostMatrix<'_>, r: usize) -> Vec<f32> {
             match t.dtype {
                 DType::F32 => row.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
                 DType::BF16 => row.map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
-                DType::F16 => row.map(|b| widen(DType::F16, b)).collect(),
+                DType::F16 => row.map(|b| Elem::F16.get(b, 0)).collect(),
             }
         }
         HostMatrix::Scaled { elem, cols, values, scales, .. } => {

@@ -288,7 +288,7 @@ impl Checkpoint {
             }
         };
         let scales = self.tensor(&scale_name, &scale_shape, Shard::Full)?;
-        let scales: Vec<f32> = scales.data.chunks_exact(scales.dtype.size_in_bytes()).map(|b| widen(scales.dtype, b)).collect();
+        let scales: Vec<f32> = scales.data.chunks_exact(scales.dtype.size_in_bytes()).map(|b| scales.dtype.elem().get(b, 0)).collect();
         let bytes = HostBytes::Mapped { map: file.mmap.clone(), range: entry.start..entry.end };
         let (sharded, values) = slice_host(1, &shape, bytes, shard)?;
         let rows = match shard.range(&shape)? {
@@ -297,15 +297,6 @@ impl Checkpoint {
         };
         let scales = if per_row { scales[rows].to_vec() } else { vec![scales[0]; rows.len()] };
         Ok(HostMatrix::Scaled { elem: Elem::E4m3, rows: sharded[0], cols: sharded[1], values, scales })
-    }
-}
-
-/// One little-endian float of `dtype`, as f32.
-pub fn widen(dtype: DType, b: &[u8]) -> f32 {
-    match dtype {
-        DType::F32 => Elem::F32.get(b, 0),
-        DType::BF16 => Elem::Bf16.get(b, 0),
-        DType::F16 => Elem::F16.get(b, 0),
     }
 }
 
@@ -545,7 +536,7 @@ mod tests {
         // In bf16: the f32 values rounded.
         let rounded = source.tensor(name, &[8, 16], Shard::Full, DType::BF16).unwrap();
         for (h, f) in rounded.data.chunks_exact(2).zip(a.chunks_exact(4)) {
-            assert_eq!(widen(DType::BF16, h), half::bf16::from_f32(widen(DType::F32, f)).to_f32());
+            assert_eq!(Elem::Bf16.get(h, 0), half::bf16::from_f32(Elem::F32.get(f, 0)).to_f32());
         }
         for v in a.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())) {
             assert!(v.abs() <= 0.25 + 1e-6);

@@ -85,14 +85,6 @@ impl std::fmt::Debug for CpuWeight {
     }
 }
 
-fn elem_of(d: DType) -> Elem {
-    match d {
-        DType::F32 => Elem::F32,
-        DType::F16 => Elem::F16,
-        DType::BF16 => Elem::Bf16,
-    }
-}
-
 /// One layer's paged cache: `[num_blocks, block_size, num_kv_heads, head_dim]` for K and V.
 pub struct CpuKvCache {
     shape: KvShape,
@@ -168,7 +160,7 @@ impl Backend for Cpu {
     fn upload_weight(&self, host: HostMatrix<'static>) -> Result<CpuWeight> {
         let (rows, cols) = host.dims();
         let (elem, bytes, scales) = match host {
-            HostMatrix::Dense(t) => (elem_of(t.dtype), t.data, None),
+            HostMatrix::Dense(t) => (t.dtype.elem(), t.data, None),
             HostMatrix::Scaled { elem, values, scales, .. } => (elem, values, Some(scales)),
         };
         if bytes.len() != rows * cols * elem.bytes() || scales.as_ref().is_some_and(|s| s.len() != rows) {

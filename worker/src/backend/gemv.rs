@@ -193,30 +193,49 @@ struct Kernels<S> {
 }
 
 impl<S: Stored> Kernels<S> {
+    /// The fastest set this CPU runs.
     fn select() -> Self {
+        Self::avx512().or_else(Self::avx2).unwrap_or_else(Self::portable)
+    }
+
+    /// The AVX-512 kernels, where the CPU has AVX-512F, AVX2, F16C and FMA.
+    fn avx512() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
             if x86::has_avx512() {
-                return Kernels {
+                return Some(Kernels {
                     // SAFETY (all four): the CPU supports AVX-512F, AVX2, F16C and FMA (checked just above).
                     dot: |w, x| unsafe { x86::dot_avx512::<S>(w, x) },
                     dot4: |w, xs| unsafe { x86::dot4_avx512::<S>(w, xs) },
                     rows4: |w, x| unsafe { x86::rows4_avx512::<S>(w, x) },
                     groups: |w, x, m, k, out| unsafe { x86::groups_avx512::<S>(w, x, m, k, out) },
                     _stored: std::marker::PhantomData,
-                };
+                });
             }
+        }
+        None
+    }
+
+    /// The AVX2 kernels, where the CPU has AVX2, FMA and F16C.
+    fn avx2() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
             if avx2::available() {
-                return Kernels {
+                return Some(Kernels {
                     // SAFETY (all four): the CPU supports AVX2, FMA and F16C (checked just above).
                     dot: |w, x| unsafe { avx2::dot::<S>(w, x) },
                     dot4: |w, xs| unsafe { avx2::dot4::<S>(w, xs) },
                     rows4: |w, x| unsafe { avx2::rows4::<S>(w, x) },
                     groups: |w, x, m, k, out| unsafe { avx2::groups::<S>(w, x, m, k, out) },
                     _stored: std::marker::PhantomData,
-                };
+                });
             }
         }
+        None
+    }
+
+    /// Portable code (with the AVX2 f32 dot product where the CPU has it).
+    fn portable() -> Self {
         Kernels {
             dot: select_dot::<S>(),
             dot4: |w, xs| xs.map(|x| select_dot::<S>()(w, x)),

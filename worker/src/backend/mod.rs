@@ -32,6 +32,15 @@ impl DType {
             DType::F16 | DType::BF16 => 2,
         }
     }
+
+    /// The weight element type that stores this dtype.
+    pub fn elem(self) -> Elem {
+        match self {
+            DType::F32 => Elem::F32,
+            DType::F16 => Elem::F16,
+            DType::BF16 => Elem::Bf16,
+        }
+    }
 }
 
 impl std::str::FromStr for DType {

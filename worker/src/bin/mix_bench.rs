@@ -243,12 +243,7 @@ fn main() -> anyhow::Result<()> {
 
 /// A `/proc/self/status` figure in bytes (`VmRSS`, `VmHWM`), or 0 where unknown.
 fn resident_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    worker::serving::proc_kb_field("/proc/self/status", field)
 }
 
 /// Rows of x the kernel sweep measures, besides each batch's rows per expert.

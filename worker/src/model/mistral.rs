@@ -173,12 +173,12 @@ impl<B: Backend> CausalLm<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if par.is_last_stage() {
-            let (head, shard) = ("lm_head.weight", vocab_shard(&vocab));
+            let shard = vocab_shard(&vocab);
             let weight = match (&embed_tokens, c.tie_word_embeddings) {
                 // Tied, and kept as the table is: the same matrix.
                 (Some(e), true) if loader.keeps_projections_dense() => e.weight.clone(),
                 (_, true) => loader.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size, shard, Role::Projection)?,
-                (_, false) => loader.matrix(head, c.vocab_size, c.hidden_size, shard, Role::Projection)?,
+                (_, false) => loader.matrix("lm_head.weight", c.vocab_size, c.hidden_size, shard, Role::Projection)?,
             };
             let head = ParallelLmHead { weight, vocab: c.vocab_size, comm: par.tp.clone() };
             (Some(RmsNorm::load(loader, "model.norm")?), Some(head))

@@ -145,31 +145,8 @@ fn every_instruction_set_gives_the_same_bits() {
         let mut want_groups = vec![0f32; 4 * m];
         groups_portable::<S>(&w[..4 * row], x, m, k, &mut want_groups);
         let want = (dot_portable::<S>(ws[0], xs[0]), xs.map(|x| dot_portable::<S>(ws[0], x)), ws.map(|w| dot_portable::<S>(w, xs[0])));
-        let mut sets: Vec<(&str, Kernels<S>)> = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if x86::has_avx512() {
-                sets.push(("avx512", Kernels {
-                    // SAFETY (all four): checked just above.
-                    dot: |w, x| unsafe { x86::dot_avx512::<S>(w, x) },
-                    dot4: |w, xs| unsafe { x86::dot4_avx512::<S>(w, xs) },
-                    rows4: |w, x| unsafe { x86::rows4_avx512::<S>(w, x) },
-                    groups: |w, x, m, k, out| unsafe { x86::groups_avx512::<S>(w, x, m, k, out) },
-                    _stored: std::marker::PhantomData,
-                }));
-            }
-            if avx2::available() {
-                sets.push(("avx2", Kernels {
-                    // SAFETY (all four): checked just above.
-                    dot: |w, x| unsafe { avx2::dot::<S>(w, x) },
-                    dot4: |w, xs| unsafe { avx2::dot4::<S>(w, xs) },
-                    rows4: |w, x| unsafe { avx2::rows4::<S>(w, x) },
-                    groups: |w, x, m, k, out| unsafe { avx2::groups::<S>(w, x, m, k, out) },
-                    _stored: std::marker::PhantomData,
-                }));
-            }
-        }
-        for (name, kernels) in sets {
+        let sets = [("avx512", Kernels::<S>::avx512()), ("avx2", Kernels::<S>::avx2())];
+        for (name, kernels) in sets.into_iter().filter_map(|(name, k)| Some((name, k?))) {
             let what = format!("{name} {:?} k{k}", S::KIND);
             assert_eq!((kernels.dot)(ws[0], xs[0]).to_bits(), want.0.to_bits(), "{what}: dot");
             assert_eq!(bits(&(kernels.dot4)(ws[0], xs)), bits(&want.1), "{what}: dot4");
