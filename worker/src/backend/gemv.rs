@@ -140,12 +140,19 @@ fn product<S: Stored>(x: &[f32], w: &[u8], m: usize, n: usize, k: usize) -> Vec<
 fn block<S: Stored>(x: &[f32], w: &[u8], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
     let kernels = Kernels::<S>::select();
+    let arranged = (kernels.arrange)(x, k);
+    let x = arranged.as_deref().unwrap_or(x);
     let row_bytes = k * S::KIND.bytes();
     out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, out)| {
         let first = task * ROWS_PER_TASK;
         let w_rows = |r: usize| &w[(first + r) * row_bytes..(first + r + 1) * row_bytes];
         let x_row = |i: usize| &x[i * k..(i + 1) * k];
         let rows = out.len() / m;
+        if let Some((few, most)) = kernels.few
+            && m <= most
+        {
+            return few(&w[first * row_bytes..(first + rows) * row_bytes], x, m, k, out);
+        }
         // Whole groups of four weight rows: one x row streams past them (four independent
         // sums keep the FMA units busy); two or more go through the blocked kernel.
         let whole = rows / 4 * 4;
@@ -180,15 +187,25 @@ fn block<S: Stored>(x: &[f32], w: &[u8], m: usize, n: usize, k: usize) -> Vec<f3
     out
 }
 
+/// A product of contiguous weight rows (`w`, rows of `k`) with the `m` rows of `x`, written
+/// `out[r * m + i]`: `(w, x, m, k, out)`.
+type Product = fn(&[u8], &[f32], usize, usize, &mut [f32]);
+
 /// The kernels for one element type, chosen for this CPU. Weight rows are byte slices of
-/// `k` elements; `x` rows are f32.
+/// `k` elements; `x` rows are f32, as [`Kernels::arrange`] leaves them.
 struct Kernels<S> {
+    /// `x` (rows of `k`) in the element order these kernels read, where that is not the
+    /// order it is in (the AVX2 bf16 kernels read each chunk's even elements first).
+    arrange: fn(&[f32], usize) -> Option<Vec<f32>>,
+    /// The products of a run of contiguous weight rows with at most `.1` rows of `x`, the
+    /// weights streamed once (`out[r * m + i]`), where a set has such a kernel.
+    few: Option<(Product, usize)>,
     dot: fn(&[u8], &[f32]) -> f32,
     dot4: fn(&[u8], [&[f32]; 4]) -> [f32; 4],
     rows4: fn([&[u8]; 4], &[f32]) -> [f32; 4],
     /// The products of whole groups of four contiguous weight rows (`w`, rows of `k`) with
     /// the `m` rows of `x`, written `out[r * m + i]`.
-    groups: fn(&[u8], &[f32], usize, usize, &mut [f32]),
+    groups: Product,
     _stored: std::marker::PhantomData<S>,
 }
 
@@ -204,6 +221,8 @@ impl<S: Stored> Kernels<S> {
         {
             if x86::has_avx512() {
                 return Some(Kernels {
+                    arrange: |_, _| None,
+                    few: None,
                     // SAFETY (all four): the CPU supports AVX-512F, AVX2, F16C and FMA (checked just above).
                     dot: |w, x| unsafe { x86::dot_avx512::<S>(w, x) },
                     dot4: |w, xs| unsafe { x86::dot4_avx512::<S>(w, xs) },
@@ -222,7 +241,9 @@ impl<S: Stored> Kernels<S> {
         {
             if avx2::available() {
                 return Some(Kernels {
-                    // SAFETY (all four): the CPU supports AVX2, FMA and F16C (checked just above).
+                    arrange: avx2::arrange::<S>,
+                    // SAFETY (all five): the CPU supports AVX2, FMA and F16C (checked just above).
+                    few: Some((|w, x, m, k, out| unsafe { avx2::few::<S>(w, x, m, k, out) }, avx2::few_most::<S>())),
                     dot: |w, x| unsafe { avx2::dot::<S>(w, x) },
                     dot4: |w, xs| unsafe { avx2::dot4::<S>(w, xs) },
                     rows4: |w, x| unsafe { avx2::rows4::<S>(w, x) },
@@ -237,6 +258,8 @@ impl<S: Stored> Kernels<S> {
     /// Portable code (with the AVX2 f32 dot product where the CPU has it).
     fn portable() -> Self {
         Kernels {
+            arrange: |_, _| None,
+            few: None,
             dot: select_dot::<S>(),
             dot4: |w, xs| xs.map(|x| select_dot::<S>()(w, x)),
             rows4: |w, x| w.map(|row| select_dot::<S>()(row, x)),

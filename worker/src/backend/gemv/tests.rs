@@ -66,11 +66,11 @@ fn the_portable_kernels_give_the_same_bits() {
             let (w, _) = stored(&w, elem);
             let (mut portable, mut selected) = (vec![0f32; n * m], vec![0f32; n * m]);
             let check = |portable: &mut [f32], selected: &mut [f32]| match elem {
-                Elem::F32 => (groups_portable::<F32>(&w, &x, m, k, portable), (Kernels::<F32>::select().groups)(&w, &x, m, k, selected)),
-                Elem::Bf16 => (groups_portable::<Bf16>(&w, &x, m, k, portable), (Kernels::<Bf16>::select().groups)(&w, &x, m, k, selected)),
-                Elem::F16 => (groups_portable::<F16>(&w, &x, m, k, portable), (Kernels::<F16>::select().groups)(&w, &x, m, k, selected)),
-                Elem::I8 => (groups_portable::<I8>(&w, &x, m, k, portable), (Kernels::<I8>::select().groups)(&w, &x, m, k, selected)),
-                Elem::E4m3 => (groups_portable::<E4m3>(&w, &x, m, k, portable), (Kernels::<E4m3>::select().groups)(&w, &x, m, k, selected)),
+                Elem::F32 => (groups_portable::<F32>(&w, &x, m, k, portable), { let ks = Kernels::<F32>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
+                Elem::Bf16 => (groups_portable::<Bf16>(&w, &x, m, k, portable), { let ks = Kernels::<Bf16>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
+                Elem::F16 => (groups_portable::<F16>(&w, &x, m, k, portable), { let ks = Kernels::<F16>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
+                Elem::I8 => (groups_portable::<I8>(&w, &x, m, k, portable), { let ks = Kernels::<I8>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
+                Elem::E4m3 => (groups_portable::<E4m3>(&w, &x, m, k, portable), { let ks = Kernels::<E4m3>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
             };
             check(&mut portable, &mut selected);
             assert_eq!(bits(&portable), bits(&selected), "{elem:?} m{m} k{k}");
@@ -139,7 +139,7 @@ fn e4m3_values_follow_the_format() {
 #[test]
 fn every_instruction_set_gives_the_same_bits() {
     fn all<S: Stored>(w: &[u8], x: &[f32], m: usize, k: usize) {
-        let row = k * S::KIND.bytes();
+        let (row, x0) = (k * S::KIND.bytes(), x);
         let xs: [&[f32]; 4] = std::array::from_fn(|i| &x[i * k..(i + 1) * k]);
         let ws: [&[u8]; 4] = std::array::from_fn(|a| &w[a * row..(a + 1) * row]);
         let mut want_groups = vec![0f32; 4 * m];
@@ -148,18 +148,30 @@ fn every_instruction_set_gives_the_same_bits() {
         let sets = [("avx512", Kernels::<S>::avx512()), ("avx2", Kernels::<S>::avx2())];
         for (name, kernels) in sets.into_iter().filter_map(|(name, k)| Some((name, k?))) {
             let what = format!("{name} {:?} k{k}", S::KIND);
+            let arranged = (kernels.arrange)(x, k);
+            let x = arranged.as_deref().unwrap_or(x);
+            let xs: [&[f32]; 4] = std::array::from_fn(|i| &x[i * k..(i + 1) * k]);
             assert_eq!((kernels.dot)(ws[0], xs[0]).to_bits(), want.0.to_bits(), "{what}: dot");
             assert_eq!(bits(&(kernels.dot4)(ws[0], xs)), bits(&want.1), "{what}: dot4");
             assert_eq!(bits(&(kernels.rows4)(ws, xs[0])), bits(&want.2), "{what}: rows4");
             let mut got = vec![0f32; 4 * m];
             (kernels.groups)(&w[..4 * row], x, m, k, &mut got);
             assert_eq!(bits(&got), bits(&want_groups), "{what}: groups");
+            if let Some((few, most)) = kernels.few {
+                // Seven weight rows: whole tiles of every height and a remainder.
+                for rows in 1..=most.min(m) {
+                    let mut got = vec![0f32; 7 * rows];
+                    few(&w[..7 * row], &x[..rows * k], rows, k, &mut got);
+                    let want: Vec<f32> = (0..7).flat_map(|r| (0..rows).map(move |i| (r, i))).map(|(r, i)| dot_portable::<S>(&w[r * row..(r + 1) * row], &x0[i * k..(i + 1) * k])).collect();
+                    assert_eq!(bits(&got), bits(&want), "{what}: few, {rows} x rows");
+                }
+            }
         }
     }
     for k in [16, 100, 1553, 2100] {
         let m = 5;
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0).collect();
-        let w: Vec<f32> = (0..4 * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 89.0).collect();
+        let w: Vec<f32> = (0..7 * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 89.0).collect();
         for elem in ELEMS {
             let (w, _) = stored(&w, elem);
             match elem {
