@@ -47,6 +47,9 @@ struct Args {
     /// Also run transformers and llama.cpp (worker/benches/peers.py) on the same shapes.
     #[arg(long)]
     peers: bool,
+    /// Run only this peer (`llamacpp` or `transformers`; transformers takes most of a round).
+    #[arg(long)]
+    only_peer: Option<String>,
     /// Rounds of (bandwidth probe, Tramontane decode, peers), one after the other, the peers
     /// first in even rounds; the table shows medians. This machine's bandwidth drifts by
     /// minutes, so alternating rounds keeps engines measured minutes apart comparable.
@@ -432,6 +435,7 @@ fn run_peers(args: &Args, c: &ModelConfig, threads: usize, precision: &str) -> s
             .args(["--experts", &c.num_local_experts.to_string(), "--top-k", &c.num_experts_per_tok.to_string()])
             .args(["--threads", &threads.to_string(), "--precision", precision])
             .args(["--prefill-len", &args.prefill_len.to_string()])
+            .args(args.only_peer.iter().flat_map(|p| ["--only", p.as_str()]))
             // The GGUFs are written once and reused by every round and precision.
             .arg("--workdir")
             .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/mix-bench-peers")),
