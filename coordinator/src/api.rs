@@ -199,6 +199,7 @@ impl pb::admin_server::Admin for AdminService {
                     state: w.state.into(),
                     pid: w.card.pid,
                     memory_bytes: w.card.memory_bytes,
+                    restarts: w.card.restarts,
                     ..Default::default()
                 };
                 if let Some((replica, rank, l)) = &w.placement {

@@ -440,14 +440,23 @@ impl Controller {
         self.reconcile().await
     }
 
-    /// Suspects that answer again are usable again.
+    /// Suspects that answer again are usable again; their cards take what the answer says
+    /// (a worker restarted at the same address is a new process).
     async fn probe_suspects(&mut self) {
         let suspects: Vec<String> = self.suspects.iter().cloned().collect();
         for id in suspects {
-            let back = match self.cards.get(&id) {
-                Some(card) => healthy(&card.address).await,
-                None => false,
+            let health = match self.cards.get(&id) {
+                Some(card) => worker_health(&card.address, Duration::from_secs(1)).await,
+                None => None,
             };
+            let back = health.is_some();
+            if let (Some(h), Some(card)) = (health, self.cards.get_mut(&id)) {
+                card.pid = h.pid;
+                card.restarts = h.restarts;
+                if h.memory_bytes > 0 {
+                    card.memory_bytes = h.memory_bytes;
+                }
+            }
             if back || !self.cards.contains_key(&id) {
                 self.suspects.remove(&id);
                 self.dirty |= back;

@@ -274,7 +274,7 @@ mod tests {
     }
 
     fn card(id: &str, memory_bytes: u64) -> WorkerCard {
-        WorkerCard { id: id.into(), address: format!("{id}:1"), device: "cpu".into(), memory_bytes, version: "t".into(), pid: 0 }
+        WorkerCard { id: id.into(), address: format!("{id}:1"), device: "cpu".into(), memory_bytes, version: "t".into(), pid: 0, restarts: 0 }
     }
 
     const SIZING: Sizing = Sizing { dtype: WeightDType::As(DType::F32), quantization: Quantization::None, dummy: false, kv_blocks: 16, block_size: 16 };

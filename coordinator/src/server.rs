@@ -101,6 +101,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
                 memory_bytes: health.memory_bytes,
                 version: String::new(),
                 pid: health.pid,
+                restarts: health.restarts,
             };
             m.register(&card).await?;
         }

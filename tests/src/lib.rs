@@ -144,10 +144,16 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start() -> Self {
-        let data = std::env::temp_dir().join(format!("tramontane-etcd-{}-{}", std::process::id(), free_port()));
-        let mut etcd = Etcd { child: None, data, client_port: free_port(), peer_port: free_port() };
+        let mut etcd = Etcd::unstarted();
         etcd.resume();
         etcd
+    }
+
+    /// Ports and a data directory of its own, not started yet ([`Etcd::resume`] starts it):
+    /// for processes that start before etcd answers.
+    pub fn unstarted() -> Self {
+        let data = std::env::temp_dir().join(format!("tramontane-etcd-{}-{}", std::process::id(), free_port()));
+        Etcd { child: None, data, client_port: free_port(), peer_port: free_port() }
     }
 
     pub fn url(&self) -> String {
@@ -238,5 +244,66 @@ pub mod client {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         started.elapsed()
+    }
+}
+
+/// Sixteen concurrent greedy streams against a cluster, and their checks.
+pub mod load {
+    use pb::inference_client::InferenceClient;
+    use proto::tramontane::v1 as pb;
+    use tokio::task::JoinHandle;
+    use tonic::transport::Channel;
+
+    use crate::client::stream_ids;
+
+    pub type Streams = Vec<JoinHandle<Result<Vec<u32>, tonic::Status>>>;
+
+    /// Sixteen prompts of 3 to 7 token ids.
+    pub fn prompts() -> Vec<Vec<u32>> {
+        (0..16u32).map(|i| (0..(3 + i % 5)).map(|j| 200 + 41 * i + j).collect()).collect()
+    }
+
+    /// One stream of `max_tokens` per prompt, all at once.
+    pub fn streams(c: &InferenceClient<Channel>, max_tokens: u32) -> Streams {
+        prompts()
+            .into_iter()
+            .map(|p| {
+                let mut c = c.clone();
+                tokio::spawn(async move { stream_ids(&mut c, &p, max_tokens).await })
+            })
+            .collect()
+    }
+
+    /// Each prompt's greedy tokens on the undisturbed cluster (a row's result does not depend
+    /// on its batch, so these are also what each prompt produces alone).
+    pub async fn solo(c: &InferenceClient<Channel>, max_tokens: u32) -> Vec<Vec<u32>> {
+        let mut out = Vec::new();
+        for s in streams(c, max_tokens) {
+            let ids = s.await.expect("joins").expect("undisturbed generation");
+            assert_eq!(ids.len(), max_tokens as usize, "the undisturbed run generates every token");
+            out.push(ids);
+        }
+        out
+    }
+
+    /// Every stream completed, with its solo tokens; returns when the last one ended.
+    pub async fn all_complete(streams: Streams, solo: &[Vec<u32>]) {
+        let mut failed = 0;
+        assert_eq!(streams.len(), solo.len());
+        for (i, s) in streams.into_iter().enumerate() {
+            match s.await.expect("joins") {
+                Ok(ids) => assert_eq!(ids, solo[i], "request {i}: the tokens differ from its solo run"),
+                Err(status) => {
+                    eprintln!("request {i} failed: {status:?}");
+                    failed += 1;
+                }
+            }
+        }
+        assert_eq!(failed, 0, "requests lost");
+    }
+
+    /// The cluster's replica count (0 while it cannot answer).
+    pub async fn replicas(c: &InferenceClient<Channel>) -> u32 {
+        c.clone().model_info(pb::ModelInfoRequest {}).await.map_or(0, |i| i.into_inner().replicas)
     }
 }

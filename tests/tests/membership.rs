@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use pb::inference_client::InferenceClient;
 use proto::tramontane::v1 as pb;
 use tests::client::{inference, status, stream_ids, wait_for};
+use tests::load::{self, Streams, all_complete, prompts, replicas};
 use tests::{Etcd, Server, fixture};
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 /// The cases share two cores: one at a time.
@@ -36,51 +36,16 @@ fn coordinator(etcd: &Etcd, extra: &[&str]) -> Server {
     c
 }
 
-fn prompts() -> Vec<Vec<u32>> {
-    (0..16u32).map(|i| (0..(3 + i % 5)).map(|j| 200 + 41 * i + j).collect()).collect()
+fn streams(c: &InferenceClient<Channel>) -> Streams {
+    load::streams(c, MAX_TOKENS)
 }
 
-/// Each prompt's greedy tokens on the undisturbed cluster (a row's result does not depend
-/// on its batch, so these are also what each prompt produces alone).
 async fn solo(c: &mut InferenceClient<Channel>) -> Vec<Vec<u32>> {
-    let mut out = Vec::new();
-    for s in streams(c) {
-        out.push(s.await.expect("joins").expect("undisturbed generation"));
-    }
-    out
-}
-
-fn streams(c: &InferenceClient<Channel>) -> Vec<JoinHandle<Result<Vec<u32>, tonic::Status>>> {
-    prompts()
-        .into_iter()
-        .map(|p| {
-            let mut c = c.clone();
-            tokio::spawn(async move { stream_ids(&mut c, &p, MAX_TOKENS).await })
-        })
-        .collect()
-}
-
-/// Every stream completed, with its solo tokens; returns when the last one ended.
-async fn all_complete(streams: Vec<JoinHandle<Result<Vec<u32>, tonic::Status>>>, solo: &[Vec<u32>]) {
-    let mut failed = 0;
-    for (i, s) in streams.into_iter().enumerate() {
-        match s.await.expect("joins") {
-            Ok(ids) => assert_eq!(ids, solo[i], "request {i}: the tokens differ from its solo run"),
-            Err(status) => {
-                eprintln!("request {i} failed: {status:?}");
-                failed += 1;
-            }
-        }
-    }
-    assert_eq!(failed, 0, "requests lost");
+    load::solo(c, MAX_TOKENS).await
 }
 
 async fn serving(url: &str) -> Vec<String> {
     status(url.to_owned()).await.workers.into_iter().filter(|w| w.state == "serving").map(|w| w.address).collect()
-}
-
-async fn replicas(c: &InferenceClient<Channel>) -> u32 {
-    c.clone().model_info(pb::ModelInfoRequest {}).await.map_or(0, |i| i.into_inner().replicas)
 }
 
 #[tokio::test]

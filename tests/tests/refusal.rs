@@ -39,7 +39,7 @@ fn expected_refusal(model: &Path, workers: usize) -> String {
     let config = ModelConfig::from_file(&model.join("config.json")).expect("config");
     let sizing = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, dummy: true, kv_blocks: 1024, block_size: 16 };
     let cards: Vec<WorkerCard> = (0..workers)
-        .map(|i| WorkerCard { id: format!("worker-{i}"), address: String::new(), device: "cpu".into(), memory_bytes: MEMORY, version: String::new(), pid: 0 })
+        .map(|i| WorkerCard { id: format!("worker-{i}"), address: String::new(), device: "cpu".into(), memory_bytes: MEMORY, version: String::new(), pid: 0, restarts: 0 })
         .collect();
     plan(&config, &Layout::default(), &sizing, &cards, &[]).expect_err("the model does not fit")
 }

@@ -45,6 +45,10 @@ struct ServeArgs {
     /// address (in Kubernetes: the pod IP).
     #[arg(long, env = "TRAMONTANE_ADVERTISE_HOST")]
     advertise_host: Option<String>,
+    /// How many times a supervisor restarted this worker (`tramctl up` sets it; reported in
+    /// Health and on the card, so `tramctl status` shows it).
+    #[arg(long, env = "TRAMONTANE_RESTARTS", default_value_t = 0)]
+    restarts: u32,
     /// This worker's id in the cluster (default: host name and API port).
     #[arg(long, env = "TRAMONTANE_WORKER_ID")]
     id: Option<String>,
@@ -126,13 +130,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let handle = match args.device {
             Device::Cpu => {
                 let memory = budget(args.memory_bytes, "host", worker::serving::host_memory);
-                worker::service::EngineHandle::spawn(Cpu, comm, memory)?
+                worker::service::EngineHandle::spawn(Cpu, comm, worker::service::Offer { memory_bytes: memory, restarts: args.restarts })?
             }
             Device::Cuda(n) => {
                 let backend = cuda(n)?;
                 let free = device_memory(&backend)?;
                 let memory = budget(args.memory_bytes, "GPU", || free);
-                worker::service::EngineHandle::spawn(backend, comm, memory)?
+                worker::service::EngineHandle::spawn(backend, comm, worker::service::Offer { memory_bytes: memory, restarts: args.restarts })?
             }
         };
         // Ready (the device opened): the first line of stdout tells a parent process where
@@ -150,8 +154,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Registers this worker's card on etcd; a lost lease unloads the model (no zombie keeps
-/// serving a placement that moved on) and the worker registers again.
+/// Registers this worker's card on etcd (waiting for etcd with capped backoff, never exiting
+/// for an outage); a lost lease unloads the model (no zombie keeps serving a placement that
+/// moved on) and the worker registers again.
 async fn register(
     args: &ServeArgs,
     addr: std::net::SocketAddr,
@@ -170,12 +175,14 @@ async fn register(
             None => addr.to_string(),
         },
         device: args.device.to_string(),
-        memory_bytes: handle.memory_bytes(),
+        memory_bytes: handle.offer().memory_bytes,
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
+        restarts: handle.offer().restarts,
     };
+    // Registration retries in the background until etcd answers; the worker serves meanwhile.
     let lease = membership.register(&card).await.context("registering on etcd")?;
-    tracing::info!(id = %card.id, cluster = %args.membership.cluster, "registered");
+    tracing::info!(id = %card.id, cluster = %args.membership.cluster, "registering on etcd");
     let lost = lease.lost.clone();
     tokio::spawn(async move {
         lost.cancelled().await;

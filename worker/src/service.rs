@@ -96,6 +96,8 @@ pub struct WorkerState<B: Backend = Cpu> {
     comm: CommSetup,
     /// The memory this worker offers (reported by Health; 0 = unknown).
     memory_bytes: u64,
+    /// How many times a supervisor restarted this worker (reported by Health).
+    restarts: u32,
 }
 
 impl Default for WorkerState<Cpu> {
@@ -106,12 +108,17 @@ impl Default for WorkerState<Cpu> {
 
 impl<B: Backend> WorkerState<B> {
     pub fn new(backend: B, comm: CommSetup) -> Self {
-        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm, memory_bytes: 0 }
+        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm, memory_bytes: 0, restarts: 0 }
     }
 
     /// The memory this worker offers for weights and KV cache, as Health reports it.
     pub fn with_memory_bytes(self, memory_bytes: u64) -> Self {
         WorkerState { memory_bytes, ..self }
+    }
+
+    /// What the worker offers and how often it was restarted, as Health reports them.
+    pub fn with_offer(self, offer: Offer) -> Self {
+        WorkerState { memory_bytes: offer.memory_bytes, restarts: offer.restarts, ..self }
     }
 
     /// Drops the model (lease lost, replica broken): steps are refused until a new assignment.
@@ -255,6 +262,7 @@ impl<B: Backend> WorkerState<B> {
                 peak_rss_bytes: peak_rss_bytes(),
                 pid: std::process::id(),
                 memory_bytes: self.memory_bytes,
+                restarts: self.restarts,
                 ..Default::default()
             },
             Some(e) => {
@@ -271,6 +279,7 @@ impl<B: Backend> WorkerState<B> {
                     peak_rss_bytes: peak_rss_bytes(),
                     pid: std::process::id(),
                     memory_bytes: self.memory_bytes,
+                    restarts: self.restarts,
                 }
             }
         }
@@ -358,16 +367,25 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     /// Cancelled when the coordinator releases this worker (the process then exits).
     released: tokio_util::sync::CancellationToken,
-    memory_bytes: u64,
+    offer: Offer,
+}
+
+/// What a worker offers the cluster, fixed when it starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Offer {
+    /// Memory for weights and KV cache (0 = unknown).
+    pub memory_bytes: u64,
+    /// How many times a supervisor restarted this worker after it died.
+    pub restarts: u32,
 }
 
 impl EngineHandle {
     /// Starts the engine thread on `backend`; it stops when every handle is dropped. Health
-    /// reports `memory_bytes` as the memory this worker offers.
-    pub fn spawn<B: Backend>(backend: B, comm: CommSetup, memory_bytes: u64) -> std::io::Result<Self> {
+    /// reports the `offer`.
+    pub fn spawn<B: Backend>(backend: B, comm: CommSetup, offer: Offer) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Command>(64);
         std::thread::Builder::new().name("engine".into()).spawn(move || {
-            let mut state = WorkerState::new(backend, comm).with_memory_bytes(memory_bytes);
+            let mut state = WorkerState::new(backend, comm).with_offer(offer);
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     Command::Unload(why) => state.unload(&why),
@@ -392,12 +410,12 @@ impl EngineHandle {
                 }
             }
         })?;
-        Ok(EngineHandle { tx, released: tokio_util::sync::CancellationToken::new(), memory_bytes })
+        Ok(EngineHandle { tx, released: tokio_util::sync::CancellationToken::new(), offer })
     }
 
-    /// The memory this worker offers for weights and KV cache (0 = unknown).
-    pub fn memory_bytes(&self) -> u64 {
-        self.memory_bytes
+    /// What this worker offers (memory, restarts).
+    pub fn offer(&self) -> Offer {
+        self.offer
     }
 
     /// Drops the loaded model (the worker's lease was lost).

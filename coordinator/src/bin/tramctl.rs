@@ -1,6 +1,7 @@
 //! `tramctl`: run and talk to a Tramontane cluster.
 //! - `tramctl up` starts a whole local cluster (workers + coordinator) in the foreground and
-//!   stops all of it on Ctrl-C / SIGTERM or when any part exits.
+//!   supervises it: a worker that dies is started again (with backoff; `--no-restart` keeps
+//!   it dead), and the cluster stops on Ctrl-C / SIGTERM or when the coordinator exits.
 //! - `tramctl generate "text"` streams a completion from a running cluster.
 //! - `tramctl status` prints the served model, the workers (with process ids), the placement
 //!   epoch, the load and why nothing is placed when the model does not fit; `tramctl plan`
@@ -92,6 +93,9 @@ struct UpArgs {
     /// built with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: worker::Device,
+    /// Leave a worker that dies dead instead of starting it again.
+    #[arg(long)]
+    no_restart: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -151,6 +155,13 @@ async fn drain(a: DrainArgs) -> anyhow::Result<()> {
 
 /// Children killed (and reaped) when dropped.
 struct Children(Vec<(String, Child)>);
+
+impl Children {
+    /// The process id of the child named `name` (0 if none runs).
+    fn pid(&self, name: &str) -> u32 {
+        self.0.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| c.id())
+    }
+}
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -218,21 +229,28 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let mut workers: Vec<Supervised> = Vec::new();
     for i in 0..a.workers {
         let device = match a.device {
             worker::Device::Cpu => worker::Device::Cpu,
             worker::Device::Cuda(first) => worker::Device::Cuda(first + i),
         };
-        let mut worker = Command::new(sibling("worker")?);
-        worker.args(["serve", "--listen", "127.0.0.1:0", "--device", &device.to_string()]).args(&membership);
+        let mut args: Vec<String> = vec!["serve".into(), "--device".into(), device.to_string()];
+        args.extend(membership.iter().map(|s| s.to_string()));
         if let Some(bytes) = share {
-            worker.args(["--memory-bytes", &bytes.to_string()]);
+            args.extend(["--memory-bytes".into(), bytes.to_string()]);
         }
-        let lines = spawn(&mut children, &format!("worker-{i}"), &mut worker, 1)?;
-        println!("worker {i} pid {} {}", children.0.last().map_or(0, |c| c.1.id()), lines[0]);
-        let addr = lines[0].strip_prefix("listening on ").context("worker did not print its address")?.to_owned();
-        eprintln!("tramctl: worker-{i} (pid {}) on {addr}", children.0.last().map_or(0, |c| c.1.id()));
+        let mut w = Supervised { name: format!("worker-{i}"), args, listen: "127.0.0.1:0".into(), restarts: 0, due: None };
+        let addr = w.start(&mut children)?;
+        println!("worker {i} pid {} listening on {addr}", children.pid(&w.name));
+        eprintln!("tramctl: {} (pid {}) on {addr}", w.name, children.pid(&w.name));
+        // Without etcd the coordinator knows each worker by its address, so a restarted worker
+        // listens there again; with etcd it registers anew wherever it listens.
+        if a.etcd.is_empty() {
+            w.listen = addr.clone();
+        }
         addrs.push(addr);
+        workers.push(w);
     }
     eprintln!("tramctl: loading {} on {} worker(s)...", model.display(), a.workers);
     let mut coordinator = Command::new(sibling("coordinator")?);
@@ -259,26 +277,83 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
-                    let mut released = Vec::new();
-                    for (i, (name, c)) in children.0.iter_mut().enumerate() {
-                        match c.try_wait()? {
-                            // A drained worker leaves the cluster on its own; the rest serves on.
-                            Some(status) if status.success() && name.starts_with("worker") => {
-                                eprintln!("tramctl: {name} left the cluster (drained)");
-                                released.push(i);
-                            }
-                            Some(status) => anyhow::bail!("{name} exited ({status}); stopping the cluster"),
-                            None => {}
-                        }
-                    }
-                    for i in released.into_iter().rev() {
-                        children.0.remove(i);
-                    }
-                }
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => supervise(&mut children, &mut workers, a.no_restart)?,
             }
         }
     })
+}
+
+/// A worker `tramctl up` runs, and how to start it again.
+struct Supervised {
+    name: String,
+    /// `worker` arguments but `--listen`.
+    args: Vec<String>,
+    listen: String,
+    restarts: u32,
+    /// When it starts again, while it is dead.
+    due: Option<std::time::Instant>,
+}
+
+impl Supervised {
+    /// Starts the worker process; the address it listens on.
+    fn start(&self, children: &mut Children) -> anyhow::Result<String> {
+        let mut cmd = Command::new(sibling("worker")?);
+        cmd.args(&self.args).args(["--listen", &self.listen]).env("TRAMONTANE_RESTARTS", self.restarts.to_string());
+        let lines = spawn(children, &self.name, &mut cmd, 1)?;
+        Ok(lines[0].strip_prefix("listening on ").context("the worker did not print its address")?.to_owned())
+    }
+
+    /// The wait before restart number `restarts + 1`: 1 s, doubling, at most 30 s.
+    fn backoff(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1 << self.restarts.min(5)).min(std::time::Duration::from_secs(30))
+    }
+}
+
+/// One round of supervision: notes the processes that exited, restarts the workers whose
+/// backoff has passed; an error when the coordinator exited (the cluster stops).
+fn supervise(children: &mut Children, workers: &mut Vec<Supervised>, no_restart: bool) -> anyhow::Result<()> {
+    let mut exited = Vec::new();
+    for (i, (name, c)) in children.0.iter_mut().enumerate() {
+        if let Some(status) = c.try_wait()? {
+            exited.push((i, name.clone(), status));
+        }
+    }
+    for (i, name, status) in exited.into_iter().rev() {
+        children.0.remove(i);
+        let Some(at) = workers.iter().position(|w| w.name == name) else {
+            anyhow::bail!("{name} exited ({status}); stopping the cluster");
+        };
+        if status.success() {
+            // A drained worker leaves the cluster on its own; the rest serves on.
+            eprintln!("tramctl: {name} left the cluster (drained)");
+            workers.remove(at);
+        } else if no_restart {
+            eprintln!("tramctl: {name} exited ({status}); not restarting it (--no-restart)");
+            workers.remove(at);
+        } else {
+            let w = &mut workers[at];
+            let wait = w.backoff();
+            eprintln!("tramctl: {name} exited ({status}); restarting it in {wait:?} (restart {})", w.restarts + 1);
+            w.due = Some(std::time::Instant::now() + wait);
+        }
+    }
+    for w in workers.iter_mut() {
+        if w.due.is_some_and(|due| due <= std::time::Instant::now()) {
+            w.restarts += 1;
+            match w.start(children) {
+                Ok(addr) => {
+                    w.due = None;
+                    eprintln!("tramctl: {} restarted (pid {}) on {addr}, restart {}", w.name, children.pid(&w.name), w.restarts);
+                }
+                Err(e) => {
+                    let wait = w.backoff();
+                    eprintln!("tramctl: restarting {} failed: {e:#}; trying again in {wait:?}", w.name);
+                    w.due = Some(std::time::Instant::now() + wait);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn client(addr: &str) -> anyhow::Result<pb::inference_client::InferenceClient<tonic::transport::Channel>> {
@@ -311,7 +386,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             .workers
             .iter()
             .map(|w| serde_json::json!({
-                "id": w.id, "address": w.address, "pid": w.pid, "memory_bytes": w.memory_bytes, "state": w.state, "replica": w.replica, "ranks": w.ranks,
+                "id": w.id, "address": w.address, "pid": w.pid, "restarts": w.restarts, "memory_bytes": w.memory_bytes, "state": w.state, "replica": w.replica, "ranks": w.ranks,
                 "running": w.running, "waiting": w.waiting, "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
             }))
             .collect();
@@ -330,15 +405,16 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             println!("placing  {}", cluster.no_capacity);
         }
         println!(
-            "{:<16} {:<22} {:>8} {:>10} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
-            "WORKER", "ADDRESS", "PID", "MEMORY GB", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS"
+            "{:<16} {:<22} {:>8} {:>8} {:>10} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
+            "WORKER", "ADDRESS", "PID", "RESTARTS", "MEMORY GB", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS"
         );
         for w in &cluster.workers {
             println!(
-                "{:<16} {:<22} {:>8} {:>10.2} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
+                "{:<16} {:<22} {:>8} {:>8} {:>10.2} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
                 w.id,
                 w.address,
                 w.pid,
+                w.restarts,
                 w.memory_bytes as f64 / 1e9,
                 w.state,
                 w.replica,

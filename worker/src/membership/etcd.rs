@@ -13,6 +13,24 @@ use super::{Lease, Leadership, MemberEvent, Membership, MembershipError, WorkerC
 /// Pause between attempts while etcd is unreachable or the leader key is held.
 const RETRY: Duration = Duration::from_millis(250);
 
+/// Capped exponential backoff: 250 ms, doubling, at most 5 s between attempts.
+struct Backoff(Duration);
+
+impl Backoff {
+    const CAP: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Backoff(RETRY)
+    }
+
+    /// The wait before the next attempt.
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(Self::CAP);
+        wait
+    }
+}
+
 fn store(e: etcd_client::Error) -> MembershipError {
     MembershipError::Store(e.to_string())
 }
@@ -20,6 +38,8 @@ fn store(e: etcd_client::Error) -> MembershipError {
 #[derive(Clone)]
 pub struct EtcdMembership {
     client: Client,
+    /// The endpoints, for the log lines of a process waiting for etcd.
+    endpoints: Vec<String>,
     /// `/tramontane/{cluster}/`
     prefix: String,
     ttl: Duration,
@@ -45,7 +65,7 @@ impl EtcdMembership {
         }
         let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(2));
         let client = Client::connect(endpoints, Some(options)).await.map_err(store)?;
-        Ok(EtcdMembership { client, prefix: format!("/tramontane/{cluster}/"), ttl })
+        Ok(EtcdMembership { client, endpoints: endpoints.to_vec(), prefix: format!("/tramontane/{cluster}/"), ttl })
     }
 
     fn key(&self, rel: &str) -> String {
@@ -86,6 +106,26 @@ impl EtcdMembership {
                         return Ended::Stopped;
                     }
                     _ = tokio::time::sleep(period) => {}
+                }
+            }
+        }
+    }
+
+    /// Puts `card` under a fresh lease, retrying with capped exponential backoff while etcd
+    /// is unreachable (a worker may start before etcd answers: it serves meanwhile and joins
+    /// when etcd does); `None` once `stop` is cancelled.
+    async fn put_card_until_done(&self, card: &WorkerCard, stop: &CancellationToken) -> Option<i64> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.put_card(card).await {
+                Ok(lease) => return Some(lease),
+                Err(e) => {
+                    let wait = backoff.next();
+                    tracing::warn!(worker = %card.id, endpoints = ?self.endpoints, error = %e, retry_in = ?wait, "cannot register on etcd yet");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
         }
@@ -139,26 +179,17 @@ impl EtcdMembership {
 #[tonic::async_trait]
 impl Membership for EtcdMembership {
     async fn register(&self, card: &WorkerCard) -> Result<Lease, MembershipError> {
-        let first = self.put_card(card).await?;
         let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
         let (me, card, lost2, stop2) = (self.clone(), card.clone(), lost.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut lease = first;
             loop {
+                let Some(lease) = me.put_card_until_done(&card, &stop2).await else { return };
+                tracing::info!(worker = %card.id, endpoints = ?me.endpoints, "registered on etcd");
                 if let Ended::Stopped = me.keep(lease, &stop2).await {
                     return;
                 }
                 tracing::warn!(worker = %card.id, "the registration's lease is gone; registering again");
                 lost2.cancel();
-                lease = loop {
-                    match me.put_card(&card).await {
-                        Ok(l) => break l,
-                        Err(_) => tokio::select! {
-                            _ = stop2.cancelled() => return,
-                            _ = tokio::time::sleep(RETRY) => {}
-                        },
-                    }
-                };
             }
         });
         Ok(Lease::new(lost, stop))

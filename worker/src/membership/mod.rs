@@ -48,6 +48,9 @@ pub struct WorkerCard {
     pub version: String,
     /// Process id of the worker.
     pub pid: u32,
+    /// How many times a supervisor restarted the worker after it died.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// A change of the registered workers.
