@@ -23,6 +23,7 @@ impl From<FrontendError> for Status {
             FrontendError::QueueFull(_) => Status::resource_exhausted(msg),
             FrontendError::Unavailable(_) => Status::unavailable(msg),
             FrontendError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+            FrontendError::ShuttingDown(_) => Status::unavailable(msg),
         }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use worker::{IncrementalDecoder, SamplingParams, TokenLogprobs, Tokenizer};
 
 use crate::chat::ChatTemplate;
@@ -69,6 +70,10 @@ pub enum FrontendError {
     Unavailable(String),
     #[error("the request's deadline of {0:?} passed before it finished")]
     DeadlineExceeded(std::time::Duration),
+    /// The coordinator is shutting down: it takes no new request, and one still running
+    /// when its shutdown timeout passes ends with this.
+    #[error("{0}")]
+    ShuttingDown(String),
 }
 
 /// One step's worth of a generation, for a client.
@@ -89,11 +94,43 @@ pub struct Frontend {
     pub metrics: Arc<Metrics>,
     next_id: Arc<AtomicU64>,
     running: Running,
+    /// Cancelled when shutdown starts: new requests are refused.
+    stopping: CancellationToken,
+    /// Cancelled when the shutdown timeout passes: requests still running end with an error.
+    cut: CancellationToken,
 }
 
 impl Frontend {
     pub fn new(served: Served, pool: watch::Receiver<Arc<Pool>>, metrics: Arc<Metrics>) -> Self {
-        Frontend { served: Arc::new(served), pool, metrics, next_id: Arc::new(AtomicU64::new(1)), running: Arc::default() }
+        Frontend {
+            served: Arc::new(served),
+            pool,
+            metrics,
+            next_id: Arc::new(AtomicU64::new(1)),
+            running: Arc::default(),
+            stopping: CancellationToken::new(),
+            cut: CancellationToken::new(),
+        }
+    }
+
+    /// Starts shutting down: new requests are refused from now on.
+    pub fn stop_accepting(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Whether shutdown has started (the coordinator is not ready).
+    pub fn stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    /// Ends every request still running with [`FrontendError::ShuttingDown`].
+    pub fn cut_running(&self) {
+        self.cut.cancel();
+    }
+
+    /// Requests running now.
+    pub fn in_flight(&self) -> usize {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The current placement.
@@ -106,6 +143,9 @@ impl Frontend {
     pub fn start(&self, request_id: Option<String>, raw: RawRequest, timeout: std::time::Duration) -> Result<Generation, FrontendError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let fresh_seed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id());
+        if self.stopping() {
+            return Err(FrontendError::ShuttingDown("the coordinator is shutting down: retry on another".into()));
+        }
         let valid = validate::check(raw, &self.served.tokenizer, &self.served.limits, fresh_seed)
             .map_err(FrontendError::InvalidArgument)?;
         if let Some(reason) = &self.pool().no_capacity {
@@ -239,11 +279,33 @@ impl Generation {
             return None;
         }
         let deadline = tokio::time::Instant::from_std(self.arrived + self.timeout);
-        let chunk = loop {
+        let cut = self.frontend.cut.clone();
+        let chunk = tokio::select! {
+            biased;
+            _ = cut.cancelled() => Err(FrontendError::ShuttingDown(format!(
+                "the coordinator shut down before the request finished ({} tokens generated)",
+                self.generated.len()
+            ))),
+            chunk = self.next_chunk(deadline) => chunk,
+        };
+        self.outcome = match &chunk {
+            Err(FrontendError::DeadlineExceeded(_)) => Some(Outcome::Aborted),
+            Err(_) => Some(Outcome::Failed),
+            Ok(Chunk::Token { finish: Some(Finish::Length), .. }) => Some(Outcome::Length),
+            Ok(Chunk::Token { finish: Some(Finish::Stop), .. }) => Some(Outcome::Stop),
+            Ok(Chunk::Token { finish: Some(Finish::Abort), .. }) => Some(Outcome::Aborted),
+            Ok(_) => None,
+        };
+        Some(chunk)
+    }
+
+    /// The next chunk from the replica, moving the request when the replica goes away.
+    async fn next_chunk(&mut self, deadline: tokio::time::Instant) -> Result<Chunk, FrontendError> {
+        loop {
             let event = match self.events.as_mut() {
                 None => None,
                 Some(events) => match tokio::time::timeout_at(deadline, events.recv()).await {
-                    Err(_) => break Err(FrontendError::DeadlineExceeded(self.timeout)),
+                    Err(_) => return Err(FrontendError::DeadlineExceeded(self.timeout)),
                     Ok(event) => event,
                 },
             };
@@ -255,24 +317,13 @@ impl Generation {
                         tracing::info!(request = %self.request_id, generated = self.generated.len(), %why, "moving the request");
                     }
                     self.events = None;
-                    if let Err(e) = self.resubmit(deadline).await {
-                        break Err(e);
-                    }
+                    self.resubmit(deadline).await?;
                 }
-                Some(ReplicaEvent::PromptLogprobs(lps)) => break Ok(Chunk::PromptLogprobs(lps)),
-                Some(ReplicaEvent::Token(token, finish)) => break Ok(self.token(token, finish)),
-                Some(ReplicaEvent::Rejected(m)) => break Err(FrontendError::QueueFull(m)),
+                Some(ReplicaEvent::PromptLogprobs(lps)) => return Ok(Chunk::PromptLogprobs(lps)),
+                Some(ReplicaEvent::Token(token, finish)) => return Ok(self.token(token, finish)),
+                Some(ReplicaEvent::Rejected(m)) => return Err(FrontendError::QueueFull(m)),
             }
-        };
-        self.outcome = match &chunk {
-            Err(FrontendError::DeadlineExceeded(_)) => Some(Outcome::Aborted),
-            Err(_) => Some(Outcome::Failed),
-            Ok(Chunk::Token { finish: Some(Finish::Length), .. }) => Some(Outcome::Length),
-            Ok(Chunk::Token { finish: Some(Finish::Stop), .. }) => Some(Outcome::Stop),
-            Ok(Chunk::Token { finish: Some(Finish::Abort), .. }) => Some(Outcome::Aborted),
-            Ok(_) => None,
-        };
-        Some(chunk)
+        }
     }
 
     fn token(&mut self, token: TokenLogprobs, finish: Option<Finish>) -> Chunk {

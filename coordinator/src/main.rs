@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use coordinator::server::{ServeConfig, prepare, serve};
+use coordinator::server::{ServeConfig, Timeouts, prepare, serve};
 
 /// Command-line configuration of the coordinator.
 #[derive(Debug, Parser)]
@@ -69,6 +69,10 @@ struct Args {
     /// Seconds a request may take when it sets no deadline (gRPC `grpc-timeout`).
     #[arg(long, env = "TRAMONTANE_REQUEST_TIMEOUT", default_value_t = 600)]
     request_timeout_secs: u64,
+    /// On SIGTERM or Ctrl-C: seconds the requests in flight may take to finish (new ones are
+    /// refused with 503 / UNAVAILABLE meanwhile); any still running then ends with an error.
+    #[arg(long, env = "TRAMONTANE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    shutdown_timeout: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         tracing::info!(grpc = %addr, http = %http_addr, "coordinator serving");
         let shutdown = worker::serving::shutdown_on_signal();
-        serve(listener, http, prepared, cfg.request_timeout, shutdown).await
+        let timeouts = Timeouts { request: cfg.request_timeout, shutdown: std::time::Duration::from_secs(args.shutdown_timeout) };
+        serve(listener, http, prepared, timeouts, shutdown).await
     })
 }

@@ -53,6 +53,7 @@ impl From<FrontendError> for ApiError {
             FrontendError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             FrontendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             FrontendError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            FrontendError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }
@@ -72,6 +73,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let kind = if self.0 == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
         let body = json!({"error": {"message": self.1, "type": kind, "code": self.0.as_u16()}});
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            // Load balancers and clients try again (elsewhere) after a second.
+            return (self.0, [(axum::http::header::RETRY_AFTER, "1")], Json(body)).into_response();
+        }
         (self.0, Json(body)).into_response()
     }
 }
@@ -404,7 +409,7 @@ async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
 }
 
 async fn health(State(Api { frontend, .. }): State<Api>) -> StatusCode {
-    if frontend.pool().replicas.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
+    if frontend.stopping() || frontend.pool().replicas.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
 }
 
 #[cfg(test)]

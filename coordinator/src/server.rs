@@ -177,16 +177,30 @@ async fn first_health(id: &str, address: &str, deadline: tokio::time::Instant) -
     }
 }
 
+/// How long requests may take: each (when it sets no deadline), and all those in flight
+/// once shutdown starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub request: Duration,
+    pub shutdown: Duration,
+}
+
 /// Serves the gRPC API on `grpc` and the OpenAI HTTP API on `http` until `shutdown` is
-/// cancelled.
+/// cancelled, then shuts down gracefully: not ready at once (HTTP `/health` 503, gRPC health
+/// NOT_SERVING), new requests refused (503 with Retry-After / UNAVAILABLE) while the listeners
+/// stay open, the requests in flight finish within `timeouts.shutdown`, and any still running
+/// then ends with an explicit error (an SSE error event and `[DONE]`; gRPC UNAVAILABLE).
 pub async fn serve(
     grpc: tokio::net::TcpListener,
     http: tokio::net::TcpListener,
     prepared: Prepared,
-    request_timeout: Duration,
+    timeouts: Timeouts,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let request_timeout = timeouts.request;
     let Prepared { frontend, control } = prepared;
+    // The servers close only once the requests in flight have ended.
+    let closed = CancellationToken::new();
     let incoming = worker::serving::nodelay_incoming(grpc);
     // Standard grpc.health.v1: SERVING once the model is loaded on every worker (it is, by
     // the time `serve` runs), for the whole server and for the Inference service.
@@ -200,15 +214,51 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(InferenceServer::new(InferenceService::new(frontend.clone(), request_timeout)))
         .add_service(proto::tramontane::v1::admin_server::AdminServer::new(AdminService::new(frontend.clone(), control)))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming, closed.clone().cancelled_owned());
     let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let http_server = axum::serve(http, crate::openai::router(frontend, request_timeout)).with_graceful_shutdown(shutdown.cancelled_owned());
-    let (g, h) = tokio::join!(grpc_server, http_server);
-    g?;
-    h?;
+    let http_server = axum::serve(http, crate::openai::router(frontend.clone(), request_timeout)).with_graceful_shutdown(closed.clone().cancelled_owned());
+    let drain = async {
+        shutdown.cancelled().await;
+        frontend.stop_accepting();
+        health.set_not_serving::<InferenceServer<InferenceService>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        let started = tokio::time::Instant::now();
+        tracing::info!(in_flight = frontend.in_flight(), timeout = ?timeouts.shutdown, "shutting down: refusing new requests, finishing those in flight");
+        if tokio::time::timeout(timeouts.shutdown, until_idle(&frontend)).await.is_err() {
+            tracing::warn!(in_flight = frontend.in_flight(), "the shutdown timeout passed: ending the requests still running with an error");
+            frontend.cut_running();
+            // Their streams end at once with the error; give them a moment to be written.
+            let _ = tokio::time::timeout(Duration::from_secs(5), until_idle(&frontend)).await;
+        }
+        tracing::info!(took = ?started.elapsed(), "every request ended; closing");
+        closed.cancel();
+    };
+    // Both servers wait for their connections to close; clients may keep idle ones open, so
+    // once every request has ended they get a moment, then the process goes on without them.
+    let drained_then_grace = async {
+        drain.await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::select! {
+        (g, h) = async { tokio::join!(grpc_server, http_server) } => {
+            g?;
+            h?;
+        }
+        () = drained_then_grace => tracing::info!("clients keep idle connections open; closing them"),
+    }
     Ok(())
+}
+
+/// How long the servers may wait for clients' idle connections once every request ended.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Returns once no request runs.
+async fn until_idle(frontend: &Frontend) {
+    while frontend.in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -307,3 +307,32 @@ pub mod load {
         c.clone().model_info(pb::ModelInfoRequest {}).await.map_or(0, |i| i.into_inner().replicas)
     }
 }
+
+/// Workers and coordinators on an etcd, with short leases.
+pub mod cluster {
+    use crate::{Etcd, Server, fixture};
+
+    /// Seconds a registration or leadership outlives its holder.
+    pub const TTL_SECS: &str = "2";
+
+    pub fn worker(etcd: &Etcd) -> Server {
+        let url = etcd.url();
+        Server::start("worker", &["serve", "--listen", "127.0.0.1:0", "--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS])
+    }
+
+    /// A coordinator of the tiny Mistral fixture (128 KV blocks, 4 sequences a step), once
+    /// both its APIs listen; `.addr` is the gRPC one, the returned string the HTTP one.
+    pub fn coordinator_with_http(etcd: &Etcd, extra: &[&str]) -> (Server, String) {
+        let (url, model) = (etcd.url(), fixture("mistral-v1-tiny").display().to_string());
+        let mut args = vec!["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model];
+        args.extend(["--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS, "--kv-blocks", "128", "--max-num-seqs", "4"]);
+        args.extend(extra);
+        let mut c = Server::start("coordinator", &args);
+        let http = c.next_line().strip_prefix("http listening on ").expect("the HTTP address").to_owned();
+        (c, http)
+    }
+
+    pub fn coordinator(etcd: &Etcd, extra: &[&str]) -> Server {
+        coordinator_with_http(etcd, extra).0
+    }
+}

@@ -11,30 +11,15 @@ use pb::inference_client::InferenceClient;
 use proto::tramontane::v1 as pb;
 use tests::client::{inference, status, stream_ids, wait_for};
 use tests::load::{self, Streams, all_complete, prompts, replicas};
-use tests::{Etcd, Server, fixture};
+use tests::Etcd;
+use tests::cluster::{TTL_SECS, coordinator, worker};
 use tonic::transport::Channel;
 
 /// The cases share two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const TTL_SECS: &str = "2";
 const MAX_TOKENS: u32 = 120;
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn worker(etcd: &Etcd) -> Server {
-    let url = etcd.url();
-    Server::start("worker", &["serve", "--listen", "127.0.0.1:0", "--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS])
-}
-
-fn coordinator(etcd: &Etcd, extra: &[&str]) -> Server {
-    let (url, model) = (etcd.url(), fixture("mistral-v1-tiny").display().to_string());
-    let mut args = vec!["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model];
-    args.extend(["--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS, "--kv-blocks", "128", "--max-num-seqs", "4"]);
-    args.extend(extra);
-    let mut c = Server::start("coordinator", &args);
-    assert!(c.next_line().starts_with("http listening on "));
-    c
-}
 
 fn streams(c: &InferenceClient<Channel>) -> Streams {
     load::streams(c, MAX_TOKENS)

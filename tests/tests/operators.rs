@@ -2,12 +2,17 @@
 //! worker and coordinator processes) started before etcd answers, and supervising its
 //! workers: a worker killed with `kill -9` under 16 streams of 300 tokens is started again,
 //! with etcd and without, while its requests move and complete with the tokens they produce
-//! undisturbed. Each case prints its detection and recovery times.
+//! undisturbed. And SIGTERM to a coordinator under load: it refuses new requests at once
+//! (UNAVAILABLE, 503 with Retry-After) and finishes those in flight, or ends them with an
+//! explicit error when its shutdown timeout passes, never silently. Each case prints its
+//! detection and recovery times.
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use tests::client::{inference, status, wait_for};
-use tests::load::{all_complete, replicas, solo, streams};
+use tests::client::{inference, status, stream_ids, wait_for};
+use tests::cluster::{coordinator, coordinator_with_http, worker};
+use tests::load::{all_complete, prompts, replicas, solo, streams};
 use tests::{Etcd, Server};
 
 /// The cases share two cores: one at a time.
@@ -91,4 +96,119 @@ async fn tramctl_up_with_etcd_restarts_a_killed_worker() {
 async fn tramctl_up_without_etcd_restarts_a_killed_worker() {
     let _one = SERIAL.lock().await;
     a_killed_worker_is_restarted(&[], "tramctl up").await;
+}
+
+fn sigterm(server: &Server) {
+    assert!(std::process::Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill runs").success());
+}
+
+/// A raw HTTP/1.1 exchange with `addr` (the response, head and body, until the server closes).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connects");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("writes");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[tokio::test]
+async fn sigterm_to_the_leader_finishes_its_streams_and_the_standby_takes_over() {
+    let _one = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let (_w1, _w2) = (worker(&etcd), worker(&etcd));
+    let (mut leader, http_addr) = coordinator_with_http(&etcd, &[]);
+    let c = inference(leader.url()).await;
+    wait_for("two replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
+    let standby = coordinator(&etcd, &[]);
+    let solo = solo(&c, MAX_TOKENS).await;
+
+    let running = streams(&c, MAX_TOKENS);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&leader);
+    let signalled = Instant::now();
+    // Not ready at once, and new requests are refused with a status clients retry on.
+    let refused = wait_for("the leader to report not ready", LIMIT, || {
+        let health = http(&http_addr, "GET", "/health", "");
+        async move { health.starts_with("HTTP/1.1 503") }
+    })
+    .await;
+    let body = r#"{"model": "mistral-v1-tiny", "prompt": "hello", "max_tokens": 4}"#;
+    let refused_http = http(&http_addr, "POST", "/v1/completions", body);
+    assert!(refused_http.starts_with("HTTP/1.1 503") && refused_http.to_ascii_lowercase().contains("retry-after: 1"), "a new completion while shutting down: {refused_http}");
+    let mut c3 = c.clone();
+    let refused_grpc = stream_ids(&mut c3, &[1, 2, 3], 4).await;
+    assert!(matches!(&refused_grpc, Err(s) if s.code() == tonic::Code::Unavailable), "a new gRPC request while shutting down: {refused_grpc:?}");
+    assert!(running.iter().any(|s| !s.is_finished()), "the signal came under load");
+    // Every stream in flight finishes, token-exact: none is cut.
+    all_complete(running, &solo).await;
+    let finished = signalled.elapsed();
+    let exit = leader.child.wait().expect("the leader exits");
+    assert!(exit.success(), "the leader exits cleanly: {exit}");
+    let c2 = inference(standby.url()).await;
+    let took = wait_for("the standby to serve", LIMIT, || async { replicas(&c2).await == 2 }).await;
+    all_complete(streams(&c2, MAX_TOKENS), &solo).await;
+    eprintln!(
+        "SIGTERM to the leader under 16 × {MAX_TOKENS} tokens: new requests refused {refused:?} after the signal, all 16 in flight finished \
+         {finished:?} after it (0 cut), exit 0; the standby serves {took:?} after the leader exited"
+    );
+}
+
+#[tokio::test]
+async fn at_the_shutdown_timeout_every_stream_ends_with_an_explicit_error() {
+    let _one = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let _w = worker(&etcd);
+    let (coord, http_addr) = coordinator_with_http(&etcd, &["--shutdown-timeout", "0"]);
+    let c = inference(coord.url()).await;
+    wait_for("a replica", LIMIT, || async { replicas(&c).await == 1 }).await;
+    let running = streams(&c, MAX_TOKENS);
+    let sse = std::thread::spawn(move || {
+        let body = r#"{"model": "mistral-v1-tiny", "prompt": "The tramontane", "max_tokens": 300, "stream": true}"#;
+        http(&http_addr, "POST", "/v1/completions", body)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&coord);
+    let (mut finished, mut ended_with_error) = (0, 0);
+    for (i, s) in running.into_iter().enumerate() {
+        match s.await.expect("joins") {
+            Ok(ids) => {
+                assert_eq!(ids.len(), MAX_TOKENS as usize, "request {i} ended early without an error: a silent cut");
+                finished += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "request {i}: {status:?}");
+                assert!(status.message().contains("shut down"), "request {i}: {status:?}");
+                ended_with_error += 1;
+            }
+        }
+    }
+    let sse = sse.join().expect("the SSE client");
+    let events: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "the SSE stream ends with [DONE]: {sse}");
+    let last = serde_json::from_str::<serde_json::Value>(events[events.len() - 2]).expect("JSON");
+    let ended = last["error"]["message"].as_str().is_some_and(|m| m.contains("shut down")) || last["choices"][0]["finish_reason"].is_string();
+    assert!(ended, "the SSE stream's last event is an error or a finish reason, not a silent cut: {last}");
+    assert!(ended_with_error > 0, "the signal came while streams ran");
+    assert_eq!(prompts().len(), finished + ended_with_error);
+    eprintln!("SIGTERM with --shutdown-timeout 0 under 16 streams: {finished} finished, {ended_with_error} ended with UNAVAILABLE, 0 silent; the SSE stream ended with an error event and [DONE]");
+}
+
+#[tokio::test]
+async fn sigterm_to_tramctl_up_drains_before_it_stops() {
+    let _one = SERIAL.lock().await;
+    let mut up = tramctl_up(&["--workers", "2"]);
+    let c = inference(up.url()).await;
+    wait_for("two replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
+    let solo = solo(&c, MAX_TOKENS).await;
+    let running = streams(&c, MAX_TOKENS);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&up);
+    let signalled = Instant::now();
+    assert!(running.iter().any(|s| !s.is_finished()), "the signal came under load");
+    all_complete(running, &solo).await;
+    let finished = signalled.elapsed();
+    let exit = tokio::task::spawn_blocking(move || up.child.wait()).await.expect("joins").expect("tramctl exits");
+    assert!(exit.success(), "tramctl up exits cleanly on SIGTERM: {exit}");
+    eprintln!("SIGTERM to tramctl up under 16 × {MAX_TOKENS} tokens: all 16 finished {finished:?} after it (0 cut), the cluster stopped {:?} after it", signalled.elapsed());
 }

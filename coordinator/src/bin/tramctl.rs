@@ -153,7 +153,7 @@ async fn drain(a: DrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Children killed (and reaped) when dropped.
+/// Children stopped (and reaped) when dropped.
 struct Children(Vec<(String, Child)>);
 
 impl Children {
@@ -163,13 +163,25 @@ impl Children {
     }
 }
 
+/// Stops the cluster the way it drains: the coordinator first (SIGTERM: it refuses new
+/// requests and finishes those in flight within its shutdown timeout, 30 s by default), then
+/// the workers; whatever has not exited within its grace is killed.
 impl Drop for Children {
     fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-        }
-        for (_, c) in &mut self.0 {
-            let _ = c.wait();
+        let (coordinator, workers): (Vec<_>, Vec<_>) = self.0.iter_mut().partition(|(name, _)| name == "coordinator");
+        for group in [coordinator, workers] {
+            let grace = std::time::Duration::from_secs(if group.iter().any(|(n, _)| n == "coordinator") { 35 } else { 5 });
+            for (_, c) in &group {
+                let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            }
+            let deadline = std::time::Instant::now() + grace;
+            for (_, c) in group {
+                while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }
@@ -186,7 +198,10 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 
 /// Spawns a server process and returns the lines it printed before serving.
 fn spawn(children: &mut Children, name: &str, cmd: &mut Command, lines: usize) -> anyhow::Result<Vec<String>> {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().with_context(|| format!("starting {name}"))?;
+    // A process group of its own: Ctrl-C in the terminal reaches tramctl alone, which then
+    // stops the children in order (the coordinator drains before the workers go).
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd.process_group(0).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().with_context(|| format!("starting {name}"))?;
     let mut out = BufReader::new(child.stdout.take().context("stdout")?);
     children.0.push((name.to_owned(), child));
     let mut got = Vec::new();
