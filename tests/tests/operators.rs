@@ -212,3 +212,31 @@ async fn sigterm_to_tramctl_up_drains_before_it_stops() {
     assert!(exit.success(), "tramctl up exits cleanly on SIGTERM: {exit}");
     eprintln!("SIGTERM to tramctl up under 16 × {MAX_TOKENS} tokens: all 16 finished {finished:?} after it (0 cut), the cluster stopped {:?} after it", signalled.elapsed());
 }
+
+#[tokio::test]
+async fn sigterm_to_a_worker_moves_its_sequences_and_it_exits_0() {
+    let _one = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let (mut w1, _w2) = (worker(&etcd), worker(&etcd));
+    let coord = coordinator(&etcd, &[]);
+    let url = coord.url();
+    let c = inference(url.clone()).await;
+    wait_for("two replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
+    let solo = solo(&c, MAX_TOKENS).await;
+    let running = streams(&c, MAX_TOKENS);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&w1);
+    let signalled = Instant::now();
+    assert!(running.iter().any(|s| !s.is_finished()), "the signal came under load");
+    all_complete(running, &solo).await;
+    let finished = signalled.elapsed();
+    let exit = tokio::task::spawn_blocking(move || w1.child.wait()).await.expect("joins").expect("the worker exits");
+    assert!(exit.success(), "the worker exits 0 on SIGTERM: {exit}");
+    let exited = signalled.elapsed();
+    let gone = wait_for("its card to leave", LIMIT, || async { status(url.clone()).await.workers.len() == 1 }).await;
+    eprintln!(
+        "SIGTERM to 1 of 2 workers under 16 × {MAX_TOKENS} tokens: all 16 complete {finished:?} after it (0 lost), the worker exited 0 \
+         {exited:?} after it, its card left {:?} after it",
+        signalled.elapsed().max(gone)
+    );
+}

@@ -492,10 +492,19 @@ pub async fn serve(
         shutdown
     };
     let incoming = crate::serving::nodelay_incoming(listener);
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    // A graceful close waits for the coordinator to drop its connection; it gets a moment
+    // (its steps already fail, so it is moving this worker's sequences), then the worker exits.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = grace => tracing::info!("the coordinator keeps its connection open; closing it"),
+    }
     Ok(())
 }
 
