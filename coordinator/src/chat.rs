@@ -14,7 +14,11 @@ pub struct Message {
 }
 
 pub enum ChatTemplate {
-    Jinja { env: Box<Environment<'static>>, bos_token: String, eos_token: String },
+    Jinja {
+        env: Box<Environment<'static>>,
+        bos_token: String,
+        eos_token: String,
+    },
     /// `<s>[INST] user [/INST] assistant</s>[INST] user [/INST]`.
     MistralInstruct,
 }

@@ -413,15 +413,8 @@ impl Controller {
             return Err((failed, message));
         }
         self.next_replica += 1;
-        let handle = ReplicaHandle::spawn(
-            self.next_replica,
-            clients,
-            requests,
-            plan.layout.driver(),
-            self.cfg.sched,
-            self.metrics.clone(),
-            self.down_tx.clone(),
-        );
+        let handle =
+            ReplicaHandle::spawn(self.next_replica, clients, requests, plan.layout.driver(), self.cfg.sched, self.metrics.clone(), self.down_tx.clone());
         tracing::info!(workers = ?plan.workers, layout = ?plan.layout, epoch = self.epoch, "replica serving");
         Ok(LiveReplica { handle, plan: plan.clone(), addresses })
     }
@@ -521,9 +514,11 @@ impl Controller {
             .cards
             .values()
             .map(|card| {
-                let placement = self.live.iter().enumerate().find_map(|(i, r)| {
-                    r.plan.workers.iter().position(|w| *w == card.id).map(|rank| (i, rank, r.plan.layout.clone()))
-                });
+                let placement = self
+                    .live
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, r)| r.plan.workers.iter().position(|w| *w == card.id).map(|rank| (i, rank, r.plan.layout.clone())));
                 let state = if self.draining.contains_key(&card.id) {
                     "draining"
                 } else if self.suspects.contains(&card.id) {
@@ -541,9 +536,7 @@ impl Controller {
 }
 
 async fn connect(addr: &str) -> Result<WorkerClient, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(2));
     let channel = endpoint.connect().await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
     Ok(WorkerClient::new(channel).max_decoding_message_size(64 << 20))
 }

@@ -146,8 +146,7 @@ impl Frontend {
         if self.stopping() {
             return Err(FrontendError::ShuttingDown("the coordinator is shutting down: retry on another".into()));
         }
-        let valid = validate::check(raw, &self.served.tokenizer, &self.served.limits, fresh_seed)
-            .map_err(FrontendError::InvalidArgument)?;
+        let valid = validate::check(raw, &self.served.tokenizer, &self.served.limits, fresh_seed).map_err(FrontendError::InvalidArgument)?;
         if let Some(reason) = &self.pool().no_capacity {
             return Err(FrontendError::Unavailable(reason.clone()));
         }

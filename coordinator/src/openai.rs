@@ -400,7 +400,9 @@ async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Re
 
 async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
     let s = &frontend.served;
-    Json(json!({"object": "list", "data": [{"id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context}]}))
+    Json(
+        json!({"object": "list", "data": [{"id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context}]}),
+    )
 }
 
 async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {

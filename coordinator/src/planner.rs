@@ -89,13 +89,7 @@ fn layouts_of(world: usize, want: &Layout) -> Vec<Layout> {
 
 /// Plans replicas over `workers` (live, not draining). Err says why no replica fits, with
 /// the arithmetic and what would fit.
-pub fn plan(
-    config: &ModelConfig,
-    want: &Layout,
-    sizing: &Sizing,
-    workers: &[WorkerCard],
-    current: &[ReplicaPlan],
-) -> Result<Vec<ReplicaPlan>, String> {
+pub fn plan(config: &ModelConfig, want: &Layout, sizing: &Sizing, workers: &[WorkerCard], current: &[ReplicaPlan]) -> Result<Vec<ReplicaPlan>, String> {
     let replicas = place(config, want, sizing, workers, current);
     if replicas.is_empty() {
         return Err(match workers.len() {
@@ -374,7 +368,12 @@ mod tests {
         let err = plan(&c, &tp(1), &s, &[card("worker-0", memory)], &[]).unwrap_err();
         let expected = format!(
             "no replica fits: each rank of tp 1 × ep 1 × pp 1 needs {} of weights (bf16 as stored) + {} KV cache (1024 blocks × 16 tokens, f32) = {}, but worker-0 has {}; would fit: --quantization int8 ({} + {}) or 2 workers with --tp 2 or --pp 2",
-            gb(w), gb(kv), gb(w + kv), gb(memory), gb(w8), gb(kv8)
+            gb(w),
+            gb(kv),
+            gb(w + kv),
+            gb(memory),
+            gb(w8),
+            gb(kv8)
         );
         assert_eq!(err, expected);
         // Every suggestion fits, as the planner sees it.

@@ -256,11 +256,7 @@ impl ReplicaTask {
         match self.step_all_ranks(request).await {
             Ok(response) => {
                 let compute_micros = response.compute_micros;
-                let results = response
-                    .results
-                    .into_iter()
-                    .map(|r| (r.sampled.map(from_pb), r.prompt_logprobs.into_iter().map(from_pb).collect()))
-                    .collect();
+                let results = response.results.into_iter().map(|r| (r.sampled.map(from_pb), r.prompt_logprobs.into_iter().map(from_pb).collect())).collect();
                 for event in self.scheduler.complete(&plan, results) {
                     self.deliver(event);
                 }

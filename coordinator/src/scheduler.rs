@@ -178,9 +178,10 @@ impl Scheduler {
                 break;
             }
             if !plan.iter().any(|p| p.id == s.req.id)
-                && let Some(p) = Self::plan_chunk(&mut self.alloc, s, &mut budget, plan.is_empty()) {
-                    plan.push(p);
-                }
+                && let Some(p) = Self::plan_chunk(&mut self.alloc, s, &mut budget, plan.is_empty())
+            {
+                plan.push(p);
+            }
         }
         // 3. Admit waiting requests while sequences, budget and blocks allow.
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
@@ -325,11 +326,7 @@ mod tests {
         let plan = s.schedule().unwrap();
         assert_eq!(plan.iter().map(|p| (p.id, p.tokens.len())).collect::<Vec<_>>(), vec![(1, 1), (2, 5)]);
         let events = run(&mut s, &plan);
-        assert!(events.contains(&Event::Token {
-            id: 2,
-            token: TokenLogprobs { token: 35, logprob: -1.0, top: vec![] },
-            finished: Some(Finish::Length)
-        }));
+        assert!(events.contains(&Event::Token { id: 2, token: TokenLogprobs { token: 35, logprob: -1.0, top: vec![] }, finished: Some(Finish::Length) }));
         assert_eq!(s.num_running(), 1, "request 2 left after its only token");
     }
 

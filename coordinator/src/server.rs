@@ -9,7 +9,7 @@ use anyhow::Context;
 use proto::tramontane::v1::inference_server::InferenceServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use worker::membership::{EtcdMembership, MemoryMembership, Membership, WorkerCard};
+use worker::membership::{EtcdMembership, Membership, MemoryMembership, WorkerCard};
 use worker::parallel::Layout;
 use worker::{ModelConfig, Tokenizer};
 
@@ -141,11 +141,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         architecture: config.architecture.hf_name().to_owned(),
         tokenizer,
         chat_template: ChatTemplate::load(&cfg.model).map_err(anyhow::Error::msg)?,
-        limits: ModelLimits {
-            vocab_size: config.vocab_size,
-            max_context: config.max_position_embeddings,
-            eos_token_ids: config.eos_token_ids.clone(),
-        },
+        limits: ModelLimits { vocab_size: config.vocab_size, max_context: config.max_position_embeddings, eos_token_ids: config.eos_token_ids.clone() },
     };
     Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics), control })
 }

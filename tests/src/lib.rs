@@ -111,18 +111,19 @@ pub fn etcd_binary() -> PathBuf {
     FOUND
         .get_or_init(|| {
             let which = || {
-                Command::new("sh").args(["-c", "command -v etcd"]).output().ok().filter(|o| o.status.success()).map(|o| {
-                    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
-                })
+                Command::new("sh")
+                    .args(["-c", "command -v etcd"])
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
             };
             if let Some(p) = which() {
                 return p;
             }
             let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
             let sudo = if root { "" } else { "sudo -n " };
-            let script = format!(
-                "{sudo}apt-get update -qq && DEBIAN_FRONTEND=noninteractive {sudo}apt-get install -y -qq --no-install-recommends etcd-server"
-            );
+            let script = format!("{sudo}apt-get update -qq && DEBIAN_FRONTEND=noninteractive {sudo}apt-get install -y -qq --no-install-recommends etcd-server");
             let _ = Command::new("sh").args(["-c", &script]).status();
             which().expect("etcd is not installed and could not be installed: install Debian's etcd-server")
         })
@@ -208,8 +209,8 @@ impl Drop for Etcd {
 
 /// Client-side helpers over the coordinator's gRPC API.
 pub mod client {
-    use proto::tramontane::v1 as pb;
     use pb::inference_client::InferenceClient;
+    use proto::tramontane::v1 as pb;
     use tonic::transport::Channel;
 
     pub async fn inference(url: String) -> InferenceClient<Channel> {

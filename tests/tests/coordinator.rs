@@ -2,8 +2,8 @@
 //! gRPC API: streamed greedy generations equal the transformers reference, concurrent
 //! streams equal their solo runs, aborting frees KV blocks, bad input is refused.
 
-use proto::tramontane::v1 as pb;
 use pb::inference_client::InferenceClient;
+use proto::tramontane::v1 as pb;
 use tests::{Server, fixture};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -30,8 +30,18 @@ fn start_with(model: &str, workers: usize, extra: &[&str]) -> Cluster {
     let mut coordinator = Server::start(
         "coordinator",
         &[
-            "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model, "--worker", &addrs.join(","),
-            "--kv-blocks", "64", "--max-batch-tokens", "16",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+            "--worker",
+            &addrs.join(","),
+            "--kv-blocks",
+            "64",
+            "--max-batch-tokens",
+            "16",
         ]
         .into_iter()
         .chain(extra.iter().copied())

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use pb::inference_client::InferenceClient;
 use proto::tramontane::v1 as pb;
-use tests::client::{inference, status, stream_ids, wait_for};
-use tests::load::{self, Streams, all_complete, prompts, replicas};
 use tests::Etcd;
+use tests::client::{inference, status, stream_ids, wait_for};
 use tests::cluster::{TTL_SECS, coordinator, worker};
+use tests::load::{self, Streams, all_complete, prompts, replicas};
 use tonic::transport::Channel;
 
 /// The cases share two cores: one at a time.
@@ -189,5 +189,8 @@ async fn a_standby_coordinator_takes_over() {
     let took = wait_for("the standby to serve", LIMIT, || async { replicas(&c2).await == 1 }).await;
     assert!(status(standby.url()).await.epoch > epoch, "the new leader fences the old epoch");
     all_complete(streams(&c2), &solo).await;
-    eprintln!("leader killed: the standby serves after {took:?} (leader lease TTL {TTL_SECS} s), all 16 requests on it complete {:?} after the kill", killed.elapsed());
+    eprintln!(
+        "leader killed: the standby serves after {took:?} (leader lease TTL {TTL_SECS} s), all 16 requests on it complete {:?} after the kill",
+        killed.elapsed()
+    );
 }

@@ -49,7 +49,9 @@ async fn tramctl_up_started_before_etcd_serves_once_etcd_answers() {
     let (after_etcd, after_up) = (etcd_started.elapsed(), started.elapsed());
     let solo = solo(&c, MAX_TOKENS).await;
     all_complete(streams(&c, MAX_TOKENS), &solo).await;
-    eprintln!("tramctl up before etcd: 2 replicas serving {after_etcd:?} after etcd was started ({after_up:?} after tramctl up); 16 × {MAX_TOKENS} tokens complete");
+    eprintln!(
+        "tramctl up before etcd: 2 replicas serving {after_etcd:?} after etcd was started ({after_up:?} after tramctl up); 16 × {MAX_TOKENS} tokens complete"
+    );
 }
 
 /// Three single-worker replicas under `tramctl up` (with `membership` arguments); one worker
@@ -106,7 +108,8 @@ fn sigterm(server: &Server) {
 fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).expect("connects");
     s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("writes");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+        .expect("writes");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -135,7 +138,10 @@ async fn sigterm_to_the_leader_finishes_its_streams_and_the_standby_takes_over()
     .await;
     let body = r#"{"model": "mistral-v1-tiny", "prompt": "hello", "max_tokens": 4}"#;
     let refused_http = http(&http_addr, "POST", "/v1/completions", body);
-    assert!(refused_http.starts_with("HTTP/1.1 503") && refused_http.to_ascii_lowercase().contains("retry-after: 1"), "a new completion while shutting down: {refused_http}");
+    assert!(
+        refused_http.starts_with("HTTP/1.1 503") && refused_http.to_ascii_lowercase().contains("retry-after: 1"),
+        "a new completion while shutting down: {refused_http}"
+    );
     let mut c3 = c.clone();
     let refused_grpc = stream_ids(&mut c3, &[1, 2, 3], 4).await;
     assert!(matches!(&refused_grpc, Err(s) if s.code() == tonic::Code::Unavailable), "a new gRPC request while shutting down: {refused_grpc:?}");
@@ -191,7 +197,9 @@ async fn at_the_shutdown_timeout_every_stream_ends_with_an_explicit_error() {
     assert!(ended, "the SSE stream's last event is an error or a finish reason, not a silent cut: {last}");
     assert!(ended_with_error > 0, "the signal came while streams ran");
     assert_eq!(prompts().len(), finished + ended_with_error);
-    eprintln!("SIGTERM with --shutdown-timeout 0 under 16 streams: {finished} finished, {ended_with_error} ended with UNAVAILABLE, 0 silent; the SSE stream ended with an error event and [DONE]");
+    eprintln!(
+        "SIGTERM with --shutdown-timeout 0 under 16 streams: {finished} finished, {ended_with_error} ended with UNAVAILABLE, 0 silent; the SSE stream ended with an error event and [DONE]"
+    );
 }
 
 #[tokio::test]
@@ -210,7 +218,10 @@ async fn sigterm_to_tramctl_up_drains_before_it_stops() {
     let finished = signalled.elapsed();
     let exit = tokio::task::spawn_blocking(move || up.child.wait()).await.expect("joins").expect("tramctl exits");
     assert!(exit.success(), "tramctl up exits cleanly on SIGTERM: {exit}");
-    eprintln!("SIGTERM to tramctl up under 16 × {MAX_TOKENS} tokens: all 16 finished {finished:?} after it (0 cut), the cluster stopped {:?} after it", signalled.elapsed());
+    eprintln!(
+        "SIGTERM to tramctl up under 16 × {MAX_TOKENS} tokens: all 16 finished {finished:?} after it (0 cut), the cluster stopped {:?} after it",
+        signalled.elapsed()
+    );
 }
 
 #[tokio::test]

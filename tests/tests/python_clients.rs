@@ -7,7 +7,6 @@ use std::process::Command;
 
 use tests::{Server, fixture, repo_root, target_dir};
 
-
 fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed: {status}");

@@ -39,7 +39,15 @@ fn expected_refusal(model: &Path, workers: usize) -> String {
     let config = ModelConfig::from_file(&model.join("config.json")).expect("config");
     let sizing = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, dummy: true, kv_blocks: 1024, block_size: 16 };
     let cards: Vec<WorkerCard> = (0..workers)
-        .map(|i| WorkerCard { id: format!("worker-{i}"), address: String::new(), device: "cpu".into(), memory_bytes: MEMORY, version: String::new(), pid: 0, restarts: 0 })
+        .map(|i| WorkerCard {
+            id: format!("worker-{i}"),
+            address: String::new(),
+            device: "cpu".into(),
+            memory_bytes: MEMORY,
+            version: String::new(),
+            pid: 0,
+            restarts: 0,
+        })
         .collect();
     plan(&config, &Layout::default(), &sizing, &cards, &[]).expect_err("the model does not fit")
 }
@@ -90,9 +98,12 @@ async fn a_coordinator_refuses_a_model_that_does_not_fit_before_any_worker_loads
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
     let mut coordinator = Command::new(binary("coordinator"));
-    coordinator
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--load-format", "dummy"])
-        .args(["--model", &model.path().display().to_string(), "--worker", &address]);
+    coordinator.args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--load-format", "dummy"]).args([
+        "--model",
+        &model.path().display().to_string(),
+        "--worker",
+        &address,
+    ]);
     let run = std::thread::spawn(move || run_to_exit(coordinator, Duration::from_secs(120)));
     std::thread::sleep(Duration::from_millis(1500));
     let worker = Server::start("worker", &["serve", "--listen", &address, "--memory-bytes", &MEMORY.to_string()]);
@@ -123,8 +134,7 @@ async fn tramctl_up_refuses_it_too_and_splits_the_host_memory_among_its_workers(
     // Without TRAMONTANE_MEMORY_BYTES, two workers share the host's memory rather than each
     // claiming all of it.
     let mut up = Command::new(binary("tramctl"));
-    up.args(["up", "--workers", "2", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--kv-blocks", "64"])
-        .env_remove("TRAMONTANE_MEMORY_BYTES");
+    up.args(["up", "--workers", "2", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--kv-blocks", "64"]).env_remove("TRAMONTANE_MEMORY_BYTES");
     let mut cluster = Server::spawn("tramctl", up);
     assert!(cluster.next_line().starts_with("http listening on "));
     let workers = status(cluster.url()).await.workers;

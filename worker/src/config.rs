@@ -115,7 +115,9 @@ fn fp8_weights(q: Option<&serde_json::Value>) -> Result<bool, String> {
     let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
     match method {
         "fp8" => match q.get("weight_block_size") {
-            Some(b) if !b.is_null() => Err(format!("quantization_config: block-wise FP8 (weight_block_size {b}) is not supported; per-tensor and per-channel are")),
+            Some(b) if !b.is_null() => {
+                Err(format!("quantization_config: block-wise FP8 (weight_block_size {b}) is not supported; per-tensor and per-channel are"))
+            }
             _ => Ok(true),
         },
         "compressed-tensors" => {
@@ -145,8 +147,7 @@ fn fp8_weights(q: Option<&serde_json::Value>) -> Result<bool, String> {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| EngineError::Io { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
@@ -159,8 +160,7 @@ impl ModelConfig {
     }
 
     fn from_json(text: &str) -> Result<Self, ConfigProblem> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
         let arch_name = raw
             .architectures
             .as_ref()
@@ -173,18 +173,14 @@ impl ModelConfig {
             other => return Err(ConfigProblem::Architecture(other.to_owned())),
         };
         if let Some(rp) = &raw.rope_parameters
-            && let Some(t) = rp.rope_type.as_deref().filter(|t| *t != "default") {
-                return Err(ConfigProblem::Invalid(format!("rope_type {t:?} is not supported (only \"default\")")));
-            }
+            && let Some(t) = rp.rope_type.as_deref().filter(|t| *t != "default")
+        {
+            return Err(ConfigProblem::Invalid(format!("rope_type {t:?} is not supported (only \"default\")")));
+        }
         if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(ConfigProblem::Invalid("rope_scaling is not supported".into()));
         }
-        let rope_theta = raw
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_theta)
-            .or(raw.rope_theta)
-            .unwrap_or(10_000.0);
+        let rope_theta = raw.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(raw.rope_theta).unwrap_or(10_000.0);
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let head_dim = raw.head_dim.unwrap_or_else(|| raw.hidden_size / raw.num_attention_heads.max(1));
         let (num_local_experts, num_experts_per_tok) = match architecture {
@@ -248,13 +244,8 @@ impl ModelConfig {
         if self.sliding_window == Some(0) {
             return Err("`sliding_window` must be > 0 or null".into());
         }
-        if self.architecture == Architecture::Mixtral
-            && (self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts)
-        {
-            return Err(format!(
-                "`num_experts_per_tok` must be in 1..={}, got {}",
-                self.num_local_experts, self.num_experts_per_tok
-            ));
+        if self.architecture == Architecture::Mixtral && (self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts) {
+            return Err(format!("`num_experts_per_tok` must be in 1..={}, got {}", self.num_local_experts, self.num_experts_per_tok));
         }
         Ok(())
     }
@@ -322,9 +313,7 @@ mod tests {
 
     #[test]
     fn both_config_styles_give_the_same_model() {
-        let v5 = V4
-            .replace(r#""rope_theta":1000000.0"#, r#""rope_parameters":{"rope_type":"default","rope_theta":1000000.0}"#)
-            .replace("torch_dtype", "dtype");
+        let v5 = V4.replace(r#""rope_theta":1000000.0"#, r#""rope_parameters":{"rope_type":"default","rope_theta":1000000.0}"#).replace("torch_dtype", "dtype");
         let a = ModelConfig::from_json(V4).unwrap();
         let b = ModelConfig::from_json(&v5).unwrap();
         assert_eq!(a, b);

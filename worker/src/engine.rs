@@ -114,13 +114,7 @@ impl<B: Backend> Engine<B> {
 
     /// Loads this rank's share of the model (all of it for [`Parallel::single`]): only the
     /// slices it holds are read from the checkpoint.
-    pub fn from_source(
-        backend: B,
-        config: &ModelConfig,
-        source: &WeightSource,
-        options: &EngineOptions,
-        par: Parallel,
-    ) -> Result<Self> {
+    pub fn from_source(backend: B, config: &ModelConfig, source: &WeightSource, options: &EngineOptions, par: Parallel) -> Result<Self> {
         par.layout.validate(config).map_err(EngineError::Layout)?;
         let loader = Loader::new(&backend, source, config, options.dtype, options.quantization, &par);
         let model = CausalLm::load(&loader)?;
@@ -183,10 +177,7 @@ impl<B: Backend> Engine<B> {
                 return Err(EngineError::InvalidRequest(format!("token id {t} is outside the vocabulary (size {vocab})")));
             }
             if s.block_table.len() * bs < context_len {
-                return Err(EngineError::InvalidRequest(format!(
-                    "sequence {i}: {} blocks of {bs} cannot hold {context_len} tokens",
-                    s.block_table.len()
-                )));
+                return Err(EngineError::InvalidRequest(format!("sequence {i}: {} blocks of {bs} cannot hold {context_len} tokens", s.block_table.len())));
             }
             if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cache.num_blocks) {
                 return Err(EngineError::InvalidRequest(format!("block {b} is outside the cache ({} blocks)", self.cache.num_blocks)));

@@ -132,14 +132,7 @@ impl<B: Backend> Generator<B> {
                 break;
             }
             let request = self.waiting.pop_front().expect("front exists");
-            self.running.push(Running {
-                request,
-                blocks,
-                cached: 0,
-                generated: Vec::new(),
-                logprobs: Vec::new(),
-                prompt_logprobs: Vec::new(),
-            });
+            self.running.push(Running { request, blocks, cached: 0, generated: Vec::new(), logprobs: Vec::new(), prompt_logprobs: Vec::new() });
         }
         if self.running.is_empty() {
             return Ok(Vec::new());

@@ -23,7 +23,7 @@ pub use backend::{Backend, Cpu, DType, Device};
 pub use config::{Architecture, ModelConfig};
 pub use engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqOutput, SeqStep};
 pub use error::{EngineError, Result};
-pub use quant::{Quantization, WeightDType};
 pub use generator::{Completion, FinishReason, Generator, Request, TokenEvent};
+pub use quant::{Quantization, WeightDType};
 pub use sampling::{SamplingParams, TokenLogprobs};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

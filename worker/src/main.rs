@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use worker::{
-    Backend, CacheConfig, Cpu, Device, Engine, EngineOptions, Generator, IncrementalDecoder, LoadFormat, Quantization, Request,
-    SamplingParams, Tokenizer, WeightDType,
+    Backend, CacheConfig, Cpu, Device, Engine, EngineOptions, Generator, IncrementalDecoder, LoadFormat, Quantization, Request, SamplingParams, Tokenizer,
+    WeightDType,
 };
 
 #[derive(Debug, Parser)]
@@ -145,11 +145,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         tracing::info!(%addr, device = %args.device, "worker listening");
         // Registered for as long as this lives; dropping it revokes the lease.
-        let _registration = if args.membership.etcd.is_empty() {
-            None
-        } else {
-            Some(register(&args, addr, handle.clone()).await?)
-        };
+        let _registration = if args.membership.etcd.is_empty() { None } else { Some(register(&args, addr, handle.clone()).await?) };
         worker::service::serve(listener, handle, shutdown).await.map_err(|e| anyhow::anyhow!(e))
     })
 }
@@ -157,17 +153,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Registers this worker's card on etcd (waiting for etcd with capped backoff, never exiting
 /// for an outage); a lost lease unloads the model (no zombie keeps serving a placement that
 /// moved on) and the worker registers again.
-async fn register(
-    args: &ServeArgs,
-    addr: std::net::SocketAddr,
-    handle: worker::service::EngineHandle,
-) -> anyhow::Result<worker::membership::Lease> {
+async fn register(args: &ServeArgs, addr: std::net::SocketAddr, handle: worker::service::EngineHandle) -> anyhow::Result<worker::membership::Lease> {
     use worker::membership::{EtcdMembership, Membership, WorkerCard};
     let ttl = std::time::Duration::from_secs(args.membership.lease_ttl_secs);
     let membership = EtcdMembership::connect(&args.membership.etcd, &args.membership.cluster, ttl).await.context("connecting to etcd")?;
-    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).or_else(|| {
-        std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty())
-    });
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()));
     let card = WorkerCard {
         id: args.id.clone().unwrap_or_else(|| format!("{}-{}", host.unwrap_or_else(|| "worker".into()), addr.port())),
         address: match &args.advertise_host {

@@ -117,14 +117,8 @@ impl Layout {
             if self.pp > layers {
                 return Err(format!("pp = {} is more than the {layers} layers", self.pp));
             }
-        } else if self.stage_layers.len() != self.pp
-            || self.stage_layers.contains(&0)
-            || self.stage_layers.iter().sum::<usize>() != layers
-        {
-            return Err(format!(
-                "stage layers {:?} must be {} non-zero counts summing to the {layers} layers",
-                self.stage_layers, self.pp
-            ));
+        } else if self.stage_layers.len() != self.pp || self.stage_layers.contains(&0) || self.stage_layers.iter().sum::<usize>() != layers {
+            return Err(format!("stage layers {:?} must be {} non-zero counts summing to the {layers} layers", self.stage_layers, self.pp));
         }
         Ok(())
     }

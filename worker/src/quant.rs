@@ -249,9 +249,7 @@ pub fn rank_weight_bytes(config: &crate::ModelConfig, layout: &crate::parallel::
     let mlp = 2 * p.bytes(i, h) + p.bytes(h, i);
     let feed_forward = match c.architecture {
         crate::Architecture::Mistral => mlp,
-        crate::Architecture::Mixtral => {
-            even_part(c.num_local_experts, at.expert, layout.ep).len() * mlp + dense.bytes(c.num_local_experts, h)
-        }
+        crate::Architecture::Mixtral => even_part(c.num_local_experts, at.expert, layout.ep).len() * mlp + dense.bytes(c.num_local_experts, h),
     };
     let layer = attention + feed_forward + 2 * h * 4;
     let mut bytes = layout.layers(c.num_hidden_layers, at.stage).len() * layer;
@@ -353,7 +351,8 @@ mod tests {
             for layout in std::iter::once(Layout::default()).chain(sharded) {
                 layout.validate(&config).unwrap_or_else(|e| panic!("{name} {layout:?}: {e}"));
                 for (dtype, quantization) in options {
-                    let opts = EngineOptions { dtype, quantization, load_format: LoadFormat::Safetensors, cache: CacheConfig { num_blocks: 1, block_size: 16 } };
+                    let opts =
+                        EngineOptions { dtype, quantization, load_format: LoadFormat::Safetensors, cache: CacheConfig { num_blocks: 1, block_size: 16 } };
                     for rank in 0..layout.world() {
                         let solo = || Arc::new(SoloComm) as Arc<dyn crate::comm::Comm>;
                         let par = Parallel { layout: layout.clone(), rank, coords: layout.coords(rank), world: solo(), tp: solo(), ep: solo() };
@@ -374,7 +373,14 @@ mod tests {
         // Dummy weights are dense: an FP8 config sized with `fp8_weights` off.
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral-fp8-tiny");
         let (config, source) = open_model(&dir, LoadFormat::Dummy).unwrap();
-        let engine = Engine::from_source(crate::Cpu, &config, &source, &EngineOptions { load_format: LoadFormat::Dummy, ..EngineOptions::default() }, Parallel::single()).unwrap();
+        let engine = Engine::from_source(
+            crate::Cpu,
+            &config,
+            &source,
+            &EngineOptions { load_format: LoadFormat::Dummy, ..EngineOptions::default() },
+            Parallel::single(),
+        )
+        .unwrap();
         let dense = crate::ModelConfig { fp8_weights: false, ..config };
         assert_eq!(rank_weight_bytes(&dense, &Layout::default(), 0, WeightDType::Auto, Quantization::Auto), engine.weight_bytes() as u64);
     }

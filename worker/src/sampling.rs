@@ -26,16 +26,7 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            max_tokens: 16,
-            stop_token_ids: Vec::new(),
-            logprobs: None,
-            prompt_logprobs: None,
-        }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, max_tokens: 16, stop_token_ids: Vec::new(), logprobs: None, prompt_logprobs: None }
     }
 }
 
@@ -160,11 +151,7 @@ pub fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
 /// Chooses the next token. `position` is the index the token will take in its sequence;
 /// with the seed it keys the random draw.
 pub fn sample(logits: &[f32], params: &SamplingParams, position: usize) -> TokenLogprobs {
-    let token = if params.temperature == 0.0 {
-        top_n(logits, 1)[0].0
-    } else {
-        draw(logits, params, uniform(params.seed, position))
-    };
+    let token = if params.temperature == 0.0 { top_n(logits, 1)[0].0 } else { draw(logits, params, uniform(params.seed, position)) };
     token_logprobs(logits, token, params.logprobs.unwrap_or(0))
 }
 

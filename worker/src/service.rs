@@ -39,9 +39,7 @@ impl From<ServiceError> for tonic::Status {
         use tonic::Status;
         let msg = e.to_string();
         match e {
-            ServiceError::StaleEpoch { .. } | ServiceError::NotLoaded | ServiceError::Unsupported(_) => {
-                Status::failed_precondition(msg)
-            }
+            ServiceError::StaleEpoch { .. } | ServiceError::NotLoaded | ServiceError::Unsupported(_) => Status::failed_precondition(msg),
             ServiceError::InvalidArgument(_) => Status::invalid_argument(msg),
             ServiceError::EngineStopped => Status::unavailable(msg),
             ServiceError::Engine(e) => match e {
@@ -78,11 +76,7 @@ pub struct CommSetup {
 
 impl Default for CommSetup {
     fn default() -> Self {
-        CommSetup {
-            listener: None,
-            options: TcpOptions { timeout: Duration::from_secs(30), setup_timeout: Duration::from_secs(60) },
-            advertise_host: None,
-        }
+        CommSetup { listener: None, options: TcpOptions { timeout: Duration::from_secs(30), setup_timeout: Duration::from_secs(60) }, advertise_host: None }
     }
 }
 
@@ -151,26 +145,13 @@ impl<B: Backend> WorkerState<B> {
         if req.kv_blocks == 0 || req.block_size == 0 {
             return Err(ServiceError::InvalidArgument("`kv_blocks` and `block_size` must be >= 1".into()));
         }
-        let options = EngineOptions {
-            dtype,
-            quantization,
-            load_format,
-            cache: CacheConfig { num_blocks: req.kv_blocks as usize, block_size: req.block_size as usize },
-        };
+        let options =
+            EngineOptions { dtype, quantization, load_format, cache: CacheConfig { num_blocks: req.kv_blocks as usize, block_size: req.block_size as usize } };
         let one = |v: u32| v.max(1) as usize;
-        let layout = Layout {
-            tp: one(req.tp),
-            ep: one(req.ep),
-            pp: one(req.pp),
-            stage_layers: req.stage_layers.iter().map(|&n| n as usize).collect(),
-        };
+        let layout = Layout { tp: one(req.tp), ep: one(req.ep), pp: one(req.pp), stage_layers: req.stage_layers.iter().map(|&n| n as usize).collect() };
         let world = layout.world();
         if req.rank as usize >= world || (world > 1 && req.peers.len() != world) {
-            return Err(ServiceError::InvalidArgument(format!(
-                "rank {} with {} peers does not fit a layout of {world} ranks",
-                req.rank,
-                req.peers.len()
-            )));
+            return Err(ServiceError::InvalidArgument(format!("rank {} with {} peers does not fit a layout of {world} ranks", req.rank, req.peers.len())));
         }
         // Check the checkpoint opens and the layout fits before giving up the current model;
         // then drop the old shard before loading the new one, so two need not fit at once.
@@ -191,9 +172,11 @@ impl<B: Backend> WorkerState<B> {
         let rank = req.rank as usize;
         match req.comm.as_str() {
             "" | "tcp" => {
-                let listener = self.comm.listener.as_ref().ok_or_else(|| {
-                    ServiceError::InvalidArgument("this worker has no communicator listener for sharded replicas".into())
-                })?;
+                let listener = self
+                    .comm
+                    .listener
+                    .as_ref()
+                    .ok_or_else(|| ServiceError::InvalidArgument("this worker has no communicator listener for sharded replicas".into()))?;
                 let comm = TcpComm::connect(listener, req.epoch, rank, &req.peers, self.comm.options).map_err(EngineError::from)?;
                 Ok(Arc::new(comm))
             }
@@ -208,11 +191,8 @@ impl<B: Backend> WorkerState<B> {
             return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
         }
         let vocab = engine.config().vocab_size;
-        let params: Vec<Option<SamplingParams>> = req
-            .sequences
-            .iter()
-            .map(|s| s.sampling.as_ref().map(|p| sampling_params(p, vocab)).transpose())
-            .collect::<Result<_, _>>()?;
+        let params: Vec<Option<SamplingParams>> =
+            req.sequences.iter().map(|s| s.sampling.as_ref().map(|p| sampling_params(p, vocab)).transpose()).collect::<Result<_, _>>()?;
         if let Some(n) = req.sequences.iter().filter_map(|s| s.prompt_logprobs).find(|&n| n as usize > MAX_TOP_LOGPROBS) {
             return Err(ServiceError::InvalidArgument(format!("`prompt_logprobs` must be <= {MAX_TOP_LOGPROBS}, got {n}")));
         }
@@ -345,12 +325,7 @@ fn sampling_params(p: &pb::Sampling, vocab: usize) -> Result<SamplingParams, Ser
 }
 
 fn to_pb(t: TokenLogprobs) -> pb::TokenLogprobs {
-    pb::TokenLogprobs {
-        token_id: t.token,
-        logprob: t.logprob,
-        top_ids: t.top.iter().map(|a| a.0).collect(),
-        top_logprobs: t.top.iter().map(|a| a.1).collect(),
-    }
+    pb::TokenLogprobs { token_id: t.token, logprob: t.logprob, top_ids: t.top.iter().map(|a| a.0).collect(), top_logprobs: t.top.iter().map(|a| a.1).collect() }
 }
 
 enum Command {
@@ -437,10 +412,7 @@ impl EngineHandle {
 
 #[tonic::async_trait]
 impl pb::worker_server::Worker for EngineHandle {
-    async fn load_assignment(
-        &self,
-        request: tonic::Request<pb::LoadAssignmentRequest>,
-    ) -> Result<tonic::Response<pb::LoadAssignmentResponse>, tonic::Status> {
+    async fn load_assignment(&self, request: tonic::Request<pb::LoadAssignmentRequest>) -> Result<tonic::Response<pb::LoadAssignmentResponse>, tonic::Status> {
         let req = request.into_inner();
         tracing::info!(epoch = req.epoch, model = %req.model_path, "loading assignment");
         let resp = self.call(|r| Command::Load(req, r)).await??;
@@ -464,10 +436,7 @@ impl pb::worker_server::Worker for EngineHandle {
         Ok(tonic::Response::new(pb::ReleaseResponse {}))
     }
 
-    async fn create_nccl_id(
-        &self,
-        _: tonic::Request<pb::CreateNcclIdRequest>,
-    ) -> Result<tonic::Response<pb::CreateNcclIdResponse>, tonic::Status> {
+    async fn create_nccl_id(&self, _: tonic::Request<pb::CreateNcclIdRequest>) -> Result<tonic::Response<pb::CreateNcclIdResponse>, tonic::Status> {
         let nccl_id = tokio::task::spawn_blocking(create_nccl_id).await.map_err(|_| ServiceError::EngineStopped)??;
         Ok(tonic::Response::new(pb::CreateNcclIdResponse { nccl_id }))
     }

@@ -29,9 +29,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
 
 /// The connections `listener` accepts, with TCP_NODELAY set: streamed tokens and step RPCs
 /// are small writes that Nagle's algorithm would hold back (up to a delayed-ACK timeout).
-pub fn nodelay_incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+pub fn nodelay_incoming(listener: tokio::net::TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use tokio_stream::StreamExt;
     tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
         let conn = conn?;
@@ -134,7 +132,10 @@ mod tests {
         let v1 = tempfile::tempdir().unwrap();
         write(&v1.path().join("memory"), &[("memory.limit_in_bytes", "9223372036854771712\n"), ("memory.usage_in_bytes", "5\n")]);
         assert_eq!(cgroup_headroom(v1.path(), "4:memory:/x\n2:cpu:/\n"), None);
-        write(&v1.path().join("memory/x"), &[("memory.limit_in_bytes", "6000\n"), ("memory.usage_in_bytes", "2500\n"), ("memory.stat", "total_inactive_file 500\n")]);
+        write(
+            &v1.path().join("memory/x"),
+            &[("memory.limit_in_bytes", "6000\n"), ("memory.usage_in_bytes", "2500\n"), ("memory.stat", "total_inactive_file 500\n")],
+        );
         assert_eq!(cgroup_headroom(v1.path(), "4:cpuacct,memory:/x\n"), Some(4000));
         assert_eq!(cgroup_headroom(v1.path(), "2:cpu:/\n"), None, "no memory controller");
     }

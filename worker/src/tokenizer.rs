@@ -12,8 +12,7 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| EngineError::Tokenizer { path: path.to_owned(), message: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer { path: path.to_owned(), message: e.to_string() })?;
         Ok(Tokenizer { inner })
     }
 
@@ -56,11 +55,7 @@ impl IncrementalDecoder {
     /// Starts after `prompt`: its text is never emitted, but it gives context.
     pub fn new(prompt: &[u32]) -> Self {
         let keep = prompt.len().min(6);
-        IncrementalDecoder {
-            ids: prompt[prompt.len() - keep..].to_vec(),
-            prefix_offset: 0,
-            read_offset: keep,
-        }
+        IncrementalDecoder { ids: prompt[prompt.len() - keep..].to_vec(), prefix_offset: 0, read_offset: keep }
     }
 
     /// Adds one token; returns the text that became final.

@@ -18,7 +18,10 @@ use crate::error::{EngineError, Result};
 /// as long as the bytes live: no copy), borrowed, or owned.
 #[derive(Debug, Clone)]
 pub enum HostBytes<'a> {
-    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    Mapped {
+        map: Arc<Mmap>,
+        range: Range<usize>,
+    },
     Borrowed(&'a [u8]),
     Owned(Vec<u8>),
     /// Made at load (see [`Buffer`]).
@@ -155,9 +158,7 @@ impl Shard {
             Shard::Full => return Ok(None),
             Shard::Slice { dim, rank, world } => {
                 if dim >= shape.len() || world == 0 || !shape[dim].is_multiple_of(world) || rank >= world {
-                    return Err(EngineError::Backend(format!(
-                        "cannot split dim {dim} of shape {shape:?} into {world} slices (rank {rank})"
-                    )));
+                    return Err(EngineError::Backend(format!("cannot split dim {dim} of shape {shape:?} into {world} slices (rank {rank})")));
                 }
                 let part = shape[dim] / world;
                 (dim, rank * part, part)
@@ -198,14 +199,13 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let file_names: Vec<String> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|source| EngineError::Io { path: index_path.clone(), source })?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| EngineError::Checkpoint { path: index_path.clone(), message: e.to_string() })?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| EngineError::Checkpoint {
-                path: index_path.clone(),
-                message: "no `weight_map` object".into(),
-            })?;
+            let text = std::fs::read_to_string(&index_path).map_err(|source| EngineError::Io { path: index_path.clone(), source })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| EngineError::Checkpoint { path: index_path.clone(), message: e.to_string() })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::Checkpoint { path: index_path.clone(), message: "no `weight_map` object".into() })?;
             let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect();
             names.sort();
             names.dedup();
@@ -226,22 +226,13 @@ impl Checkpoint {
     }
 
     fn entry(&self, name: &str) -> Result<(&MappedFile, &TensorEntry)> {
-        let file = self
-            .index
-            .get(name)
-            .map(|&i| &self.files[i])
-            .ok_or_else(|| EngineError::MissingTensor { name: name.to_owned(), dir: self.dir.clone() })?;
+        let file = self.index.get(name).map(|&i| &self.files[i]).ok_or_else(|| EngineError::MissingTensor { name: name.to_owned(), dir: self.dir.clone() })?;
         Ok((file, &file.tensors[name]))
     }
 
     fn check_shape(file: &MappedFile, name: &str, entry: &TensorEntry, shape: &[usize]) -> Result<()> {
         if entry.shape != shape {
-            return Err(EngineError::TensorShape {
-                path: file.path.clone(),
-                name: name.to_owned(),
-                found: entry.shape.clone(),
-                expected: shape.to_vec(),
-            });
+            return Err(EngineError::TensorShape { path: file.path.clone(), name: name.to_owned(), found: entry.shape.clone(), expected: shape.to_vec() });
         }
         Ok(())
     }
@@ -251,7 +242,11 @@ impl Checkpoint {
         let (file, entry) = self.entry(name)?;
         Self::check_shape(file, name, entry, shape)?;
         let Stored::Float(dtype) = entry.dtype else {
-            return Err(EngineError::TensorDtype { path: file.path.clone(), name: name.to_owned(), dtype: format!("{} (a float tensor was expected)", entry.dtype) });
+            return Err(EngineError::TensorDtype {
+                path: file.path.clone(),
+                name: name.to_owned(),
+                dtype: format!("{} (a float tensor was expected)", entry.dtype),
+            });
         };
         let bytes = HostBytes::Mapped { map: file.mmap.clone(), range: entry.start..entry.end };
         let (shape, data) = slice_host(dtype.size_in_bytes(), shape, bytes, shard)?;
@@ -342,8 +337,8 @@ impl MappedFile {
             .checked_add(header_len)
             .filter(|&e| e <= mmap.len())
             .ok_or_else(|| bad(format!("header of {header_len} bytes runs past the end of the file (truncated?)")))?;
-        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&mmap[8..data_start])
-            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&mmap[8..data_start]).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         let data_len = mmap.len() - data_start;
         let mut tensors = HashMap::new();
         for (name, info) in header {
@@ -351,9 +346,7 @@ impl MappedFile {
                 continue;
             }
             let entry = parse_entry(&name, &info, data_start, data_len).map_err(|m| match m {
-                EntryProblem::Dtype(dtype) => {
-                    EngineError::TensorDtype { path: path.to_owned(), name: name.clone(), dtype }
-                }
+                EntryProblem::Dtype(dtype) => EngineError::TensorDtype { path: path.to_owned(), name: name.clone(), dtype },
                 EntryProblem::Invalid(message) => bad(format!("tensor {name:?}: {message}")),
             })?;
             tensors.insert(name, entry);
@@ -386,8 +379,7 @@ fn parse_entry(name: &str, info: &serde_json::Value, data_start: usize, data_len
         .collect::<Option<_>>()
         .ok_or_else(|| invalid("shape is not a list of sizes"))?;
     let offsets = info.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(|| invalid("no data_offsets"))?;
-    let (Some(begin), Some(end)) = (offsets.first().and_then(|v| v.as_u64()), offsets.get(1).and_then(|v| v.as_u64()))
-    else {
+    let (Some(begin), Some(end)) = (offsets.first().and_then(|v| v.as_u64()), offsets.get(1).and_then(|v| v.as_u64())) else {
         return Err(invalid("data_offsets is not [begin, end]"));
     };
     let (begin, end) = (begin as usize, end as usize);
@@ -399,9 +391,7 @@ fn parse_entry(name: &str, info: &serde_json::Value, data_start: usize, data_len
         )));
     }
     if end > data_len {
-        return Err(EntryProblem::Invalid(format!(
-            "data ends at byte {end} but the file holds only {data_len} bytes of data (truncated file) [{name}]"
-        )));
+        return Err(EntryProblem::Invalid(format!("data ends at byte {end} but the file holds only {data_len} bytes of data (truncated file) [{name}]")));
     }
     Ok(TensorEntry { dtype, shape, start: data_start + begin, end: data_start + end })
 }
@@ -410,7 +400,9 @@ fn parse_entry(name: &str, info: &serde_json::Value, data_start: usize, data_len
 pub enum WeightSource {
     Checkpoint(Checkpoint),
     /// Deterministic pseudo-random weights of the right shapes, generated on demand.
-    Dummy { seed: u64 },
+    Dummy {
+        seed: u64,
+    },
 }
 
 impl WeightSource {

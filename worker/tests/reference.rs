@@ -45,12 +45,7 @@ fn generator(name: &str, dtype: WeightDType) -> Generator<Cpu> {
 }
 
 fn request(id: u64, case: &Case) -> Request {
-    let params = SamplingParams {
-        max_tokens: case.greedy_ids.len(),
-        logprobs: Some(8),
-        prompt_logprobs: Some(8),
-        ..SamplingParams::default()
-    };
+    let params = SamplingParams { max_tokens: case.greedy_ids.len(), logprobs: Some(8), prompt_logprobs: Some(8), ..SamplingParams::default() };
     Request { id, prompt: case.prompt_ids.clone(), params }
 }
 
@@ -186,13 +181,7 @@ fn chunked_prefill_equals_whole_prefill() {
         let mut pos = 0;
         for chunk in case.prompt_ids.chunks(7) {
             let last = pos + chunk.len() == case.prompt_ids.len();
-            let step = worker::SeqStep {
-                tokens: chunk,
-                start_pos: pos,
-                block_table: &blocks,
-                sample: last.then_some(&params),
-                prompt_logprobs: None,
-            };
+            let step = worker::SeqStep { tokens: chunk, start_pos: pos, block_table: &blocks, sample: last.then_some(&params), prompt_logprobs: None };
             sampled = engine.step(&[step]).expect("step").remove(0).sampled;
             pos += chunk.len();
         }

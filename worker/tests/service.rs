@@ -4,10 +4,9 @@
 mod common;
 
 use common::{WorkerProcess, fixture, reference};
-use proto::tramontane::worker::v1 as pb;
 use pb::worker_client::WorkerClient;
+use proto::tramontane::worker::v1 as pb;
 use tonic::Code;
-
 
 fn load_request(epoch: u64) -> pb::LoadAssignmentRequest {
     pb::LoadAssignmentRequest {

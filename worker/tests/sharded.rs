@@ -15,7 +15,6 @@ use tonic::transport::Channel;
 
 const TOL: f32 = 2e-3;
 
-
 #[derive(Debug, Clone, Copy)]
 struct Layout {
     tp: u32,

@@ -216,11 +216,7 @@ fn spawn(children: &mut Children, name: &str, cmd: &mut Command, lines: usize) -
 fn up(a: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.workers >= 1, "`--workers` must be >= 1");
     let world = a.tp * a.ep * a.pp;
-    anyhow::ensure!(
-        world >= 1 && a.workers.is_multiple_of(world),
-        "`--workers` {} must be a multiple of tp x ep x pp = {world}",
-        a.workers
-    );
+    anyhow::ensure!(world >= 1 && a.workers.is_multiple_of(world), "`--workers` {} must be a multiple of tp x ep x pp = {world}", a.workers);
     let model = a.model.clone().unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mistral-v1-tiny")));
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
@@ -393,9 +389,20 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc_addr))?.connect().await.with_context(|| format!("connecting to {}", a.grpc_addr))?;
-    let info = pb::inference_client::InferenceClient::new(channel.clone()).model_info(pb::ModelInfoRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
-    let cluster = pb::admin_client::AdminClient::new(channel).cluster_status(pb::ClusterStatusRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc_addr))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", a.grpc_addr))?;
+    let info = pb::inference_client::InferenceClient::new(channel.clone())
+        .model_info(pb::ModelInfoRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let cluster = pb::admin_client::AdminClient::new(channel)
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
     if a.json {
         let workers: Vec<_> = cluster
             .workers

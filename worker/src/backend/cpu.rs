@@ -107,9 +107,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
         return Err(EngineError::Backend("tensor is not on the CPU".into()));
     };
     let data = cpu.as_slice::<f32>()?;
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| EngineError::Backend("tensor is not contiguous".into()))?;
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| EngineError::Backend("tensor is not contiguous".into()))?;
     Ok(f(&data[start..end]))
 }
 
@@ -426,9 +424,7 @@ mod tests {
 
     #[test]
     fn a_failing_step_unwinds_and_the_next_step_runs() {
-        let failed = std::panic::catch_unwind(|| {
-            Cpu.execute(|| (0..1000u32).into_par_iter().for_each(|i| assert_ne!(i, 500, "a task fails")))
-        });
+        let failed = std::panic::catch_unwind(|| Cpu.execute(|| (0..1000u32).into_par_iter().for_each(|i| assert_ne!(i, 500, "a task fails"))));
         assert!(failed.is_err(), "the task's panic reaches the caller");
         assert_eq!(Cpu.execute(|| (0..100u64).into_par_iter().sum::<u64>()), 4950);
     }

@@ -192,13 +192,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn write_kv(&self, cache: &mut Self::KvCache, k: &Self::Tensor, v: &Self::Tensor, slots: &[u32]) -> Result<()>;
     /// Causal (optionally sliding-window) attention of the new tokens' queries over each
     /// sequence's cached keys and values. `q` is `[tokens, heads * head_dim]`.
-    fn paged_attention(
-        &self,
-        q: &Self::Tensor,
-        cache: &Self::KvCache,
-        heads: Heads,
-        meta: &AttentionMeta,
-    ) -> Result<Self::Tensor>;
+    fn paged_attention(&self, q: &Self::Tensor, cache: &Self::KvCache, heads: Heads, meta: &AttentionMeta) -> Result<Self::Tensor>;
     /// Router: softmax over experts, top-k, renormalised weights. Returns per token the
     /// chosen experts and their weights, `k` each, flattened.
     fn router_top_k(&self, logits: &Self::Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)>;

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use clap::Parser;
 use rayon::prelude::*;
+use worker::Backend;
 use worker::backend::Cuda;
 use worker::backend::cuda::Product;
-use worker::weights::HostTensor;
-use worker::Backend;
 use worker::parallel::Parallel;
+use worker::weights::HostTensor;
 use worker::weights::WeightSource;
 use worker::{CacheConfig, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig};
 
@@ -133,12 +133,7 @@ fn main() -> anyhow::Result<()> {
 /// kernel (where it applies) and through cuBLAS; one table row each.
 fn product_table(backend: &Cuda, c: &ModelConfig, args: &Args, bandwidth: f64) -> anyhow::Result<Vec<String>> {
     let h = c.hidden_size;
-    let shapes = [
-        (c.intermediate_size, h),
-        (h, c.intermediate_size),
-        (c.num_key_value_heads * c.head_dim, h),
-        (c.vocab_size, h),
-    ];
+    let shapes = [(c.intermediate_size, h), (h, c.intermediate_size), (c.num_key_value_heads * c.head_dim, h), (c.vocab_size, h)];
     let mut rows = Vec::new();
     for (n, k) in shapes {
         let values: Vec<f32> = (0..n * k).into_par_iter().map(|i| ((i % 1013) as f32 - 506.0) * 1e-4).collect();

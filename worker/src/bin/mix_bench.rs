@@ -168,10 +168,16 @@ fn main() -> anyhow::Result<()> {
     let bandwidth = median(bandwidths.iter().map(|&b| Some(b))).unwrap_or(0.0);
     let of = if rounds.len() > 1 { format!(", medians of {} rounds", rounds.len()) } else { String::new() };
     println!();
-    println!("mix-bench: {} M parameters, {} M read per token at batch 1, {threads} threads{of}", config.num_parameters() / 1_000_000, config.decode_parameters_per_token() / 1_000_000);
+    println!(
+        "mix-bench: {} M parameters, {} M read per token at batch 1, {threads} threads{of}",
+        config.num_parameters() / 1_000_000,
+        config.decode_parameters_per_token() / 1_000_000
+    );
     println!("read bandwidth (vectorized, {threads} threads, {} GiB): {:.1} GB/s", args.bandwidth_gib, bandwidth / 1e9);
     println!();
-    println!("| precision | batch | tramontane tok/s | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers | llama.cpp tok/s | vs llama.cpp |");
+    println!(
+        "| precision | batch | tramontane tok/s | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers | llama.cpp tok/s | vs llama.cpp |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, p) in precisions.iter().enumerate() {
         for (b, &batch) in args.batches.iter().enumerate() {
@@ -180,7 +186,8 @@ fn main() -> anyhow::Result<()> {
             let roofline = bandwidth / bytes as f64 * batch as f64;
             let peer = |name: &str| median(rounds.iter().map(|r| peer_tok_s(&r[i].peers, name, batch)));
             let (hf, cpp) = (peer("transformers"), peer("llama.cpp"));
-            let cpp_type = rounds.iter().find_map(|r| r[i].peers.get("llama.cpp")?.get("weights")?.as_str().map(str::to_owned)).unwrap_or_else(|| p.peer.to_owned());
+            let cpp_type =
+                rounds.iter().find_map(|r| r[i].peers.get("llama.cpp")?.get("weights")?.as_str().map(str::to_owned)).unwrap_or_else(|| p.peer.to_owned());
             println!(
                 "| {} | {batch} | {tps:.1} | {:.0} MB | {roofline:.1} | {:.0} % | {} | {} | {} ({cpp_type}) | {} |",
                 p.label,
@@ -229,10 +236,7 @@ fn main() -> anyhow::Result<()> {
     if let Some((ours, candle)) = kernel {
         let (m, h, i) = (args.prefill_len, config.hidden_size, config.intermediate_size);
         println!();
-        println!(
-            "x[{m}×{h}]·W[{i}×{h}]ᵀ in f32: batch-invariant kernel {ours:.1} ms, candle matmul {candle:.1} ms ({:.2}× candle's time)",
-            ours / candle
-        );
+        println!("x[{m}×{h}]·W[{i}×{h}]ᵀ in f32: batch-invariant kernel {ours:.1} ms, candle matmul {candle:.1} ms ({:.2}× candle's time)", ours / candle);
     }
     if args.kernel_sweep {
         kernel_sweep(&args, &config, bandwidth)?;

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use proto::tramontane::worker::v1 as pb;
 use pb::worker_client::WorkerClient;
+use proto::tramontane::worker::v1 as pb;
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]

@@ -114,8 +114,5 @@ fn check_split(ranks: &[usize], me: usize, world: usize) -> Result<usize, CommEr
     if ranks.windows(2).any(|w| w[0] >= w[1]) || ranks.last().is_some_and(|&r| r >= world) {
         return Err(CommError::Usage(format!("split: ranks {ranks:?} must be ascending and < {world}")));
     }
-    ranks
-        .iter()
-        .position(|&r| r == me)
-        .ok_or_else(|| CommError::Usage(format!("split: rank {me} is not among {ranks:?}")))
+    ranks.iter().position(|&r| r == me).ok_or_else(|| CommError::Usage(format!("split: rank {me} is not among {ranks:?}")))
 }

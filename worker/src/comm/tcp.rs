@@ -97,13 +97,7 @@ impl TcpComm {
     /// Builds the mesh for rank `rank` of `peers` (every rank's [`CommListener`] address).
     /// Higher ranks connect to lower ones; a handshake checks the placement `epoch` and the
     /// world size, so links from another epoch's assignment are refused.
-    pub fn connect(
-        listener: &CommListener,
-        epoch: u64,
-        rank: usize,
-        peers: &[String],
-        options: TcpOptions,
-    ) -> Result<TcpComm, CommError> {
+    pub fn connect(listener: &CommListener, epoch: u64, rank: usize, peers: &[String], options: TcpOptions) -> Result<TcpComm, CommError> {
         let world = peers.len();
         if rank >= world {
             return Err(CommError::Setup(format!("rank {rank} is outside a world of {world}")));
@@ -111,9 +105,7 @@ impl TcpComm {
         let deadline = Instant::now() + options.setup_timeout;
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         let (lower, higher) = std::thread::scope(|s| {
-            let dialer = s.spawn(|| {
-                (0..rank).map(|peer| dial(&peers[peer], peer, epoch, rank, world, deadline)).collect::<Result<Vec<_>, _>>()
-            });
+            let dialer = s.spawn(|| (0..rank).map(|peer| dial(&peers[peer], peer, epoch, rank, world, deadline)).collect::<Result<Vec<_>, _>>());
             let accepted = accept_all(listener, epoch, rank, world, deadline);
             let dialed = dialer.join().unwrap_or_else(|_| Err(CommError::Setup("the dialing thread panicked".into())));
             (dialed, accepted)
@@ -288,13 +280,7 @@ fn try_dial(addr: &str, epoch: u64, rank: usize, world: usize) -> std::io::Resul
 }
 
 /// Accepts the links of every rank above `rank`.
-fn accept_all(
-    listener: &CommListener,
-    epoch: u64,
-    rank: usize,
-    world: usize,
-    deadline: Instant,
-) -> Result<Vec<(usize, TcpStream)>, CommError> {
+fn accept_all(listener: &CommListener, epoch: u64, rank: usize, world: usize, deadline: Instant) -> Result<Vec<(usize, TcpStream)>, CommError> {
     let mut got: Vec<(usize, TcpStream)> = Vec::new();
     while got.len() < world - rank - 1 {
         if Instant::now() >= deadline {
@@ -317,22 +303,18 @@ fn accept_all(
     Ok(got)
 }
 
-fn check_handshake(
-    mut stream: &TcpStream,
-    epoch: u64,
-    rank: usize,
-    world: usize,
-    got: &[(usize, TcpStream)],
-) -> std::io::Result<Option<usize>> {
+fn check_handshake(mut stream: &TcpStream, epoch: u64, rank: usize, world: usize, got: &[(usize, TcpStream)]) -> std::io::Result<Option<usize>> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut h = [0u8; 20];
     stream.read_exact(&mut h)?;
-    let field = |r: std::ops::Range<usize>| u64::from_le_bytes({
-        let mut b = [0u8; 8];
-        b[..r.len()].copy_from_slice(&h[r]);
-        b
-    });
+    let field = |r: std::ops::Range<usize>| {
+        u64::from_le_bytes({
+            let mut b = [0u8; 8];
+            b[..r.len()].copy_from_slice(&h[r]);
+            b
+        })
+    };
     let peer = field(12..16) as usize;
     let ok = field(0..4) == MAGIC as u64
         && field(4..12) == epoch
@@ -386,9 +368,7 @@ impl Comm for TcpComm {
         }
         let own = std::mem::take(&mut send[self.me]);
         let mut own = Some(own);
-        (0..self.members.len())
-            .map(|m| if m == self.me { Ok(own.take().unwrap_or_default()) } else { self.recv_from(m) })
-            .collect()
+        (0..self.members.len()).map(|m| if m == self.me { Ok(own.take().unwrap_or_default()) } else { self.recv_from(m) }).collect()
     }
 
     fn send(&self, to: usize, data: &[f32]) -> Result<(), CommError> {
@@ -452,8 +432,7 @@ mod tests {
 
     /// Runs `f(comm)` on `world` ranks, each on its own thread with its own listener.
     fn run<R: Send>(world: usize, f: impl Fn(TcpComm) -> R + Sync) -> Vec<R> {
-        let listeners: Vec<CommListener> =
-            (0..world).map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
+        let listeners: Vec<CommListener> = (0..world).map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
         let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = listeners

@@ -8,7 +8,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOpti
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Lease, Leadership, MemberEvent, Membership, MembershipError, WorkerCard};
+use super::{Leadership, Lease, MemberEvent, Membership, MembershipError, WorkerCard};
 
 /// Pause between attempts while etcd is unreachable or the leader key is held.
 const RETRY: Duration = Duration::from_millis(250);
@@ -217,28 +217,29 @@ impl Membership for EtcdMembership {
                 Ok(resp) => !resp.kvs().is_empty(),
                 Err(_) => true,
             };
-            if !held
-                && let Ok(grant) = client.lease_grant(self.ttl_secs(), None).await {
-                    let lease = grant.id();
-                    let txn = Txn::new()
-                        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(key.clone(), id, Some(PutOptions::new().with_lease(lease)))]);
-                    match client.txn(txn).await {
-                        Ok(resp) if resp.succeeded() => {
-                            let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
-                            let (me, lost2, stop2) = (self.clone(), lost.clone(), stop.clone());
-                            tokio::spawn(async move {
-                                if let Ended::Lost = me.keep(lease, &stop2).await {
-                                    lost2.cancel();
-                                }
-                            });
-                            return Ok(Leadership { id: id.to_owned(), lease: Lease::new(lost, stop) });
-                        }
-                        _ => {
-                            let _ = client.lease_revoke(lease).await;
-                        }
+            if !held && let Ok(grant) = client.lease_grant(self.ttl_secs(), None).await {
+                let lease = grant.id();
+                let txn = Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+                    key.clone(),
+                    id,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+                match client.txn(txn).await {
+                    Ok(resp) if resp.succeeded() => {
+                        let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
+                        let (me, lost2, stop2) = (self.clone(), lost.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            if let Ended::Lost = me.keep(lease, &stop2).await {
+                                lost2.cancel();
+                            }
+                        });
+                        return Ok(Leadership { id: id.to_owned(), lease: Lease::new(lost, stop) });
+                    }
+                    _ => {
+                        let _ = client.lease_revoke(lease).await;
                     }
                 }
+            }
             tokio::time::sleep(RETRY).await;
         }
     }
@@ -249,9 +250,8 @@ impl Membership for EtcdMembership {
     }
 
     async fn store_plan(&self, plan: &str, leader: &Leadership) -> Result<(), MembershipError> {
-        let txn = Txn::new()
-            .when([Compare::value(self.key("leader"), CompareOp::Equal, leader.id.as_str())])
-            .and_then([TxnOp::put(self.key("plan"), plan, None)]);
+        let txn =
+            Txn::new().when([Compare::value(self.key("leader"), CompareOp::Equal, leader.id.as_str())]).and_then([TxnOp::put(self.key("plan"), plan, None)]);
         let resp = self.client.clone().txn(txn).await.map_err(store)?;
         if !resp.succeeded() {
             return Err(MembershipError::NotLeader(format!("{} no longer holds the leader key", leader.id)));

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Lease, Leadership, MemberEvent, Membership, MembershipError, WorkerCard};
+use super::{Leadership, Lease, MemberEvent, Membership, MembershipError, WorkerCard};
 
 #[derive(Debug, Default)]
 pub struct MemoryMembership {

@@ -115,9 +115,7 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn load(loader: &Loader<'_, B>, prefix: &str) -> Result<Self> {
         let feed_forward = match loader.config.architecture {
             Architecture::Mistral => FeedForward::Mlp(Mlp::load(loader, &format!("{prefix}.mlp"))?),
-            Architecture::Mixtral => {
-                FeedForward::SparseMoe(SparseMoeBlock::load(loader, &format!("{prefix}.block_sparse_moe"))?)
-            }
+            Architecture::Mixtral => FeedForward::SparseMoe(SparseMoeBlock::load(loader, &format!("{prefix}.block_sparse_moe"))?),
         };
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::load(loader, &format!("{prefix}.input_layernorm"))?,
@@ -159,10 +157,8 @@ impl<B: Backend> CausalLm<B> {
     pub fn load(loader: &Loader<'_, B>) -> Result<Self> {
         let (c, par) = (loader.config, loader.par);
         let vocab = par.tp_part(c.vocab_size);
-        let embed_tokens = par
-            .is_first_stage()
-            .then(|| VocabParallelEmbedding::load(loader, "model.embed_tokens.weight", vocab.clone(), par.tp.clone()))
-            .transpose()?;
+        let embed_tokens =
+            par.is_first_stage().then(|| VocabParallelEmbedding::load(loader, "model.embed_tokens.weight", vocab.clone(), par.tp.clone())).transpose()?;
         let range = par.layers(c.num_hidden_layers);
         let layers = range
             .clone()
@@ -192,14 +188,7 @@ impl<B: Backend> CausalLm<B> {
     /// per layer of the stage). The first stage embeds `tokens`; the others receive the
     /// previous stage's activations; all but the last hand theirs on and return `None`. The
     /// last returns the logits `[logit_rows.len(), vocab]` of the rows asked for.
-    pub fn forward(
-        &self,
-        b: &B,
-        tokens: &[u32],
-        meta: &AttentionMeta,
-        caches: &mut [B::KvCache],
-        logit_rows: &[u32],
-    ) -> Result<Option<B::Tensor>> {
+    pub fn forward(&self, b: &B, tokens: &[u32], meta: &AttentionMeta, caches: &mut [B::KvCache], logit_rows: &[u32]) -> Result<Option<B::Tensor>> {
         let hidden = self.config.hidden_size;
         let mut x = match &self.embed_tokens {
             Some(embed) => embed.forward(b, tokens)?,

@@ -92,10 +92,7 @@ impl<B: Backend> ExpertParallel<B> {
             let xe = if rows[e].len() == tokens { x.clone() } else { b.gather_rows(x, &rows[e])? };
             outputs.push((e, expert.forward_partial(b, &xe)?));
         }
-        let parts: Vec<RowsUpdate<'_, B::Tensor>> = outputs
-            .iter()
-            .map(|(e, src)| RowsUpdate { rows: &rows[*e], weights: &row_weights[*e], src })
-            .collect();
+        let parts: Vec<RowsUpdate<'_, B::Tensor>> = outputs.iter().map(|(e, src)| RowsUpdate { rows: &rows[*e], weights: &row_weights[*e], src }).collect();
         all_reduce(b, &*self.tp, b.scatter_add_rows(tokens, &parts)?)
     }
 

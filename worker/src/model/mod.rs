@@ -101,7 +101,12 @@ impl<'a, B: Backend> Loader<'a, B> {
         }
         self.reported.set(now);
         let (bytes, secs) = (self.loaded_bytes.get() as f64, now.duration_since(self.started).as_secs_f64());
-        tracing::info!(layers = format!("{done}/{total}"), gb = format!("{:.2}", bytes / 1e9), gb_per_s = format!("{:.2}", bytes / 1e9 / secs.max(1e-9)), "loading weights");
+        tracing::info!(
+            layers = format!("{done}/{total}"),
+            gb = format!("{:.2}", bytes / 1e9),
+            gb_per_s = format!("{:.2}", bytes / 1e9 / secs.max(1e-9)),
+            "loading weights"
+        );
     }
 }
 

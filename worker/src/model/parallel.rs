@@ -49,14 +49,7 @@ pub struct RowParallelLinear<B: Backend> {
 }
 
 impl<B: Backend> RowParallelLinear<B> {
-    pub fn load(
-        loader: &Loader<'_, B>,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        part: Range<usize>,
-        comm: Arc<dyn Comm>,
-    ) -> Result<Self> {
+    pub fn load(loader: &Loader<'_, B>, prefix: &str, out: usize, inp: usize, part: Range<usize>, comm: Arc<dyn Comm>) -> Result<Self> {
         let shard = if part.len() == inp { Shard::Full } else { Shard::Range { dim: 1, start: part.start, len: part.len() } };
         Ok(RowParallelLinear { weight: loader.matrix(&format!("{prefix}.weight"), out, inp, shard, Role::Projection)?, comm })
     }
@@ -94,8 +87,7 @@ impl<B: Backend> VocabParallelEmbedding<B> {
         if local.iter().all(|&t| t < len) {
             return all_reduce(b, &*self.comm, b.embedding(&self.weight, &local)?);
         }
-        let (rows, hits): (Vec<u32>, Vec<u32>) =
-            local.iter().enumerate().filter(|&(_, &t)| t < len).map(|(i, &t)| (i as u32, t)).unzip();
+        let (rows, hits): (Vec<u32>, Vec<u32>) = local.iter().enumerate().filter(|&(_, &t)| t < len).map(|(i, &t)| (i as u32, t)).unzip();
         let x = if hits.is_empty() {
             b.upload_activations(vec![0.0; ids.len() * self.hidden], ids.len(), self.hidden)?
         } else {

@@ -48,9 +48,7 @@ impl Drop for WorkerProcess {
 
 /// A fixture directory: under `TRAMONTANE_FIXTURES` where set, else beside this crate.
 pub fn fixture(name: &str) -> PathBuf {
-    let dir = std::env::var_os("TRAMONTANE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
+    let dir = std::env::var_os("TRAMONTANE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
     dir.join(name)
 }
 

@@ -65,9 +65,9 @@ pub fn check_libraries() -> Result<()> {
         ]
     };
     match present.iter().find(|(_, ok)| !ok) {
-        Some((name, _)) => Err(EngineError::Backend(format!(
-            "{name} is not present on this machine (the CUDA backend loads it at run time; set LD_LIBRARY_PATH)"
-        ))),
+        Some((name, _)) => {
+            Err(EngineError::Backend(format!("{name} is not present on this machine (the CUDA backend loads it at run time; set LD_LIBRARY_PATH)")))
+        }
         None => Ok(()),
     }
 }
@@ -194,11 +194,7 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
 }
 
 /// Runs `f` on the device's default memory pool.
-fn with_pool(
-    ctx: &CudaContext,
-    what: &str,
-    f: impl FnOnce(cudarc::driver::sys::CUmemoryPool) -> cudarc::driver::sys::CUresult,
-) -> Result<()> {
+fn with_pool(ctx: &CudaContext, what: &str, f: impl FnOnce(cudarc::driver::sys::CUmemoryPool) -> cudarc::driver::sys::CUresult) -> Result<()> {
     use cudarc::driver::sys;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     // SAFETY: the device handle is live; the call writes the pool handle.
@@ -238,16 +234,7 @@ impl Cuda {
         }
         let blas = CudaBlas::new(stream.clone()).map_err(cuda_err("starting cuBLAS"))?;
         let device_name = ctx.name().map_err(cuda_err("reading the device name"))?;
-        Ok(Cuda {
-            inner: Arc::new(Inner {
-                ctx,
-                stream,
-                blas,
-                kernels,
-                uploads: Mutex::new(Uploads::default()),
-                device_name,
-            }),
-        })
+        Ok(Cuda { inner: Arc::new(Inner { ctx, stream, blas, kernels, uploads: Mutex::new(Uploads::default()), device_name }) })
     }
 
     pub fn device_name(&self) -> &str {

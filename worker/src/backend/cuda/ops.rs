@@ -234,9 +234,7 @@ impl Backend for Cuda {
                 let dtype = t.dtype;
                 self.upload(t, dtype)
             }
-            HostMatrix::Scaled { elem, .. } => {
-                Err(bad(format!("{elem:?} weights are not supported on the CUDA backend yet (use --quantization none)")))
-            }
+            HostMatrix::Scaled { elem, .. } => Err(bad(format!("{elem:?} weights are not supported on the CUDA backend yet (use --quantization none)"))),
         }
     }
 

@@ -66,11 +66,26 @@ fn the_portable_kernels_give_the_same_bits() {
             let (w, _) = stored(&w, elem);
             let (mut portable, mut selected) = (vec![0f32; n * m], vec![0f32; n * m]);
             let check = |portable: &mut [f32], selected: &mut [f32]| match elem {
-                Elem::F32 => (groups_portable::<F32>(&w, &x, m, k, portable), { let ks = Kernels::<F32>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
-                Elem::Bf16 => (groups_portable::<Bf16>(&w, &x, m, k, portable), { let ks = Kernels::<Bf16>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
-                Elem::F16 => (groups_portable::<F16>(&w, &x, m, k, portable), { let ks = Kernels::<F16>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
-                Elem::I8 => (groups_portable::<I8>(&w, &x, m, k, portable), { let ks = Kernels::<I8>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
-                Elem::E4m3 => (groups_portable::<E4m3>(&w, &x, m, k, portable), { let ks = Kernels::<E4m3>::select(); (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected) }),
+                Elem::F32 => (groups_portable::<F32>(&w, &x, m, k, portable), {
+                    let ks = Kernels::<F32>::select();
+                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
+                }),
+                Elem::Bf16 => (groups_portable::<Bf16>(&w, &x, m, k, portable), {
+                    let ks = Kernels::<Bf16>::select();
+                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
+                }),
+                Elem::F16 => (groups_portable::<F16>(&w, &x, m, k, portable), {
+                    let ks = Kernels::<F16>::select();
+                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
+                }),
+                Elem::I8 => (groups_portable::<I8>(&w, &x, m, k, portable), {
+                    let ks = Kernels::<I8>::select();
+                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
+                }),
+                Elem::E4m3 => (groups_portable::<E4m3>(&w, &x, m, k, portable), {
+                    let ks = Kernels::<E4m3>::select();
+                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
+                }),
             };
             check(&mut portable, &mut selected);
             assert_eq!(bits(&portable), bits(&selected), "{elem:?} m{m} k{k}");
@@ -162,7 +177,10 @@ fn every_instruction_set_gives_the_same_bits() {
                 for rows in 1..=most.min(m) {
                     let mut got = vec![0f32; 7 * rows];
                     few(&w[..7 * row], &x[..rows * k], rows, k, &mut got);
-                    let want: Vec<f32> = (0..7).flat_map(|r| (0..rows).map(move |i| (r, i))).map(|(r, i)| dot_portable::<S>(&w[r * row..(r + 1) * row], &x0[i * k..(i + 1) * k])).collect();
+                    let want: Vec<f32> = (0..7)
+                        .flat_map(|r| (0..rows).map(move |i| (r, i)))
+                        .map(|(r, i)| dot_portable::<S>(&w[r * row..(r + 1) * row], &x0[i * k..(i + 1) * k]))
+                        .collect();
                     assert_eq!(bits(&got), bits(&want), "{what}: few, {rows} x rows");
                 }
             }
