@@ -56,6 +56,14 @@ fn every_element_type_gives_the_bits_of_its_f32_copy() {
     }
 }
 
+/// The blocked products of the portable kernels and of the set this CPU selects (with `x`
+/// arranged as that set reads it).
+fn portable_and_selected<S: Stored>(w: &[u8], x: &[f32], m: usize, k: usize, portable: &mut [f32], selected: &mut [f32]) {
+    groups_portable::<S>(w, x, m, k, portable);
+    let kernels = Kernels::<S>::select();
+    (kernels.groups)(w, (kernels.arrange)(x, k).as_deref().unwrap_or(x), m, k, selected);
+}
+
 #[test]
 fn the_portable_kernels_give_the_same_bits() {
     for (m, k) in [(1, 100), (2, 100), (5, 1553), (9, 64)] {
@@ -65,29 +73,13 @@ fn the_portable_kernels_give_the_same_bits() {
         for elem in ELEMS {
             let (w, _) = stored(&w, elem);
             let (mut portable, mut selected) = (vec![0f32; n * m], vec![0f32; n * m]);
-            let check = |portable: &mut [f32], selected: &mut [f32]| match elem {
-                Elem::F32 => (groups_portable::<F32>(&w, &x, m, k, portable), {
-                    let ks = Kernels::<F32>::select();
-                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
-                }),
-                Elem::Bf16 => (groups_portable::<Bf16>(&w, &x, m, k, portable), {
-                    let ks = Kernels::<Bf16>::select();
-                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
-                }),
-                Elem::F16 => (groups_portable::<F16>(&w, &x, m, k, portable), {
-                    let ks = Kernels::<F16>::select();
-                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
-                }),
-                Elem::I8 => (groups_portable::<I8>(&w, &x, m, k, portable), {
-                    let ks = Kernels::<I8>::select();
-                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
-                }),
-                Elem::E4m3 => (groups_portable::<E4m3>(&w, &x, m, k, portable), {
-                    let ks = Kernels::<E4m3>::select();
-                    (ks.groups)(&w, (ks.arrange)(&x, k).as_deref().unwrap_or(&x), m, k, selected)
-                }),
-            };
-            check(&mut portable, &mut selected);
+            match elem {
+                Elem::F32 => portable_and_selected::<F32>(&w, &x, m, k, &mut portable, &mut selected),
+                Elem::Bf16 => portable_and_selected::<Bf16>(&w, &x, m, k, &mut portable, &mut selected),
+                Elem::F16 => portable_and_selected::<F16>(&w, &x, m, k, &mut portable, &mut selected),
+                Elem::I8 => portable_and_selected::<I8>(&w, &x, m, k, &mut portable, &mut selected),
+                Elem::E4m3 => portable_and_selected::<E4m3>(&w, &x, m, k, &mut portable, &mut selected),
+            }
             assert_eq!(bits(&portable), bits(&selected), "{elem:?} m{m} k{k}");
         }
     }
