@@ -39,8 +39,8 @@ pub fn arrange<S: Stored>(x: &[f32], k: usize) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// Eight elements of type `S` at `p`, widened to f32 (exactly; E4M3 through f16, as in
-/// the AVX-512 kernels).
+/// Eight elements of type `S` at `p`, widened to f32 exactly (E4M3 as its value times 2⁻⁸:
+/// see [`e4m3_as_f16`]).
 ///
 /// # Safety
 /// AVX2, FMA and F16C; `8 · S::KIND.bytes()` bytes readable at `p`.
@@ -54,14 +54,22 @@ unsafe fn load8<S: Stored>(p: *const u8) -> __m256 {
             Elem::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())))),
             Elem::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
             Elem::I8 => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))),
-            Elem::E4m3 => {
-                let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.cast()));
-                let sign = _mm_slli_epi16::<8>(_mm_and_si128(b, _mm_set1_epi16(0x80)));
-                let rest = _mm_slli_epi16::<7>(_mm_and_si128(b, _mm_set1_epi16(0x7F)));
-                _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, rest)), _mm256_set1_ps(256.0))
-            }
+            Elem::E4m3 => _mm256_cvtph_ps(_mm256_castsi256_si128(e4m3_as_f16(_mm256_cvtepi8_epi16(_mm_loadl_epi64(p.cast()))))),
         }
     }
+}
+
+/// FP8 E4M3 bytes, sign-extended to 16 bits, as the f16 of their value times 2⁻⁸: E4M3's
+/// exponent (bias 7) and mantissa read as f16's (bias 15, three mantissa bits shifted to
+/// the top of ten) scale every value by 2⁻⁸, subnormals included, so a shift by seven and a
+/// mask (keeping the sign that the extension put in bit 15, clearing the one shifted into
+/// bit 14) are the whole conversion. [`reduce`] multiplies by 2⁸ once per dot product:
+/// scaling by a power of two commutes with every rounding of the sum (barring f32
+/// underflow), so the bits are those of the exact values'.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn e4m3_as_f16(sign_extended: __m256i) -> __m256i {
+    _mm256_and_si256(_mm256_slli_epi16::<7>(sign_extended), _mm256_set1_epi16(0xBF80_u16 as i16))
 }
 
 /// The sixteen elements at element `i` of row `p`, widened, as the two registers that hold
@@ -80,6 +88,10 @@ unsafe fn load16<S: Stored>(p: *const u8, i: usize) -> (__m256, __m256) {
             let even = _mm256_slli_epi32::<16>(v);
             let odd = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000_u32 as i32));
             (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
+        } else if S::KIND == Elem::E4m3 {
+            // Sixteen bytes at once: one extension, shift and mask for both registers.
+            let h = e4m3_as_f16(_mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(i).cast())));
+            (_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)))
         } else {
             (load8::<S>(p.add(i * b)), load8::<S>(p.add((i + 8) * b)))
         }
@@ -106,7 +118,9 @@ fn reduce<S: Stored>(r0: __m256, r1: __m256) -> f32 {
         let two = pairs(fold(_mm256_add_ps(r0, r1)));
         _mm_add_ss(two, _mm_movehdup_ps(two))
     };
-    _mm_cvtss_f32(last)
+    // E4M3 lanes hold their values times 2⁻⁸ (see `e4m3_as_f16`).
+    let scale = if S::KIND == Elem::E4m3 { 256.0 } else { 1.0 };
+    _mm_cvtss_f32(last) * scale
 }
 
 /// Whether to prefetch at element `i`: once per 64-byte line of the weight row.
@@ -128,13 +142,9 @@ fn line_start<S: Stored>(i: usize) -> bool {
 unsafe fn stream<S: Stored, const R: usize, const M: usize>(w: [*const u8; R], x: [*const f32; M], k16: usize, ahead: usize) -> [[[__m256; 2]; M]; R] {
     let b = S::KIND.bytes();
     let mut acc = [[[_mm256_setzero_ps(); 2]; M]; R];
-    let mut i = 0;
-    while i < k16 {
-        let prefetch = line_start::<S>(i);
+    // One chunk of sixteen into every accumulator of each weight row.
+    let chunk = |i: usize, acc: &mut [[[__m256; 2]; M]; R]| {
         for (p, acc) in w.iter().zip(acc.iter_mut()) {
-            if prefetch {
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(i * b + ahead).cast());
-            }
             // SAFETY (every load): i + 16 <= k16 bounds every row.
             let (w0, w1) = unsafe { load16::<S>(*p, i) };
             for (px, acc) in x.iter().zip(acc.iter_mut()) {
@@ -142,6 +152,23 @@ unsafe fn stream<S: Stored, const R: usize, const M: usize>(w: [*const u8; R], x
                 acc[1] = _mm256_fmadd_ps(w1, unsafe { _mm256_loadu_ps(px.add(i + 8)) }, acc[1]);
             }
         }
+    };
+    // A 64-byte line of each weight row per turn (unrolled: a prefetch per line, no branch),
+    // then the chunks that do not fill a line.
+    let per_line = (64 / (16 * b)).max(1);
+    let lines = k16 / (16 * per_line) * (16 * per_line);
+    let mut i = 0;
+    while i < lines {
+        for p in &w {
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(i * b + ahead).cast());
+        }
+        for u in 0..per_line {
+            chunk(i + 16 * u, &mut acc);
+        }
+        i += 16 * per_line;
+    }
+    while i < k16 {
+        chunk(i, &mut acc);
         i += 16;
     }
     acc
