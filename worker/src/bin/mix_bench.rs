@@ -108,6 +108,8 @@ struct Loaded {
     rss: u64,
     weight_bytes: usize,
     prefill: Option<f64>,
+    /// The rate at which this machine gives fresh memory, measured just before the load.
+    touch_rate: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -139,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                 load_format: LoadFormat::Dummy,
                 cache: CacheConfig { num_blocks: 64 * max_batch, block_size: 16 },
             };
+            let touch_rate = if round == 1 { touch_rate(&config, p)? } else { 0.0 };
             let started = Instant::now();
             let engine = Engine::from_source(Cpu, &config, &WeightSource::Dummy { seed: 0 }, &options, Parallel::single())?;
             let load_secs = started.elapsed().as_secs_f64();
@@ -153,7 +156,7 @@ fn main() -> anyhow::Result<()> {
             }
             if round == 1 {
                 let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 1)).transpose()?;
-                loaded.push(Loaded { load_secs, rss, weight_bytes, prefill });
+                loaded.push(Loaded { load_secs, rss, weight_bytes, prefill, touch_rate });
             }
             drop(generator);
             if args.peers && !peers_first {
@@ -201,15 +204,20 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("| precision | load s | weights | RSS after load | prefill tok/s ({} tokens) | llama.cpp prefill tok/s |", args.prefill_len);
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| precision | load s | weights | load GB/s | fresh memory GB/s | RSS after load | prefill tok/s ({} tokens) | llama.cpp prefill tok/s |",
+        args.prefill_len
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, (p, l)) in precisions.iter().zip(&loaded).enumerate() {
         let cpp = median(rounds.iter().map(|r| r[i].peers.get("llama.cpp")?.get("prefill")?.as_f64()));
         println!(
-            "| {} | {:.1} | {:.2} GB | {:.2} GB | {} | {} |",
+            "| {} | {:.1} | {:.2} GB | {:.2} | {:.2} | {:.2} GB | {} | {} |",
             p.label,
             l.load_secs,
             l.weight_bytes as f64 / 1e9,
+            l.weight_bytes as f64 / l.load_secs / 1e9,
+            l.touch_rate / 1e9,
             l.rss as f64 / 1e9,
             tok_s_cell(l.prefill),
             tok_s_cell(cpp)
@@ -251,6 +259,20 @@ fn main() -> anyhow::Result<()> {
 /// A `/proc/self/status` figure in bytes (`VmRSS`, `VmHWM`), or 0 where unknown.
 fn resident_bytes(field: &str) -> u64 {
     worker::serving::proc_kb_field("/proc/self/status", field)
+}
+
+/// Bytes per second at which this machine hands out fresh memory: a mapping of the
+/// precision's weight bytes (at most 4 GiB), one write per 4 KiB page from every thread,
+/// then unmapped. A load cannot make weights faster than this; on a virtual machine it is
+/// often the bound, and it drifts.
+fn touch_rate(c: &ModelConfig, p: &Precision) -> anyhow::Result<f64> {
+    let len = ((c.num_parameters() as f64 * p.bytes_per_weight) as usize).clamp(1 << 20, 4 << 30);
+    let started = Instant::now();
+    let mut map = memmap2::MmapMut::map_anon(len)?;
+    map.par_chunks_mut(4096).for_each(|page| page[0] = 1);
+    let secs = started.elapsed().as_secs_f64();
+    drop(map);
+    Ok(len as f64 / secs)
 }
 
 /// Rows of x the kernel sweep measures, besides each batch's rows per expert.
