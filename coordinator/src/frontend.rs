@@ -138,6 +138,16 @@ impl Frontend {
         self.pool.borrow().clone()
     }
 
+    /// The placement as it changes.
+    pub fn pool_changes(&self) -> watch::Receiver<Arc<Pool>> {
+        self.pool.clone()
+    }
+
+    /// Whether requests are served now: a replica serves and shutdown has not begun.
+    pub fn ready(&self) -> bool {
+        !self.stopping() && !self.pool().replicas.is_empty()
+    }
+
     /// Validates and starts a generation that must finish within `timeout`. It is routed to
     /// the least-loaded replica; while none serves (the cluster is changing shape) it waits.
     pub fn start(&self, request_id: Option<String>, raw: RawRequest, timeout: std::time::Duration) -> Result<Generation, FrontendError> {

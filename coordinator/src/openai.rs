@@ -411,7 +411,7 @@ async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
 }
 
 async fn health(State(Api { frontend, .. }): State<Api>) -> StatusCode {
-    if frontend.stopping() || frontend.pool().replicas.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
+    if frontend.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use proto::tramontane::v1::inference_server::InferenceServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -57,11 +56,15 @@ pub struct ServeConfig {
 pub struct Prepared {
     pub frontend: Frontend,
     pub control: ControlHandle,
+    /// Resolves with the reason this coordinator can never serve: the workers of a fixed
+    /// cluster (all answering) cannot hold the model.
+    pub fatal: tokio::sync::oneshot::Receiver<anyhow::Error>,
 }
 
-/// Reads the model, starts membership and the placement controller. Without etcd it waits
-/// until the first placement is loaded on the workers; with etcd it returns at once (a
-/// standby serves nothing until it leads).
+/// Reads the model, starts membership and the placement controller, and returns at once:
+/// the API is up and not ready until a placement is loaded. Without etcd, the fixed workers
+/// are registered once every one of them answers (each may start after the coordinator);
+/// with etcd they register themselves (and a standby serves nothing until it leads).
 pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
@@ -74,40 +77,22 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         block_size: cfg.block_size,
     };
     let metrics = Arc::new(Metrics::default());
-    let membership: Arc<dyn Membership> = if cfg.etcd.is_empty() {
-        anyhow::ensure!(!cfg.workers.is_empty(), "give the workers (--worker) or an etcd cluster to find them in (--etcd)");
-        let world = cfg.layout.world();
-        anyhow::ensure!(
-            cfg.workers.len().is_multiple_of(world),
-            "{} workers cannot form replicas of {world} ranks (tp {} x ep {} x pp {}): give a multiple of {world}",
-            cfg.workers.len(),
-            cfg.layout.tp,
-            cfg.layout.ep,
-            cfg.layout.pp
-        );
-        let m = MemoryMembership::new();
-        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
-        for (i, address) in cfg.workers.iter().enumerate() {
-            // Its memory and pid: the planner sizes placements by what each worker offers.
-            let id = format!("worker-{i}");
-            let health = first_health(&id, address, deadline).await?;
-            if health.memory_bytes == 0 {
-                tracing::warn!(worker = %id, %address, "the worker does not report its memory: placing as if it held anything");
-            }
-            let card = WorkerCard {
-                id,
-                address: address.clone(),
-                device: "cpu".into(),
-                memory_bytes: health.memory_bytes,
-                version: String::new(),
-                pid: health.pid,
-                restarts: health.restarts,
-            };
-            m.register(&card).await?;
+    let fixed = cfg.etcd.is_empty().then(|| Arc::new(MemoryMembership::new()));
+    let membership: Arc<dyn Membership> = match &fixed {
+        Some(m) => {
+            anyhow::ensure!(!cfg.workers.is_empty(), "give the workers (--worker) or an etcd cluster to find them in (--etcd)");
+            let world = cfg.layout.world();
+            anyhow::ensure!(
+                cfg.workers.len().is_multiple_of(world),
+                "{} workers cannot form replicas of {world} ranks (tp {} x ep {} x pp {}): give a multiple of {world}",
+                cfg.workers.len(),
+                cfg.layout.tp,
+                cfg.layout.ep,
+                cfg.layout.pp
+            );
+            m.clone()
         }
-        Arc::new(m)
-    } else {
-        Arc::new(EtcdMembership::connect(&cfg.etcd, &cfg.cluster, cfg.lease_ttl).await?)
+        None => Arc::new(EtcdMembership::connect(&cfg.etcd, &cfg.cluster, cfg.lease_ttl).await?),
     };
     let control_cfg = ControlConfig {
         model: cfg.model.clone(),
@@ -126,14 +111,20 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         },
         id: cfg.id.clone(),
     };
-    let (pool_tx, mut pool_rx) = watch::channel(Arc::new(Pool::default()));
+    let (pool_tx, pool_rx) = watch::channel(Arc::new(Pool::default()));
     let control = control::spawn(control_cfg, membership, pool_tx, metrics.clone());
-    if cfg.etcd.is_empty() {
-        let placed = pool_rx.wait_for(|p| p.leading && (!p.replicas.is_empty() || p.no_capacity.is_some()));
-        let pool = tokio::time::timeout(Duration::from_secs(900), placed).await.context("waiting for the workers to load")??.clone();
-        if let Some(reason) = &pool.no_capacity {
-            anyhow::bail!("the workers cannot serve the model: {reason}");
-        }
+    let (fatal_tx, fatal) = tokio::sync::oneshot::channel();
+    if let Some(m) = fixed {
+        // The API serves at once (not ready) while the workers are found and loaded.
+        let (workers, control, pool) = (cfg.workers.clone(), control.clone(), pool_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = enrol(&m, &workers, &control, pool).await {
+                let _ = fatal_tx.send(e);
+            }
+        });
+    } else {
+        // Never sent: a coordinator on etcd waits for workers and leadership as long as it runs.
+        std::mem::forget(fatal_tx);
     }
     let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let served = Served {
@@ -143,27 +134,61 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         chat_template: ChatTemplate::load(&cfg.model).map_err(anyhow::Error::msg)?,
         limits: ModelLimits { vocab_size: config.vocab_size, max_context: config.max_position_embeddings, eos_token_ids: config.eos_token_ids.clone() },
     };
-    Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics), control })
+    Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics), control, fatal })
 }
 
-/// How long a coordinator of a fixed cluster waits for its workers' first Health answers
-/// (workers may start after it).
-const WORKER_WAIT: Duration = Duration::from_secs(300);
+/// Registers the workers of a fixed cluster once every one has answered its first Health
+/// (with its memory and pid: the planner sizes placements by what each offers), all at
+/// once so the first placement sees them all; then an error if that placement cannot be
+/// made (the set of workers is fixed, so it never could).
+async fn enrol(m: &MemoryMembership, workers: &[String], control: &ControlHandle, mut pool: watch::Receiver<Arc<Pool>>) -> anyhow::Result<()> {
+    let mut cards = Vec::new();
+    for (i, address) in workers.iter().enumerate() {
+        let id = format!("worker-{i}");
+        let health = first_health(&id, address).await;
+        if health.memory_bytes == 0 {
+            tracing::warn!(worker = %id, %address, "the worker does not report its memory: placing as if it held anything");
+        }
+        cards.push(WorkerCard {
+            id,
+            address: address.clone(),
+            device: "cpu".into(),
+            memory_bytes: health.memory_bytes,
+            version: String::new(),
+            pid: health.pid,
+            restarts: health.restarts,
+        });
+    }
+    for card in &cards {
+        m.register(card).await?;
+    }
+    loop {
+        let placed = pool.wait_for(|p| p.leading && (!p.replicas.is_empty() || p.no_capacity.is_some())).await?.clone();
+        if !placed.replicas.is_empty() {
+            return Ok(());
+        }
+        // The controller may not have seen every registration yet: once it has (its status
+        // lists them all), the pool it published last was placed with all of them.
+        let seen = control.status().await.map_err(anyhow::Error::msg)?.workers.len();
+        if seen == cards.len()
+            && let Some(reason) = pool.borrow().no_capacity.clone()
+            && pool.borrow().replicas.is_empty()
+        {
+            anyhow::bail!("the workers cannot serve the model: {reason}");
+        }
+        pool.changed().await?;
+    }
+}
 
-/// The worker's first Health answer, retried until it comes (the worker may not listen yet)
-/// or `deadline` passes; a line is logged while waiting.
-async fn first_health(id: &str, address: &str, deadline: tokio::time::Instant) -> anyhow::Result<proto::tramontane::worker::v1::HealthResponse> {
+/// The worker's first Health answer, retried until it comes (the worker may not listen yet);
+/// a line is logged while waiting.
+async fn first_health(id: &str, address: &str) -> proto::tramontane::worker::v1::HealthResponse {
     let started = tokio::time::Instant::now();
     let mut next_log = Duration::from_secs(2);
     loop {
         if let Some(health) = control::worker_health(address, Duration::from_secs(2)).await {
-            return Ok(health);
+            return health;
         }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{id} at {address} did not answer within {} s of the coordinator's start: is the worker running there?",
-            WORKER_WAIT.as_secs()
-        );
         let waited = started.elapsed();
         if waited >= next_log {
             tracing::info!(worker = %id, %address, waited_s = waited.as_secs(), "waiting for the worker to answer");
@@ -194,14 +219,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let request_timeout = timeouts.request;
-    let Prepared { frontend, control } = prepared;
+    let Prepared { frontend, control, fatal } = prepared;
     // The servers close only once the requests in flight have ended.
     let closed = CancellationToken::new();
     let incoming = worker::serving::nodelay_incoming(grpc);
-    // Standard grpc.health.v1: SERVING once the model is loaded on every worker (it is, by
-    // the time `serve` runs), for the whole server and for the Inference service.
+    // Standard grpc.health.v1, for the whole server and for the Inference service: SERVING
+    // while a placement serves (as HTTP `/health`), NOT_SERVING before, between and after.
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<InferenceServer<InferenceService>>().await;
+    tokio::spawn(follow_readiness(frontend.clone(), health.clone()));
     let reflection = || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET);
     let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let grpc_server = tonic::transport::Server::builder()
@@ -239,14 +264,35 @@ pub async fn serve(
         drain.await;
         tokio::time::sleep(CLOSE_GRACE).await;
     };
+    let fatal = async {
+        match fatal.await {
+            Ok(e) => e,
+            Err(_) => std::future::pending().await,
+        }
+    };
     tokio::select! {
         (g, h) = async { tokio::join!(grpc_server, http_server) } => {
             g?;
             h?;
         }
         () = drained_then_grace => tracing::info!("clients keep idle connections open; closing them"),
+        e = fatal => return Err(e),
     }
     Ok(())
+}
+
+/// Keeps the gRPC health status in line with readiness: SERVING while a replica serves and
+/// shutdown has not begun.
+async fn follow_readiness(frontend: Frontend, health: tonic_health::server::HealthReporter) {
+    let mut pool = frontend.pool_changes();
+    loop {
+        let status = if frontend.ready() { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+        health.set_service_status("", status).await;
+        health.set_service_status(<InferenceServer<InferenceService> as tonic::server::NamedService>::NAME, status).await;
+        if frontend.stopping() || pool.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// How long the servers may wait for clients' idle connections once every request ended.

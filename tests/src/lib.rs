@@ -106,6 +106,29 @@ impl Drop for Server {
 
 /// The `etcd` binary; Debian's `etcd-server` is installed when it is missing (root, or
 /// sudo without a password), otherwise the test stops with what to install.
+/// A raw HTTP/1.1 exchange with `addr`: the response, head and body, until the server
+/// closes; empty when nothing answers.
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    let _ =
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Waits until the coordinator whose HTTP API is at `addr` is ready (`/health` 200), as a
+/// load balancer's readiness probe would.
+pub fn wait_ready(addr: &str, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while !http(addr, "GET", "/health", "").starts_with("HTTP/1.1 200") {
+        assert!(std::time::Instant::now() < deadline, "the coordinator at {addr} was not ready within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 pub fn etcd_binary() -> PathBuf {
     static FOUND: OnceLock<PathBuf> = OnceLock::new();
     FOUND
@@ -130,7 +153,8 @@ pub fn etcd_binary() -> PathBuf {
         .clone()
 }
 
-fn free_port() -> u16 {
+/// A TCP port free on the loopback interface now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 

@@ -47,7 +47,9 @@ fn start_with(model: &str, workers: usize, extra: &[&str]) -> Cluster {
         .chain(extra.iter().copied())
         .collect::<Vec<_>>(),
     );
-    assert!(coordinator.next_line().starts_with("http listening on "));
+    let http = coordinator.next_line().strip_prefix("http listening on ").expect("the HTTP address").to_owned();
+    // The APIs are up at once; the model is served once the workers loaded it.
+    tests::wait_ready(&http, std::time::Duration::from_secs(300));
     Cluster { workers, coordinator }
 }
 

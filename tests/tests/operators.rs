@@ -7,13 +7,12 @@
 //! explicit error when its shutdown timeout passes, never silently. Each case prints its
 //! detection and recovery times.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use tests::client::{inference, status, stream_ids, wait_for};
 use tests::cluster::{coordinator, coordinator_with_http, worker};
 use tests::load::{all_complete, prompts, replicas, solo, streams};
-use tests::{Etcd, Server};
+use tests::{Etcd, Server, fixture, free_port, http, wait_ready};
 
 /// The cases share two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -104,15 +103,36 @@ fn sigterm(server: &Server) {
     assert!(std::process::Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill runs").success());
 }
 
-/// A raw HTTP/1.1 exchange with `addr` (the response, head and body, until the server closes).
-fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connects");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
-        .expect("writes");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+#[tokio::test]
+async fn a_coordinator_is_up_and_not_ready_until_its_worker_starts() {
+    let _one = SERIAL.lock().await;
+    // Without etcd, the coordinator of a fixed worker that is not running yet.
+    let address = format!("127.0.0.1:{}", free_port());
+    let model = fixture("mistral-v1-tiny").display().to_string();
+    let started = Instant::now();
+    let mut c = Server::start("coordinator", &["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model, "--worker", &address]);
+    let http_addr = c.next_line().strip_prefix("http listening on ").expect("the HTTP address").to_owned();
+    let listening = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let health = http(&http_addr, "GET", "/health", "");
+    assert!(health.starts_with("HTTP/1.1 503"), "not ready without its worker: {health}");
+    let mut grpc_health =
+        tonic_health::pb::health_client::HealthClient::new(tonic::transport::Endpoint::from_shared(c.url()).expect("url").connect().await.expect("connects"));
+    let status = grpc_health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health").into_inner().status;
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
+    // A request sent now is refused with a status clients retry on.
+    let mut early = inference(c.url()).await;
+    let refused = stream_ids(&mut early, &[1, 2, 3], 4).await;
+    assert!(matches!(&refused, Err(s) if s.code() == tonic::Code::Unavailable), "a request before the worker: {refused:?}");
+    let _worker = Server::start("worker", &["serve", "--listen", &address]);
+    let worker_started = Instant::now();
+    let ready_addr = http_addr.clone();
+    tokio::task::spawn_blocking(move || wait_ready(&ready_addr, LIMIT)).await.expect("joins");
+    let ready = worker_started.elapsed();
+    let status = grpc_health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health").into_inner().status;
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(solo(&inference(c.url()).await, 16).await.len(), 16);
+    eprintln!("coordinator before its worker: listening {listening:?} after its start, ready {ready:?} after the worker's start; 16 requests complete");
 }
 
 #[tokio::test]

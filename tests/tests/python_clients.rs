@@ -52,6 +52,8 @@ fn official_python_clients_work_end_to_end() {
     );
     let line = coordinator.next_line();
     let http = line.strip_prefix("http listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}")).to_owned();
+    // The APIs are up at once; the model is served once the workers loaded it.
+    tests::wait_ready(&http, std::time::Duration::from_secs(300));
 
     run(Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])

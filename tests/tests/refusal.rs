@@ -136,7 +136,8 @@ async fn tramctl_up_refuses_it_too_and_splits_the_host_memory_among_its_workers(
     let mut up = Command::new(binary("tramctl"));
     up.args(["up", "--workers", "2", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--kv-blocks", "64"]).env_remove("TRAMONTANE_MEMORY_BYTES");
     let mut cluster = Server::spawn("tramctl", up);
-    assert!(cluster.next_line().starts_with("http listening on "));
+    let http = cluster.next_line().strip_prefix("http listening on ").expect("the HTTP address").to_owned();
+    tests::wait_ready(&http, Duration::from_secs(300));
     let workers = status(cluster.url()).await.workers;
     let memory: Vec<u64> = workers.iter().map(|w| w.memory_bytes).collect();
     let total = worker::serving::proc_kb_field("/proc/meminfo", "MemTotal");

@@ -274,24 +274,45 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         .args(["--kv-blocks", &a.kv_blocks.to_string()])
         .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()]);
     let lines = spawn(&mut children, "coordinator", &mut coordinator, 2)?;
-    // Same first lines as the coordinator's, so scripts can find the APIs.
+    // Same first lines as the coordinator's, so scripts can find the APIs: bound, and ready
+    // once `/health` (or gRPC health) says so.
     println!("{}\n{}", lines[0], lines[1]);
     std::io::stdout().flush()?;
-    eprintln!(
-        "tramctl: cluster up: gRPC {}, HTTP {} (Ctrl-C stops it)",
-        lines[0].trim_start_matches("listening on "),
-        lines[1].trim_start_matches("http listening on ")
-    );
+    let grpc = lines[0].trim_start_matches("listening on ").to_owned();
+    eprintln!("tramctl: cluster up: gRPC {grpc}, HTTP {} (Ctrl-C stops it)", lines[1].trim_start_matches("http listening on "));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let shutdown = worker::serving::shutdown_on_signal();
+        let started = std::time::Instant::now();
+        let (mut ready, mut next_note) = (false, std::time::Duration::from_secs(10));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => supervise(&mut children, &mut workers, a.no_restart)?,
             }
+            if ready {
+                continue;
+            }
+            if serving(&grpc).await {
+                ready = true;
+                eprintln!("tramctl: serving ({} s after the start)", started.elapsed().as_secs());
+            } else if started.elapsed() >= next_note {
+                eprintln!("tramctl: waiting for the model to load on the workers ({} s)", started.elapsed().as_secs());
+                next_note += std::time::Duration::from_secs(10);
+            }
         }
     })
+}
+
+/// Whether the coordinator at `grpc` reports SERVING on the standard gRPC health service.
+async fn serving(grpc: &str) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).ok()?.connect().await.ok()?;
+        let mut c = HealthClient::new(channel);
+        c.check(HealthCheckRequest { service: String::new() }).await.ok().map(|r| r.into_inner().status)
+    };
+    matches!(tokio::time::timeout(std::time::Duration::from_secs(2), check).await, Ok(Some(s)) if s == ServingStatus::Serving as i32)
 }
 
 /// A worker `tramctl up` runs, and how to start it again.
