@@ -72,6 +72,8 @@ enum Request {
     Drain(String, Reply<Result<(), String>>),
     Status(Reply<ClusterView>),
     Plan(Reply<Result<Vec<PlannedReplica>, String>>),
+    /// Stop leading (the coordinator is exiting): give the leadership lease up.
+    Resign(Reply<()>),
 }
 
 /// Clonable handle to the controller.
@@ -96,11 +98,20 @@ impl ControlHandle {
         self.ask(Request::Status).await
     }
 
+    /// Stops the controller and gives its leadership up (revoked on etcd, so a standby leads
+    /// at once rather than when the lease would expire); waits at most `limit`.
+    pub async fn resign(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.ask(Request::Resign)).await;
+    }
+
     /// The placement the current workers would get.
     pub async fn plan(&self) -> Result<Vec<PlannedReplica>, String> {
         self.ask(Request::Plan).await?
     }
 }
+
+/// The longest a resigning leader waits for etcd to revoke its lease.
+const RELEASE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Starts the controller: it campaigns for leadership, then places replicas and publishes
 /// them on `pool`. The returned handle answers at once (a standby reports no placement).
@@ -135,6 +146,7 @@ async fn run(
                     Request::Status(r) => { let _ = r.send(ClusterView::default()); }
                     Request::Drain(_, r) => { let _ = r.send(Err("this coordinator is a standby: not the leader".into())); }
                     Request::Plan(r) => { let _ = r.send(Err("this coordinator is a standby: not the leader".into())); }
+                    Request::Resign(r) => { let _ = r.send(()); return Ok(()); }
                 },
             }
         }
@@ -175,7 +187,16 @@ async fn run(
                 c.reconcile().await?;
             }
             Some(down) = down_rx.recv() => c.replica_down(down).await?,
-            Some(req) = requests.recv() => c.request(req).await?,
+            Some(req) = requests.recv() => {
+                if let Request::Resign(r) = req {
+                    let Leadership { id, lease } = c.leadership;
+                    let released = lease.release(RELEASE_LIMIT).await;
+                    tracing::info!(%id, released, "resigned the leadership");
+                    let _ = r.send(());
+                    return Ok(());
+                }
+                c.request(req).await?
+            }
             _ = tick.tick() => {
                 c.probe_suspects().await;
                 if c.dirty {
@@ -480,6 +501,10 @@ impl Controller {
 
     async fn request(&mut self, req: Request) -> Result<(), MembershipError> {
         match req {
+            // Handled by the loop, which stops.
+            Request::Resign(reply) => {
+                let _ = reply.send(());
+            }
             Request::Status(reply) => {
                 let _ = reply.send(self.view());
             }

@@ -234,7 +234,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InferenceServer::new(InferenceService::new(frontend.clone(), request_timeout)))
-        .add_service(proto::tramontane::v1::admin_server::AdminServer::new(AdminService::new(frontend.clone(), control)))
+        .add_service(proto::tramontane::v1::admin_server::AdminServer::new(AdminService::new(frontend.clone(), control.clone())))
         .serve_with_incoming_shutdown(incoming, closed.clone().cancelled_owned());
     let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -256,6 +256,8 @@ pub async fn serve(
             let _ = tokio::time::timeout(Duration::from_secs(5), until_idle(&frontend)).await;
         }
         tracing::info!(took = ?started.elapsed(), "every request ended; closing");
+        // A standby leads at once rather than when the leadership lease would expire.
+        control.resign(Duration::from_secs(3)).await;
         closed.cancel();
     };
     // Both servers wait for their connections to close; clients may keep idle ones open, so

@@ -144,11 +144,33 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("listening on {addr}");
         std::io::stdout().flush()?;
         tracing::info!(%addr, device = %args.device, "worker listening");
-        // Registered for as long as this lives; dropping it revokes the lease.
-        let _registration = if args.membership.etcd.is_empty() { None } else { Some(register(&args, addr, handle.clone()).await?) };
-        worker::service::serve(listener, handle, shutdown).await.map_err(|e| anyhow::anyhow!(e))
+        // Registered until SIGTERM: then the lease is revoked at once, so the leader moves this
+        // worker's sequences now rather than when the lease would expire.
+        let registration = if args.membership.etcd.is_empty() { None } else { Some(register(&args, addr, handle.clone()).await?) };
+        let released = registration.map(|lease| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                if !lease.release(RELEASE_LIMIT).await {
+                    tracing::warn!("could not revoke the registration on etcd; it expires with its lease");
+                }
+            })
+        });
+        let stopping = shutdown.clone();
+        let served = worker::service::serve(listener, handle, shutdown).await.map_err(|e| anyhow::anyhow!(e));
+        if let Some(released) = released {
+            if stopping.is_cancelled() {
+                let _ = released.await;
+            } else {
+                released.abort();
+            }
+        }
+        served
     })
 }
+
+/// The longest a stopping process waits for etcd to revoke its lease.
+const RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Registers this worker's card on etcd (waiting for etcd with capped backoff, never exiting
 /// for an outage); a lost lease unloads the model (no zombie keeps serving a placement that

@@ -179,9 +179,10 @@ impl EtcdMembership {
 #[tonic::async_trait]
 impl Membership for EtcdMembership {
     async fn register(&self, card: &WorkerCard) -> Result<Lease, MembershipError> {
-        let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
-        let (me, card, lost2, stop2) = (self.clone(), card.clone(), lost.clone(), stop.clone());
+        let (lost, stop, ended) = (CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
+        let (me, card, lost2, stop2, ended2) = (self.clone(), card.clone(), lost.clone(), stop.clone(), ended.clone());
         tokio::spawn(async move {
+            let _ended = ended2.drop_guard();
             loop {
                 let Some(lease) = me.put_card_until_done(&card, &stop2).await else { return };
                 tracing::info!(worker = %card.id, endpoints = ?me.endpoints, "registered on etcd");
@@ -192,7 +193,7 @@ impl Membership for EtcdMembership {
                 lost2.cancel();
             }
         });
-        Ok(Lease::new(lost, stop))
+        Ok(Lease::new(lost, stop, ended))
     }
 
     fn watch_workers(&self) -> mpsc::UnboundedReceiver<MemberEvent> {
@@ -226,14 +227,15 @@ impl Membership for EtcdMembership {
                 )]);
                 match client.txn(txn).await {
                     Ok(resp) if resp.succeeded() => {
-                        let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
-                        let (me, lost2, stop2) = (self.clone(), lost.clone(), stop.clone());
+                        let (lost, stop, ended) = (CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
+                        let (me, lost2, stop2, ended2) = (self.clone(), lost.clone(), stop.clone(), ended.clone());
                         tokio::spawn(async move {
+                            let _ended = ended2.drop_guard();
                             if let Ended::Lost = me.keep(lease, &stop2).await {
                                 lost2.cancel();
                             }
                         });
-                        return Ok(Leadership { id: id.to_owned(), lease: Lease::new(lost, stop) });
+                        return Ok(Leadership { id: id.to_owned(), lease: Lease::new(lost, stop, ended) });
                     }
                     _ => {
                         let _ = client.lease_revoke(lease).await;

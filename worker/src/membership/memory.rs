@@ -33,6 +33,13 @@ impl MemoryMembership {
     }
 }
 
+/// A lease nothing keeps: in-process membership has nothing to revoke.
+fn held() -> Lease {
+    let ended = CancellationToken::new();
+    ended.cancel();
+    Lease::new(CancellationToken::new(), CancellationToken::new(), ended)
+}
+
 #[tonic::async_trait]
 impl Membership for MemoryMembership {
     async fn register(&self, card: &WorkerCard) -> Result<Lease, MembershipError> {
@@ -40,7 +47,7 @@ impl Membership for MemoryMembership {
         s.cards.retain(|c| c.id != card.id);
         s.cards.push(card.clone());
         s.watchers.retain(|w| w.send(MemberEvent::Up(card.clone())).is_ok());
-        Ok(Lease::new(CancellationToken::new(), CancellationToken::new()))
+        Ok(held())
     }
 
     fn watch_workers(&self) -> mpsc::UnboundedReceiver<MemberEvent> {
@@ -52,7 +59,7 @@ impl Membership for MemoryMembership {
     }
 
     async fn campaign(&self, id: &str) -> Result<Leadership, MembershipError> {
-        Ok(Leadership { id: id.to_owned(), lease: Lease::new(CancellationToken::new(), CancellationToken::new()) })
+        Ok(Leadership { id: id.to_owned(), lease: held() })
     }
 
     async fn load_plan(&self) -> Result<Option<String>, MembershipError> {

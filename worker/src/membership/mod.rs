@@ -80,11 +80,22 @@ pub enum MembershipError {
 pub struct Lease {
     pub lost: CancellationToken,
     stop: CancellationToken,
+    /// Cancelled once whatever keeps the lease has ended (revoking it, when stopped).
+    ended: CancellationToken,
 }
 
 impl Lease {
-    pub fn new(lost: CancellationToken, stop: CancellationToken) -> Self {
-        Lease { lost, stop }
+    pub fn new(lost: CancellationToken, stop: CancellationToken, ended: CancellationToken) -> Self {
+        Lease { lost, stop, ended }
+    }
+
+    /// Gives the lease up and waits (at most `limit`) until it is revoked, so that whoever
+    /// watches it (the leader watching workers, a standby waiting to lead) moves on now rather
+    /// than when its TTL runs out; whether it was revoked in time.
+    pub async fn release(self, limit: std::time::Duration) -> bool {
+        let ended = self.ended.clone();
+        drop(self);
+        tokio::time::timeout(limit, ended.cancelled()).await.is_ok()
     }
 }
 
