@@ -1,8 +1,9 @@
 //! The cluster as operators run it: `tramctl up` (the real binary, which starts the real
 //! worker and coordinator processes) started before etcd answers, and supervising its
-//! workers: a worker killed with `kill -9` under 16 streams of 300 tokens is started again,
-//! with etcd and without, while its requests move and complete with the tokens they produce
-//! undisturbed. And SIGTERM to a coordinator under load: it refuses new requests at once
+//! workers: a worker killed with `kill -9` under 16 streams of 300 tokens (a whole replica,
+//! or one rank of a TP-2 replica) is started again, with etcd and without, while its requests
+//! move and complete with the tokens they produce undisturbed. A coordinator started before
+//! its worker is up and not ready until the worker serves. And SIGTERM to a coordinator under load: it refuses new requests at once
 //! (UNAVAILABLE, 503 with Retry-After) and finishes those in flight, or ends them with an
 //! explicit error when its shutdown timeout passes, never silently. Each case prints its
 //! detection and recovery times.
@@ -53,13 +54,15 @@ async fn tramctl_up_started_before_etcd_serves_once_etcd_answers() {
     );
 }
 
-/// Three single-worker replicas under `tramctl up` (with `membership` arguments); one worker
-/// is killed under 16 streams; they all complete token-exact, and the worker comes back.
-async fn a_killed_worker_is_restarted(membership: &[&str], what: &str) {
-    let up = tramctl_up(&[membership, &["--workers", "3"]].concat());
+/// `workers` workers in replicas of `tp` ranks under `tramctl up` (with `membership`
+/// arguments); one worker is killed under 16 streams; they all complete token-exact, and the
+/// worker comes back.
+async fn a_killed_worker_is_restarted(membership: &[&str], workers: usize, tp: usize, what: &str) {
+    let (count, tp_arg) = (workers.to_string(), tp.to_string());
+    let up = tramctl_up(&[membership, &["--workers", &count, "--tp", &tp_arg]].concat());
     let url = up.url();
     let c = inference(url.clone()).await;
-    wait_for("three replicas", LIMIT, || async { replicas(&c).await == 3 }).await;
+    wait_for("every replica", LIMIT, || async { replicas(&c).await as usize == workers / tp }).await;
     let solo = solo(&c, MAX_TOKENS).await;
 
     let running = streams(&c, MAX_TOKENS);
@@ -73,30 +76,45 @@ async fn a_killed_worker_is_restarted(membership: &[&str], what: &str) {
     let completed = killed.elapsed();
     wait_for("the restarted worker to serve", LIMIT, || async {
         let s = status(url.clone()).await;
-        s.workers.iter().any(|w| w.restarts == 1 && w.state == "serving" && w.pid != victim.pid) && serving(&url).await == 3
+        s.workers.iter().any(|w| w.restarts == 1 && w.state == "serving" && w.pid != victim.pid) && serving(&url).await == workers
     })
     .await;
     let back = killed.elapsed();
     // The restarted worker serves token-exact too.
     all_complete(streams(&c, MAX_TOKENS), &solo).await;
     eprintln!(
-        "{what}: kill -9 of 1 of 3 workers under 16 × {MAX_TOKENS} tokens: all complete {completed:?} after the kill, 0 lost; \
+        "{what}: kill -9 of 1 of {workers} workers (tp {tp}) under 16 × {MAX_TOKENS} tokens: all complete {completed:?} after the kill, 0 lost; \
          the worker restarted and serving again {back:?} after the kill"
     );
 }
 
-#[tokio::test]
-async fn tramctl_up_with_etcd_restarts_a_killed_worker() {
+/// [`a_killed_worker_is_restarted`] on a fresh etcd.
+async fn on_etcd_a_killed_worker_is_restarted(workers: usize, tp: usize, what: &str) {
     let _one = SERIAL.lock().await;
     let etcd = Etcd::start();
-    let url = etcd.url();
-    a_killed_worker_is_restarted(&["--etcd", &url], "tramctl up --etcd").await;
+    a_killed_worker_is_restarted(&["--etcd", &etcd.url()], workers, tp, what).await;
+}
+
+#[tokio::test]
+async fn tramctl_up_with_etcd_restarts_a_killed_worker() {
+    on_etcd_a_killed_worker_is_restarted(3, 1, "tramctl up --etcd").await;
+}
+
+#[tokio::test]
+async fn tramctl_up_with_etcd_restarts_a_killed_rank_of_a_tp2_replica() {
+    on_etcd_a_killed_worker_is_restarted(4, 2, "tramctl up --etcd --tp 2").await;
 }
 
 #[tokio::test]
 async fn tramctl_up_without_etcd_restarts_a_killed_worker() {
     let _one = SERIAL.lock().await;
-    a_killed_worker_is_restarted(&[], "tramctl up").await;
+    a_killed_worker_is_restarted(&[], 3, 1, "tramctl up").await;
+}
+
+#[tokio::test]
+async fn tramctl_up_without_etcd_restarts_a_killed_rank_of_a_tp2_replica() {
+    let _one = SERIAL.lock().await;
+    a_killed_worker_is_restarted(&[], 4, 2, "tramctl up --tp 2").await;
 }
 
 fn sigterm(server: &Server) {
