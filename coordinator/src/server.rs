@@ -113,6 +113,8 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     };
     let (pool_tx, pool_rx) = watch::channel(Arc::new(Pool::default()));
     let control = control::spawn(control_cfg, membership, pool_tx, metrics.clone());
+    // Sent only when this coordinator can never serve; a sender dropped unsent (on etcd at
+    // once, where workers and leadership are waited for as long as it runs) means never.
     let (fatal_tx, fatal) = tokio::sync::oneshot::channel();
     if let Some(m) = fixed {
         // The API serves at once (not ready) while the workers are found and loaded.
@@ -122,9 +124,6 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
                 let _ = fatal_tx.send(e);
             }
         });
-    } else {
-        // Never sent: a coordinator on etcd waits for workers and leadership as long as it runs.
-        std::mem::forget(fatal_tx);
     }
     let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let served = Served {

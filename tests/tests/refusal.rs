@@ -14,7 +14,7 @@ use coordinator::planner::{Sizing, plan};
 use proto::tramontane::v1 as pb;
 use proto::tramontane::worker::v1 as wpb;
 use tests::client::{status, wait_for};
-use tests::{Etcd, Server, binary, fixture};
+use tests::{Etcd, Server, binary, fixture, free_port};
 use worker::membership::WorkerCard;
 use worker::parallel::Layout;
 use worker::{ModelConfig, Quantization, WeightDType};
@@ -84,10 +84,6 @@ async fn assert_untouched(worker: &Server) {
     assert_eq!(h.memory_bytes, MEMORY);
     assert!(h.peak_rss_bytes > 0 && h.peak_rss_bytes < IDLE_PEAK_RSS, "peak RSS {} MB", h.peak_rss_bytes >> 20);
     eprintln!("worker pid {}: epoch 0, peak RSS {:.1} MB", h.pid, h.peak_rss_bytes as f64 / 1e6);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 #[tokio::test]
