@@ -154,6 +154,7 @@ async fn run(
     tracing::info!(id = %cfg.id, "leading the cluster");
     let stored: Option<Plan> = membership.load_plan().await.ok().flatten().and_then(|j| serde_json::from_str(&j).ok());
     let (down_tx, mut down_rx) = mpsc::unbounded_channel();
+    let stored_workers = stored.iter().flat_map(|p| &p.replicas).flat_map(|r| r.workers.iter().map(|id| (id.clone(), None))).collect();
     let mut c = Controller {
         epoch: stored.as_ref().map_or(0, |p| p.epoch),
         previous: stored.map(|p| p.replicas).unwrap_or_default(),
@@ -171,6 +172,9 @@ async fn run(
         dirty: false,
         no_capacity: None,
         last_failure: None,
+        // A new leader fences the workers of the stored plan that its own plan leaves out: a
+        // former leader cut from etcd may still drive them.
+        unfenced: stored_workers,
     };
     let mut members = membership.watch_workers();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -230,6 +234,9 @@ struct Controller {
     no_capacity: Option<String>,
     /// Why a replica last failed to load (reported with "no capacity").
     last_failure: Option<String>,
+    /// Workers (id, address where known) of replicas that ended since the last stored plan:
+    /// the next plan fences those it does not use.
+    unfenced: Vec<(String, Option<String>)>,
 }
 
 impl Controller {
@@ -279,6 +286,7 @@ impl Controller {
                 tracing::warn!(%reason, "no replica can be placed");
                 for r in std::mem::take(&mut self.live) {
                     r.handle.retire().await;
+                    self.ended(&r);
                 }
                 self.no_capacity = Some(match &self.last_failure {
                     Some(f) => format!("{reason} (last failure: {f})"),
@@ -334,18 +342,49 @@ impl Controller {
                     Err(message) => {
                         tracing::warn!(%message, "a replica could not move to the new epoch");
                         r.handle.retire().await;
+                        self.ended(&r);
                         self.dirty = true;
                     }
                 }
             } else {
                 r.handle.retire().await;
+                self.ended(&r);
             }
         }
         next.sort_by_key(|r| wanted.iter().position(|w| *w == r.plan));
         self.live = next;
+        self.fence(&wanted);
         self.publish();
         self.release_drained().await;
         Ok(())
+    }
+
+    /// Remembers the workers of a replica that ended, to be fenced by the next plan.
+    fn ended(&mut self, r: &LiveReplica) {
+        self.unfenced.extend(r.plan.workers.iter().cloned().zip(r.addresses.iter().cloned().map(Some)));
+    }
+
+    /// Fences the workers of ended replicas that the stored plan (`wanted`, epoch
+    /// `self.epoch`) does not use, each in a task of its own (the loop never waits on a
+    /// worker): they unload and refuse older epochs, so a worker this coordinator gave up on
+    /// (its lease expired while it still answers) or a former leader's worker serves nobody
+    /// from an old placement. An unreachable worker is not waited for: it serves no one.
+    fn fence(&mut self, wanted: &[ReplicaPlan]) {
+        let epoch = self.epoch;
+        for (id, address) in std::mem::take(&mut self.unfenced) {
+            if wanted.iter().any(|r| r.workers.contains(&id)) {
+                continue;
+            }
+            let Some(address) = address.or_else(|| self.cards.get(&id).map(|c| c.address.clone())) else { continue };
+            tokio::spawn(async move {
+                let call = async { connect(&address).await?.fence(wpb::FenceRequest { epoch }).await.map_err(|s| s.message().to_owned()) };
+                match tokio::time::timeout(Duration::from_secs(5), call).await {
+                    Ok(Ok(_)) => tracing::info!(worker = %id, %address, epoch, "fenced a worker the placement no longer uses"),
+                    Ok(Err(e)) => tracing::info!(worker = %id, %address, epoch, error = %e, "could not fence a worker"),
+                    Err(_) => tracing::info!(worker = %id, %address, epoch, "could not fence a worker: no answer within 5 s"),
+                }
+            });
+        }
     }
 
     fn assignments(&self, plan: &ReplicaPlan) -> Vec<wpb::LoadAssignmentRequest> {
@@ -444,6 +483,7 @@ impl Controller {
     async fn replica_down(&mut self, down: ReplicaDown) -> Result<(), MembershipError> {
         let Some(i) = self.live.iter().position(|r| r.handle.id == down.replica) else { return Ok(()) };
         let r = self.live.remove(i);
+        self.ended(&r);
         tracing::warn!(workers = ?r.plan.workers, message = %down.message, "replica down");
         for (id, addr) in r.plan.workers.iter().zip(&r.addresses) {
             if !healthy(addr).await {

@@ -165,6 +165,9 @@ pub struct Etcd {
     data: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// The address it listens on, and the network namespace it runs in (see [`net`]).
+    ip: String,
+    netns: Option<String>,
 }
 
 impl Etcd {
@@ -178,17 +181,33 @@ impl Etcd {
     /// for processes that start before etcd answers.
     pub fn unstarted() -> Self {
         let data = std::env::temp_dir().join(format!("tramontane-etcd-{}-{}", std::process::id(), free_port()));
-        Etcd { child: None, data, client_port: free_port(), peer_port: free_port() }
+        Etcd { child: None, data, client_port: free_port(), peer_port: free_port(), ip: "127.0.0.1".into(), netns: None }
+    }
+
+    /// A started etcd on a host of its own.
+    pub fn on(host: &net::Host) -> Self {
+        let mut etcd = Etcd::unstarted();
+        (etcd.ip, etcd.netns) = (host.ip.clone(), Some(host.ns.clone()));
+        etcd.resume();
+        etcd
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.ip, self.client_port)
     }
 
     /// Starts it again (after `stop`) on the same ports and data.
     pub fn resume(&mut self) {
-        let (client, peer) = (format!("http://127.0.0.1:{}", self.client_port), format!("http://127.0.0.1:{}", self.peer_port));
-        let child = Command::new(etcd_binary())
+        let (client, peer) = (self.url(), format!("http://{}:{}", self.ip, self.peer_port));
+        let mut etcd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(etcd_binary());
+                c
+            }
+            None => Command::new(etcd_binary()),
+        };
+        let child = etcd
             .args(["--name", "t", "--data-dir", &self.data.display().to_string()])
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
@@ -207,7 +226,7 @@ impl Etcd {
 
     fn healthy(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else { return false };
+        let Ok(mut s) = std::net::TcpStream::connect((self.ip.as_str(), self.client_port)) else { return false };
         let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
         let _ = write!(s, "GET /health HTTP/1.0\r\n\r\n");
         let mut body = String::new();
@@ -230,6 +249,8 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
+
+pub mod net;
 
 /// Client-side helpers over the coordinator's gRPC API.
 pub mod client {

@@ -92,6 +92,8 @@ pub struct WorkerState<B: Backend = Cpu> {
     memory_bytes: u64,
     /// How many times a supervisor restarted this worker (reported by Health).
     restarts: u32,
+    /// A coordinator fenced this worker at `epoch`: older assignments are refused too.
+    fenced: bool,
 }
 
 impl Default for WorkerState<Cpu> {
@@ -102,7 +104,7 @@ impl Default for WorkerState<Cpu> {
 
 impl<B: Backend> WorkerState<B> {
     pub fn new(backend: B, comm: CommSetup) -> Self {
-        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm, memory_bytes: 0, restarts: 0 }
+        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm, memory_bytes: 0, restarts: 0, fenced: false }
     }
 
     /// The memory this worker offers for weights and KV cache, as Health reports it.
@@ -128,7 +130,7 @@ impl<B: Backend> WorkerState<B> {
     }
 
     pub fn load(&mut self, req: &pb::LoadAssignmentRequest) -> Result<pb::LoadAssignmentResponse, ServiceError> {
-        if self.engine.is_some() && req.epoch < self.epoch {
+        if (self.engine.is_some() || self.fenced) && req.epoch < self.epoch {
             return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
         }
         let same = pb::LoadAssignmentRequest { epoch: 0, ..req.clone() };
@@ -185,7 +187,22 @@ impl<B: Backend> WorkerState<B> {
         }
     }
 
+    /// Unloads the model and makes `epoch` the current one: a placement of that epoch no
+    /// longer uses this worker, and every older step or assignment is refused from now on.
+    pub fn fence(&mut self, epoch: u64) -> Result<(), ServiceError> {
+        if epoch < self.epoch {
+            return Err(ServiceError::StaleEpoch { got: epoch, current: self.epoch });
+        }
+        self.unload(&format!("fenced: placement epoch {epoch} does not use this worker"));
+        self.epoch = epoch;
+        self.fenced = true;
+        Ok(())
+    }
+
     pub fn step(&mut self, req: &pb::StepRequest) -> Result<pb::StepResponse, ServiceError> {
+        if req.epoch < self.epoch {
+            return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
+        }
         let engine = self.engine.as_mut().ok_or(ServiceError::NotLoaded)?;
         if req.epoch != self.epoch {
             return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
@@ -238,6 +255,7 @@ impl<B: Backend> WorkerState<B> {
     pub fn health(&self) -> pb::HealthResponse {
         match &self.engine {
             None => pb::HealthResponse {
+                epoch: self.epoch,
                 comm_address: self.comm_address(),
                 peak_rss_bytes: peak_rss_bytes(),
                 pid: std::process::id(),
@@ -331,6 +349,7 @@ fn to_pb(t: TokenLogprobs) -> pb::TokenLogprobs {
 enum Command {
     Unload(String),
     Release(u64, oneshot::Sender<Result<(), ServiceError>>),
+    Fence(u64, oneshot::Sender<Result<(), ServiceError>>),
     Load(pb::LoadAssignmentRequest, oneshot::Sender<Result<pb::LoadAssignmentResponse, ServiceError>>),
     Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse, ServiceError>>),
     Health(oneshot::Sender<pb::HealthResponse>),
@@ -372,6 +391,9 @@ impl EngineHandle {
                             Ok(())
                         };
                         let _ = reply.send(result);
+                    }
+                    Command::Fence(epoch, reply) => {
+                        let _ = reply.send(state.fence(epoch));
                     }
                     Command::Load(req, reply) => {
                         let _ = reply.send(state.load(&req));
@@ -434,6 +456,13 @@ impl pb::worker_server::Worker for EngineHandle {
         tracing::info!(epoch, "released by the coordinator; leaving");
         self.released.cancel();
         Ok(tonic::Response::new(pb::ReleaseResponse {}))
+    }
+
+    async fn fence(&self, request: tonic::Request<pb::FenceRequest>) -> Result<tonic::Response<pb::FenceResponse>, tonic::Status> {
+        let epoch = request.into_inner().epoch;
+        self.call(|r| Command::Fence(epoch, r)).await??;
+        tracing::warn!(epoch, "fenced by the coordinator: this placement epoch does not use this worker");
+        Ok(tonic::Response::new(pb::FenceResponse {}))
     }
 
     async fn create_nccl_id(&self, _: tonic::Request<pb::CreateNcclIdRequest>) -> Result<tonic::Response<pb::CreateNcclIdResponse>, tonic::Status> {
@@ -517,5 +546,20 @@ mod tests {
         assert_eq!(state.epoch(), 4, "a refused assignment changes nothing");
         state.load(&assignment(5)).expect("newer epoch");
         assert!(matches!(state.step(&step(4)), Err(ServiceError::StaleEpoch { got: 4, current: 5 })));
+    }
+
+    #[test]
+    fn a_fenced_worker_refuses_the_old_epoch_and_serves_a_newer_one() {
+        let mut state = WorkerState::default();
+        state.load(&assignment(4)).expect("loads");
+        assert!(matches!(state.fence(3), Err(ServiceError::StaleEpoch { got: 3, current: 4 })), "an older placement cannot fence");
+        state.step(&step(4)).expect("still serving epoch 4");
+        state.fence(6).expect("fenced");
+        assert_eq!(state.health().epoch, 6);
+        assert!(matches!(state.step(&step(4)), Err(ServiceError::StaleEpoch { got: 4, current: 6 })), "the old epoch's steps are refused");
+        assert!(matches!(state.load(&assignment(5)), Err(ServiceError::StaleEpoch { got: 5, current: 6 })), "and its assignments");
+        assert!(matches!(state.step(&step(6)), Err(ServiceError::NotLoaded)), "the model is gone");
+        state.load(&assignment(7)).expect("a newer placement may use it again");
+        state.step(&step(7)).expect("serving epoch 7");
     }
 }

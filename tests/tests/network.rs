@@ -1,0 +1,108 @@
+//! Faults across hosts: etcd, the coordinator and every worker each in a network namespace of
+//! their own, on a bridge (see `tests::net`), under 16 streams of 300 tokens. (a) A worker cut
+//! from etcd but not from the coordinator: its lease expires, the coordinator re-places its
+//! requests and fences it, and the worker refuses the old epoch's steps on the wire. Every
+//! request completes with the tokens it produces undisturbed; each case prints its detection
+//! and recovery times. Needs root (network namespaces): elsewhere each case says so and stops.
+
+use std::time::{Duration, Instant};
+
+use proto::tramontane::worker::v1 as wpb;
+use tests::client::{inference, status, wait_for};
+use tests::cluster::TTL_SECS;
+use tests::load::{all_complete, replicas, solo, streams};
+use tests::net::{Host, Net};
+use tests::{Etcd, Server, binary, fixture};
+
+/// The cases share two cores: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const MAX_TOKENS: u32 = 300;
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A fresh network, or `None` (with the reason printed) where namespaces are refused.
+fn network() -> Option<Net> {
+    match Net::new() {
+        Ok(net) => Some(net),
+        Err(e) => {
+            eprintln!("skipped: this machine refuses network namespaces (run as root): {e}");
+            None
+        }
+    }
+}
+
+fn worker_on(host: &Host, etcd: &Etcd) -> Server {
+    let mut cmd = host.command(&binary("worker"));
+    cmd.args(["serve", "--listen", &format!("{}:0", host.ip), "--etcd", &etcd.url(), "--cluster", "t"]);
+    cmd.args(["--lease-ttl-secs", TTL_SECS]);
+    Server::spawn("worker", cmd)
+}
+
+/// A coordinator of the tiny Mistral fixture on `host`; `.addr` is its gRPC address.
+fn coordinator_on(host: &Host, etcd: &Etcd, extra: &[&str]) -> Server {
+    let (any, model) = (format!("{}:0", host.ip), fixture("mistral-v1-tiny").display().to_string());
+    let mut cmd = host.command(&binary("coordinator"));
+    cmd.args(["--grpc-addr", &any, "--http-addr", &any, "--model", &model, "--etcd", &etcd.url(), "--cluster", "t"]);
+    cmd.args(["--lease-ttl-secs", TTL_SECS, "--kv-blocks", "256", "--max-num-seqs", "8"]).args(extra);
+    let mut c = Server::spawn("coordinator", cmd);
+    assert!(c.next_line().starts_with("http listening on "));
+    c
+}
+
+async fn serving(url: &str) -> usize {
+    status(url.to_owned()).await.workers.iter().filter(|w| w.state == "serving").count()
+}
+
+#[tokio::test]
+async fn a_worker_cut_from_etcd_is_fenced_and_its_requests_move() {
+    let _one = SERIAL.lock().await;
+    let Some(mut net) = network() else { return };
+    let (etcd_host, coordinator_host, h1, h2) = (net.host("etcd"), net.host("coord"), net.host("w1"), net.host("w2"));
+    let etcd = Etcd::on(&etcd_host);
+    let (w1, _w2) = (worker_on(&h1, &etcd), worker_on(&h2, &etcd));
+    let coordinator = coordinator_on(&coordinator_host, &etcd, &[]);
+    let url = coordinator.url();
+    let c = inference(url.clone()).await;
+    wait_for("two replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
+    let solo = solo(&c, MAX_TOKENS).await;
+    let epoch = status(url.clone()).await.epoch;
+
+    // Waves of 16 streams, back to back, from the cut until the coordinator has given w1 up
+    // and one more wave ran without it.
+    h1.cut(&etcd_host);
+    let cut = Instant::now();
+    let mut waves = 0;
+    let gone = loop {
+        all_complete(streams(&c, MAX_TOKENS), &solo).await;
+        waves += 1;
+        if !status(url.clone()).await.workers.iter().any(|w| w.address == w1.addr) {
+            break cut.elapsed();
+        }
+        assert!(cut.elapsed() < LIMIT, "w1's card outlived its lease by far");
+    };
+    all_complete(streams(&c, MAX_TOKENS), &solo).await;
+    waves += 1;
+
+    // The coordinator still reaches w1, and has fenced it: a step of the old epoch (as a
+    // coordinator that missed the change would send) is refused on the wire.
+    let mut w = wpb::worker_client::WorkerClient::connect(w1.url()).await.expect("the coordinator's side still reaches w1");
+    wait_for("w1 to be fenced", LIMIT, || {
+        let mut w = w.clone();
+        async move { w.health(wpb::HealthRequest {}).await.is_ok_and(|h| h.into_inner().epoch > epoch) }
+    })
+    .await;
+    let fenced = cut.elapsed();
+    let refused = w.step(wpb::StepRequest { epoch, sequences: Vec::new() }).await.expect_err("a step of the old epoch is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("stale placement epoch"), "{refused:?}");
+    assert_eq!(w.health(wpb::HealthRequest {}).await.expect("health").into_inner().weight_bytes, 0, "the fenced worker unloaded its model");
+
+    // The replica left serves on, token-exact.
+    all_complete(streams(&c, MAX_TOKENS), &solo).await;
+    assert_eq!(serving(&url).await, 1);
+    eprintln!(
+        "(a) w1 cut from etcd: its card gone {gone:?} after the cut (lease TTL {TTL_SECS} s); {waves} waves of 16 × {MAX_TOKENS} tokens from the cut on, \
+         0 lost; w1 fenced (its step of epoch {epoch} refused: {}) {fenced:?} after the cut",
+        refused.message(),
+    );
+}
