@@ -14,7 +14,7 @@ use std::time::Duration;
 use proto::tramontane::worker::v1 as wpb;
 use tokio::sync::{mpsc, oneshot, watch};
 use worker::ModelConfig;
-use worker::membership::{Leadership, MemberEvent, Membership, MembershipError, WorkerCard};
+use worker::membership::{Leadership, MemberEvent, Membership, MembershipError, RELEASE_LIMIT, WorkerCard};
 use worker::parallel::Layout;
 
 use crate::frontend::{LiveReplica, Pool};
@@ -109,9 +109,6 @@ impl ControlHandle {
         self.ask(Request::Plan).await?
     }
 }
-
-/// The longest a resigning leader waits for etcd to revoke its lease.
-const RELEASE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Starts the controller: it campaigns for leadership, then places replicas and publishes
 /// them on `pool`. The returned handle answers at once (a standby reports no placement).

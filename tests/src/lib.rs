@@ -104,8 +104,6 @@ impl Drop for Server {
     }
 }
 
-/// The `etcd` binary; Debian's `etcd-server` is installed when it is missing (root, or
-/// sudo without a password), otherwise the test stops with what to install.
 /// A raw HTTP/1.1 exchange with `addr`: the response, head and body, until the server
 /// closes; empty when nothing answers.
 pub fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
@@ -129,6 +127,8 @@ pub fn wait_ready(addr: &str, limit: std::time::Duration) {
     }
 }
 
+/// The `etcd` binary; Debian's `etcd-server` is installed when it is missing (root, or
+/// sudo without a password), otherwise the test stops with what to install.
 pub fn etcd_binary() -> PathBuf {
     static FOUND: OnceLock<PathBuf> = OnceLock::new();
     FOUND
@@ -153,6 +153,14 @@ pub fn etcd_binary() -> PathBuf {
         .clone()
 }
 
+/// `program` run on `host`, or here without one; and the address it listens on there.
+pub fn on<'a>(host: Option<&'a net::Host>, program: &Path) -> (Command, &'a str) {
+    match host {
+        Some(h) => (h.command(program), h.ip.as_str()),
+        None => (Command::new(program), "127.0.0.1"),
+    }
+}
+
 /// A TCP port free on the loopback interface now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
@@ -165,9 +173,8 @@ pub struct Etcd {
     data: PathBuf,
     client_port: u16,
     peer_port: u16,
-    /// The address it listens on, and the network namespace it runs in (see [`net`]).
-    ip: String,
-    netns: Option<String>,
+    /// The host it runs on (see [`net`]); `None`: this one, on loopback.
+    host: Option<net::Host>,
 }
 
 impl Etcd {
@@ -181,32 +188,29 @@ impl Etcd {
     /// for processes that start before etcd answers.
     pub fn unstarted() -> Self {
         let data = std::env::temp_dir().join(format!("tramontane-etcd-{}-{}", std::process::id(), free_port()));
-        Etcd { child: None, data, client_port: free_port(), peer_port: free_port(), ip: "127.0.0.1".into(), netns: None }
+        Etcd { child: None, data, client_port: free_port(), peer_port: free_port(), host: None }
     }
 
     /// A started etcd on a host of its own.
     pub fn on(host: &net::Host) -> Self {
         let mut etcd = Etcd::unstarted();
-        (etcd.ip, etcd.netns) = (host.ip.clone(), Some(host.ns.clone()));
+        etcd.host = Some(host.clone());
         etcd.resume();
         etcd
     }
 
+    fn ip(&self) -> &str {
+        self.host.as_ref().map_or("127.0.0.1", |h| h.ip.as_str())
+    }
+
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.ip, self.client_port)
+        format!("http://{}:{}", self.ip(), self.client_port)
     }
 
     /// Starts it again (after `stop`) on the same ports and data.
     pub fn resume(&mut self) {
-        let (client, peer) = (self.url(), format!("http://{}:{}", self.ip, self.peer_port));
-        let mut etcd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(etcd_binary());
-                c
-            }
-            None => Command::new(etcd_binary()),
-        };
+        let (client, peer) = (self.url(), format!("http://{}:{}", self.ip(), self.peer_port));
+        let (mut etcd, _) = on(self.host.as_ref(), &etcd_binary());
         let child = etcd
             .args(["--name", "t", "--data-dir", &self.data.display().to_string()])
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -226,7 +230,7 @@ impl Etcd {
 
     fn healthy(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect((self.ip.as_str(), self.client_port)) else { return false };
+        let Ok(mut s) = std::net::TcpStream::connect((self.ip(), self.client_port)) else { return false };
         let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
         let _ = write!(s, "GET /health HTTP/1.0\r\n\r\n");
         let mut body = String::new();
@@ -280,6 +284,11 @@ pub mod client {
             ids.extend(msg.token_ids);
         }
         Ok(ids)
+    }
+
+    /// How many workers the coordinator at `url` reports serving.
+    pub async fn serving(url: &str) -> usize {
+        status(url.to_owned()).await.workers.iter().filter(|w| w.state == "serving").count()
     }
 
     /// Polls `check` every 50 ms until it holds; the time it took. Panics after `limit`.
@@ -356,24 +365,36 @@ pub mod load {
 
 /// Workers and coordinators on an etcd, with short leases.
 pub mod cluster {
-    use crate::{Etcd, Server, fixture};
+    use crate::net::Host;
+    use crate::{Etcd, Server, binary, fixture, on};
 
     /// Seconds a registration or leadership outlives its holder.
     pub const TTL_SECS: &str = "2";
 
     pub fn worker(etcd: &Etcd) -> Server {
-        let url = etcd.url();
-        Server::start("worker", &["serve", "--listen", "127.0.0.1:0", "--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS])
+        worker_on(None, etcd)
+    }
+
+    /// A worker on `host` (here, on loopback, without one).
+    pub fn worker_on(host: Option<&Host>, etcd: &Etcd) -> Server {
+        let (mut cmd, ip) = on(host, &binary("worker"));
+        cmd.args(["serve", "--listen", &format!("{ip}:0"), "--etcd", &etcd.url(), "--cluster", "t", "--lease-ttl-secs", TTL_SECS]);
+        Server::spawn("worker", cmd)
     }
 
     /// A coordinator of the tiny Mistral fixture (128 KV blocks, 4 sequences a step), once
     /// both its APIs listen; `.addr` is the gRPC one, the returned string the HTTP one.
     pub fn coordinator_with_http(etcd: &Etcd, extra: &[&str]) -> (Server, String) {
-        let (url, model) = (etcd.url(), fixture("mistral-v1-tiny").display().to_string());
-        let mut args = vec!["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model];
-        args.extend(["--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS, "--kv-blocks", "128", "--max-num-seqs", "4"]);
-        args.extend(extra);
-        let mut c = Server::start("coordinator", &args);
+        coordinator_on(None, etcd, extra)
+    }
+
+    /// [`coordinator_with_http`] on `host` (here, on loopback, without one).
+    pub fn coordinator_on(host: Option<&Host>, etcd: &Etcd, extra: &[&str]) -> (Server, String) {
+        let (mut cmd, ip) = on(host, &binary("coordinator"));
+        let (any, url, model) = (format!("{ip}:0"), etcd.url(), fixture("mistral-v1-tiny").display().to_string());
+        cmd.args(["--grpc-addr", &any, "--http-addr", &any, "--model", &model]);
+        cmd.args(["--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS, "--kv-blocks", "128", "--max-num-seqs", "4"]).args(extra);
+        let mut c = Server::spawn("coordinator", cmd);
         let http = c.next_line().strip_prefix("http listening on ").expect("the HTTP address").to_owned();
         (c, http)
     }

@@ -3,9 +3,8 @@
 //! holds the subnet's first address so the test reaches every host as a client would.
 //! Faults are made in the kernel, on the wire: [`Host::cut`] makes the two hosts' frames
 //! for each other go to a hardware address no interface has (permanent neighbour entries,
-//! so the packets vanish as in a real partition: no reset, no error, connections hang), and
-//! [`Host::isolate`] takes a host's bridge port down. Needs root (`ip netns`, iproute2);
-//! [`Net::new`] says why where namespaces are refused.
+//! so the packets vanish as in a real partition: no reset, no error, connections hang).
+//! Needs root (`ip netns`, iproute2); [`Net::new`] says why where namespaces are refused.
 
 use std::path::Path;
 use std::process::Command;
@@ -33,12 +32,11 @@ pub struct Net {
     hosts: Vec<String>,
 }
 
-/// One host: a namespace and its address.
+/// One host: a namespace and its address (the [`Net`] owns the namespace).
+#[derive(Debug, Clone)]
 pub struct Host {
     pub ns: String,
     pub ip: String,
-    /// The host's end of its link on the bridge (in the test's namespace).
-    port: String,
 }
 
 impl Net {
@@ -68,7 +66,7 @@ impl Net {
         must(&["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         must(&["-n", &ns, "link", "set", "eth0", "up"]);
         must(&["-n", &ns, "link", "set", "lo", "up"]);
-        Host { ns, ip, port }
+        Host { ns, ip }
     }
 }
 
@@ -95,21 +93,5 @@ impl Host {
         for (from, to) in [(self, other), (other, self)] {
             must(&["-n", &from.ns, "neigh", "replace", &to.ip, "lladdr", NOWHERE, "dev", "eth0", "nud", "permanent"]);
         }
-    }
-
-    /// Undoes [`Host::cut`]: each resolves the other's address again.
-    pub fn heal(&self, other: &Host) {
-        for (from, to) in [(self, other), (other, self)] {
-            must(&["-n", &from.ns, "neigh", "del", &to.ip, "dev", "eth0"]);
-        }
-    }
-
-    /// Takes this host off the network (its bridge port down) until [`Host::rejoin`].
-    pub fn isolate(&self) {
-        must(&["link", "set", &self.port, "down"]);
-    }
-
-    pub fn rejoin(&self) {
-        must(&["link", "set", &self.port, "up"]);
     }
 }

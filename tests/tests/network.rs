@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 
 use proto::tramontane::worker::v1 as wpb;
-use tests::client::{inference, status, wait_for};
-use tests::cluster::TTL_SECS;
+use tests::Etcd;
+use tests::client::{inference, serving, status, wait_for};
+use tests::cluster::{TTL_SECS, coordinator_on, worker_on};
 use tests::load::{all_complete, replicas, solo, streams};
-use tests::net::{Host, Net};
-use tests::{Etcd, Server, binary, fixture};
+use tests::net::Net;
 
 /// The cases share two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -31,36 +31,14 @@ fn network() -> Option<Net> {
     }
 }
 
-fn worker_on(host: &Host, etcd: &Etcd) -> Server {
-    let mut cmd = host.command(&binary("worker"));
-    cmd.args(["serve", "--listen", &format!("{}:0", host.ip), "--etcd", &etcd.url(), "--cluster", "t"]);
-    cmd.args(["--lease-ttl-secs", TTL_SECS]);
-    Server::spawn("worker", cmd)
-}
-
-/// A coordinator of the tiny Mistral fixture on `host`; `.addr` is its gRPC address.
-fn coordinator_on(host: &Host, etcd: &Etcd, extra: &[&str]) -> Server {
-    let (any, model) = (format!("{}:0", host.ip), fixture("mistral-v1-tiny").display().to_string());
-    let mut cmd = host.command(&binary("coordinator"));
-    cmd.args(["--grpc-addr", &any, "--http-addr", &any, "--model", &model, "--etcd", &etcd.url(), "--cluster", "t"]);
-    cmd.args(["--lease-ttl-secs", TTL_SECS, "--kv-blocks", "256", "--max-num-seqs", "8"]).args(extra);
-    let mut c = Server::spawn("coordinator", cmd);
-    assert!(c.next_line().starts_with("http listening on "));
-    c
-}
-
-async fn serving(url: &str) -> usize {
-    status(url.to_owned()).await.workers.iter().filter(|w| w.state == "serving").count()
-}
-
 #[tokio::test]
 async fn a_worker_cut_from_etcd_is_fenced_and_its_requests_move() {
     let _one = SERIAL.lock().await;
     let Some(mut net) = network() else { return };
     let (etcd_host, coordinator_host, h1, h2) = (net.host("etcd"), net.host("coord"), net.host("w1"), net.host("w2"));
     let etcd = Etcd::on(&etcd_host);
-    let (w1, _w2) = (worker_on(&h1, &etcd), worker_on(&h2, &etcd));
-    let coordinator = coordinator_on(&coordinator_host, &etcd, &[]);
+    let (w1, _w2) = (worker_on(Some(&h1), &etcd), worker_on(Some(&h2), &etcd));
+    let (coordinator, _) = coordinator_on(Some(&coordinator_host), &etcd, &[]);
     let url = coordinator.url();
     let c = inference(url.clone()).await;
     wait_for("two replicas", LIMIT, || async { replicas(&c).await == 2 }).await;

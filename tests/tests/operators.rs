@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::client::{inference, status, stream_ids, wait_for};
+use tests::client::{inference, serving, status, stream_ids, wait_for};
 use tests::cluster::{coordinator, coordinator_with_http, worker};
 use tests::load::{all_complete, prompts, replicas, solo, streams};
 use tests::{Etcd, Server, fixture, free_port, http, wait_ready};
@@ -28,10 +28,6 @@ fn tramctl_up(extra: &[&str]) -> Server {
     let mut up = Server::start("tramctl", &args);
     assert!(up.next_line().starts_with("http listening on "));
     up
-}
-
-async fn serving(url: &str) -> usize {
-    status(url.to_owned()).await.workers.iter().filter(|w| w.state == "serving").count()
 }
 
 #[tokio::test]

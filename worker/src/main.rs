@@ -151,7 +151,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 shutdown.cancelled().await;
-                if !lease.release(RELEASE_LIMIT).await {
+                if !lease.release(worker::membership::RELEASE_LIMIT).await {
                     tracing::warn!("could not revoke the registration on etcd; it expires with its lease");
                 }
             })
@@ -168,9 +168,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         served
     })
 }
-
-/// The longest a stopping process waits for etcd to revoke its lease.
-const RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Registers this worker's card on etcd (waiting for etcd with capped backoff, never exiting
 /// for an outage); a lost lease unloads the model (no zombie keeps serving a placement that

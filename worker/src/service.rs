@@ -187,13 +187,14 @@ impl<B: Backend> WorkerState<B> {
         }
     }
 
-    /// Unloads the model and makes `epoch` the current one: a placement of that epoch no
-    /// longer uses this worker, and every older step or assignment is refused from now on.
-    pub fn fence(&mut self, epoch: u64) -> Result<(), ServiceError> {
+    /// Unloads the model (saying `why`) and makes `epoch` the current one: a placement of
+    /// that epoch no longer uses this worker (it fenced or released it), and every older
+    /// step or assignment is refused from now on.
+    pub fn fence(&mut self, epoch: u64, why: &str) -> Result<(), ServiceError> {
         if epoch < self.epoch {
             return Err(ServiceError::StaleEpoch { got: epoch, current: self.epoch });
         }
-        self.unload(&format!("fenced: placement epoch {epoch} does not use this worker"));
+        self.unload(why);
         self.epoch = epoch;
         self.fenced = true;
         Ok(())
@@ -384,16 +385,10 @@ impl EngineHandle {
                 match cmd {
                     Command::Unload(why) => state.unload(&why),
                     Command::Release(epoch, reply) => {
-                        let result = if epoch < state.epoch {
-                            Err(ServiceError::StaleEpoch { got: epoch, current: state.epoch })
-                        } else {
-                            state.unload("released by the coordinator");
-                            Ok(())
-                        };
-                        let _ = reply.send(result);
+                        let _ = reply.send(state.fence(epoch, "released by the coordinator"));
                     }
                     Command::Fence(epoch, reply) => {
-                        let _ = reply.send(state.fence(epoch));
+                        let _ = reply.send(state.fence(epoch, &format!("fenced: placement epoch {epoch} does not use this worker")));
                     }
                     Command::Load(req, reply) => {
                         let _ = reply.send(state.load(&req));
@@ -552,9 +547,9 @@ mod tests {
     fn a_fenced_worker_refuses_the_old_epoch_and_serves_a_newer_one() {
         let mut state = WorkerState::default();
         state.load(&assignment(4)).expect("loads");
-        assert!(matches!(state.fence(3), Err(ServiceError::StaleEpoch { got: 3, current: 4 })), "an older placement cannot fence");
+        assert!(matches!(state.fence(3, "test"), Err(ServiceError::StaleEpoch { got: 3, current: 4 })), "an older placement cannot fence");
         state.step(&step(4)).expect("still serving epoch 4");
-        state.fence(6).expect("fenced");
+        state.fence(6, "test").expect("fenced");
         assert_eq!(state.health().epoch, 6);
         assert!(matches!(state.step(&step(4)), Err(ServiceError::StaleEpoch { got: 4, current: 6 })), "the old epoch's steps are refused");
         assert!(matches!(state.load(&assignment(5)), Err(ServiceError::StaleEpoch { got: 5, current: 6 })), "and its assignments");

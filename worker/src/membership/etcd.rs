@@ -176,24 +176,34 @@ impl EtcdMembership {
     }
 }
 
+/// A lease kept by the task `keep` makes, given the tokens it cancels when the lease is
+/// lost and watches for its holder's stop; the lease has ended when that task returns.
+fn kept<F: std::future::Future<Output = ()> + Send + 'static>(keep: impl FnOnce(CancellationToken, CancellationToken) -> F) -> Lease {
+    let (lost, stop, ended) = (CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
+    let task = keep(lost.clone(), stop.clone());
+    let ended_guard = ended.clone().drop_guard();
+    tokio::spawn(async move {
+        let _ended = ended_guard;
+        task.await
+    });
+    Lease::new(lost, stop, ended)
+}
+
 #[tonic::async_trait]
 impl Membership for EtcdMembership {
     async fn register(&self, card: &WorkerCard) -> Result<Lease, MembershipError> {
-        let (lost, stop, ended) = (CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
-        let (me, card, lost2, stop2, ended2) = (self.clone(), card.clone(), lost.clone(), stop.clone(), ended.clone());
-        tokio::spawn(async move {
-            let _ended = ended2.drop_guard();
+        let (me, card) = (self.clone(), card.clone());
+        Ok(kept(|lost, stop| async move {
             loop {
-                let Some(lease) = me.put_card_until_done(&card, &stop2).await else { return };
+                let Some(lease) = me.put_card_until_done(&card, &stop).await else { return };
                 tracing::info!(worker = %card.id, endpoints = ?me.endpoints, "registered on etcd");
-                if let Ended::Stopped = me.keep(lease, &stop2).await {
+                if let Ended::Stopped = me.keep(lease, &stop).await {
                     return;
                 }
                 tracing::warn!(worker = %card.id, "the registration's lease is gone; registering again");
-                lost2.cancel();
+                lost.cancel();
             }
-        });
-        Ok(Lease::new(lost, stop, ended))
+        }))
     }
 
     fn watch_workers(&self) -> mpsc::UnboundedReceiver<MemberEvent> {
@@ -227,15 +237,13 @@ impl Membership for EtcdMembership {
                 )]);
                 match client.txn(txn).await {
                     Ok(resp) if resp.succeeded() => {
-                        let (lost, stop, ended) = (CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
-                        let (me, lost2, stop2, ended2) = (self.clone(), lost.clone(), stop.clone(), ended.clone());
-                        tokio::spawn(async move {
-                            let _ended = ended2.drop_guard();
-                            if let Ended::Lost = me.keep(lease, &stop2).await {
-                                lost2.cancel();
+                        let me = self.clone();
+                        let kept = kept(|lost, stop| async move {
+                            if let Ended::Lost = me.keep(lease, &stop).await {
+                                lost.cancel();
                             }
                         });
-                        return Ok(Leadership { id: id.to_owned(), lease: Lease::new(lost, stop, ended) });
+                        return Ok(Leadership { id: id.to_owned(), lease: kept });
                     }
                     _ => {
                         let _ = client.lease_revoke(lease).await;

@@ -73,6 +73,10 @@ pub enum MembershipError {
     Invalid(String),
 }
 
+/// The longest a stopping process (a worker at SIGTERM, a resigning leader) waits for the
+/// store to revoke its lease before it goes anyway.
+pub const RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A registration or leadership kept alive by a background task. `lost` is cancelled when
 /// the lease is known to be gone (not merely unreachable: while the store is down, a holder
 /// keeps what it has). Dropping it revokes the lease.
