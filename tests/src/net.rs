@@ -94,4 +94,11 @@ impl Host {
             must(&["-n", &from.ns, "neigh", "replace", &to.ip, "lladdr", NOWHERE, "dev", "eth0", "nud", "permanent"]);
         }
     }
+
+    /// Frames between this host and `other` flow again (undoes [`Host::cut`]).
+    pub fn heal(&self, other: &Host) {
+        for (from, to) in [(self, other), (other, self)] {
+            must(&["-n", &from.ns, "neigh", "del", &to.ip, "dev", "eth0"]);
+        }
+    }
 }

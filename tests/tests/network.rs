@@ -1,7 +1,8 @@
 //! Faults across hosts: etcd, the coordinator and every worker each in a network namespace of
 //! their own, on a bridge (see `tests::net`), under 16 streams of 300 tokens. (a) A worker cut
 //! from etcd but not from the coordinator: its lease expires, the coordinator re-places its
-//! requests and fences it, and the worker refuses the old epoch's steps on the wire. Every
+//! requests and fences it, the worker refuses the old epoch's steps on the wire, and once the
+//! link heals it registers again and serves. Every
 //! request completes with the tokens it produces undisturbed; each case prints its detection
 //! and recovery times. Needs root (network namespaces): elsewhere each case says so and stops.
 
@@ -32,7 +33,7 @@ fn network() -> Option<Net> {
 }
 
 #[tokio::test]
-async fn a_worker_cut_from_etcd_is_fenced_and_its_requests_move() {
+async fn a_worker_cut_from_etcd_is_fenced_its_requests_move_and_healed_it_serves_again() {
     let _one = SERIAL.lock().await;
     let Some(mut net) = network() else { return };
     let (etcd_host, coordinator_host, h1, h2) = (net.host("etcd"), net.host("coord"), net.host("w1"), net.host("w2"));
@@ -78,9 +79,16 @@ async fn a_worker_cut_from_etcd_is_fenced_and_its_requests_move() {
     // The replica left serves on, token-exact.
     all_complete(streams(&c, MAX_TOKENS), &solo).await;
     assert_eq!(serving(&url).await, 1);
+    // Healed, w1 registers again and the coordinator places a replica on it.
+    h1.heal(&etcd_host);
+    let healed = Instant::now();
+    wait_for("w1 to serve again after the heal", LIMIT, || async { serving(&url).await == 2 }).await;
+    let back = healed.elapsed();
+    all_complete(streams(&c, MAX_TOKENS), &solo).await;
     eprintln!(
         "(a) w1 cut from etcd: its card gone {gone:?} after the cut (lease TTL {TTL_SECS} s); {waves} waves of 16 × {MAX_TOKENS} tokens from the cut on, \
-         0 lost; w1 fenced (its step of epoch {epoch} refused: {}) {fenced:?} after the cut",
+         0 lost; w1 fenced (its step of epoch {epoch} refused: {}) {fenced:?} after the cut; \
+         healed, it served again {back:?} after the heal",
         refused.message(),
     );
 }

@@ -84,6 +84,9 @@ impl EtcdMembership {
         loop {
             let (mut keeper, mut stream) = match client.lease_keep_alive(id).await {
                 Ok(pair) => pair,
+                // Opening reads etcd's first answer: an expired lease (as after a partition
+                // longer than the TTL) is an error here, not a TTL-0 answer below.
+                Err(e) if lease_is_gone(&e) => return Ended::Lost,
                 Err(_) => {
                     tokio::select! {
                         _ = stop.cancelled() => return Ended::Stopped,
@@ -174,6 +177,12 @@ impl EtcdMembership {
         }
         Err(MembershipError::Store("the watch ended".into()))
     }
+}
+
+/// Whether opening a keep-alive failed because etcd no longer has the lease (etcd-client
+/// turns a first answer of TTL 0 into this error).
+fn lease_is_gone(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::LeaseKeepAliveError(m) if m == "lease not found")
 }
 
 /// A lease kept by the task `keep` makes, given the tokens it cancels when the lease is
