@@ -401,6 +401,7 @@ impl Controller {
                 stage_layers: l.stage_layers.iter().map(|&n| n as u32).collect(),
                 rank: rank as u32,
                 peers: Vec::new(),
+                formed: self.epoch,
                 ..Default::default()
             })
             .collect()

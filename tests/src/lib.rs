@@ -286,9 +286,9 @@ pub mod client {
         Ok(ids)
     }
 
-    /// How many workers the coordinator at `url` reports serving.
-    pub async fn serving(url: &str) -> usize {
-        status(url.to_owned()).await.workers.iter().filter(|w| w.state == "serving").count()
+    /// The addresses of the workers the coordinator at `url` reports serving.
+    pub async fn serving(url: &str) -> Vec<String> {
+        status(url.to_owned()).await.workers.into_iter().filter(|w| w.state == "serving").map(|w| w.address).collect()
     }
 
     /// Polls `check` every 50 ms until it holds; the time it took. Panics after `limit`.
@@ -377,8 +377,13 @@ pub mod cluster {
 
     /// A worker on `host` (here, on loopback, without one).
     pub fn worker_on(host: Option<&Host>, etcd: &Etcd) -> Server {
+        worker_with(host, etcd, &[])
+    }
+
+    /// [`worker_on`] with `extra` flags.
+    pub fn worker_with(host: Option<&Host>, etcd: &Etcd, extra: &[&str]) -> Server {
         let (mut cmd, ip) = on(host, &binary("worker"));
-        cmd.args(["serve", "--listen", &format!("{ip}:0"), "--etcd", &etcd.url(), "--cluster", "t", "--lease-ttl-secs", TTL_SECS]);
+        cmd.args(["serve", "--listen", &format!("{ip}:0"), "--etcd", &etcd.url(), "--cluster", "t", "--lease-ttl-secs", TTL_SECS]).args(extra);
         Server::spawn("worker", cmd)
     }
 

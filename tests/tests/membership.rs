@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pb::inference_client::InferenceClient;
 use proto::tramontane::v1 as pb;
 use tests::Etcd;
-use tests::client::{inference, status, stream_ids, wait_for};
+use tests::client::{inference, serving, status, stream_ids, wait_for};
 use tests::cluster::{TTL_SECS, coordinator, worker};
 use tests::load::{self, Streams, all_complete, prompts, replicas};
 use tonic::transport::Channel;
@@ -27,10 +27,6 @@ fn streams(c: &InferenceClient<Channel>) -> Streams {
 
 async fn solo(c: &mut InferenceClient<Channel>) -> Vec<Vec<u32>> {
     load::solo(c, MAX_TOKENS).await
-}
-
-async fn serving(url: &str) -> Vec<String> {
-    status(url.to_owned()).await.workers.into_iter().filter(|w| w.state == "serving").map(|w| w.address).collect()
 }
 
 #[tokio::test]

@@ -2,16 +2,18 @@
 //! their own, on a bridge (see `tests::net`), under 16 streams of 300 tokens. (a) A worker cut
 //! from etcd but not from the coordinator: its lease expires, the coordinator re-places its
 //! requests and fences it, the worker refuses the old epoch's steps on the wire, and once the
-//! link heals it registers again and serves. Every
-//! request completes with the tokens it produces undisturbed; each case prints its detection
-//! and recovery times. Needs root (network namespaces): elsewhere each case says so and stops.
+//! link heals it registers again and serves. (b) The link between the two ranks of a TP-2
+//! replica cut (each still reaches etcd and the coordinator): a collective times out, the
+//! replica fails and its requests move, neither rank keeps the dead link, and once healed the
+//! two form a replica again. Every request completes with the tokens it produces
+//! undisturbed; each case prints its detection and recovery times. Needs root (network namespaces): elsewhere each case says so and stops.
 
 use std::time::{Duration, Instant};
 
 use proto::tramontane::worker::v1 as wpb;
 use tests::Etcd;
 use tests::client::{inference, serving, status, wait_for};
-use tests::cluster::{TTL_SECS, coordinator_on, worker_on};
+use tests::cluster::{TTL_SECS, coordinator_on, worker_on, worker_with};
 use tests::load::{all_complete, replicas, solo, streams};
 use tests::net::Net;
 
@@ -78,11 +80,11 @@ async fn a_worker_cut_from_etcd_is_fenced_its_requests_move_and_healed_it_serves
 
     // The replica left serves on, token-exact.
     all_complete(streams(&c, MAX_TOKENS), &solo).await;
-    assert_eq!(serving(&url).await, 1);
+    assert_eq!(serving(&url).await.len(), 1);
     // Healed, w1 registers again and the coordinator places a replica on it.
     h1.heal(&etcd_host);
     let healed = Instant::now();
-    wait_for("w1 to serve again after the heal", LIMIT, || async { serving(&url).await == 2 }).await;
+    wait_for("w1 to serve again after the heal", LIMIT, || async { serving(&url).await.len() == 2 }).await;
     let back = healed.elapsed();
     all_complete(streams(&c, MAX_TOKENS), &solo).await;
     eprintln!(
@@ -90,5 +92,69 @@ async fn a_worker_cut_from_etcd_is_fenced_its_requests_move_and_healed_it_serves
          0 lost; w1 fenced (its step of epoch {epoch} refused: {}) {fenced:?} after the cut; \
          healed, it served again {back:?} after the heal",
         refused.message(),
+    );
+}
+
+#[tokio::test]
+async fn a_cut_between_two_ranks_fails_their_replica_and_healed_they_link_again() {
+    let _one = SERIAL.lock().await;
+    let Some(mut net) = network() else { return };
+    let (etcd_host, coordinator_host) = (net.host("etcd"), net.host("coord"));
+    let hosts = [net.host("w1"), net.host("w2"), net.host("w3")];
+    let etcd = Etcd::on(&etcd_host);
+    let mut workers: Vec<_> = hosts.iter().map(|h| worker_with(Some(h), &etcd, &["--comm-timeout-secs", "3"])).collect();
+    let (coordinator, _) = coordinator_on(Some(&coordinator_host), &etcd, &["--tp", "2"]);
+    let url = coordinator.url();
+    let c = inference(url.clone()).await;
+    // Three workers in replicas of 2 ranks: one TP-2 replica and the third alone.
+    wait_for("both replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
+    let solo = solo(&c, MAX_TOKENS).await;
+
+    // Cut the TP-2 replica's two ranks from each other mid-stream (each still reaches etcd
+    // and the coordinator): a collective times out, the replica fails, and its requests move.
+    let pair: Vec<String> = status(url.clone()).await.workers.into_iter().filter(|w| w.ranks.contains("/2")).map(|w| w.address).collect();
+    assert_eq!(pair.len(), 2, "{pair:?}");
+    let host_of = |addr: &str| workers.iter().position(|w| w.addr == addr).expect("a worker of ours");
+    let (a, b) = (host_of(&pair[0]), host_of(&pair[1]));
+    let load = streams(&c, MAX_TOKENS);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hosts[a].cut(&hosts[b]);
+    let cut = Instant::now();
+    all_complete(load, &solo).await;
+    let completed = cut.elapsed();
+
+    // Neither cut rank keeps the old replica's model: each serves the new replica or is
+    // unloaded, so neither runs an old step again.
+    let spare = 3 - a - b;
+    for i in [a, b] {
+        let w = wpb::worker_client::WorkerClient::connect(workers[i].url()).await.expect("reaches the worker");
+        let addr = workers[i].addr.clone();
+        wait_for("each cut rank to serve the new replica or unload", LIMIT, || {
+            let (mut w, url, addr) = (w.clone(), url.clone(), addr.clone());
+            async move { serving(&url).await.contains(&addr) || w.health(wpb::HealthRequest {}).await.is_ok_and(|h| h.into_inner().weight_bytes == 0) }
+        })
+        .await;
+    }
+    let settled = cut.elapsed();
+
+    // Healed, the two link again: with the third worker gone, the only replica left to
+    // place is theirs.
+    hosts[a].heal(&hosts[b]);
+    workers[spare].kill();
+    let killed = Instant::now();
+    let mut both = vec![workers[a].addr.clone(), workers[b].addr.clone()];
+    both.sort();
+    wait_for("the healed pair to serve", LIMIT, || async {
+        let mut serving = serving(&url).await;
+        serving.sort();
+        serving == both && replicas(&c).await == 1
+    })
+    .await;
+    all_complete(streams(&c, MAX_TOKENS), &solo).await;
+    let relinked = killed.elapsed();
+    eprintln!(
+        "(b) the link between the two ranks of a TP-2 replica cut under 16 × {MAX_TOKENS} tokens (--comm-timeout-secs 3): \
+         all complete {completed:?} after the cut, 0 lost, token-exact; both ranks settled {settled:?} after it; \
+         healed and the spare killed, the pair serves again and 16 more complete {relinked:?} after the kill"
     );
 }

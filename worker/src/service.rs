@@ -351,7 +351,7 @@ enum Command {
     Unload(String),
     Release(u64, oneshot::Sender<Result<(), ServiceError>>),
     Fence(u64, oneshot::Sender<Result<(), ServiceError>>),
-    Load(pb::LoadAssignmentRequest, oneshot::Sender<Result<pb::LoadAssignmentResponse, ServiceError>>),
+    Load(Box<pb::LoadAssignmentRequest>, oneshot::Sender<Result<pb::LoadAssignmentResponse, ServiceError>>),
     Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse, ServiceError>>),
     Health(oneshot::Sender<pb::HealthResponse>),
 }
@@ -432,7 +432,7 @@ impl pb::worker_server::Worker for EngineHandle {
     async fn load_assignment(&self, request: tonic::Request<pb::LoadAssignmentRequest>) -> Result<tonic::Response<pb::LoadAssignmentResponse>, tonic::Status> {
         let req = request.into_inner();
         tracing::info!(epoch = req.epoch, model = %req.model_path, "loading assignment");
-        let resp = self.call(|r| Command::Load(req, r)).await??;
+        let resp = self.call(|r| Command::Load(Box::new(req), r)).await??;
         Ok(tonic::Response::new(resp))
     }
 

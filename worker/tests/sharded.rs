@@ -61,6 +61,7 @@ impl Cluster {
             stage_layers: l.stage_layers.to_vec(),
             rank: rank as u32,
             peers: self.comm[..world].to_vec(),
+            formed: self.epoch,
             ..Default::default()
         }
     }
@@ -233,4 +234,25 @@ async fn a_killed_rank_fails_its_peers_step_within_seconds() {
     // The survivor keeps serving: it takes a new assignment (the whole model) and is correct.
     cluster.load("mixtral-f32-tiny", layout(1, 1, 1)).await.expect("reassigned");
     check_reference(&cluster, "mixtral-f32-tiny", layout(1, 1, 1)).await;
+}
+
+#[tokio::test]
+async fn a_replica_formed_anew_of_the_same_ranks_links_afresh() {
+    let mut cluster = Cluster::start(2).await;
+    let l = layout(2, 1, 1);
+    cluster.load("mistral-v1-tiny", l).await.expect("loads");
+    check_reference(&cluster, "mistral-v1-tiny", l).await;
+
+    // Only rank 1 saw the replica fail (as when the link between them vanishes: the rank
+    // that timed out unloads, the other may not have been in a collective), and the next
+    // placement forms the replica again of the same workers in the same ranks.
+    let mut rank1 = cluster.clients[1].clone();
+    rank1.fence(pb::FenceRequest { epoch: cluster.epoch + 1 }).await.expect("rank 1 unloads");
+    cluster.epoch += 1;
+
+    // The same assignment for a newer epoch, but formed anew: rank 0 must drop its old link
+    // and link again with rank 1, rather than keep it as a move of a kept replica would.
+    let load = tokio::time::timeout(Duration::from_secs(20), cluster.load("mistral-v1-tiny", l)).await.expect("no hang");
+    load.expect("both ranks link afresh");
+    check_reference(&cluster, "mistral-v1-tiny", l).await;
 }
