@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::tramontane::worker::v1 as wpb;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -41,6 +41,18 @@ pub struct ControlConfig {
     pub sched: SchedulerConfig,
     /// This coordinator's id (for leadership).
     pub id: String,
+    /// The membership's lease TTL: a serving worker whose card vanishes is given up only when
+    /// it has not registered again within [`gone_grace`] of it.
+    pub lease_ttl: Duration,
+}
+
+/// How long a worker of a live replica whose card vanished may take to register again
+/// before it is given up: two TTLs. After etcd was out of reach of everyone for longer than a
+/// TTL, every lease expired there and every card goes; the workers, still serving, register
+/// again within about a TTL of etcd coming back, and nothing moves. A worker cut from etcd
+/// alone is given up this much later than its lease expired.
+pub fn gone_grace(ttl: Duration) -> Duration {
+    2 * ttl
 }
 
 /// A worker as the status reports it.
@@ -172,13 +184,17 @@ async fn run(
         // A new leader fences the workers of the stored plan that its own plan leaves out: a
         // former leader cut from etcd may still drive them.
         unfenced: stored_workers,
+        vanished: HashMap::new(),
     };
     let mut members = membership.watch_workers();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let lost = c.leadership.lease.lost.clone();
+    let mut lost = c.leadership.lease.lost.clone();
     loop {
         tokio::select! {
-            _ = lost.cancelled() => return Err(MembershipError::NotLeader("the leadership lease was lost".into())),
+            _ = lost.cancelled() => {
+                c.lead_again().await?;
+                lost = c.leadership.lease.lost.clone();
+            }
             Some(event) = members.recv() => {
                 c.apply(event);
                 // Take every event already queued before placing (a snapshot comes with many).
@@ -200,7 +216,7 @@ async fn run(
             }
             _ = tick.tick() => {
                 c.probe_suspects().await;
-                if c.dirty {
+                if c.give_up_vanished() || c.dirty {
                     c.reconcile().await?;
                 }
             }
@@ -234,25 +250,82 @@ struct Controller {
     /// Workers (id, address where known) of replicas that ended since the last stored plan:
     /// the next plan fences those it does not use.
     unfenced: Vec<(String, Option<String>)>,
+    /// Workers of live replicas whose cards vanished, and since when: given up after
+    /// [`gone_grace`] unless they register again first.
+    vanished: HashMap<String, Instant>,
 }
 
 impl Controller {
     fn apply(&mut self, event: MemberEvent) {
         match event {
             MemberEvent::Snapshot(cards) => {
-                self.cards = cards.into_iter().map(|c| (c.id.clone(), c)).collect();
+                let mut cards: BTreeMap<String, WorkerCard> = cards.into_iter().map(|c| (c.id.clone(), c)).collect();
+                for (id, card) in std::mem::take(&mut self.cards) {
+                    if !cards.contains_key(&id) && self.serves(&id) {
+                        self.vanished.entry(id.clone()).or_insert_with(Instant::now);
+                        cards.insert(id, card);
+                    }
+                }
+                self.vanished.retain(|id, _| cards.contains_key(id));
+                self.cards = cards;
             }
             MemberEvent::Up(card) => {
                 self.suspects.remove(&card.id);
-                tracing::info!(worker = %card.id, address = %card.address, "worker joined");
+                if self.vanished.remove(&card.id).is_some() {
+                    tracing::info!(worker = %card.id, address = %card.address, "worker registered again");
+                } else {
+                    tracing::info!(worker = %card.id, address = %card.address, "worker joined");
+                }
                 self.cards.insert(card.id.clone(), card);
             }
-            MemberEvent::Down(id) => {
-                tracing::info!(worker = %id, "worker left");
-                self.cards.remove(&id);
-                self.suspects.remove(&id);
+            MemberEvent::Down(id) if self.serves(&id) => {
+                tracing::info!(worker = %id, grace = ?gone_grace(self.cfg.lease_ttl), "the card of a serving worker vanished; giving it up unless it registers again");
+                self.vanished.entry(id).or_insert_with(Instant::now);
             }
+            MemberEvent::Down(id) => self.forget(&id),
         }
+    }
+
+    /// Takes the leadership again after etcd expired its lease (etcd was out of reach for
+    /// longer than the TTL), keeping the placement: only if no other coordinator took it
+    /// meanwhile (the leader key is free within two TTLs and the stored plan is still this
+    /// leader's). Err (and the coordinator stops) otherwise.
+    async fn lead_again(&mut self) -> Result<(), MembershipError> {
+        let id = self.cfg.id.clone();
+        tracing::warn!(%id, "etcd expired the leadership lease; campaigning again, serving the current placement meanwhile");
+        let limit = 2 * self.cfg.lease_ttl;
+        let leadership = tokio::time::timeout(limit, self.membership.campaign(&id))
+            .await
+            .map_err(|_| MembershipError::NotLeader(format!("another coordinator holds the leader key ({limit:?} after this one's lease expired)")))??;
+        let stored = self.membership.load_plan().await?.and_then(|j| serde_json::from_str::<Plan>(&j).ok()).map_or(0, |p| p.epoch);
+        if stored != self.epoch {
+            return Err(MembershipError::NotLeader(format!("another leader stored placement epoch {stored} past this one's {}", self.epoch)));
+        }
+        tracing::info!(%id, epoch = self.epoch, "leading the cluster again");
+        self.leadership = leadership;
+        Ok(())
+    }
+
+    fn forget(&mut self, id: &str) {
+        tracing::info!(worker = %id, "worker left");
+        self.cards.remove(id);
+        self.suspects.remove(id);
+        self.vanished.remove(id);
+    }
+
+    /// Whether worker `id` is in a live replica.
+    fn serves(&self, id: &str) -> bool {
+        self.live.iter().any(|r| r.plan.workers.iter().any(|w| w == id))
+    }
+
+    /// Gives up the workers whose cards vanished longer than the grace ago; whether any.
+    fn give_up_vanished(&mut self) -> bool {
+        let grace = gone_grace(self.cfg.lease_ttl);
+        let gone: Vec<String> = self.vanished.iter().filter(|(_, since)| since.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
+        for id in &gone {
+            self.forget(id);
+        }
+        !gone.is_empty()
     }
 
     /// Workers a placement may use.

@@ -110,6 +110,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
             max_queue: cfg.max_queue,
         },
         id: cfg.id.clone(),
+        lease_ttl: cfg.lease_ttl,
     };
     let (pool_tx, pool_rx) = watch::channel(Arc::new(Pool::default()));
     let control = control::spawn(control_cfg, membership, pool_tx, metrics.clone());

@@ -5,17 +5,22 @@
 //! link heals it registers again and serves. (b) The link between the two ranks of a TP-2
 //! replica cut (each still reaches etcd and the coordinator): a collective times out, the
 //! replica fails and its requests move, neither rank keeps the dead link, and once healed the
-//! two form a replica again. Every request completes with the tokens it produces
-//! undisturbed; each case prints its detection and recovery times. Needs root (network namespaces): elsewhere each case says so and stops.
+//! two form a replica again. (d) etcd cut from everyone for longer than the lease TTL: every
+//! lease expires there, the workers register again, the leader leads again, nothing moves.
+//! Every request completes with the tokens it produces undisturbed; each case prints its
+//! detection and recovery times. Needs root (network namespaces): elsewhere each case says so
+//! and stops.
 
 use std::time::{Duration, Instant};
 
+use proto::tramontane::v1::inference_client::InferenceClient;
 use proto::tramontane::worker::v1 as wpb;
-use tests::Etcd;
 use tests::client::{inference, serving, status, wait_for};
 use tests::cluster::{TTL_SECS, coordinator_on, worker_on, worker_with};
 use tests::load::{all_complete, replicas, solo, streams};
-use tests::net::Net;
+use tests::net::{Host, Net};
+use tests::{Etcd, Server};
+use tonic::transport::Channel;
 
 /// The cases share two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -34,19 +39,43 @@ fn network() -> Option<Net> {
     }
 }
 
-#[tokio::test]
-async fn a_worker_cut_from_etcd_is_fenced_its_requests_move_and_healed_it_serves_again() {
-    let _one = SERIAL.lock().await;
-    let Some(mut net) = network() else { return };
+/// etcd, a coordinator and two workers, each on a host of its own, serving two replicas, with
+/// the undisturbed run's tokens and the placement epoch.
+struct TwoWorkers {
+    _net: Net,
+    etcd_host: Host,
+    coordinator_host: Host,
+    h1: Host,
+    h2: Host,
+    etcd: Etcd,
+    w1: Server,
+    w2: Server,
+    coordinator: Server,
+    url: String,
+    c: InferenceClient<Channel>,
+    solo: Vec<Vec<u32>>,
+    epoch: u64,
+}
+
+async fn two_workers(mut net: Net) -> TwoWorkers {
     let (etcd_host, coordinator_host, h1, h2) = (net.host("etcd"), net.host("coord"), net.host("w1"), net.host("w2"));
     let etcd = Etcd::on(&etcd_host);
-    let (w1, _w2) = (worker_on(Some(&h1), &etcd), worker_on(Some(&h2), &etcd));
+    let (w1, w2) = (worker_on(Some(&h1), &etcd), worker_on(Some(&h2), &etcd));
     let (coordinator, _) = coordinator_on(Some(&coordinator_host), &etcd, &[]);
     let url = coordinator.url();
     let c = inference(url.clone()).await;
     wait_for("two replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
     let solo = solo(&c, MAX_TOKENS).await;
     let epoch = status(url.clone()).await.epoch;
+    TwoWorkers { _net: net, etcd_host, coordinator_host, h1, h2, etcd, w1, w2, coordinator, url, c, solo, epoch }
+}
+
+#[tokio::test]
+async fn a_worker_cut_from_etcd_is_fenced_its_requests_move_and_healed_it_serves_again() {
+    let _one = SERIAL.lock().await;
+    let Some(net) = network() else { return };
+    let TwoWorkers { _net, etcd_host, coordinator_host: _, h1, w1, etcd: _etcd, w2: _w2, coordinator: _coordinator, url, c, solo, epoch, .. } =
+        two_workers(net).await;
 
     // Waves of 16 streams, back to back, from the cut until the coordinator has given w1 up
     // and one more wave ran without it.
@@ -156,5 +185,47 @@ async fn a_cut_between_two_ranks_fails_their_replica_and_healed_they_link_again(
         "(b) the link between the two ranks of a TP-2 replica cut under 16 × {MAX_TOKENS} tokens (--comm-timeout-secs 3): \
          all complete {completed:?} after the cut, 0 lost, token-exact; both ranks settled {settled:?} after it; \
          healed and the spare killed, the pair serves again and 16 more complete {relinked:?} after the kill"
+    );
+}
+
+#[tokio::test]
+async fn etcd_partitioned_from_everyone_past_the_lease_ttl_loses_nothing() {
+    let _one = SERIAL.lock().await;
+    let Some(net) = network() else { return };
+    let TwoWorkers { _net, etcd_host, coordinator_host, h1, h2, etcd: _etcd, w1: _w1, w2: _w2, coordinator: _coordinator, url, c, solo, epoch } =
+        two_workers(net).await;
+
+    // etcd vanishes for everyone for more than twice the lease TTL: every lease (the workers'
+    // cards, the leader key) expires on etcd while the cluster cannot hear of it.
+    let load = streams(&c, MAX_TOKENS);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for h in [&coordinator_host, &h1, &h2] {
+        h.cut(&etcd_host);
+    }
+    let cut = Instant::now();
+    let ttl: u64 = TTL_SECS.parse().expect("seconds");
+    tokio::time::sleep(Duration::from_secs(2 * ttl + 1)).await;
+    for h in [&coordinator_host, &h1, &h2] {
+        h.heal(&etcd_host);
+    }
+    let healed = Instant::now();
+    all_complete(load, &solo).await;
+    let completed = cut.elapsed();
+
+    // Past the time a worker that did not register again would be given up (two TTLs) and
+    // a leader that could not lead again would stop, nothing moved: the same placement epoch,
+    // both workers serving, the same coordinator leading, and it serves on.
+    tokio::time::sleep(Duration::from_secs(3 * ttl + 1)).await;
+    let after = status(url.clone()).await;
+    assert!(after.leader, "the coordinator leads again");
+    assert_eq!(after.epoch, epoch, "the placement did not change");
+    assert_eq!(serving(&url).await.len(), 2);
+    all_complete(streams(&c, MAX_TOKENS), &solo).await;
+    eprintln!(
+        "(d) etcd cut from the coordinator and both workers for {:?} (lease TTL {TTL_SECS} s) under 16 × {MAX_TOKENS} tokens: \
+         all complete {completed:?} after the cut, 0 lost, token-exact; {:?} after the heal the same leader leads, placement epoch {epoch} \
+         unchanged, both workers serving, and 16 more complete",
+        healed - cut,
+        healed.elapsed(),
     );
 }

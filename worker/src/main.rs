@@ -195,11 +195,10 @@ async fn register(args: &ServeArgs, addr: std::net::SocketAddr, handle: worker::
     // Registration retries in the background until etcd answers; the worker serves meanwhile.
     let lease = membership.register(&card).await.context("registering on etcd")?;
     tracing::info!(id = %card.id, cluster = %args.membership.cluster, "registering on etcd");
-    let lost = lease.lost.clone();
-    tokio::spawn(async move {
-        lost.cancelled().await;
-        handle.unload("the worker's lease on etcd was lost").await;
-    });
+    // A lost lease is registered again by the membership, and the model stays: a coordinator
+    // that gave this worker up fences it (Fence, or an assignment of a newer epoch), while an
+    // etcd out of everyone's reach for longer than the TTL expires every lease at once, which
+    // must not unload the whole cluster.
     Ok(lease)
 }
 

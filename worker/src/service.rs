@@ -117,7 +117,8 @@ impl<B: Backend> WorkerState<B> {
         WorkerState { memory_bytes: offer.memory_bytes, restarts: offer.restarts, ..self }
     }
 
-    /// Drops the model (lease lost, replica broken): steps are refused until a new assignment.
+    /// Drops the model (replaced, fenced, replica broken): steps are refused until a new
+    /// assignment.
     pub fn unload(&mut self, why: &str) {
         if self.engine.take().is_some() {
             tracing::warn!(why, "unloaded the model");
@@ -348,7 +349,6 @@ fn to_pb(t: TokenLogprobs) -> pb::TokenLogprobs {
 }
 
 enum Command {
-    Unload(String),
     Release(u64, oneshot::Sender<Result<(), ServiceError>>),
     Fence(u64, oneshot::Sender<Result<(), ServiceError>>),
     Load(Box<pb::LoadAssignmentRequest>, oneshot::Sender<Result<pb::LoadAssignmentResponse, ServiceError>>),
@@ -383,7 +383,6 @@ impl EngineHandle {
             let mut state = WorkerState::new(backend, comm).with_offer(offer);
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
-                    Command::Unload(why) => state.unload(&why),
                     Command::Release(epoch, reply) => {
                         let _ = reply.send(state.fence(epoch, "released by the coordinator"));
                     }
@@ -408,11 +407,6 @@ impl EngineHandle {
     /// What this worker offers (memory, restarts).
     pub fn offer(&self) -> Offer {
         self.offer
-    }
-
-    /// Drops the loaded model (the worker's lease was lost).
-    pub async fn unload(&self, why: &str) {
-        let _ = self.tx.send(Command::Unload(why.to_owned())).await;
     }
 
     /// Fires when the coordinator has released this worker.
