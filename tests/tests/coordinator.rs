@@ -138,6 +138,7 @@ async fn streams_reproduce_the_reference_alone_and_concurrently() {
         let (ids, text, lps, finish) = generate(&mut c, request(prompt, n)).await.expect("generates");
         assert_eq!(ids, case.greedy_ids);
         assert_eq!(finish, pb::FinishReason::Length as i32);
+        assert_eq!(lps.len(), case.greedy_logprobs.len(), "a logprob for every generated token");
         for (a, b) in lps.iter().zip(&case.greedy_logprobs) {
             assert!((a - b).abs() <= 2e-3, "{a} vs {b}");
         }
@@ -165,7 +166,9 @@ async fn streams_reproduce_the_reference_alone_and_concurrently() {
             tokio::spawn(async move { generate(&mut c, req).await.expect("concurrent").0 })
         })
         .collect();
+    assert_eq!(tasks.len(), alone.len());
     for (task, want) in tasks.into_iter().zip(&alone) {
+        assert_eq!(want.len(), 10, "the solo run generated every token");
         assert_eq!(&task.await.expect("joins"), want);
     }
     let info = c.model_info(pb::ModelInfoRequest {}).await.expect("info").into_inner();
@@ -283,6 +286,7 @@ async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies(
     for (task, case) in tasks.into_iter().zip(&reference.cases) {
         let (ids, _, lps, _) = task.await.expect("joins");
         assert_eq!(ids, case.greedy_ids);
+        assert_eq!(lps.len(), case.greedy_logprobs.len(), "a logprob for every generated token");
         for (a, b) in lps.iter().zip(&case.greedy_logprobs) {
             assert!((a - b).abs() <= 2e-3, "{a} vs {b}");
         }

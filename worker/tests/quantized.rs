@@ -54,6 +54,7 @@ fn measure(name: &str, dtype: WeightDType, quantization: Quantization) -> Fideli
     for (case, c) in reference.cases.iter().zip(&done) {
         assert_eq!(c.prompt_logprobs.len(), case.prompt_ids.len() - 1, "{name}: a logprob per prompt token after the first");
         assert_eq!(c.tokens.len(), case.greedy_ids.len(), "{name}: every greedy step");
+        assert_eq!(c.logprobs.len(), c.tokens.len(), "{name}: a logprob per generated token");
         for (ours, want) in c.prompt_logprobs.iter().zip(&case.prompt_logprobs[1..]) {
             f.max_logprob_error = f.max_logprob_error.max((ours.logprob - want.expect("logprob")).abs());
         }

@@ -61,7 +61,8 @@ fn assert_top(what: &str, ours: &TokenLogprobs, reference: &[(u32, f32)], tol: f
 fn check_case(name: &str, i: usize, case: &Case, done: &Completion, tol: f32) -> f32 {
     let mut worst = 0f32;
     assert_eq!(done.tokens, case.greedy_ids, "{name} case {i}: greedy ids");
-    assert_eq!(done.prompt_logprobs.len(), case.prompt_ids.len() - 1);
+    assert_eq!(done.prompt_logprobs.len(), case.prompt_ids.len() - 1, "{name} case {i}: a logprob for every prompt token but the first");
+    assert_eq!(done.logprobs.len(), case.greedy_logprobs.len(), "{name} case {i}: a logprob for every generated token");
     for (p, ours) in done.prompt_logprobs.iter().enumerate() {
         let want = case.prompt_logprobs[p + 1].expect("logprob after the first token");
         assert_eq!(ours.token, case.prompt_ids[p + 1]);
@@ -108,8 +109,10 @@ fn a_mixed_length_batch_equals_one_at_a_time() {
         g.step().expect("first step");
         assert_eq!(g.num_running(), reference.cases.len(), "all prompts share the batch");
         let batched = g.run_to_completion().expect("runs");
+        assert_eq!((alone.len(), batched.len()), (reference.cases.len(), reference.cases.len()), "{name}: every request completes");
         for (a, b) in alone.iter().zip(&batched) {
             assert_eq!(a.tokens, b.tokens, "{name} request {}", a.id);
+            assert_eq!((a.logprobs.len(), a.prompt_logprobs.len()), (b.logprobs.len(), b.prompt_logprobs.len()), "{name} request {}", a.id);
             for (x, y) in a.logprobs.iter().chain(&a.prompt_logprobs).zip(b.logprobs.iter().chain(&b.prompt_logprobs)) {
                 assert!((x.logprob - y.logprob).abs() < 1e-4, "{name} request {}: {} vs {}", a.id, x.logprob, y.logprob);
             }

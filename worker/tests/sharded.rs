@@ -135,6 +135,8 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
         assert_eq!(results.len(), cases.len());
         for (i, r) in results.iter().enumerate() {
             let c = &cases[i];
+            let prompt_logprobs = if step == 0 { c.prompt_ids.len() - 1 } else { 0 };
+            assert_eq!(r.prompt_logprobs.len(), prompt_logprobs, "{model} {l:?}: case {i} step {step}: prompt logprobs");
             for (p, lp) in r.prompt_logprobs.iter().enumerate() {
                 assert_eq!(lp.token_id, c.prompt_ids[p + 1]);
                 worst = worst.max((lp.logprob - c.prompt_logprobs[p + 1].expect("logprob")).abs());
