@@ -51,7 +51,7 @@ pub struct ControlConfig {
 /// TTL, every lease expired there and every card goes; the workers, still serving, register
 /// again within about a TTL of etcd coming back, and nothing moves. A worker cut from etcd
 /// alone is given up this much later than its lease expired.
-pub fn gone_grace(ttl: Duration) -> Duration {
+fn gone_grace(ttl: Duration) -> Duration {
     2 * ttl
 }
 
@@ -136,6 +136,11 @@ pub fn spawn(cfg: ControlConfig, membership: Arc<dyn Membership>, pool: watch::S
     ControlHandle { tx }
 }
 
+/// The plan on the store, if there is one it can read.
+async fn stored_plan(membership: &dyn Membership) -> Result<Option<Plan>, MembershipError> {
+    Ok(membership.load_plan().await?.and_then(|j| serde_json::from_str(&j).ok()))
+}
+
 async fn run(
     cfg: ControlConfig,
     membership: Arc<dyn Membership>,
@@ -161,7 +166,7 @@ async fn run(
         }
     };
     tracing::info!(id = %cfg.id, "leading the cluster");
-    let stored: Option<Plan> = membership.load_plan().await.ok().flatten().and_then(|j| serde_json::from_str(&j).ok());
+    let stored = stored_plan(&*membership).await.ok().flatten();
     let (down_tx, mut down_rx) = mpsc::unbounded_channel();
     let stored_workers = stored.iter().flat_map(|p| &p.replicas).flat_map(|r| r.workers.iter().map(|id| (id.clone(), None))).collect();
     let mut c = Controller {
@@ -297,7 +302,7 @@ impl Controller {
         let leadership = tokio::time::timeout(limit, self.membership.campaign(&id))
             .await
             .map_err(|_| MembershipError::NotLeader(format!("another coordinator holds the leader key ({limit:?} after this one's lease expired)")))??;
-        let stored = self.membership.load_plan().await?.and_then(|j| serde_json::from_str::<Plan>(&j).ok()).map_or(0, |p| p.epoch);
+        let stored = stored_plan(&*self.membership).await?.map_or(0, |p| p.epoch);
         if stored != self.epoch {
             return Err(MembershipError::NotLeader(format!("another leader stored placement epoch {stored} past this one's {}", self.epoch)));
         }

@@ -146,7 +146,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, device = %args.device, "worker listening");
         // Registered until SIGTERM: then the lease is revoked at once, so the leader moves this
         // worker's sequences now rather than when the lease would expire.
-        let registration = if args.membership.etcd.is_empty() { None } else { Some(register(&args, addr, handle.clone()).await?) };
+        let registration = if args.membership.etcd.is_empty() { None } else { Some(register(&args, addr, handle.offer()).await?) };
         let released = registration.map(|lease| {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -169,10 +169,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Registers this worker's card on etcd (waiting for etcd with capped backoff, never exiting
-/// for an outage); a lost lease unloads the model (no zombie keeps serving a placement that
-/// moved on) and the worker registers again.
-async fn register(args: &ServeArgs, addr: std::net::SocketAddr, handle: worker::service::EngineHandle) -> anyhow::Result<worker::membership::Lease> {
+/// Registers this worker's card, with what it `offer`s, on etcd (waiting for etcd with capped
+/// backoff, never exiting for an outage); a lost lease is registered again, the model kept.
+async fn register(args: &ServeArgs, addr: std::net::SocketAddr, offer: worker::service::Offer) -> anyhow::Result<worker::membership::Lease> {
     use worker::membership::{EtcdMembership, Membership, WorkerCard};
     let ttl = std::time::Duration::from_secs(args.membership.lease_ttl_secs);
     let membership = EtcdMembership::connect(&args.membership.etcd, &args.membership.cluster, ttl).await.context("connecting to etcd")?;
@@ -187,10 +186,10 @@ async fn register(args: &ServeArgs, addr: std::net::SocketAddr, handle: worker::
             None => addr.to_string(),
         },
         device: args.device.to_string(),
-        memory_bytes: handle.offer().memory_bytes,
+        memory_bytes: offer.memory_bytes,
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
-        restarts: handle.offer().restarts,
+        restarts: offer.restarts,
     };
     // Registration retries in the background until etcd answers; the worker serves meanwhile.
     let lease = membership.register(&card).await.context("registering on etcd")?;
