@@ -165,11 +165,12 @@ fn every_instruction_set_gives_the_same_bits() {
             (kernels.groups)(&w[..4 * row], x, m, k, &mut got);
             assert_eq!(bits(&got), bits(&want_groups), "{what}: groups");
             if let Some((few, most)) = kernels.few {
-                // Seven weight rows: whole tiles of every height and a remainder.
+                // Twenty-nine weight rows: blocks of twelve, whole tiles of every height and
+                // remainders; more than four x rows take passes over parts of each row.
                 for rows in 1..=most.min(m) {
-                    let mut got = vec![0f32; 7 * rows];
-                    few(&w[..7 * row], &x[..rows * k], rows, k, &mut got);
-                    let want: Vec<f32> = (0..7)
+                    let mut got = vec![0f32; 29 * rows];
+                    few(&w[..29 * row], &x[..rows * k], rows, k, &mut got);
+                    let want: Vec<f32> = (0..29)
                         .flat_map(|r| (0..rows).map(move |i| (r, i)))
                         .map(|(r, i)| dot_portable::<S>(&w[r * row..(r + 1) * row], &x0[i * k..(i + 1) * k]))
                         .collect();
@@ -179,9 +180,9 @@ fn every_instruction_set_gives_the_same_bits() {
         }
     }
     for k in [16, 100, 1553, 2100] {
-        let m = 5;
+        let m = 8;
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0).collect();
-        let w: Vec<f32> = (0..7 * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 89.0).collect();
+        let w: Vec<f32> = (0..29 * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 89.0).collect();
         for elem in ELEMS {
             let (w, _) = stored(&w, elem);
             match elem {
