@@ -71,6 +71,7 @@ fn raw_request(req: &pb::GenerateRequest) -> RawRequest {
         seed: s.seed,
         max_tokens: (s.max_tokens != 0).then_some(s.max_tokens),
         stop_token_ids: s.stop_token_ids,
+        stop: s.stop,
         logprobs: s.logprobs,
         prompt_logprobs: s.prompt_logprobs,
     }

@@ -174,6 +174,7 @@ impl Frontend {
             params: valid.params.clone(),
             generated: Vec::new(),
             decoder: IncrementalDecoder::new(&valid.prompt),
+            stops: StopStrings { stops: valid.stop.clone(), pending: String::new() },
             wants_logprobs: valid.params.logprobs.is_some(),
             completion_tokens: 0,
             events: None,
@@ -227,6 +228,7 @@ pub struct Generation {
     /// Tokens delivered so far (re-queued with the prompt if the replica goes away).
     generated: Vec<u32>,
     decoder: IncrementalDecoder,
+    stops: StopStrings,
     /// The current replica's events; `None` while waiting for one.
     events: Option<mpsc::UnboundedReceiver<ReplicaEvent>>,
     frontend: Frontend,
@@ -349,11 +351,58 @@ impl Generation {
         if finish.is_some() {
             text.push_str(&self.decoder.flush(tok).unwrap_or_default());
         }
+        let (mut text, hit) = self.stops.push(&text);
+        if hit {
+            // The replica would go on generating: its sequence ends here.
+            if let Some(Some((replica, internal))) = self.frontend.running.lock().unwrap_or_else(|p| p.into_inner()).get(&self.request_id) {
+                replica.abort(*internal);
+            }
+            return Chunk::Token { token, text, finish: Some(Finish::Stop) };
+        }
+        if finish.is_some() {
+            text.push_str(&self.stops.flush());
+        }
         Chunk::Token { token, text, finish }
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.frontend.served.tokenizer
+    }
+}
+
+/// A request's stop strings over its text as it is generated: text that could be the start
+/// of one is held back until it cannot.
+struct StopStrings {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopStrings {
+    /// Adds text; returns what is safe to emit, and whether a stop string was generated (the
+    /// text then ends just before it).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        if self.stops.is_empty() {
+            return (text.to_owned(), false);
+        }
+        self.pending.push_str(text);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            let out = self.pending[..at].to_owned();
+            self.pending.clear();
+            return (out, true);
+        }
+        let keep = self.stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+        let mut cut = self.pending.len().saturating_sub(keep);
+        while !self.pending.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let out = self.pending[..cut].to_owned();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    /// What was held back, at the end of the generation.
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
     }
 }
 
@@ -367,5 +416,23 @@ impl Drop for Generation {
         }
         let outcome = self.outcome.unwrap_or(Outcome::Aborted);
         self.frontend.metrics.finished(outcome, self.arrived.elapsed().as_secs_f64(), self.prompt.len(), self.completion_tokens);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopStrings;
+
+    #[test]
+    fn stop_strings_cut_the_text_and_hold_back_possible_prefixes() {
+        let mut m = StopStrings { stops: vec!["END".into()], pending: String::new() };
+        assert_eq!(m.push("hello E"), ("hello".into(), false));
+        assert_eq!(m.push("N"), (" ".into(), false));
+        assert_eq!(m.push("D tail"), (String::new(), true));
+        let mut m = StopStrings { stops: vec!["END".into()], pending: String::new() };
+        assert_eq!(m.push("a ENx"), ("a E".into(), false));
+        assert_eq!(m.flush(), "Nx");
+        let mut none = StopStrings { stops: vec![], pending: String::new() };
+        assert_eq!(none.push("any text"), ("any text".into(), false));
     }
 }

@@ -150,8 +150,8 @@ struct ChatRequest {
     sampling: Sampling,
 }
 
-/// Common checks of the sampling fields; returns the stop strings.
-fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<Vec<String>, ApiError> {
+/// Checks of the sampling fields that only HTTP has.
+fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
     let served = &frontend.served.name;
     if let Some(m) = s.model.as_deref().filter(|m| !m.is_empty() && *m != served.as_str()) {
         return Err(bad(format!("`model` {m:?} is not served here; this server serves {served:?}")));
@@ -162,15 +162,7 @@ fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<Vec<String>, ApiE
     if s.top_k.is_some_and(|k| k < -1) {
         return Err(bad("`top_k` must be -1 (off) or >= 0"));
     }
-    let stops = match &s.stop {
-        None => vec![],
-        Some(StopField::One(s)) => vec![s.clone()],
-        Some(StopField::Many(v)) => v.clone(),
-    };
-    if stops.len() > 4 || stops.iter().any(String::is_empty) {
-        return Err(bad("`stop` must be at most 4 non-empty strings"));
-    }
-    Ok(stops)
+    Ok(())
 }
 
 fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Option<u32>) -> RawRequest {
@@ -182,38 +174,13 @@ fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Opt
         seed: s.seed,
         max_tokens,
         stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),
+        stop: match &s.stop {
+            None => vec![],
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        },
         logprobs,
         prompt_logprobs: None,
-    }
-}
-
-/// Text held back until it cannot be the start of a stop string.
-struct StopMatcher {
-    stops: Vec<String>,
-    pending: String,
-}
-
-impl StopMatcher {
-    /// Adds text; returns what is safe to emit and whether a stop string was hit.
-    fn push(&mut self, text: &str) -> (String, bool) {
-        self.pending.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
-            let out = self.pending[..at].to_owned();
-            self.pending.clear();
-            return (out, true);
-        }
-        let keep = self.stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
-        let mut cut = self.pending.len().saturating_sub(keep);
-        while !self.pending.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let out = self.pending[..cut].to_owned();
-        self.pending.drain(..cut);
-        (out, false)
-    }
-
-    fn flush(&mut self) -> String {
-        std::mem::take(&mut self.pending)
     }
 }
 
@@ -236,20 +203,13 @@ struct Collected {
     prompt_tokens: usize,
 }
 
-async fn collect(mut g: Generation, stops: Vec<String>) -> Result<Collected, ApiError> {
-    let mut matcher = StopMatcher { stops, pending: String::new() };
+async fn collect(mut g: Generation) -> Result<Collected, ApiError> {
     let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), "length");
     while let Some(chunk) = g.next().await {
         if let Chunk::Token { token, text: delta, finish: f } = chunk? {
             tokens.push(token);
-            let (out, hit) = matcher.push(&delta);
-            text.push_str(&out);
-            if hit {
-                finish = "stop";
-                break; // dropping the generation aborts the rest
-            }
+            text.push_str(&delta);
             if let Some(f) = f {
-                text.push_str(&matcher.flush());
                 finish = finish_name(f);
             }
         }
@@ -283,26 +243,13 @@ fn completion_logprobs(tok: &Tokenizer, tokens: &[TokenLogprobs], as_ids: bool) 
 type SseStream = Sse<tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>>;
 
 /// Streams a generation as SSE: `chunk(delta_text, tokens, finish)` builds each JSON payload.
-fn stream(mut g: Generation, stops: Vec<String>, chunk: impl Fn(&str, &[TokenLogprobs], Option<&str>) -> Value + Send + 'static) -> SseStream {
+fn stream(mut g: Generation, chunk: impl Fn(&str, &[TokenLogprobs], Option<&str>) -> Value + Send + 'static) -> SseStream {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
-        let mut matcher = StopMatcher { stops, pending: String::new() };
         while let Some(item) = g.next().await {
             let payload = match item {
                 Ok(Chunk::PromptLogprobs(_)) => continue,
-                Ok(Chunk::Token { token, text, finish }) => {
-                    let (mut out, hit) = matcher.push(&text);
-                    if finish.is_some() && !hit {
-                        out.push_str(&matcher.flush());
-                    }
-                    let reason = if hit { Some("stop") } else { finish.map(finish_name) };
-                    let payload = chunk(&out, std::slice::from_ref(&token), reason);
-                    if hit {
-                        let _ = tx.send(Ok(Event::default().data(payload.to_string()))).await;
-                        break;
-                    }
-                    payload
-                }
+                Ok(Chunk::Token { token, text, finish }) => chunk(&text, std::slice::from_ref(&token), finish.map(finish_name)),
                 Err(e) => json!({"error": {"message": e.to_string(), "type": "server_error"}}),
             };
             if tx.send(Ok(Event::default().data(payload.to_string()))).await.is_err() {
@@ -316,7 +263,7 @@ fn stream(mut g: Generation, stops: Vec<String>, chunk: impl Fn(&str, &[TokenLog
 
 async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    let stops = check_sampling(&frontend, &req.sampling)?;
+    check_sampling(&frontend, &req.sampling)?;
     let prompt = match req.prompt {
         None => return Err(bad("`prompt` is required")),
         Some(PromptField::Text(t)) => PromptInput::Text(t),
@@ -334,7 +281,7 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
     let want_logprobs = req.logprobs.is_some();
     let tok_frontend = frontend.clone();
     if req.sampling.stream {
-        return Ok(stream(g, stops, move |text, tokens, finish| {
+        return Ok(stream(g, move |text, tokens, finish| {
             let lp = want_logprobs.then(|| completion_logprobs(&tok_frontend.served.tokenizer, tokens, as_ids));
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
@@ -342,7 +289,7 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
         .into_response());
     }
     let prompt_ids = g.prompt.clone();
-    let c = collect(g, stops).await?;
+    let c = collect(g).await?;
     let tok = &frontend.served.tokenizer;
     let text = if req.echo { tok.decode(&prompt_ids, true).unwrap_or_default() + &c.text } else { c.text };
     let lp = want_logprobs.then(|| completion_logprobs(tok, &c.tokens, as_ids));
@@ -356,7 +303,7 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
 
 async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Result<Json<ChatRequest>, JsonRejection>) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    let stops = check_sampling(&frontend, &req.sampling)?;
+    check_sampling(&frontend, &req.sampling)?;
     if req.messages.is_empty() {
         return Err(bad("`messages` must not be empty"));
     }
@@ -378,7 +325,7 @@ async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Re
     let want_logprobs = req.logprobs;
     if req.sampling.stream {
         let first = std::sync::atomic::AtomicBool::new(true);
-        return Ok(stream(g, stops, move |text, tokens, finish| {
+        return Ok(stream(g, move |text, tokens, finish| {
             let mut delta = json!({"content": text});
             if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
                 delta["role"] = json!("assistant");
@@ -388,7 +335,7 @@ async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Re
         })
         .into_response());
     }
-    let c = collect(g, stops).await?;
+    let c = collect(g).await?;
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
@@ -412,20 +359,4 @@ async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
 
 async fn health(State(Api { frontend, .. }): State<Api>) -> StatusCode {
     if frontend.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_strings_cut_the_text_and_hold_back_possible_prefixes() {
-        let mut m = StopMatcher { stops: vec!["END".into()], pending: String::new() };
-        assert_eq!(m.push("hello E"), ("hello".into(), false));
-        assert_eq!(m.push("N"), (" ".into(), false));
-        assert_eq!(m.push("D tail"), (String::new(), true));
-        let mut m = StopMatcher { stops: vec!["END".into()], pending: String::new() };
-        assert_eq!(m.push("a ENx"), ("a E".into(), false));
-        assert_eq!(m.flush(), "Nx");
-    }
 }

@@ -7,6 +7,9 @@ use worker::{SamplingParams, Tokenizer};
 /// Tokens generated when a request does not say.
 pub const DEFAULT_MAX_TOKENS: usize = 16;
 
+/// Stop strings a request may give (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+
 /// What the served model allows.
 #[derive(Debug, Clone)]
 pub struct ModelLimits {
@@ -32,6 +35,8 @@ pub struct RawRequest {
     pub seed: Option<u64>,
     pub max_tokens: Option<u32>,
     pub stop_token_ids: Vec<u32>,
+    /// Strings that end the generation (the text ends before the first one).
+    pub stop: Vec<String>,
     pub logprobs: Option<u32>,
     pub prompt_logprobs: Option<u32>,
 }
@@ -41,6 +46,7 @@ pub struct RawRequest {
 pub struct ValidRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    pub stop: Vec<String>,
 }
 
 /// Checks a request; `Err` is the message for INVALID_ARGUMENT / HTTP 400.
@@ -68,6 +74,9 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
         Some(0) => return Err("`max_tokens` must be >= 1, got 0".into()),
         Some(n) => n as usize,
     };
+    if req.stop.len() > MAX_STOP_STRINGS || req.stop.iter().any(String::is_empty) {
+        return Err(format!("`stop` must be at most {MAX_STOP_STRINGS} non-empty strings"));
+    }
     let mut stop_token_ids = req.stop_token_ids;
     stop_token_ids.extend(&limits.eos_token_ids);
     let params = SamplingParams {
@@ -92,5 +101,5 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
             limits.max_context
         ));
     }
-    Ok(ValidRequest { prompt, params })
+    Ok(ValidRequest { prompt, params, stop: req.stop })
 }

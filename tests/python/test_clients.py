@@ -89,6 +89,7 @@ def test_seeded_sampling_is_reproducible(client):
     ({"max_tokens": 100000}, "context"),
     ({"model": "not-this-one"}, "not served"),
     ({"n": 2}, "`n`"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "`stop`"),
 ])
 def test_bad_input_is_a_400_naming_the_field(client, bad, needle):
     kwargs = dict(model=model_name(client), prompt="hi", max_tokens=4)
@@ -150,6 +151,43 @@ def test_grpc_abort_and_invalid_argument(stub):
         list(stub.Generate(pb.GenerateRequest(text="", sampling=pb.SamplingParams(max_tokens=4))))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "empty" in e.value.details()
+
+
+def wait_for_metric(name, value):
+    """The metric once it reaches `value` (a generation is counted when it is dropped, just
+    after its last message is sent), or its value after two seconds."""
+    for _ in range(40):
+        if metric(name) >= value:
+            break
+        threading.Event().wait(0.05)
+    return metric(name)
+
+
+def test_stop_strings_end_the_text_over_http_and_grpc(client, stub):
+    prompt = TEXT_CASES[0]["prompt_text"]
+    whole = client.completions.create(model=model_name(client), prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+    # Three characters from the middle of the greedy text, cut where they first appear.
+    mid = len(whole) // 2
+    stop = whole[mid:mid + 3]
+    assert len(stop) == 3, whole
+    want = whole[:whole.index(stop)]
+    stops = 'tramontane:request_success_total{finished_reason="stop"}'
+    before = metric(stops)
+
+    cut = client.completions.create(model=model_name(client), prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (want, "stop")
+    chunks = list(client.completions.create(model=model_name(client), prompt=prompt, max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    _, text, finish = generate(stub, pb.GenerateRequest(text=prompt, sampling=pb.SamplingParams(max_tokens=16, stop=[stop])))
+    assert (text, finish) == (want, pb.FINISH_REASON_STOP)
+    # Each is counted as a stop, not an abort.
+    assert wait_for_metric(stops, before + 3) == before + 3
+
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(pb.GenerateRequest(text=prompt, sampling=pb.SamplingParams(max_tokens=4, stop=["a"] * 5))))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "`stop`" in e.value.details()
 
 
 def test_grpc_standard_health_and_reflection():
