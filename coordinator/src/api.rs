@@ -87,7 +87,6 @@ fn finish_reason(f: Option<Finish>) -> pb::FinishReason {
         None => pb::FinishReason::Unspecified,
         Some(Finish::Length) => pb::FinishReason::Length,
         Some(Finish::Stop) => pb::FinishReason::Stop,
-        Some(Finish::Abort) => pb::FinishReason::Abort,
     }
 }
 

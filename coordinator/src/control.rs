@@ -123,14 +123,21 @@ impl ControlHandle {
 }
 
 /// Starts the controller: it campaigns for leadership, then places replicas and publishes
-/// them on `pool`. The returned handle answers at once (a standby reports no placement).
-pub fn spawn(cfg: ControlConfig, membership: Arc<dyn Membership>, pool: watch::Sender<Arc<Pool>>, metrics: Arc<Metrics>) -> ControlHandle {
+/// them on `pool`. The returned handle answers at once (a standby reports no placement). If
+/// it stops (another coordinator leads now, say), the reason goes to `fatal`: the process
+/// stops rather than serve a placement another may change.
+pub fn spawn(
+    cfg: ControlConfig,
+    membership: Arc<dyn Membership>,
+    pool: watch::Sender<Arc<Pool>>,
+    metrics: Arc<Metrics>,
+    fatal: mpsc::Sender<anyhow::Error>,
+) -> ControlHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         if let Err(e) = run(cfg, membership, pool, metrics, rx).await {
-            // Another coordinator leads now: stop, rather than serve a placement it may change.
             tracing::error!(error = %e, "the controller stopped");
-            std::process::exit(2);
+            let _ = fatal.send(anyhow::anyhow!("the placement controller stopped: {e}")).await;
         }
     });
     ControlHandle { tx }
@@ -701,5 +708,55 @@ fn gpu_ordinal(device: &str) -> Option<usize> {
     match device.parse::<worker::Device>() {
         Ok(worker::Device::Cuda(n)) => Some(n),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store where another coordinator always leads.
+    struct LedByAnother;
+
+    #[tonic::async_trait]
+    impl Membership for LedByAnother {
+        async fn register(&self, _: &WorkerCard) -> Result<worker::membership::Lease, MembershipError> {
+            Err(MembershipError::NotLeader("unused".into()))
+        }
+        fn watch_workers(&self) -> mpsc::UnboundedReceiver<MemberEvent> {
+            mpsc::unbounded_channel().1
+        }
+        async fn campaign(&self, _: &str) -> Result<Leadership, MembershipError> {
+            Err(MembershipError::NotLeader("another coordinator leads".into()))
+        }
+        async fn load_plan(&self) -> Result<Option<String>, MembershipError> {
+            Ok(None)
+        }
+        async fn store_plan(&self, _: &str, _: &Leadership) -> Result<(), MembershipError> {
+            Err(MembershipError::NotLeader("unused".into()))
+        }
+    }
+
+    /// A controller that stops tells the process why (through `fatal`) instead of ending it.
+    #[tokio::test]
+    async fn a_stopped_controller_reports_why_to_the_process() {
+        let config = ModelConfig::parse(worker::config::MIX_BENCH, "mix-bench".as_ref()).expect("the mix-bench config parses");
+        let cfg = ControlConfig {
+            model: PathBuf::from("unused"),
+            config,
+            layout: Layout::default(),
+            sizing: Sizing { dtype: worker::WeightDType::Auto, quantization: worker::Quantization::None, dummy: true, kv_blocks: 16, block_size: 16 },
+            dtype: "auto".into(),
+            quantization: "none".into(),
+            load_format: "dummy".into(),
+            sched: SchedulerConfig { num_blocks: 16, block_size: 16, max_num_seqs: 4, max_batch_tokens: 64, max_queue: 4 },
+            id: "c1".into(),
+            lease_ttl: Duration::from_secs(1),
+        };
+        let (pool, _) = watch::channel(Arc::new(Pool::default()));
+        let (fatal_tx, mut fatal) = mpsc::channel(1);
+        let _control = spawn(cfg, Arc::new(LedByAnother), pool, Arc::new(Metrics::default()), fatal_tx);
+        let why = tokio::time::timeout(Duration::from_secs(5), fatal.recv()).await.expect("reported within 5 s").expect("a reason");
+        assert!(why.to_string().contains("another coordinator leads"), "{why}");
     }
 }

@@ -183,7 +183,6 @@ impl Frontend {
             timeout,
             last_token: None,
             outcome: None,
-            moves: 0,
         };
         g.try_submit()?;
         Ok(g)
@@ -237,8 +236,6 @@ pub struct Generation {
     last_token: Option<Instant>,
     /// Set once the generation has ended.
     outcome: Option<Outcome>,
-    /// Times the request moved to another replica.
-    pub moves: usize,
 }
 
 impl Generation {
@@ -270,7 +267,6 @@ impl Generation {
         loop {
             pool.borrow_and_update();
             if self.try_submit()? {
-                self.moves += 1;
                 return Ok(());
             }
             if let Some(reason) = &self.frontend.pool().no_capacity {
@@ -304,7 +300,6 @@ impl Generation {
             Err(_) => Some(Outcome::Failed),
             Ok(Chunk::Token { finish: Some(Finish::Length), .. }) => Some(Outcome::Length),
             Ok(Chunk::Token { finish: Some(Finish::Stop), .. }) => Some(Outcome::Stop),
-            Ok(Chunk::Token { finish: Some(Finish::Abort), .. }) => Some(Outcome::Aborted),
             Ok(_) => None,
         };
         Some(chunk)

@@ -187,7 +187,7 @@ fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Opt
 fn finish_name(f: Finish) -> &'static str {
     match f {
         Finish::Length => "length",
-        Finish::Stop | Finish::Abort => "stop",
+        Finish::Stop => "stop",
     }
 }
 

@@ -24,13 +24,6 @@ pub struct Plan {
     pub replicas: Vec<ReplicaPlan>,
 }
 
-impl Plan {
-    /// The replica and rank of worker `id`.
-    pub fn find(&self, id: &str) -> Option<(usize, usize)> {
-        self.replicas.iter().enumerate().find_map(|(r, p)| p.workers.iter().position(|w| w == id).map(|rank| (r, rank)))
-    }
-}
-
 /// What every rank must hold: its weights, as the workers keep them, and its KV cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Sizing {

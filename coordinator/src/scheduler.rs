@@ -29,7 +29,6 @@ pub struct SchedulerConfig {
 pub enum Finish {
     Length,
     Stop,
-    Abort,
 }
 
 /// A request as the scheduler sees it (already validated and tokenized).

@@ -56,9 +56,9 @@ pub struct ServeConfig {
 pub struct Prepared {
     pub frontend: Frontend,
     pub control: ControlHandle,
-    /// Resolves with the reason this coordinator can never serve: the workers of a fixed
-    /// cluster (all answering) cannot hold the model.
-    pub fatal: tokio::sync::oneshot::Receiver<anyhow::Error>,
+    /// Receives the reason this coordinator can never serve: the workers of a fixed cluster
+    /// (all answering) cannot hold the model, or the placement controller stopped.
+    pub fatal: tokio::sync::mpsc::Receiver<anyhow::Error>,
 }
 
 /// Reads the model, starts membership and the placement controller, and returns at once:
@@ -113,16 +113,15 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         lease_ttl: cfg.lease_ttl,
     };
     let (pool_tx, pool_rx) = watch::channel(Arc::new(Pool::default()));
-    let control = control::spawn(control_cfg, membership, pool_tx, metrics.clone());
-    // Sent only when this coordinator can never serve; a sender dropped unsent (on etcd at
-    // once, where workers and leadership are waited for as long as it runs) means never.
-    let (fatal_tx, fatal) = tokio::sync::oneshot::channel();
+    // Sent only when this coordinator can never serve; every sender dropped unsent means never.
+    let (fatal_tx, fatal) = tokio::sync::mpsc::channel(2);
+    let control = control::spawn(control_cfg, membership, pool_tx, metrics.clone(), fatal_tx.clone());
     if let Some(m) = fixed {
         // The API serves at once (not ready) while the workers are found and loaded.
         let (workers, control, pool) = (cfg.workers.clone(), control.clone(), pool_rx.clone());
         tokio::spawn(async move {
             if let Err(e) = enrol(&m, &workers, &control, pool).await {
-                let _ = fatal_tx.send(e);
+                let _ = fatal_tx.send(e).await;
             }
         });
     }
@@ -219,7 +218,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let request_timeout = timeouts.request;
-    let Prepared { frontend, control, fatal } = prepared;
+    let Prepared { frontend, control, mut fatal } = prepared;
     // The servers close only once the requests in flight have ended.
     let closed = CancellationToken::new();
     let incoming = worker::serving::nodelay_incoming(grpc);
@@ -267,9 +266,9 @@ pub async fn serve(
         tokio::time::sleep(CLOSE_GRACE).await;
     };
     let fatal = async {
-        match fatal.await {
-            Ok(e) => e,
-            Err(_) => std::future::pending().await,
+        match fatal.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await,
         }
     };
     tokio::select! {

@@ -143,9 +143,8 @@ impl<B: Backend> DecoderLayer<B> {
 #[derive(Debug, Clone)]
 pub struct CausalLm<B: Backend> {
     pub embed_tokens: Option<VocabParallelEmbedding<B>>,
-    /// This stage's layers, `model.layers.{first_layer + i}`.
+    /// This stage's layers.
     pub layers: Vec<DecoderLayer<B>>,
-    pub first_layer: usize,
     pub norm: Option<RmsNorm<B>>,
     /// `lm_head.weight`, or the embedding table when embeddings are tied.
     pub lm_head: Option<ParallelLmHead<B>>,
@@ -181,7 +180,7 @@ impl<B: Backend> CausalLm<B> {
         } else {
             (None, None)
         };
-        Ok(CausalLm { embed_tokens, layers, first_layer: range.start, norm, lm_head, config: c.clone(), par: par.clone() })
+        Ok(CausalLm { embed_tokens, layers, norm, lm_head, config: c.clone(), par: par.clone() })
     }
 
     /// Runs the batch's new tokens through this stage, writing their K/V into `caches` (one
