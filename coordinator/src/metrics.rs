@@ -1,47 +1,25 @@
-//! Prometheus metrics, named in the style of vLLM's (`tramontane:` prefix). Counters and
-//! histograms are updated by the frontend (per request) and the replicas (per step); gauges
-//! are read from the replicas when scraped.
+//! Prometheus metrics, named in the style of vLLM's (`tramontane:` prefix), kept by the
+//! `metrics` crate's handles in a Prometheus recorder of their own (not the process-wide
+//! one: several coordinators may share a process in tests). Counters and histograms are
+//! updated by the frontend (per request) and the replicas (per step); gauges are read from
+//! the replicas when scraped.
 
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Sequences-per-step buckets.
 const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
-    }
-
-    pub fn observe(&mut self, v: f64) {
-        for (b, c) in self.bounds.iter().zip(&mut self.counts) {
-            if v <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", self.count, self.sum, self.count);
-    }
-}
+/// The histograms: name, help, buckets.
+const HISTOGRAMS: [(&str, &str, &[f64]); 5] = [
+    ("tramontane:time_to_first_token_seconds", "Time from arrival to the first token.", &LATENCY_BUCKETS),
+    ("tramontane:inter_token_latency_seconds", "Time between consecutive tokens of a request.", &LATENCY_BUCKETS),
+    ("tramontane:e2e_request_latency_seconds", "Time from arrival to the last token.", &LATENCY_BUCKETS),
+    ("tramontane:request_queue_time_seconds", "Time from arrival to the first scheduled step.", &LATENCY_BUCKETS),
+    ("tramontane:batch_size", "Sequences per executed step.", &BATCH_BUCKETS),
+];
 
 /// Why requests ended, for `request_success_total` / failures.
 #[derive(Debug, Clone, Copy)]
@@ -53,41 +31,72 @@ pub enum Outcome {
 }
 
 pub struct Metrics {
-    ttft: Mutex<Histogram>,
-    itl: Mutex<Histogram>,
-    e2e: Mutex<Histogram>,
-    queue: Mutex<Histogram>,
-    batch: Mutex<Histogram>,
-    outcomes: [AtomicU64; 4],
-    prompt_tokens: AtomicU64,
-    generation_tokens: AtomicU64,
+    handle: PrometheusHandle,
+    ttft: Histogram,
+    itl: Histogram,
+    e2e: Histogram,
+    queue: Histogram,
+    batch: Histogram,
+    /// By [`Outcome`]: length, stop, abort (`request_success_total`), failed.
+    outcomes: [Counter; 4],
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
     /// Microseconds: whole steps as the coordinator saw them (plan to delivery), and the
     /// workers' compute inside them; new tokens processed by those steps.
-    step_micros: AtomicU64,
-    worker_compute_micros: AtomicU64,
-    step_tokens: AtomicU64,
+    step_micros: Counter,
+    worker_compute_micros: Counter,
+    step_tokens: Counter,
+    running: Gauge,
+    waiting: Gauge,
+    used_blocks: Gauge,
+    num_blocks: Gauge,
+    usage: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut builder = PrometheusBuilder::new();
+        for (name, _, buckets) in HISTOGRAMS {
+            builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), buckets).expect("bucket lists are not empty");
+        }
+        let recorder = builder.build_recorder();
+        let meta = Metadata::new(module_path!(), Level::INFO, None);
+        let counter = |name: &'static str, text: &'static str| {
+            recorder.describe_counter(KeyName::from_const_str(name), None::<Unit>, text.into());
+            recorder.register_counter(&Key::from_static_name(name), &meta)
+        };
+        let gauge = |name: &'static str, text: &'static str| {
+            recorder.describe_gauge(KeyName::from_const_str(name), None::<Unit>, text.into());
+            recorder.register_gauge(&Key::from_static_name(name), &meta)
+        };
+        let [ttft, itl, e2e, queue, batch] = HISTOGRAMS.map(|(name, text, _)| {
+            recorder.describe_histogram(KeyName::from_const_str(name), None::<Unit>, text.into());
+            recorder.register_histogram(&Key::from_static_name(name), &meta)
+        });
+        const SUCCESS: &str = "tramontane:request_success_total";
+        recorder.describe_counter(KeyName::from_const_str(SUCCESS), None::<Unit>, "Finished requests by reason.".into());
+        let success =
+            |reason: &'static str| recorder.register_counter(&Key::from_parts(SUCCESS, vec![Label::from_static_parts("finished_reason", reason)]), &meta);
         Metrics {
-            ttft: Mutex::new(Histogram::new(&LATENCY_BUCKETS)),
-            itl: Mutex::new(Histogram::new(&LATENCY_BUCKETS)),
-            e2e: Mutex::new(Histogram::new(&LATENCY_BUCKETS)),
-            queue: Mutex::new(Histogram::new(&LATENCY_BUCKETS)),
-            batch: Mutex::new(Histogram::new(&BATCH_BUCKETS)),
-            outcomes: Default::default(),
-            prompt_tokens: AtomicU64::new(0),
-            generation_tokens: AtomicU64::new(0),
-            step_micros: AtomicU64::new(0),
-            worker_compute_micros: AtomicU64::new(0),
-            step_tokens: AtomicU64::new(0),
+            ttft,
+            itl,
+            e2e,
+            queue,
+            batch,
+            outcomes: [success("length"), success("stop"), success("abort"), counter("tramontane:request_failure_total", "Requests that failed.")],
+            prompt_tokens: counter("tramontane:prompt_tokens_total", "Prompt tokens of finished requests."),
+            generation_tokens: counter("tramontane:generation_tokens_total", "Tokens generated by finished requests."),
+            step_micros: counter("tramontane:step_micros_total", "Wall time of executed steps at the coordinator (plan to delivery)."),
+            worker_compute_micros: counter("tramontane:worker_compute_micros_total", "Worker compute time inside those steps."),
+            step_tokens: counter("tramontane:step_tokens_total", "New tokens (prompt chunks and decodes) those steps processed."),
+            running: gauge("tramontane:num_requests_running", "Sequences in running batches."),
+            waiting: gauge("tramontane:num_requests_waiting", "Requests waiting to be scheduled."),
+            used_blocks: gauge("tramontane:kv_cache_usage_blocks", "KV cache blocks in use."),
+            num_blocks: gauge("tramontane:kv_cache_total_blocks", "KV cache blocks in all."),
+            usage: gauge("tramontane:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1)."),
+            handle: recorder.handle(),
         }
     }
-}
-
-fn observe(h: &Mutex<Histogram>, v: f64) {
-    h.lock().unwrap_or_else(|p| p.into_inner()).observe(v);
 }
 
 /// Figures read at scrape time.
@@ -101,73 +110,41 @@ pub struct Gauges {
 
 impl Metrics {
     pub fn time_to_first_token(&self, s: f64) {
-        observe(&self.ttft, s);
+        self.ttft.record(s);
     }
     pub fn inter_token_latency(&self, s: f64) {
-        observe(&self.itl, s);
+        self.itl.record(s);
     }
     pub fn queue_time(&self, s: f64) {
-        observe(&self.queue, s);
+        self.queue.record(s);
     }
     /// Sequences in one executed step.
     pub fn batch_size(&self, n: usize) {
-        observe(&self.batch, n as f64);
+        self.batch.record(n as f64);
     }
     /// One executed step: its wall time at the coordinator, the worker's compute time, and
     /// the new tokens it processed.
     pub fn step(&self, wall: std::time::Duration, compute_micros: u64, tokens: usize) {
-        self.step_micros.fetch_add(wall.as_micros() as u64, Ordering::Relaxed);
-        self.worker_compute_micros.fetch_add(compute_micros, Ordering::Relaxed);
-        self.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.step_micros.increment(wall.as_micros() as u64);
+        self.worker_compute_micros.increment(compute_micros);
+        self.step_tokens.increment(tokens as u64);
     }
 
     pub fn finished(&self, outcome: Outcome, e2e_seconds: f64, prompt_tokens: usize, generated: usize) {
-        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
-        observe(&self.e2e, e2e_seconds);
-        self.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        self.generation_tokens.fetch_add(generated as u64, Ordering::Relaxed);
+        self.outcomes[outcome as usize].increment(1);
+        self.e2e.record(e2e_seconds);
+        self.prompt_tokens.increment(prompt_tokens as u64);
+        self.generation_tokens.increment(generated as u64);
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self, g: Gauges) -> String {
-        let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        gauge(&mut out, "tramontane:num_requests_running", "Sequences in running batches.", g.running as f64);
-        gauge(&mut out, "tramontane:num_requests_waiting", "Requests waiting to be scheduled.", g.waiting as f64);
-        gauge(&mut out, "tramontane:kv_cache_usage_blocks", "KV cache blocks in use.", g.used_blocks as f64);
-        gauge(&mut out, "tramontane:kv_cache_total_blocks", "KV cache blocks in all.", g.num_blocks as f64);
-        let usage = if g.num_blocks == 0 { 0.0 } else { g.used_blocks as f64 / g.num_blocks as f64 };
-        gauge(&mut out, "tramontane:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", usage);
-        let _ = writeln!(out, "# HELP tramontane:request_success_total Finished requests by reason.\n# TYPE tramontane:request_success_total counter");
-        for (reason, i) in [("length", Outcome::Length), ("stop", Outcome::Stop), ("abort", Outcome::Aborted)] {
-            let _ = writeln!(out, "tramontane:request_success_total{{finished_reason=\"{reason}\"}} {}", self.outcomes[i as usize].load(Ordering::Relaxed));
-        }
-        let _ = writeln!(
-            out,
-            "# HELP tramontane:request_failure_total Requests that failed.\n# TYPE tramontane:request_failure_total counter\ntramontane:request_failure_total {}",
-            self.outcomes[Outcome::Failed as usize].load(Ordering::Relaxed)
-        );
-        for (name, help, v) in [
-            ("tramontane:prompt_tokens_total", "Prompt tokens of finished requests.", &self.prompt_tokens),
-            ("tramontane:generation_tokens_total", "Tokens generated by finished requests.", &self.generation_tokens),
-            ("tramontane:step_micros_total", "Wall time of executed steps at the coordinator (plan to delivery).", &self.step_micros),
-            ("tramontane:worker_compute_micros_total", "Worker compute time inside those steps.", &self.worker_compute_micros),
-            ("tramontane:step_tokens_total", "New tokens (prompt chunks and decodes) those steps processed.", &self.step_tokens),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
-        }
-        for (h, name, help) in [
-            (&self.ttft, "tramontane:time_to_first_token_seconds", "Time from arrival to the first token."),
-            (&self.itl, "tramontane:inter_token_latency_seconds", "Time between consecutive tokens of a request."),
-            (&self.e2e, "tramontane:e2e_request_latency_seconds", "Time from arrival to the last token."),
-            (&self.queue, "tramontane:request_queue_time_seconds", "Time from arrival to the first scheduled step."),
-            (&self.batch, "tramontane:batch_size", "Sequences per executed step."),
-        ] {
-            h.lock().unwrap_or_else(|p| p.into_inner()).render(&mut out, name, help);
-        }
-        out
+        self.running.set(g.running as f64);
+        self.waiting.set(g.waiting as f64);
+        self.used_blocks.set(g.used_blocks as f64);
+        self.num_blocks.set(g.num_blocks as f64);
+        self.usage.set(if g.num_blocks == 0 { 0.0 } else { g.used_blocks as f64 / g.num_blocks as f64 });
+        self.handle.render()
     }
 }
 
