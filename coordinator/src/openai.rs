@@ -113,12 +113,37 @@ struct Sampling {
     temperature: Option<f32>,
     top_p: Option<f32>,
     top_k: Option<i64>,
+    /// `random_seed` in Mistral's API.
+    #[serde(alias = "random_seed")]
     seed: Option<u64>,
     stop: Option<StopField>,
     stop_token_ids: Option<Vec<u32>>,
     n: Option<u32>,
     #[serde(default)]
     stream: bool,
+    /// Every other field of the request (the endpoint's own taken out): refused unless null or
+    /// at a value that changes nothing ([`neutral`]).
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
+}
+
+/// Whether an unimplemented field's value leaves the result as this server makes it.
+fn neutral(field: &str, v: &Value) -> bool {
+    match field {
+        // Metadata for the client's own accounting.
+        "user" => true,
+        "presence_penalty" | "frequency_penalty" => v.as_f64() == Some(0.0),
+        "repetition_penalty" => v.as_f64() == Some(1.0),
+        "best_of" => v.as_u64() == Some(1),
+        "safe_prompt" => v.as_bool() == Some(false),
+        "logit_bias" | "metadata" => v.as_object().is_some_and(serde_json::Map::is_empty),
+        "response_format" => v.get("type").and_then(Value::as_str) == Some("text"),
+        // Without tools there is nothing to call, whatever the choice.
+        "tools" => v.as_array().is_some_and(Vec::is_empty),
+        "tool_choice" => matches!(v.as_str(), Some("auto" | "none")),
+        "parallel_tool_calls" => v.is_boolean(),
+        _ => v.is_null(),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +186,9 @@ fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
     }
     if s.top_k.is_some_and(|k| k < -1) {
         return Err(bad("`top_k` must be -1 (off) or >= 0"));
+    }
+    if let Some((field, v)) = s.other.iter().find(|(f, v)| !neutral(f, v)) {
+        return Err(bad(format!("`{field}` is not supported by this server (got {v}); leave it out")));
     }
     Ok(())
 }

@@ -80,7 +80,12 @@ def test_chat_streamed_and_whole_agree(client):
 
 def test_seeded_sampling_is_reproducible(client):
     kwargs = dict(model=model_name(client), prompt="The wind", max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
-    assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
+    text = client.completions.create(**kwargs).choices[0].text
+    assert client.completions.create(**kwargs).choices[0].text == text
+    # Mistral's name for the seed, and fields at values that change nothing, are accepted.
+    del kwargs["seed"]
+    neutral = {"random_seed": 7, "safe_prompt": False, "user": "u1", "logit_bias": {}, "tool_choice": "none"}
+    assert client.completions.create(**kwargs, presence_penalty=0, frequency_penalty=0, extra_body=neutral).choices[0].text == text
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -90,6 +95,10 @@ def test_seeded_sampling_is_reproducible(client):
     ({"model": "not-this-one"}, "not served"),
     ({"n": 2}, "`n`"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "`stop`"),
+    # Fields this server does not implement are refused, never ignored.
+    ({"presence_penalty": 0.5}, "`presence_penalty` is not supported"),
+    ({"extra_body": {"logit_bias_typo": 1}}, "`logit_bias_typo` is not supported"),
+    ({"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}, "`tools` is not supported"),
 ])
 def test_bad_input_is_a_400_naming_the_field(client, bad, needle):
     kwargs = dict(model=model_name(client), prompt="hi", max_tokens=4)
