@@ -34,10 +34,8 @@ pub struct ControlConfig {
     pub config: ModelConfig,
     /// The wanted layout of a replica.
     pub layout: Layout,
+    /// How the workers keep and load the weights, and the KV cache they allocate.
     pub sizing: Sizing,
-    pub dtype: String,
-    pub quantization: String,
-    pub load_format: String,
     pub sched: SchedulerConfig,
     /// This coordinator's id (for leadership).
     pub id: String,
@@ -475,9 +473,9 @@ impl Controller {
             .map(|rank| wpb::LoadAssignmentRequest {
                 epoch: self.epoch,
                 model_path: self.cfg.model.display().to_string(),
-                dtype: self.cfg.dtype.clone(),
-                quantization: self.cfg.quantization.clone(),
-                load_format: self.cfg.load_format.clone(),
+                dtype: wpb::WeightDtype::from(self.cfg.sizing.dtype) as i32,
+                quantization: wpb::Quantization::from(self.cfg.sizing.quantization) as i32,
+                load_format: wpb::LoadFormat::from(if self.cfg.sizing.dummy { worker::LoadFormat::Dummy } else { worker::LoadFormat::Safetensors }) as i32,
                 kv_blocks: self.cfg.sizing.kv_blocks as u32,
                 block_size: self.cfg.sizing.block_size as u32,
                 tp: l.tp as u32,
@@ -746,9 +744,6 @@ mod tests {
             config,
             layout: Layout::default(),
             sizing: Sizing { dtype: worker::WeightDType::Auto, quantization: worker::Quantization::None, dummy: true, kv_blocks: 16, block_size: 16 },
-            dtype: "auto".into(),
-            quantization: "none".into(),
-            load_format: "dummy".into(),
             sched: SchedulerConfig { num_blocks: 16, block_size: 16, max_num_seqs: 4, max_batch_tokens: 64, max_queue: 4 },
             id: "c1".into(),
             lease_ttl: Duration::from_secs(1),

@@ -46,12 +46,12 @@ struct Args {
     /// The dtype workers keep dense weights in: auto (as the checkpoint stores them), f32,
     /// f16 or bf16.
     #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "auto")]
-    dtype: String,
+    dtype: worker::WeightDType,
     /// 8-bit weights: auto (FP8 checkpoints stay FP8), none, int8 or fp8 (quantized at load).
     #[arg(long, env = "TRAMONTANE_QUANTIZATION", default_value = "auto")]
-    quantization: String,
+    quantization: worker::Quantization,
     #[arg(long, default_value = "safetensors")]
-    load_format: String,
+    load_format: worker::LoadFormat,
     /// KV cache blocks per worker.
     #[arg(long, env = "TRAMONTANE_KV_BLOCKS", default_value_t = 1024)]
     kv_blocks: usize,

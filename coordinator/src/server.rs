@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use worker::membership::{EtcdMembership, Membership, MemoryMembership, WorkerCard};
 use worker::parallel::Layout;
-use worker::{ModelConfig, Tokenizer};
+use worker::{LoadFormat, ModelConfig, Quantization, Tokenizer, WeightDType};
 
 use crate::api::{AdminService, InferenceService};
 use crate::chat::ChatTemplate;
@@ -33,10 +33,10 @@ pub struct ServeConfig {
     /// The wanted layout of each replica.
     pub layout: Layout,
     /// `--dtype`: auto (as stored), f32, f16 or bf16.
-    pub dtype: String,
+    pub dtype: WeightDType,
     /// `--quantization`: auto (FP8 checkpoints stay FP8), none, int8 or fp8.
-    pub quantization: String,
-    pub load_format: String,
+    pub quantization: Quantization,
+    pub load_format: LoadFormat,
     pub kv_blocks: usize,
     pub block_size: usize,
     pub max_num_seqs: usize,
@@ -70,9 +70,9 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
     cfg.layout.validate(&config).map_err(|e| anyhow::anyhow!("layout: {e}"))?;
     let sizing = Sizing {
-        dtype: cfg.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
-        quantization: cfg.quantization.parse().map_err(|e| anyhow::anyhow!("--quantization: {e}"))?,
-        dummy: cfg.load_format.parse::<worker::LoadFormat>().map_err(|e| anyhow::anyhow!("--load-format: {e}"))? == worker::LoadFormat::Dummy,
+        dtype: cfg.dtype,
+        quantization: cfg.quantization,
+        dummy: cfg.load_format == LoadFormat::Dummy,
         kv_blocks: cfg.kv_blocks,
         block_size: cfg.block_size,
     };
@@ -99,9 +99,6 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         config: config.clone(),
         layout: cfg.layout.clone(),
         sizing,
-        dtype: cfg.dtype.clone(),
-        quantization: cfg.quantization.clone(),
-        load_format: cfg.load_format.clone(),
         sched: SchedulerConfig {
             num_blocks: cfg.kv_blocks,
             block_size: cfg.block_size,

@@ -10,11 +10,12 @@ use std::time::Duration;
 use proto::tramontane::worker::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{Backend, Cpu};
+use crate::backend::{Backend, Cpu, DType};
 use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
 use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqStep, open_model};
 use crate::error::EngineError;
 use crate::parallel::{Layout, Parallel};
+use crate::quant::{Quantization, WeightDType};
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs};
 
 /// Why the worker refused or failed a request.
@@ -141,10 +142,10 @@ impl<B: Backend> WorkerState<B> {
             self.epoch = req.epoch;
             return Ok(loaded(engine));
         }
-        let invalid = ServiceError::InvalidArgument;
-        let dtype = req.dtype.parse().map_err(invalid)?;
-        let quantization = req.quantization.parse().map_err(invalid)?;
-        let load_format = if req.load_format.is_empty() { LoadFormat::Safetensors } else { req.load_format.parse().map_err(invalid)? };
+        let unknown = |field: &str, v: i32| ServiceError::InvalidArgument(format!("`{field}`: unknown value {v} (a newer coordinator?)"));
+        let dtype = pb::WeightDtype::try_from(req.dtype).map_err(|_| unknown("dtype", req.dtype))?.into();
+        let quantization = pb::Quantization::try_from(req.quantization).map_err(|_| unknown("quantization", req.quantization))?.into();
+        let load_format = pb::LoadFormat::try_from(req.load_format).map_err(|_| unknown("load_format", req.load_format))?.into();
         if req.kv_blocks == 0 || req.block_size == 0 {
             return Err(ServiceError::InvalidArgument("`kv_blocks` and `block_size` must be >= 1".into()));
         }
@@ -495,6 +496,70 @@ pub async fn serve(
     Ok(())
 }
 
+/// How weights are kept and loaded, on the wire and in the engine (both directions: the
+/// coordinator writes what a worker reads).
+impl From<pb::WeightDtype> for WeightDType {
+    fn from(d: pb::WeightDtype) -> Self {
+        match d {
+            pb::WeightDtype::Auto => WeightDType::Auto,
+            pb::WeightDtype::F32 => WeightDType::As(DType::F32),
+            pb::WeightDtype::F16 => WeightDType::As(DType::F16),
+            pb::WeightDtype::Bf16 => WeightDType::As(DType::BF16),
+        }
+    }
+}
+
+impl From<WeightDType> for pb::WeightDtype {
+    fn from(d: WeightDType) -> Self {
+        match d {
+            WeightDType::Auto => pb::WeightDtype::Auto,
+            WeightDType::As(DType::F32) => pb::WeightDtype::F32,
+            WeightDType::As(DType::F16) => pb::WeightDtype::F16,
+            WeightDType::As(DType::BF16) => pb::WeightDtype::Bf16,
+        }
+    }
+}
+
+impl From<pb::Quantization> for Quantization {
+    fn from(q: pb::Quantization) -> Self {
+        match q {
+            pb::Quantization::Auto => Quantization::Auto,
+            pb::Quantization::None => Quantization::None,
+            pb::Quantization::Int8 => Quantization::Int8,
+            pb::Quantization::Fp8 => Quantization::Fp8,
+        }
+    }
+}
+
+impl From<Quantization> for pb::Quantization {
+    fn from(q: Quantization) -> Self {
+        match q {
+            Quantization::Auto => pb::Quantization::Auto,
+            Quantization::None => pb::Quantization::None,
+            Quantization::Int8 => pb::Quantization::Int8,
+            Quantization::Fp8 => pb::Quantization::Fp8,
+        }
+    }
+}
+
+impl From<pb::LoadFormat> for LoadFormat {
+    fn from(f: pb::LoadFormat) -> Self {
+        match f {
+            pb::LoadFormat::Safetensors => LoadFormat::Safetensors,
+            pb::LoadFormat::Dummy => LoadFormat::Dummy,
+        }
+    }
+}
+
+impl From<LoadFormat> for pb::LoadFormat {
+    fn from(f: LoadFormat) -> Self {
+        match f {
+            LoadFormat::Safetensors => pb::LoadFormat::Safetensors,
+            LoadFormat::Dummy => pb::LoadFormat::Dummy,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,8 +568,6 @@ mod tests {
         pb::LoadAssignmentRequest {
             epoch,
             model_path: concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mistral-nemo-tiny").into(),
-            dtype: String::new(),
-            load_format: String::new(),
             kv_blocks: 4,
             block_size: 16,
             ..Default::default()

@@ -345,7 +345,7 @@ async fn a_gpu_worker_process_serves_the_reference() {
     let load = pb::LoadAssignmentRequest {
         epoch: 1,
         model_path: fixture("mistral-v1-tiny").display().to_string(),
-        dtype: "bf16".into(),
+        dtype: pb::WeightDtype::Bf16 as i32,
         kv_blocks: 64,
         block_size: 16,
         ..Default::default()

@@ -12,8 +12,7 @@ fn load_request(epoch: u64) -> pb::LoadAssignmentRequest {
     pb::LoadAssignmentRequest {
         epoch,
         model_path: fixture("mixtral-f32-tiny").display().to_string(),
-        dtype: "f32".into(),
-        load_format: String::new(),
+        dtype: pb::WeightDtype::F32 as i32,
         kv_blocks: 64,
         block_size: 16,
         ..Default::default()

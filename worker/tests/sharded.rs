@@ -52,7 +52,7 @@ impl Cluster {
         pb::LoadAssignmentRequest {
             epoch: self.epoch,
             model_path: fixture(model).display().to_string(),
-            dtype: "f32".into(),
+            dtype: pb::WeightDtype::F32 as i32,
             kv_blocks: 32,
             block_size: 16,
             tp: l.tp,

@@ -30,7 +30,7 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: worker::WeightDType,
 }
 
 struct Worker {
@@ -95,13 +95,13 @@ async fn run_layout(args: &Args, model: &str, spec: &str) -> anyhow::Result<Row>
     let peers: Vec<String> = on_all(&workers, |_, mut c| async move { c.health(pb::HealthRequest {}).await.map(|h| h.into_inner().comm_address) }).await?;
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let started = Instant::now();
-    let (dtype, model) = (args.dtype.clone(), model.to_owned());
+    let (dtype, model) = (pb::WeightDtype::from(args.dtype) as i32, model.to_owned());
     on_all(&workers, |rank, mut c| {
         let req = pb::LoadAssignmentRequest {
             epoch: 1,
             model_path: model.clone(),
-            dtype: dtype.clone(),
-            load_format: "dummy".into(),
+            dtype,
+            load_format: pb::LoadFormat::Dummy as i32,
             kv_blocks: (max_batch * 4) as u32,
             block_size: 16,
             tp,
