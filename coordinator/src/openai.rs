@@ -30,6 +30,8 @@ pub fn router(frontend: Frontend, timeout: std::time::Duration) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -177,10 +179,7 @@ struct ChatRequest {
 
 /// Checks of the sampling fields that only HTTP has.
 fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
-    let served = &frontend.served.name;
-    if let Some(m) = s.model.as_deref().filter(|m| !m.is_empty() && *m != served.as_str()) {
-        return Err(bad(format!("`model` {m:?} is not served here; this server serves {served:?}")));
-    }
+    check_model(frontend, s.model.as_deref())?;
     if s.n.is_some_and(|n| n != 1) {
         return Err(bad("`n` must be 1"));
     }
@@ -191,6 +190,68 @@ fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
         return Err(bad(format!("`{field}` is not supported by this server (got {v}); leave it out")));
     }
     Ok(())
+}
+
+/// The `model` field, where given, must name the served model.
+fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<(), ApiError> {
+    let served = &frontend.served.name;
+    match model.filter(|m| !m.is_empty() && *m != served.as_str()) {
+        Some(m) => Err(bad(format!("`model` {m:?} is not served here; this server serves {served:?}"))),
+        None => Ok(()),
+    }
+}
+
+/// `/tokenize` (vLLM's shape): a prompt, or chat messages rendered with the chat template.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    /// For `prompt`: add the tokenizer's special tokens (BOS); chat templates write their own.
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `/detokenize` (vLLM's shape).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+    #[serde(default)]
+    skip_special_tokens: bool,
+}
+
+async fn tokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<TokenizeRequest>, JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body?;
+    check_model(&frontend, req.model.as_deref())?;
+    let s = &frontend.served;
+    let ids = match (req.prompt, req.messages) {
+        (Some(prompt), None) => s.tokenizer.encode(&prompt, req.add_special_tokens),
+        (None, Some(messages)) => {
+            let messages: Vec<Message> = messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
+            s.tokenizer.encode(&s.chat_template.render(&messages).map_err(bad)?, false)
+        }
+        _ => return Err(bad("give exactly one of `prompt` and `messages`")),
+    }
+    .map_err(|e| bad(e.to_string()))?;
+    Ok(Json(json!({"count": ids.len(), "max_model_len": s.limits.max_context, "tokens": ids})))
+}
+
+async fn detokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<DetokenizeRequest>, JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body?;
+    check_model(&frontend, req.model.as_deref())?;
+    let vocab = frontend.served.limits.vocab_size;
+    if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(bad(format!("`tokens` must be < {vocab} (the vocabulary), got {t}")));
+    }
+    let text = frontend.served.tokenizer.decode(&req.tokens, req.skip_special_tokens).map_err(|e| bad(e.to_string()))?;
+    Ok(Json(json!({"prompt": text})))
 }
 
 fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Option<u32>) -> RawRequest {

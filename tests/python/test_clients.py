@@ -199,6 +199,36 @@ def test_stop_strings_end_the_text_over_http_and_grpc(client, stub):
     assert "`stop`" in e.value.details()
 
 
+def post(path, body):
+    """POSTs JSON to the HTTP API's root; (status, parsed body)."""
+    base = os.environ["TRAMONTANE_HTTP"].rsplit("/v1", 1)[0]
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_tokenize_and_detokenize_over_http(stub):
+    case = TEXT_CASES[0]
+    status, out = post("/tokenize", {"prompt": case["prompt_text"]})
+    assert status == 200, out
+    assert (out["tokens"], out["count"]) == (case["prompt_ids"], len(case["prompt_ids"]))
+    status, back = post("/detokenize", {"tokens": out["tokens"], "skip_special_tokens": True})
+    grpc_text = stub.Detokenize(pb.DetokenizeRequest(ids=out["tokens"], skip_special_tokens=True)).text
+    assert (status, back["prompt"]) == (200, grpc_text)
+    status, chat = post("/tokenize", {"messages": [{"role": "user", "content": "Where does the tramontane blow?"}]})
+    assert status == 200 and chat["count"] == len(chat["tokens"]) > 0, chat
+    for body, needle in [
+        ({"prompt": "hi", "messages": []}, "exactly one"),
+        ({"prompt": "hi", "typo": 1}, "typo"),
+        ({"tokens": [10**9]}, "`tokens` must be <"),
+    ]:
+        status, err = post("/detokenize" if "tokens" in body else "/tokenize", body)
+        assert status == 400 and needle in err["error"]["message"], (body, err)
+
+
 def test_grpc_standard_health_and_reflection():
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
