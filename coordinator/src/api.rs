@@ -143,11 +143,7 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn detokenize(&self, request: Request<pb::DetokenizeRequest>) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let req = request.into_inner();
-        let vocab = self.frontend.served.limits.vocab_size;
-        if let Some(&t) = req.ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Status::invalid_argument(format!("`ids` must be < {vocab} (the vocabulary), got {t}")));
-        }
-        let text = self.frontend.served.tokenizer.decode(&req.ids, req.skip_special_tokens).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let text = self.frontend.served.detokenize(&req.ids, req.skip_special_tokens, "ids").map_err(Status::invalid_argument)?;
         Ok(Response::new(pb::DetokenizeResponse { text }))
     }
 

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use minijinja::{Environment, Error, ErrorKind, context};
 
-/// One message of a conversation.
-#[derive(Debug, Clone)]
+/// One message of a conversation (as the HTTP API receives it, too).
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use worker::{IncrementalDecoder, SamplingParams, TokenLogprobs, Tokenizer};
 
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatTemplate, Message};
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::planner::ReplicaPlan;
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
@@ -27,6 +27,25 @@ pub struct Served {
     pub tokenizer: Tokenizer,
     pub chat_template: ChatTemplate,
     pub limits: ModelLimits,
+}
+
+impl Served {
+    /// The prompt ids of a conversation: the chat template's text, tokenized without adding
+    /// special tokens (the template writes its own).
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
+        let text = self.chat_template.render(messages)?;
+        self.tokenizer.encode(&text, false).map_err(|e| e.to_string())
+    }
+
+    /// The text of token ids, each checked against the vocabulary (`field` names them in the
+    /// error).
+    pub fn detokenize(&self, ids: &[u32], skip_special_tokens: bool, field: &str) -> Result<String, String> {
+        let vocab = self.limits.vocab_size;
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!("`{field}` must be < {vocab} (the vocabulary), got {t}"));
+        }
+        self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| e.to_string())
+    }
 }
 
 /// A replica serving now.

@@ -161,14 +161,8 @@ struct CompletionRequest {
 }
 
 #[derive(Debug, Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: String,
-}
-
-#[derive(Debug, Deserialize)]
 struct ChatRequest {
-    messages: Vec<ChatMessage>,
+    messages: Vec<Message>,
     max_completion_tokens: Option<u32>,
     #[serde(default)]
     logprobs: bool,
@@ -207,7 +201,7 @@ fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<(), ApiError>
 struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
-    messages: Option<Vec<ChatMessage>>,
+    messages: Option<Vec<Message>>,
     /// For `prompt`: add the tokenizer's special tokens (BOS); chat templates write their own.
     #[serde(default = "yes")]
     add_special_tokens: bool,
@@ -232,25 +226,18 @@ async fn tokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<Tok
     check_model(&frontend, req.model.as_deref())?;
     let s = &frontend.served;
     let ids = match (req.prompt, req.messages) {
-        (Some(prompt), None) => s.tokenizer.encode(&prompt, req.add_special_tokens),
-        (None, Some(messages)) => {
-            let messages: Vec<Message> = messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect();
-            s.tokenizer.encode(&s.chat_template.render(&messages).map_err(bad)?, false)
-        }
+        (Some(prompt), None) => s.tokenizer.encode(&prompt, req.add_special_tokens).map_err(|e| e.to_string()),
+        (None, Some(messages)) => s.chat_prompt(&messages),
         _ => return Err(bad("give exactly one of `prompt` and `messages`")),
     }
-    .map_err(|e| bad(e.to_string()))?;
+    .map_err(bad)?;
     Ok(Json(json!({"count": ids.len(), "max_model_len": s.limits.max_context, "tokens": ids})))
 }
 
 async fn detokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<DetokenizeRequest>, JsonRejection>) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
     check_model(&frontend, req.model.as_deref())?;
-    let vocab = frontend.served.limits.vocab_size;
-    if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(bad(format!("`tokens` must be < {vocab} (the vocabulary), got {t}")));
-    }
-    let text = frontend.served.tokenizer.decode(&req.tokens, req.skip_special_tokens).map_err(|e| bad(e.to_string()))?;
+    let text = frontend.served.detokenize(&req.tokens, req.skip_special_tokens, "tokens").map_err(bad)?;
     Ok(Json(json!({"prompt": text})))
 }
 
@@ -396,9 +383,7 @@ async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Re
     if req.messages.is_empty() {
         return Err(bad("`messages` must not be empty"));
     }
-    let messages: Vec<Message> = req.messages.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect();
-    let text = frontend.served.chat_template.render(&messages).map_err(bad)?;
-    let ids = frontend.served.tokenizer.encode(&text, false).map_err(|e| bad(e.to_string()))?;
+    let ids = frontend.served.chat_prompt(&req.messages).map_err(bad)?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let g = frontend.start(None, raw(&req.sampling, PromptInput::TokenIds(ids), max_tokens, logprobs), timeout)?;

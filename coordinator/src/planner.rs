@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use worker::membership::WorkerCard;
 use worker::parallel::Layout;
 use worker::quant::rank_weight_bytes;
-use worker::{DType, ModelConfig, Quantization, WeightDType};
+use worker::{DType, LoadFormat, ModelConfig, Quantization, WeightDType};
 
 /// One replica: its layout and the worker ids of its ranks, by rank.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,17 +31,24 @@ pub struct Sizing {
     pub dtype: WeightDType,
     /// `--quantization`: 8-bit projections.
     pub quantization: Quantization,
-    /// `--load-format dummy`: random weights, dense whatever the checkpoint declares.
-    pub dummy: bool,
+    /// `--load-format`: dummy weights are random, dense whatever the checkpoint declares.
+    pub load_format: LoadFormat,
     pub kv_blocks: usize,
     pub block_size: usize,
+}
+
+impl Sizing {
+    /// Whether the weights are dummy (random) ones.
+    fn dummy(&self) -> bool {
+        self.load_format == LoadFormat::Dummy
+    }
 }
 
 /// Bytes rank `rank` of `layout` holds: its weights in the formats the workers keep
 /// ([`worker::quant::rank_weight_bytes`]) and its KV cache (f32 keys and values of its KV
 /// heads, for its stage's layers).
 pub fn rank_need(c: &ModelConfig, layout: &Layout, rank: usize, s: &Sizing) -> (u64, u64) {
-    let weights = if s.dummy && c.fp8_weights {
+    let weights = if s.dummy() && c.fp8_weights {
         rank_weight_bytes(&ModelConfig { fp8_weights: false, ..c.clone() }, layout, rank, s.dtype, s.quantization)
     } else {
         rank_weight_bytes(c, layout, rank, s.dtype, s.quantization)
@@ -151,7 +158,7 @@ fn dense_dtype(c: &ModelConfig, s: &Sizing) -> (DType, bool) {
 fn weights_in_words(c: &ModelConfig, s: &Sizing) -> String {
     let (dense, as_stored) = dense_dtype(c, s);
     let dense = if as_stored { format!("{dense} as stored") } else { dense.to_string() };
-    let fp8_stored = c.fp8_weights && !s.dummy;
+    let fp8_stored = c.fp8_weights && !s.dummy();
     match s.quantization {
         Quantization::Int8 => format!("int8 projections, the rest {dense}"),
         Quantization::Fp8 if fp8_stored => format!("fp8 projections as stored, the rest {dense}"),
@@ -204,8 +211,8 @@ fn refusal(c: &ModelConfig, want: &Layout, s: &Sizing, workers: &[WorkerCard]) -
         }
     }
     match s.quantization {
-        Quantization::None if c.fp8_weights && !s.dummy => formats.push(("--quantization auto".into(), Sizing { quantization: Quantization::Auto, ..*s })),
-        Quantization::Auto | Quantization::None if !c.fp8_weights || s.dummy => {
+        Quantization::None if c.fp8_weights && !s.dummy() => formats.push(("--quantization auto".into(), Sizing { quantization: Quantization::Auto, ..*s })),
+        Quantization::Auto | Quantization::None if !c.fp8_weights || s.dummy() => {
             formats.push(("--quantization int8".into(), Sizing { quantization: Quantization::Int8, ..*s }))
         }
         _ => {}
@@ -264,7 +271,8 @@ mod tests {
         WorkerCard { id: id.into(), address: format!("{id}:1"), device: "cpu".into(), memory_bytes, version: "t".into(), pid: 0, restarts: 0 }
     }
 
-    const SIZING: Sizing = Sizing { dtype: WeightDType::As(DType::F32), quantization: Quantization::None, dummy: false, kv_blocks: 16, block_size: 16 };
+    const SIZING: Sizing =
+        Sizing { dtype: WeightDType::As(DType::F32), quantization: Quantization::None, load_format: LoadFormat::Safetensors, kv_blocks: 16, block_size: 16 };
 
     fn tp(n: usize) -> Layout {
         Layout { tp: n, ..Layout::default() }
@@ -319,7 +327,7 @@ mod tests {
         let (h, layers) = (c.hidden_size as u64, c.num_hidden_layers as u64);
         let norms = (2 * layers + 1) * h;
         let params = c.num_parameters() as u64;
-        let bf16 = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, dummy: false, kv_blocks: 1024, block_size: 16 };
+        let bf16 = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, load_format: LoadFormat::Safetensors, kv_blocks: 1024, block_size: 16 };
         let (w, kv) = rank_memory(&c, &tp(1), &bf16);
         assert_eq!(w, 2 * (params - norms) + 4 * norms, "bf16 as stored, norms in f32");
         let kv_per_token = layers * 2 * c.num_key_value_heads as u64 * c.head_dim as u64 * 4;
@@ -345,13 +353,13 @@ mod tests {
         // Dummy weights of an FP8 checkpoint are dense.
         let fp8 = ModelConfig { fp8_weights: true, ..c.clone() };
         assert!(rank_memory(&fp8, &tp(1), &bf16).0 < w * 6 / 10);
-        assert_eq!(rank_memory(&fp8, &tp(1), &Sizing { dummy: true, ..bf16 }).0, w);
+        assert_eq!(rank_memory(&fp8, &tp(1), &Sizing { load_format: LoadFormat::Dummy, ..bf16 }).0, w);
     }
 
     #[test]
     fn a_refusal_gives_the_arithmetic_and_what_would_fit() {
         let c = mistral_7b();
-        let s = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, dummy: false, kv_blocks: 1024, block_size: 16 };
+        let s = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, load_format: LoadFormat::Safetensors, kv_blocks: 1024, block_size: 16 };
         let (w, kv) = rank_memory(&c, &tp(1), &s);
         // A worker that holds the int8 weights and the KV cache, not the bf16 ones.
         let int8 = Sizing { quantization: Quantization::Int8, ..s };

@@ -69,13 +69,8 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
     cfg.layout.validate(&config).map_err(|e| anyhow::anyhow!("layout: {e}"))?;
-    let sizing = Sizing {
-        dtype: cfg.dtype,
-        quantization: cfg.quantization,
-        dummy: cfg.load_format == LoadFormat::Dummy,
-        kv_blocks: cfg.kv_blocks,
-        block_size: cfg.block_size,
-    };
+    let sizing =
+        Sizing { dtype: cfg.dtype, quantization: cfg.quantization, load_format: cfg.load_format, kv_blocks: cfg.kv_blocks, block_size: cfg.block_size };
     let metrics = Arc::new(Metrics::default());
     let fixed = cfg.etcd.is_empty().then(|| Arc::new(MemoryMembership::new()));
     let membership: Arc<dyn Membership> = match &fixed {
