@@ -107,17 +107,15 @@ fn place(config: &ModelConfig, want: &Layout, sizing: &Sizing, workers: &[Worker
     let mut free: Vec<&WorkerCard> = workers.iter().filter(|w| !replicas.iter().any(|r| r.workers.contains(&w.id))).collect();
     free.sort_by(|a, b| a.id.cmp(&b.id));
     let world = want.world();
-    while free.len() >= world && fits(config, want, sizing, &free[..world]) {
-        let group: Vec<&WorkerCard> = free.drain(..world).collect();
-        replicas.push(ReplicaPlan { layout: want.clone(), workers: group.iter().map(|w| w.id.clone()).collect() });
+    while let Some(workers) = take_group(config, want, sizing, &mut free) {
+        replicas.push(ReplicaPlan { layout: want.clone(), workers });
     }
     // Too few (or too small) workers for the wanted layout: the largest layout that fits.
     'outer: while !free.is_empty() {
         for n in (1..=free.len().min(world)).rev() {
             for layout in layouts_of(n, want) {
-                if fits(config, &layout, sizing, &free[..n]) {
-                    let group: Vec<&WorkerCard> = free.drain(..n).collect();
-                    replicas.push(ReplicaPlan { layout, workers: group.iter().map(|w| w.id.clone()).collect() });
+                if let Some(workers) = take_group(config, &layout, sizing, &mut free) {
+                    replicas.push(ReplicaPlan { layout, workers });
                     continue 'outer;
                 }
             }
@@ -125,6 +123,26 @@ fn place(config: &ModelConfig, want: &Layout, sizing: &Sizing, workers: &[Worker
         break;
     }
     replicas
+}
+
+/// Takes out of `free` the first workers (in its order) that hold `layout`'s ranks, rank by
+/// rank, and returns their ids; None (and `free` untouched) when too few can. A worker too
+/// small for a rank is passed over, never a reason to place nothing.
+fn take_group(c: &ModelConfig, layout: &Layout, s: &Sizing, free: &mut Vec<&WorkerCard>) -> Option<Vec<String>> {
+    layout.validate(c).ok()?;
+    let mut picked: Vec<usize> = Vec::new();
+    for rank in 0..layout.world() {
+        let (w, kv) = rank_need(c, layout, rank, s);
+        let holds = |card: &WorkerCard| card.memory_bytes == 0 || card.memory_bytes >= w + kv;
+        picked.push((0..free.len()).find(|i| !picked.contains(i) && holds(free[*i]))?);
+    }
+    let ids = picked.iter().map(|&i| free[i].id.clone()).collect();
+    let mut i = 0;
+    free.retain(|_| {
+        i += 1;
+        !picked.contains(&(i - 1))
+    });
+    Some(ids)
 }
 
 fn gb(bytes: u64) -> String {
@@ -313,6 +331,16 @@ mod tests {
         let p = plan(&c, &tp(2), &SIZING, &[card("a", 0), card("b", 0), card("c", 0)], &[]).unwrap();
         assert_eq!(p.iter().map(|r| r.layout.world()).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(p[1].workers, vec!["c".to_owned()]);
+    }
+
+    #[test]
+    fn a_worker_too_small_for_any_rank_is_passed_over() {
+        let c = config();
+        let (w, kv) = rank_memory(&c, &tp(2), &SIZING);
+        let (big, small) = (w + kv, (w + kv) / 2);
+        // "a" sorts first and holds no rank: "b" and "c" form the replica; "a" stays idle.
+        let p = plan(&c, &tp(2), &SIZING, &[card("a", small), card("b", big), card("c", big)], &[]).unwrap();
+        assert_eq!(p, vec![ReplicaPlan { layout: tp(2), workers: vec!["b".into(), "c".into()] }]);
     }
 
     /// Mistral-7B's shape as a bf16 checkpoint.
