@@ -285,3 +285,82 @@ async fn sigterm_to_a_worker_moves_its_sequences_and_it_exits_0() {
         signalled.elapsed().max(gone)
     );
 }
+
+/// A checkpoint directory (the fixture's tokenizer, no weights: `--load-format dummy`) of a
+/// model of 0.7 B parameters in f32, so that a TP-2 replica takes seconds to load.
+fn slow_to_load_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::copy(fixture("mistral-v1-tiny").join("tokenizer.json"), dir.path().join("tokenizer.json")).expect("copies the tokenizer");
+    let config = serde_json::json!({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu", "torch_dtype": "float32",
+        "hidden_size": 1024, "intermediate_size": 5632, "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 4,
+        "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": false,
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).expect("writes config.json");
+    dir
+}
+
+/// `tramctl <args> --grpc-addr <addr>`: its stdout; panics when it fails.
+fn tramctl(args: &[&str], addr: &str) -> String {
+    let out = std::process::Command::new(tests::binary("tramctl")).args(args).args(["--grpc-addr", addr]).output().expect("tramctl runs");
+    assert!(out.status.success(), "tramctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The workers' (id, state, pid) as `tramctl status --json` prints them.
+fn worker_states(addr: &str) -> Vec<(String, String, u64)> {
+    let status: serde_json::Value = serde_json::from_str(&tramctl(&["status", "--json"], addr)).expect("JSON");
+    let workers = status["workers"].as_array().expect("workers").iter();
+    workers
+        .map(|w| (w["id"].as_str().unwrap_or_default().to_owned(), w["state"].as_str().unwrap_or_default().to_owned(), w["pid"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// The placement controller never waits on a load: while a TP-2 replica loads, `tramctl
+/// status` answers (its two workers "loading", the third "idle") and `tramctl drain` of the
+/// idle worker answers with the worker released (it exits) before the load has ended; then the
+/// replica serves.
+#[tokio::test]
+async fn tramctl_status_and_drain_answer_while_a_replica_loads() {
+    let _one = SERIAL.lock().await;
+    let etcd = Etcd::start();
+    let model = slow_to_load_model();
+    let model_dir = model.path().display().to_string();
+    // A worker started by hand, too small to hold a rank of the model, joins the cluster of
+    // `tramctl up`'s two: it stays idle.
+    let mut third = tests::cluster::worker_with(None, &etcd, &["--memory-bytes", "100000000"]);
+    let up = tramctl_up(&["--etcd", &etcd.url(), "--cluster", "t", "--model", &model_dir, "--load-format", "dummy", "--workers", "2", "--tp", "2"]);
+    let addr = up.addr.clone();
+    let count = |states: &[(String, String, u64)], state: &str| states.iter().filter(|w| w.1 == state).count();
+    let started = Instant::now();
+    let loading = loop {
+        let states = worker_states(&addr);
+        if count(&states, "loading") == 2 && count(&states, "idle") == 1 {
+            break states;
+        }
+        assert!(count(&states, "serving") == 0, "the replica served before a status showed it loading: {states:?}");
+        assert!(started.elapsed() < LIMIT, "no status showed two workers loading and one idle: {states:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let seen = started.elapsed();
+    let (idle, _, pid) = loading.iter().find(|w| w.1 == "idle").expect("an idle worker").clone();
+    assert_eq!(pid, u64::from(third.child.id()), "the small worker is the idle one: {loading:?}");
+    let drain_started = Instant::now();
+    let drained = tramctl(&["drain", &idle], &addr);
+    let drain_took = drain_started.elapsed();
+    assert!(drained.contains("drained"), "{drained}");
+    let after = worker_states(&addr);
+    assert_eq!(count(&after, "loading"), 2, "the drain answered only after the load: {after:?}");
+    assert!(after.iter().all(|w| w.0 != idle), "the drained worker is gone from the status: {after:?}");
+    let exited = wait_for("the drained worker to exit", LIMIT, || std::future::ready(third.child.try_wait().expect("waits").is_some())).await;
+    assert!(third.child.wait().expect("reaped").success(), "the drained worker exits 0");
+    assert_eq!(count(&worker_states(&addr), "loading"), 2, "the load ended before the drained worker exited");
+    let served = wait_for("the replica to serve", LIMIT, || async { serving(&up.url()).await.len() == 2 }).await;
+    let mut c = inference(up.url()).await;
+    let ids = stream_ids(&mut c, &prompts()[0], 8).await.expect("the loaded replica generates");
+    assert_eq!(ids.len(), 8);
+    eprintln!(
+        "while a TP-2 replica loaded: status showed it loading {seen:?} after the start; drain of the idle worker answered in {drain_took:?}, it exited {exited:?} later; the replica served {served:?} after that"
+    );
+}

@@ -20,10 +20,14 @@ use worker::parallel::Layout;
 use crate::frontend::{LiveReplica, Pool};
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
-use crate::replica::{ReplicaDown, ReplicaHandle};
+use crate::replica::ReplicaDown;
 use crate::scheduler::SchedulerConfig;
 
-type WorkerClient = wpb::worker_client::WorkerClient<tonic::transport::Channel>;
+mod placing;
+
+pub use placing::worker_health;
+use placing::{Change, NewReplica, Outcome, Serving, Target, connect, gpu_ordinal};
+
 type Reply<T> = oneshot::Sender<T>;
 
 /// What the controller places.
@@ -173,20 +177,24 @@ async fn run(
     tracing::info!(id = %cfg.id, "leading the cluster");
     let stored = stored_plan(&*membership).await.ok().flatten();
     let (down_tx, mut down_rx) = mpsc::unbounded_channel();
+    let (reports, mut reports_rx) = mpsc::unbounded_channel();
     let stored_workers = stored.iter().flat_map(|p| &p.replicas).flat_map(|r| r.workers.iter().map(|id| (id.clone(), None))).collect();
     let mut c = Controller {
         epoch: stored.as_ref().map_or(0, |p| p.epoch),
         previous: stored.map(|p| p.replicas).unwrap_or_default(),
+        serving: Serving { sched: cfg.sched, metrics, down: down_tx },
         cfg,
         membership: membership.clone(),
         leadership,
+        releading: false,
         cards: BTreeMap::new(),
         suspects: HashSet::new(),
+        probing: false,
         draining: HashMap::new(),
         live: Vec::new(),
+        placing: None,
         pool,
-        down_tx,
-        metrics,
+        reports,
         next_replica: 0,
         dirty: false,
         no_capacity: None,
@@ -198,22 +206,22 @@ async fn run(
     };
     let mut members = membership.watch_workers();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut lost = c.leadership.lease.lost.clone();
+    // Nothing below awaits I/O: loads, probes, releases and campaigns run as tasks that
+    // report back, so status, drain and plan are answered while a replica loads.
     loop {
+        let lost = c.leadership.lease.lost.clone();
         tokio::select! {
-            _ = lost.cancelled() => {
-                c.lead_again().await?;
-                lost = c.leadership.lease.lost.clone();
-            }
+            _ = lost.cancelled(), if !c.releading => c.lead_again(),
             Some(event) = members.recv() => {
                 c.apply(event);
                 // Take every event already queued before placing (a snapshot comes with many).
                 while let Ok(event) = members.try_recv() {
                     c.apply(event);
                 }
-                c.reconcile().await?;
+                c.reconcile();
             }
-            Some(down) = down_rx.recv() => c.replica_down(down).await?,
+            Some(down) = down_rx.recv() => c.replica_down(down),
+            Some(report) = reports_rx.recv() => c.report(report)?,
             Some(req) = requests.recv() => {
                 if let Request::Resign(r) = req {
                     let Leadership { id, lease } = c.leadership;
@@ -222,37 +230,69 @@ async fn run(
                     let _ = r.send(());
                     return Ok(());
                 }
-                c.request(req).await?
+                c.request(req)
             }
             _ = tick.tick() => {
-                c.probe_suspects().await;
+                c.probe_suspects();
                 if c.give_up_vanished() || c.dirty {
-                    c.reconcile().await?;
+                    c.reconcile();
                 }
             }
         }
     }
 }
 
+/// What a task the controller started reports to its loop.
+enum Report {
+    /// A placement change ended.
+    Placed(Outcome),
+    /// The suspects' Health answers (None: no answer within a second).
+    Probed(Vec<(String, Option<wpb::HealthResponse>)>),
+    /// The workers of a failed replica that did not answer.
+    Unhealthy(Vec<String>),
+    /// The campaign after the leadership lease was lost ended; the stored plan's epoch then.
+    Relead(Result<(Leadership, u64), MembershipError>),
+}
+
+/// The placement change under way.
+struct Placing {
+    /// The epoch it stores (None: nothing can be placed; the replicas only retire).
+    epoch: Option<u64>,
+    wanted: Vec<ReplicaPlan>,
+    /// The replicas it loads.
+    loading: Vec<ReplicaPlan>,
+    /// Replicas whose failure was handled while it ran (not installed if it kept them).
+    handled: HashSet<u64>,
+    /// Failures of replicas the loop did not know yet (ones it loads): handled once installed.
+    unknown: Vec<ReplicaDown>,
+}
+
 struct Controller {
     cfg: ControlConfig,
     membership: Arc<dyn Membership>,
     leadership: Leadership,
+    /// Campaigning again after etcd expired the leadership lease: nothing is placed meanwhile.
+    releading: bool,
     /// Registered workers by id.
     cards: BTreeMap<String, WorkerCard>,
     /// Registered but failing their health checks (a step through them failed).
     suspects: HashSet<String>,
+    /// Whether a probe of the suspects runs.
+    probing: bool,
     /// Draining workers and who waits for them to be released.
     draining: HashMap<String, Vec<Reply<Result<(), String>>>>,
     epoch: u64,
     /// The stored plan's replicas, before this controller runs any (kept where possible).
     previous: Vec<ReplicaPlan>,
     live: Vec<LiveReplica>,
+    placing: Option<Placing>,
     pool: watch::Sender<Arc<Pool>>,
-    down_tx: mpsc::UnboundedSender<ReplicaDown>,
-    metrics: Arc<Metrics>,
+    /// What every replica task gets.
+    serving: Serving,
+    reports: mpsc::UnboundedSender<Report>,
     next_replica: u64,
-    /// A placement change is pending (etcd was unreachable, or a replica failed to load).
+    /// A placement change is pending (etcd was unreachable, a replica failed to load, or the
+    /// workers changed while a change ran).
     dirty: bool,
     no_capacity: Option<String>,
     /// Why a replica last failed to load (reported with "no capacity").
@@ -296,23 +336,53 @@ impl Controller {
         }
     }
 
-    /// Takes the leadership again after etcd expired its lease (etcd was out of reach for
-    /// longer than the TTL), keeping the placement: only if no other coordinator took it
-    /// meanwhile (the leader key is free within two TTLs and the stored plan is still this
-    /// leader's). Err (and the coordinator stops) otherwise.
-    async fn lead_again(&mut self) -> Result<(), MembershipError> {
+    fn report(&mut self, report: Report) -> Result<(), MembershipError> {
+        match report {
+            Report::Placed(outcome) => self.placed(outcome)?,
+            Report::Probed(answers) => self.probed(answers),
+            Report::Unhealthy(ids) => {
+                self.suspects.extend(ids);
+                self.reconcile();
+            }
+            Report::Relead(result) => self.relead(result)?,
+        }
+        Ok(())
+    }
+
+    /// Etcd expired the leadership lease (it was out of reach for longer than the TTL):
+    /// campaigns again in a task, serving the current placement meanwhile.
+    fn lead_again(&mut self) {
         let id = self.cfg.id.clone();
         tracing::warn!(%id, "etcd expired the leadership lease; campaigning again, serving the current placement meanwhile");
-        let limit = 2 * self.cfg.lease_ttl;
-        let leadership = tokio::time::timeout(limit, self.membership.campaign(&id))
-            .await
-            .map_err(|_| MembershipError::NotLeader(format!("another coordinator holds the leader key ({limit:?} after this one's lease expired)")))??;
-        let stored = stored_plan(&*self.membership).await?.map_or(0, |p| p.epoch);
-        if stored != self.epoch {
+        self.releading = true;
+        let (membership, reports, limit) = (self.membership.clone(), self.reports.clone(), 2 * self.cfg.lease_ttl);
+        tokio::spawn(async move {
+            let campaign = async {
+                let leadership = tokio::time::timeout(limit, membership.campaign(&id)).await.map_err(|_| {
+                    MembershipError::NotLeader(format!("another coordinator holds the leader key ({limit:?} after this one's lease expired)"))
+                })??;
+                let stored = stored_plan(&*membership).await?.map_or(0, |p| p.epoch);
+                Ok((leadership, stored))
+            };
+            let _ = reports.send(Report::Relead(campaign.await));
+        });
+    }
+
+    /// Keeps leading after a campaign again: only if no other coordinator took the lead
+    /// meanwhile (the leader key was free within two TTLs and the stored plan is still this
+    /// leader's). Err (and the coordinator stops) otherwise.
+    fn relead(&mut self, result: Result<(Leadership, u64), MembershipError>) -> Result<(), MembershipError> {
+        self.releading = false;
+        let (leadership, stored) = result?;
+        let own = stored == self.epoch || self.placing.as_ref().is_some_and(|p| p.epoch == Some(stored));
+        if !own {
             return Err(MembershipError::NotLeader(format!("another leader stored placement epoch {stored} past this one's {}", self.epoch)));
         }
-        tracing::info!(%id, epoch = self.epoch, "leading the cluster again");
+        tracing::info!(id = %self.cfg.id, epoch = stored, "leading the cluster again");
         self.leadership = leadership;
+        if self.dirty {
+            self.reconcile();
+        }
         Ok(())
     }
 
@@ -355,93 +425,127 @@ impl Controller {
         self.pool.send_replace(Arc::new(pool));
     }
 
-    /// Brings the replicas in line with the live workers.
-    async fn reconcile(&mut self) -> Result<(), MembershipError> {
+    /// Brings the replicas in line with the live workers: plans, and when the placement
+    /// differs starts a [`Change`] (one at a time; what happens meanwhile is placed after it).
+    fn reconcile(&mut self) {
+        if self.placing.is_some() || self.releading {
+            self.dirty = true;
+            return;
+        }
         self.dirty = false;
-        let usable = self.usable();
-        let current = self.current();
-        let wanted = match planner::plan(&self.cfg.config, &self.cfg.layout, &self.cfg.sizing, &usable, &current) {
-            Ok(p) => p,
+        let (store, wanted) = match planner::plan(&self.cfg.config, &self.cfg.layout, &self.cfg.sizing, &self.usable(), &self.current()) {
+            Ok(wanted) => {
+                let had_no_capacity = self.no_capacity.take().is_some();
+                let live_plans: Vec<ReplicaPlan> = self.live.iter().filter(|r| r.handle.is_alive()).map(|r| r.plan.clone()).collect();
+                if wanted == live_plans && live_plans.len() == self.live.len() {
+                    self.publish();
+                    self.release_drained();
+                    return;
+                }
+                if had_no_capacity {
+                    // Requests wait for the replicas this change loads instead of failing.
+                    self.publish();
+                }
+                (Some(Plan { epoch: self.epoch + 1, replicas: wanted.clone() }), wanted)
+            }
             Err(reason) => {
                 tracing::warn!(%reason, "no replica can be placed");
-                for r in std::mem::take(&mut self.live) {
-                    r.handle.retire().await;
-                    self.ended(&r);
-                }
                 self.no_capacity = Some(match &self.last_failure {
                     Some(f) => format!("{reason} (last failure: {f})"),
                     None => reason,
                 });
-                self.publish();
-                self.release_drained().await;
-                return Ok(());
+                if self.live.is_empty() {
+                    self.publish();
+                    self.release_drained();
+                    return;
+                }
+                (None, Vec::new())
             }
         };
-        self.no_capacity = None;
-        let live_plans: Vec<ReplicaPlan> = self.live.iter().filter(|r| r.handle.is_alive()).map(|r| r.plan.clone()).collect();
-        if wanted == live_plans && live_plans.len() == self.live.len() {
-            self.publish();
-            self.release_drained().await;
-            return Ok(());
-        }
-        let epoch = self.epoch + 1;
-        let plan = Plan { epoch, replicas: wanted.clone() };
-        let json = serde_json::to_string(&plan).map_err(|e| MembershipError::Invalid(e.to_string()))?;
-        match self.membership.store_plan(&json, &self.leadership).await {
-            Ok(()) => {}
-            Err(MembershipError::Store(e)) => {
-                tracing::warn!(error = %e, "cannot store the plan; serving the last placement and retrying");
-                self.dirty = true;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        }
-        self.epoch = epoch;
-        tracing::info!(epoch, replicas = wanted.len(), "new placement");
-        // New replicas load while the old placement keeps serving.
-        let mut next: Vec<LiveReplica> = Vec::new();
-        for rp in &wanted {
-            if live_plans.contains(rp) {
-                continue;
-            }
-            match self.start_replica(rp).await {
-                Ok(r) => next.push(r),
-                Err((bad, message)) => {
-                    tracing::warn!(%message, workers = ?bad, "a replica failed to load");
-                    self.last_failure = Some(message);
-                    self.suspects.extend(bad);
+        let epoch = store.as_ref().map(|p| p.epoch);
+        let (keep, retire): (Vec<LiveReplica>, Vec<LiveReplica>) = self.live.iter().cloned().partition(|r| wanted.contains(&r.plan) && r.handle.is_alive());
+        let mut load = Vec::new();
+        for rp in wanted.iter().filter(|rp| !keep.iter().any(|r| r.plan == **rp)) {
+            match self.new_replica(rp, epoch.unwrap_or(self.epoch)) {
+                Ok(r) => load.push(r),
+                Err(id) => {
+                    tracing::warn!(worker = %id, "a planned worker is not registered");
+                    self.suspects.insert(id);
                     self.dirty = true;
                 }
             }
         }
-        // Kept replicas move to the new epoch at a step boundary; the others retire.
-        for r in std::mem::take(&mut self.live) {
-            if wanted.contains(&r.plan) && r.handle.is_alive() {
-                match r.handle.advance(self.epoch).await {
-                    Ok(()) => next.push(r),
-                    Err(message) => {
-                        tracing::warn!(%message, "a replica could not move to the new epoch");
-                        r.handle.retire().await;
-                        self.ended(&r);
-                        self.dirty = true;
-                    }
+        self.placing = Some(Placing { epoch, wanted, loading: load.iter().map(|r| r.plan.clone()).collect(), handled: HashSet::new(), unknown: Vec::new() });
+        let change =
+            Change { membership: self.membership.clone(), leader: self.leadership.id.clone(), store, load, keep, retire, serving: self.serving.clone() };
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let outcome = change.run().await;
+            let _ = reports.send(Report::Placed(outcome));
+        });
+    }
+
+    /// Installs what a [`Change`] did and publishes the new pool.
+    fn placed(&mut self, outcome: Outcome) -> Result<(), MembershipError> {
+        let Some(placing) = self.placing.take() else { return Ok(()) };
+        match outcome.stored {
+            Err(MembershipError::Store(e)) => {
+                tracing::warn!(error = %e, "cannot store the plan; serving the last placement and retrying");
+                self.dirty = true;
+            }
+            // The leadership lease was lost meanwhile: placed again once this leader leads again.
+            Err(MembershipError::NotLeader(_)) if self.releading => self.dirty = true,
+            Err(e) => return Err(e),
+            Ok(stored) => {
+                if let Some(epoch) = stored {
+                    self.epoch = epoch;
                 }
-            } else {
-                r.handle.retire().await;
-                self.ended(&r);
+                for (workers, message) in outcome.failures {
+                    tracing::warn!(%message, ?workers, "a replica failed to load");
+                    self.last_failure = Some(message);
+                    self.suspects.extend(workers);
+                    self.dirty = true;
+                }
+                for r in &outcome.ended {
+                    self.ended(r);
+                }
+                let mut live: Vec<LiveReplica> = outcome.live.into_iter().filter(|r| !placing.handled.contains(&r.handle.id)).collect();
+                live.sort_by_key(|r| placing.wanted.iter().position(|w| *w == r.plan));
+                self.live = live;
+                if stored.is_some() {
+                    self.fence(&placing.wanted);
+                }
+                self.publish();
+                self.release_drained();
             }
         }
-        next.sort_by_key(|r| wanted.iter().position(|w| *w == r.plan));
-        self.live = next;
-        self.fence(&wanted);
-        self.publish();
-        self.release_drained().await;
+        for down in placing.unknown {
+            self.replica_down(down);
+        }
+        if self.dirty {
+            self.reconcile();
+        }
         Ok(())
+    }
+
+    /// A replica to load for `plan` at `epoch`; Err names a worker that is not registered.
+    fn new_replica(&mut self, plan: &ReplicaPlan, epoch: u64) -> Result<NewReplica, String> {
+        let mut workers = Vec::new();
+        for id in &plan.workers {
+            let card = self.cards.get(id).ok_or_else(|| id.clone())?;
+            workers.push(Target { id: id.clone(), address: card.address.clone(), gpu: gpu_ordinal(&card.device) });
+        }
+        self.next_replica += 1;
+        Ok(NewReplica { id: self.next_replica, plan: plan.clone(), workers, assignments: self.assignments(plan, epoch) })
     }
 
     /// Remembers the workers of a replica that ended, to be fenced by the next plan.
     fn ended(&mut self, r: &LiveReplica) {
-        self.unfenced.extend(r.plan.workers.iter().cloned().zip(r.addresses.iter().cloned().map(Some)));
+        for (id, address) in r.plan.workers.iter().zip(&r.addresses) {
+            if !self.unfenced.iter().any(|(u, _)| u == id) {
+                self.unfenced.push((id.clone(), Some(address.clone())));
+            }
+        }
     }
 
     /// Fences the workers of ended replicas that the stored plan (`wanted`, epoch
@@ -467,11 +571,11 @@ impl Controller {
         }
     }
 
-    fn assignments(&self, plan: &ReplicaPlan) -> Vec<wpb::LoadAssignmentRequest> {
+    fn assignments(&self, plan: &ReplicaPlan, epoch: u64) -> Vec<wpb::LoadAssignmentRequest> {
         let l = &plan.layout;
         (0..l.world())
             .map(|rank| wpb::LoadAssignmentRequest {
-                epoch: self.epoch,
+                epoch,
                 model_path: self.cfg.model.display().to_string(),
                 dtype: wpb::WeightDtype::from(self.cfg.sizing.dtype) as i32,
                 quantization: wpb::Quantization::from(self.cfg.sizing.quantization) as i32,
@@ -484,106 +588,80 @@ impl Controller {
                 stage_layers: l.stage_layers.iter().map(|&n| n as u32).collect(),
                 rank: rank as u32,
                 peers: Vec::new(),
-                formed: self.epoch,
+                formed: epoch,
                 ..Default::default()
             })
             .collect()
     }
 
-    /// Loads a replica's assignments onto its workers at once (sharded ranks link while
-    /// loading) and starts its task. Err names the workers that failed.
-    async fn start_replica(&mut self, plan: &ReplicaPlan) -> Result<LiveReplica, (Vec<String>, String)> {
-        let mut addresses = Vec::new();
-        for id in &plan.workers {
-            let card = self.cards.get(id).ok_or_else(|| (vec![id.clone()], format!("worker {id} is not registered")))?;
-            addresses.push(card.address.clone());
-        }
-        let mut clients = Vec::new();
-        let mut peers = Vec::new();
-        for (id, addr) in plan.workers.iter().zip(&addresses) {
-            let fail = |e: String| (vec![id.clone()], format!("worker {id} ({addr}): {e}"));
-            let mut client = connect(addr).await.map_err(fail)?;
-            if plan.workers.len() > 1 {
-                let health = client.health(wpb::HealthRequest {}).await.map_err(|s| fail(s.message().to_owned()))?;
-                peers.push(health.into_inner().comm_address);
+    /// A replica's step failed: it leaves the pool at once (its requests move), its workers
+    /// are checked in a task, and those that do not answer become suspect before re-placing.
+    fn replica_down(&mut self, down: ReplicaDown) {
+        let Some(i) = self.live.iter().position(|r| r.handle.id == down.replica) else {
+            if let Some(placing) = &mut self.placing {
+                placing.unknown.push(down);
             }
-            clients.push(client);
+            return;
+        };
+        if let Some(placing) = &mut self.placing {
+            placing.handled.insert(down.replica);
         }
-        let mut requests = self.assignments(plan);
-        for r in &mut requests {
-            if plan.workers.len() > 1 {
-                r.peers = peers.clone();
-            }
-        }
-        // Ranks that all run on GPUs link over NCCL (rank 0 makes the group's unique id);
-        // any CPU rank keeps the replica on TCP.
-        let gpus: Vec<Option<usize>> = plan.workers.iter().map(|id| self.cards.get(id).and_then(|c| gpu_ordinal(&c.device))).collect();
-        if plan.workers.len() > 1 && gpus.iter().all(Option::is_some) {
-            let fail = |s: tonic::Status| (vec![plan.workers[0].clone()], format!("worker {}: making the NCCL id: {}", plan.workers[0], s.message()));
-            let nccl_id = clients[0].clone().create_nccl_id(wpb::CreateNcclIdRequest {}).await.map_err(fail)?.into_inner().nccl_id;
-            for (r, gpu) in requests.iter_mut().zip(&gpus) {
-                r.comm = "nccl".into();
-                r.nccl_id = nccl_id.clone();
-                r.device = gpu.unwrap_or(0) as u32;
-            }
-        }
-        let calls: Vec<_> = clients
-            .iter()
-            .zip(requests.clone())
-            .map(|(c, req)| {
-                let mut c = c.clone();
-                tokio::spawn(async move { c.load_assignment(req).await })
-            })
-            .collect();
-        let mut failed = Vec::new();
-        let mut message = String::new();
-        for (call, id) in calls.into_iter().zip(&plan.workers) {
-            match call.await {
-                Ok(Ok(_)) => {}
-                Ok(Err(s)) => {
-                    failed.push(id.clone());
-                    message = format!("worker {id}: {}", s.message());
-                }
-                Err(e) => {
-                    failed.push(id.clone());
-                    message = e.to_string();
-                }
-            }
-        }
-        if !failed.is_empty() {
-            return Err((failed, message));
-        }
-        self.next_replica += 1;
-        let handle =
-            ReplicaHandle::spawn(self.next_replica, clients, requests, plan.layout.driver(), self.cfg.sched, self.metrics.clone(), self.down_tx.clone());
-        tracing::info!(workers = ?plan.workers, layout = ?plan.layout, epoch = self.epoch, "replica serving");
-        Ok(LiveReplica { handle, plan: plan.clone(), addresses })
-    }
-
-    /// A replica's step failed: the workers that do not answer are suspect; re-place.
-    async fn replica_down(&mut self, down: ReplicaDown) -> Result<(), MembershipError> {
-        let Some(i) = self.live.iter().position(|r| r.handle.id == down.replica) else { return Ok(()) };
         let r = self.live.remove(i);
         self.ended(&r);
         tracing::warn!(workers = ?r.plan.workers, message = %down.message, "replica down");
-        for (id, addr) in r.plan.workers.iter().zip(&r.addresses) {
-            if !healthy(addr).await {
-                self.suspects.insert(id.clone());
-            }
-        }
         self.publish();
-        self.reconcile().await
+        let checks: Vec<_> = r
+            .plan
+            .workers
+            .iter()
+            .cloned()
+            .zip(r.addresses.iter().cloned())
+            .map(|(id, address)| tokio::spawn(async move { worker_health(&address, Duration::from_secs(1)).await.is_none().then_some(id) }))
+            .collect();
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let mut silent = Vec::new();
+            for check in checks {
+                silent.extend(check.await.ok().flatten());
+            }
+            let _ = reports.send(Report::Unhealthy(silent));
+        });
+    }
+
+    /// Probes the suspects in a task (one probe at a time); see [`Controller::probed`].
+    fn probe_suspects(&mut self) {
+        if self.probing || self.suspects.is_empty() {
+            return;
+        }
+        self.probing = true;
+        let targets: Vec<(String, Option<String>)> = self.suspects.iter().map(|id| (id.clone(), self.cards.get(id).map(|c| c.address.clone()))).collect();
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let probes: Vec<_> = targets
+                .into_iter()
+                .map(|(id, address)| {
+                    tokio::spawn(async move {
+                        let health = match address {
+                            Some(a) => worker_health(&a, Duration::from_secs(1)).await,
+                            None => None,
+                        };
+                        (id, health)
+                    })
+                })
+                .collect();
+            let mut answers = Vec::new();
+            for probe in probes {
+                answers.extend(probe.await.ok());
+            }
+            let _ = reports.send(Report::Probed(answers));
+        });
     }
 
     /// Suspects that answer again are usable again; their cards take what the answer says
     /// (a worker restarted at the same address is a new process).
-    async fn probe_suspects(&mut self) {
-        let suspects: Vec<String> = self.suspects.iter().cloned().collect();
-        for id in suspects {
-            let health = match self.cards.get(&id) {
-                Some(card) => worker_health(&card.address, Duration::from_secs(1)).await,
-                None => None,
-            };
+    fn probed(&mut self, answers: Vec<(String, Option<wpb::HealthResponse>)>) {
+        self.probing = false;
+        for (id, health) in answers {
             let back = health.is_some();
             if let (Some(h), Some(card)) = (health, self.cards.get_mut(&id)) {
                 card.pid = h.pid;
@@ -599,33 +677,39 @@ impl Controller {
         }
     }
 
-    /// Releases drained workers no replica uses any more, and answers who waited.
-    async fn release_drained(&mut self) {
-        let in_use: HashSet<&String> = self.live.iter().flat_map(|r| r.plan.workers.iter()).collect();
+    /// Workers a live replica uses or a change under way loads.
+    fn in_use(&self) -> HashSet<&String> {
+        let loading = self.placing.iter().flat_map(|p| &p.loading);
+        self.live.iter().map(|r| &r.plan).chain(loading).flat_map(|p| p.workers.iter()).collect()
+    }
+
+    /// Releases (in tasks) the drained workers nothing uses any more; who waited is answered
+    /// once the worker has been told.
+    fn release_drained(&mut self) {
+        let in_use = self.in_use();
         let done: Vec<String> = self.draining.keys().filter(|id| !in_use.contains(id)).cloned().collect();
         for id in done {
             let waiters = self.draining.remove(&id).unwrap_or_default();
-            let result = match self.cards.get(&id) {
-                Some(card) => match connect(&card.address).await {
-                    Ok(mut c) => c.release(wpb::ReleaseRequest { epoch: self.epoch }).await.map(drop).map_err(|s| s.message().to_owned()),
-                    Err(e) => Err(e),
-                },
-                None => Ok(()),
-            };
-            tracing::info!(worker = %id, ?result, "drained worker released");
-            self.cards.remove(&id);
-            for w in waiters {
-                let _ = w.send(result.clone());
-            }
+            let address = self.cards.remove(&id).map(|c| c.address);
+            let epoch = self.epoch;
+            tokio::spawn(async move {
+                let result = match address {
+                    Some(address) => match connect(&address).await {
+                        Ok(mut c) => c.release(wpb::ReleaseRequest { epoch }).await.map(drop).map_err(|s| s.message().to_owned()),
+                        Err(e) => Err(e),
+                    },
+                    None => Ok(()),
+                };
+                tracing::info!(worker = %id, ?result, "drained worker released");
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            });
         }
     }
 
-    async fn request(&mut self, req: Request) -> Result<(), MembershipError> {
+    fn request(&mut self, req: Request) {
         match req {
-            // Handled by the loop, which stops.
-            Request::Resign(reply) => {
-                let _ = reply.send(());
-            }
             Request::Status(reply) => {
                 let _ = reply.send(self.view());
             }
@@ -645,17 +729,23 @@ impl Controller {
             Request::Drain(id, reply) => {
                 if !self.cards.contains_key(&id) {
                     let _ = reply.send(Err(format!("no worker {id:?} is registered")));
-                    return Ok(());
+                    return;
                 }
                 tracing::info!(worker = %id, "draining");
                 self.draining.entry(id).or_default().push(reply);
-                self.reconcile().await?;
+                // A worker nothing uses is released at once, even while a replica loads.
+                self.release_drained();
+                self.reconcile();
+            }
+            // Handled by the loop, which stops.
+            Request::Resign(reply) => {
+                let _ = reply.send(());
             }
         }
-        Ok(())
     }
 
     fn view(&self) -> ClusterView {
+        let loading: HashSet<&String> = self.placing.iter().flat_map(|p| &p.loading).flat_map(|p| p.workers.iter()).collect();
         let workers = self
             .cards
             .values()
@@ -671,6 +761,8 @@ impl Controller {
                     "unreachable"
                 } else if placement.is_some() {
                     "serving"
+                } else if loading.contains(&card.id) {
+                    "loading"
                 } else {
                     "idle"
                 };
@@ -678,34 +770,6 @@ impl Controller {
             })
             .collect();
         ClusterView { epoch: self.epoch, leader: true, workers }
-    }
-}
-
-async fn connect(addr: &str) -> Result<WorkerClient, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(2));
-    let channel = endpoint.connect().await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
-    Ok(WorkerClient::new(channel).max_decoding_message_size(64 << 20))
-}
-
-/// The worker's Health answer, if it gives one within `limit`.
-pub async fn worker_health(addr: &str, limit: Duration) -> Option<wpb::HealthResponse> {
-    let check = async {
-        let mut c = connect(addr).await.ok()?;
-        c.health(wpb::HealthRequest {}).await.ok().map(tonic::Response::into_inner)
-    };
-    tokio::time::timeout(limit, check).await.ok().flatten()
-}
-
-/// Whether the worker at `addr` answers Health within a second.
-async fn healthy(addr: &str) -> bool {
-    worker_health(addr, Duration::from_secs(1)).await.is_some()
-}
-
-/// The GPU a worker card names (`cuda:N`), if any.
-fn gpu_ordinal(device: &str) -> Option<usize> {
-    match device.parse::<worker::Device>() {
-        Ok(worker::Device::Cuda(n)) => Some(n),
-        _ => None,
     }
 }
 
@@ -730,7 +794,7 @@ mod tests {
         async fn load_plan(&self) -> Result<Option<String>, MembershipError> {
             Ok(None)
         }
-        async fn store_plan(&self, _: &str, _: &Leadership) -> Result<(), MembershipError> {
+        async fn store_plan(&self, _: &str, _: &str) -> Result<(), MembershipError> {
             Err(MembershipError::NotLeader("unused".into()))
         }
     }

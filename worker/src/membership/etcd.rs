@@ -268,12 +268,11 @@ impl Membership for EtcdMembership {
         Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
-    async fn store_plan(&self, plan: &str, leader: &Leadership) -> Result<(), MembershipError> {
-        let txn =
-            Txn::new().when([Compare::value(self.key("leader"), CompareOp::Equal, leader.id.as_str())]).and_then([TxnOp::put(self.key("plan"), plan, None)]);
+    async fn store_plan(&self, plan: &str, leader: &str) -> Result<(), MembershipError> {
+        let txn = Txn::new().when([Compare::value(self.key("leader"), CompareOp::Equal, leader)]).and_then([TxnOp::put(self.key("plan"), plan, None)]);
         let resp = self.client.clone().txn(txn).await.map_err(store)?;
         if !resp.succeeded() {
-            return Err(MembershipError::NotLeader(format!("{} no longer holds the leader key", leader.id)));
+            return Err(MembershipError::NotLeader(format!("{leader} no longer holds the leader key")));
         }
         Ok(())
     }

@@ -66,7 +66,7 @@ impl Membership for MemoryMembership {
         Ok(self.state.lock().unwrap_or_else(|e| e.into_inner()).plan.clone())
     }
 
-    async fn store_plan(&self, plan: &str, _: &Leadership) -> Result<(), MembershipError> {
+    async fn store_plan(&self, plan: &str, _: &str) -> Result<(), MembershipError> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).plan = Some(plan.to_owned());
         Ok(())
     }

@@ -127,6 +127,6 @@ pub trait Membership: Send + Sync + 'static {
     async fn campaign(&self, id: &str) -> Result<Leadership, MembershipError>;
     /// The stored placement plan (JSON), if any.
     async fn load_plan(&self) -> Result<Option<String>, MembershipError>;
-    /// Stores the plan, only while `leader` still leads.
-    async fn store_plan(&self, plan: &str, leader: &Leadership) -> Result<(), MembershipError>;
+    /// Stores the plan, only while coordinator `leader` (its id) still leads.
+    async fn store_plan(&self, plan: &str, leader: &str) -> Result<(), MembershipError>;
 }
