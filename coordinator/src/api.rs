@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use worker::parallel::Layout;
 use worker::{TokenLogprobs, Tokenizer};
 
-use crate::control::ControlHandle;
+use crate::control::{ControlError, ControlHandle};
 use crate::frontend::{Chunk, Frontend, FrontendError};
 use crate::scheduler::Finish;
 use crate::validate::{PromptInput, RawRequest};
@@ -24,6 +24,17 @@ impl From<FrontendError> for Status {
             FrontendError::Unavailable(_) => Status::unavailable(msg),
             FrontendError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             FrontendError::ShuttingDown(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+impl From<ControlError> for Status {
+    fn from(e: ControlError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ControlError::Stopped | ControlError::Release { .. } => Status::unavailable(msg),
+            ControlError::Standby | ControlError::NoFit(_) => Status::failed_precondition(msg),
+            ControlError::UnknownWorker(_) => Status::not_found(msg),
         }
     }
 }
@@ -184,7 +195,7 @@ fn layout_name(l: &Layout) -> String {
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn cluster_status(&self, _: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let view = self.control.status().await.map_err(Status::unavailable)?;
+        let view = self.control.status().await?;
         let stats = self.frontend.stats();
         let workers = view
             .workers
@@ -226,12 +237,12 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
-        self.control.drain(request.into_inner().worker_id).await.map_err(Status::failed_precondition)?;
+        self.control.drain(request.into_inner().worker_id).await?;
         Ok(Response::new(pb::DrainResponse {}))
     }
 
     async fn plan(&self, _: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {
-        let planned = self.control.plan().await.map_err(Status::failed_precondition)?;
+        let planned = self.control.plan().await?;
         let replicas = planned
             .into_iter()
             .map(|p| pb::PlannedReplica {

@@ -160,7 +160,7 @@ async fn enrol(m: &MemoryMembership, workers: &[String], control: &ControlHandle
         }
         // The controller may not have seen every registration yet: once it has (its status
         // lists them all), the pool it published last was placed with all of them.
-        let seen = control.status().await.map_err(anyhow::Error::msg)?.workers.len();
+        let seen = control.status().await?.workers.len();
         if seen == cards.len()
             && let Some(reason) = pool.borrow().no_capacity.clone()
             && pool.borrow().replicas.is_empty()

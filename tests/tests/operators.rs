@@ -356,6 +356,11 @@ async fn tramctl_status_and_drain_answer_while_a_replica_loads() {
     let exited = wait_for("the drained worker to exit", LIMIT, || std::future::ready(third.child.try_wait().expect("waits").is_some())).await;
     assert!(third.child.wait().expect("reaped").success(), "the drained worker exits 0");
     assert_eq!(count(&worker_states(&addr), "loading"), 2, "the load ended before the drained worker exited");
+    // A worker nobody knows: NOT_FOUND, naming it.
+    let mut admin = proto::tramontane::v1::admin_client::AdminClient::connect(up.url()).await.expect("connects");
+    let unknown = admin.drain(proto::tramontane::v1::DrainRequest { worker_id: "nobody".into() }).await.expect_err("no such worker");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    assert!(unknown.message().contains("\"nobody\""), "{unknown:?}");
     let served = wait_for("the replica to serve", LIMIT, || async { serving(&up.url()).await.len() == 2 }).await;
     let mut c = inference(up.url()).await;
     let ids = stream_ids(&mut c, &prompts()[0], 8).await.expect("the loaded replica generates");

@@ -82,10 +82,27 @@ pub struct PlannedReplica {
     pub kv_bytes: u64,
 }
 
+/// Why the controller could not do what it was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlError {
+    #[error("the placement controller has stopped")]
+    Stopped,
+    #[error("this coordinator is a standby: not the leader")]
+    Standby,
+    #[error("no worker {0:?} is registered")]
+    UnknownWorker(String),
+    /// A drained worker could not be told to go.
+    #[error("releasing worker {worker}: {message}")]
+    Release { worker: String, message: String },
+    /// The planner's refusal: why nothing fits, with the arithmetic and what would.
+    #[error("{0}")]
+    NoFit(String),
+}
+
 enum Request {
-    Drain(String, Reply<Result<(), String>>),
+    Drain(String, Reply<Result<(), ControlError>>),
     Status(Reply<ClusterView>),
-    Plan(Reply<Result<Vec<PlannedReplica>, String>>),
+    Plan(Reply<Result<Vec<PlannedReplica>, ControlError>>),
     /// Stop leading (the coordinator is exiting): give the leadership lease up.
     Resign(Reply<()>),
 }
@@ -97,18 +114,18 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
-    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, String> {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, ControlError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| "the controller has stopped".to_owned())?;
-        rx.await.map_err(|_| "the controller has stopped".to_owned())
+        self.tx.send(make(reply)).map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)
     }
 
     /// Moves the worker's sequences to other replicas, then releases it (it exits).
-    pub async fn drain(&self, worker: String) -> Result<(), String> {
+    pub async fn drain(&self, worker: String) -> Result<(), ControlError> {
         self.ask(|r| Request::Drain(worker, r)).await?
     }
 
-    pub async fn status(&self) -> Result<ClusterView, String> {
+    pub async fn status(&self) -> Result<ClusterView, ControlError> {
         self.ask(Request::Status).await
     }
 
@@ -119,7 +136,7 @@ impl ControlHandle {
     }
 
     /// The placement the current workers would get.
-    pub async fn plan(&self) -> Result<Vec<PlannedReplica>, String> {
+    pub async fn plan(&self) -> Result<Vec<PlannedReplica>, ControlError> {
         self.ask(Request::Plan).await?
     }
 }
@@ -167,8 +184,8 @@ async fn run(
                 lead = &mut campaign => break lead?,
                 Some(req) = requests.recv() => match req {
                     Request::Status(r) => { let _ = r.send(ClusterView::default()); }
-                    Request::Drain(_, r) => { let _ = r.send(Err("this coordinator is a standby: not the leader".into())); }
-                    Request::Plan(r) => { let _ = r.send(Err("this coordinator is a standby: not the leader".into())); }
+                    Request::Drain(_, r) => { let _ = r.send(Err(ControlError::Standby)); }
+                    Request::Plan(r) => { let _ = r.send(Err(ControlError::Standby)); }
                     Request::Resign(r) => { let _ = r.send(()); return Ok(()); }
                 },
             }
@@ -280,7 +297,7 @@ struct Controller {
     /// Whether a probe of the suspects runs.
     probing: bool,
     /// Draining workers and who waits for them to be released.
-    draining: HashMap<String, Vec<Reply<Result<(), String>>>>,
+    draining: HashMap<String, Vec<Reply<Result<(), ControlError>>>>,
     epoch: u64,
     /// The stored plan's replicas, before this controller runs any (kept where possible).
     previous: Vec<ReplicaPlan>,
@@ -699,7 +716,8 @@ impl Controller {
                         Err(e) => Err(e),
                     },
                     None => Ok(()),
-                };
+                }
+                .map_err(|message| ControlError::Release { worker: id.clone(), message });
                 tracing::info!(worker = %id, ?result, "drained worker released");
                 for w in waiters {
                     let _ = w.send(result.clone());
@@ -714,7 +732,7 @@ impl Controller {
                 let _ = reply.send(self.view());
             }
             Request::Plan(reply) => {
-                let planned = planner::plan(&self.cfg.config, &self.cfg.layout, &self.cfg.sizing, &self.usable(), &self.current());
+                let planned = planner::plan(&self.cfg.config, &self.cfg.layout, &self.cfg.sizing, &self.usable(), &self.current()).map_err(ControlError::NoFit);
                 let planned = planned.map(|replicas| {
                     replicas
                         .into_iter()
@@ -728,7 +746,7 @@ impl Controller {
             }
             Request::Drain(id, reply) => {
                 if !self.cards.contains_key(&id) {
-                    let _ = reply.send(Err(format!("no worker {id:?} is registered")));
+                    let _ = reply.send(Err(ControlError::UnknownWorker(id)));
                     return;
                 }
                 tracing::info!(worker = %id, "draining");
