@@ -65,13 +65,15 @@ pub fn rank_memory(c: &ModelConfig, layout: &Layout, s: &Sizing) -> (u64, u64) {
     (0..layout.world()).map(|r| rank_need(c, layout, r, s)).max_by_key(|(w, kv)| w + kv).unwrap_or((0, 0))
 }
 
-/// Whether `workers` (by rank) can hold `layout`: a card's 0 memory is unknown, taken as enough.
+/// Whether `card` can hold rank `rank` of `layout`: a card's 0 memory is unknown, taken as enough.
+fn holds(c: &ModelConfig, layout: &Layout, rank: usize, s: &Sizing, card: &WorkerCard) -> bool {
+    let (w, kv) = rank_need(c, layout, rank, s);
+    card.memory_bytes == 0 || card.memory_bytes >= w + kv
+}
+
+/// Whether `workers` (by rank) can hold `layout`.
 fn fits(c: &ModelConfig, layout: &Layout, s: &Sizing, workers: &[&WorkerCard]) -> bool {
-    layout.validate(c).is_ok()
-        && workers.iter().enumerate().all(|(rank, card)| {
-            let (w, kv) = rank_need(c, layout, rank, s);
-            card.memory_bytes == 0 || card.memory_bytes >= w + kv
-        })
+    layout.validate(c).is_ok() && workers.iter().enumerate().all(|(rank, card)| holds(c, layout, rank, s, card))
 }
 
 /// Layouts of exactly `world` ranks that fit the model, the wanted shape's order first.
@@ -132,16 +134,13 @@ fn take_group(c: &ModelConfig, layout: &Layout, s: &Sizing, free: &mut Vec<&Work
     layout.validate(c).ok()?;
     let mut picked: Vec<usize> = Vec::new();
     for rank in 0..layout.world() {
-        let (w, kv) = rank_need(c, layout, rank, s);
-        let holds = |card: &WorkerCard| card.memory_bytes == 0 || card.memory_bytes >= w + kv;
-        picked.push((0..free.len()).find(|i| !picked.contains(i) && holds(free[*i]))?);
+        picked.push((0..free.len()).find(|i| !picked.contains(i) && holds(c, layout, rank, s, free[*i]))?);
     }
     let ids = picked.iter().map(|&i| free[i].id.clone()).collect();
-    let mut i = 0;
-    free.retain(|_| {
-        i += 1;
-        !picked.contains(&(i - 1))
-    });
+    picked.sort_unstable();
+    for i in picked.into_iter().rev() {
+        free.remove(i);
+    }
     Some(ids)
 }
 
