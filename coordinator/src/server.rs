@@ -257,11 +257,18 @@ pub async fn serve(
         drain.await;
         tokio::time::sleep(CLOSE_GRACE).await;
     };
+    // The controller stopped (another coordinator leads, say): the requests in flight end
+    // with an explicit error their clients retry on, never a cut connection.
     let fatal = async {
-        match fatal.recv().await {
+        let e = match fatal.recv().await {
             Some(e) => e,
             None => std::future::pending().await,
-        }
+        };
+        tracing::error!(error = %e, in_flight = frontend.in_flight(), "stopping: ending the requests in flight with an error");
+        frontend.stop_accepting();
+        frontend.cut_running();
+        let _ = tokio::time::timeout(Duration::from_secs(5), until_idle(&frontend)).await;
+        e
     };
     tokio::select! {
         (g, h) = async { tokio::join!(grpc_server, http_server) } => {

@@ -24,6 +24,7 @@ use crate::replica::ReplicaDown;
 use crate::scheduler::SchedulerConfig;
 
 mod handle;
+mod lapse;
 mod placing;
 
 pub use handle::{ClusterView, ControlError, ControlHandle, PlannedReplica, WorkerView};
@@ -125,6 +126,8 @@ async fn run(
         cards: BTreeMap::new(),
         suspects: HashSet::new(),
         probing: false,
+        reading_epochs: false,
+        stored: 0,
         draining: HashMap::new(),
         live: Vec::new(),
         placing: None,
@@ -169,6 +172,7 @@ async fn run(
             }
             _ = tick.tick() => {
                 c.probe_suspects();
+                c.read_epochs_if_lapsed();
                 if c.give_up_vanished() || c.dirty {
                     c.reconcile();
                 }
@@ -187,6 +191,10 @@ enum Report {
     Unhealthy(Vec<String>),
     /// The campaign after the leadership lease was lost ended; the stored plan's epoch then.
     Relead(Result<(Leadership, u64), MembershipError>),
+    /// A change stored the plan of this epoch (it assigns it to workers next).
+    Stored(u64),
+    /// The workers' placement epochs, read while the leadership lease may have lapsed.
+    Epochs(Vec<(String, Option<u64>)>),
 }
 
 /// The placement change under way.
@@ -214,6 +222,10 @@ struct Controller {
     suspects: HashSet<String>,
     /// Whether a probe of the suspects runs.
     probing: bool,
+    /// Whether a read of the workers' epochs runs (see `lapse.rs`).
+    reading_epochs: bool,
+    /// The newest epoch this leader stored (workers may run it before the change ends).
+    stored: u64,
     /// Draining workers and who waits for them to be released.
     draining: HashMap<String, Vec<Reply<Result<(), ControlError>>>>,
     epoch: u64,
@@ -280,6 +292,8 @@ impl Controller {
                 self.reconcile();
             }
             Report::Relead(result) => self.relead(result)?,
+            Report::Stored(epoch) => self.stored = self.stored.max(epoch),
+            Report::Epochs(epochs) => self.epochs_read(epochs)?,
         }
         Ok(())
     }
@@ -411,9 +425,17 @@ impl Controller {
             }
         }
         self.placing = Some(Placing { epoch, wanted, loading: load.iter().map(|r| r.plan.clone()).collect(), handled: HashSet::new(), unknown: Vec::new() });
-        let change =
-            Change { membership: self.membership.clone(), leader: self.leadership.id.clone(), store, load, keep, retire, serving: self.serving.clone() };
         let reports = self.reports.clone();
+        let change = Change {
+            membership: self.membership.clone(),
+            leader: self.leadership.id.clone(),
+            store,
+            load,
+            keep,
+            retire,
+            serving: self.serving.clone(),
+            reports: reports.clone(),
+        };
         tokio::spawn(async move {
             let outcome = change.run().await;
             let _ = reports.send(Report::Placed(outcome));
@@ -545,6 +567,8 @@ impl Controller {
         self.ended(&r);
         tracing::warn!(workers = ?r.plan.workers, message = %down.message, "replica down");
         self.publish();
+        // Its steps may have been refused for a newer leader's epoch.
+        self.read_epochs_if_lapsed();
         let checks: Vec<_> = r
             .plan
             .workers

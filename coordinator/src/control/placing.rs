@@ -54,6 +54,8 @@ pub(super) struct Change {
     pub keep: Vec<LiveReplica>,
     pub retire: Vec<LiveReplica>,
     pub serving: Serving,
+    /// Told the epoch as soon as the plan is stored, before any worker is assigned it.
+    pub reports: mpsc::UnboundedSender<super::Report>,
 }
 
 /// How a change ended.
@@ -81,6 +83,7 @@ impl Change {
                 return out;
             }
             out.stored = Ok(Some(plan.epoch));
+            let _ = self.reports.send(super::Report::Stored(plan.epoch));
             tracing::info!(epoch = plan.epoch, replicas = plan.replicas.len(), "new placement");
         }
         // New replicas load while the old placement keeps serving.

@@ -2,10 +2,10 @@
 //! with a fresh snapshot after an outage, leadership by a transaction on the `leader` key,
 //! and plan writes guarded by that key.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Leadership, Lease, MemberEvent, Membership, MembershipError, WorkerCard};
@@ -76,9 +76,10 @@ impl EtcdMembership {
         self.ttl.as_secs().max(1) as i64
     }
 
-    /// Keeps lease `id` alive until `stop` (then revokes it) or until etcd says it is gone.
-    /// While etcd is unreachable it keeps trying: the lease may well outlive the outage.
-    async fn keep(&self, id: i64, stop: &CancellationToken) -> Ended {
+    /// Keeps lease `id` alive until `stop` (then revokes it) or until etcd says it is gone,
+    /// moving `until` on with every answer. While etcd is unreachable it keeps trying: the
+    /// lease may well outlive the outage.
+    async fn keep(&self, id: i64, stop: &CancellationToken, until: &watch::Sender<Instant>) -> Ended {
         let mut client = self.client.clone();
         let period = self.ttl / 3;
         loop {
@@ -95,11 +96,14 @@ impl EtcdMembership {
                 }
             };
             loop {
+                let sent = Instant::now();
                 if keeper.keep_alive().await.is_err() {
                     break;
                 }
                 match tokio::time::timeout(self.ttl, stream.message()).await {
-                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                        until.send_replace(sent + Duration::from_secs(resp.ttl() as u64));
+                    }
                     Ok(Ok(Some(_))) => return Ended::Lost,
                     _ => break,
                 }
@@ -186,27 +190,34 @@ fn lease_is_gone(e: &etcd_client::Error) -> bool {
 }
 
 /// A lease kept by the task `keep` makes, given the tokens it cancels when the lease is
-/// lost and watches for its holder's stop; the lease has ended when that task returns.
-fn kept<F: std::future::Future<Output = ()> + Send + 'static>(keep: impl FnOnce(CancellationToken, CancellationToken) -> F) -> Lease {
+/// lost and watches for its holder's stop, and where it records until when the lease holds
+/// (at first: `granted`, when the grant was asked for, plus `ttl`); the lease has ended when
+/// that task returns.
+fn kept<F: std::future::Future<Output = ()> + Send + 'static>(
+    granted: Instant,
+    ttl: Duration,
+    keep: impl FnOnce(CancellationToken, CancellationToken, watch::Sender<Instant>) -> F,
+) -> Lease {
     let (lost, stop, ended) = (CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
-    let task = keep(lost.clone(), stop.clone());
+    let (until_tx, until) = watch::channel(granted + ttl);
+    let task = keep(lost.clone(), stop.clone(), until_tx);
     let ended_guard = ended.clone().drop_guard();
     tokio::spawn(async move {
         let _ended = ended_guard;
         task.await
     });
-    Lease::new(lost, stop, ended)
+    Lease::new(lost, stop, ended, until)
 }
 
 #[tonic::async_trait]
 impl Membership for EtcdMembership {
     async fn register(&self, card: &WorkerCard) -> Result<Lease, MembershipError> {
         let (me, card) = (self.clone(), card.clone());
-        Ok(kept(|lost, stop| async move {
+        Ok(kept(Instant::now(), self.ttl, |lost, stop, until| async move {
             loop {
                 let Some(lease) = me.put_card_until_done(&card, &stop).await else { return };
                 tracing::info!(worker = %card.id, endpoints = ?me.endpoints, "registered on etcd");
-                if let Ended::Stopped = me.keep(lease, &stop).await {
+                if let Ended::Stopped = me.keep(lease, &stop, &until).await {
                     return;
                 }
                 tracing::warn!(worker = %card.id, "the registration's lease is gone; registering again");
@@ -237,6 +248,7 @@ impl Membership for EtcdMembership {
                 Ok(resp) => !resp.kvs().is_empty(),
                 Err(_) => true,
             };
+            let asked = Instant::now();
             if !held && let Ok(grant) = client.lease_grant(self.ttl_secs(), None).await {
                 let lease = grant.id();
                 let txn = Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
@@ -247,8 +259,8 @@ impl Membership for EtcdMembership {
                 match client.txn(txn).await {
                     Ok(resp) if resp.succeeded() => {
                         let me = self.clone();
-                        let kept = kept(|lost, stop| async move {
-                            if let Ended::Lost = me.keep(lease, &stop).await {
+                        let kept = kept(asked, self.ttl, |lost, stop, until| async move {
+                            if let Ended::Lost = me.keep(lease, &stop, &until).await {
                                 lost.cancel();
                             }
                         });

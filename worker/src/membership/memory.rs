@@ -33,11 +33,12 @@ impl MemoryMembership {
     }
 }
 
-/// A lease nothing keeps: in-process membership has nothing to revoke.
+/// A lease nothing keeps: in-process membership has nothing to revoke, and it never lapses.
 fn held() -> Lease {
     let ended = CancellationToken::new();
     ended.cancel();
-    Lease::new(CancellationToken::new(), CancellationToken::new(), ended)
+    let forever = std::time::Instant::now() + std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    Lease::new(CancellationToken::new(), CancellationToken::new(), ended, tokio::sync::watch::channel(forever).1)
 }
 
 #[tonic::async_trait]

@@ -16,8 +16,10 @@ mod memory;
 pub use etcd::EtcdMembership;
 pub use memory::MemoryMembership;
 
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Where a process finds its cluster's membership (shared by the worker and coordinator CLIs).
@@ -83,14 +85,23 @@ pub const RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2)
 #[derive(Debug)]
 pub struct Lease {
     pub lost: CancellationToken,
+    /// Until when the lease surely holds: the time the last keep-alive the store answered
+    /// was sent, plus the TTL it answered with (the store counts from when it got it, later).
+    /// Past it the store may have expired the lease without its holder hearing of it.
+    pub until: watch::Receiver<Instant>,
     stop: CancellationToken,
     /// Cancelled once whatever keeps the lease has ended (revoking it, when stopped).
     ended: CancellationToken,
 }
 
 impl Lease {
-    pub fn new(lost: CancellationToken, stop: CancellationToken, ended: CancellationToken) -> Self {
-        Lease { lost, stop, ended }
+    pub fn new(lost: CancellationToken, stop: CancellationToken, ended: CancellationToken, until: watch::Receiver<Instant>) -> Self {
+        Lease { lost, until, stop, ended }
+    }
+
+    /// Whether the lease may have lapsed: its [`Lease::until`] has passed unrenewed.
+    pub fn lapsed(&self) -> bool {
+        Instant::now() > *self.until.borrow()
     }
 
     /// Gives the lease up and waits (at most `limit`) until it is revoked, so that whoever
