@@ -241,7 +241,7 @@ async fn detokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<D
     Ok(Json(json!({"prompt": text})))
 }
 
-fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Option<u32>) -> RawRequest {
+fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Option<u32>, prompt_logprobs: Option<u32>) -> RawRequest {
     RawRequest {
         prompt: Some(prompt),
         temperature: s.temperature,
@@ -256,7 +256,7 @@ fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Opt
             Some(StopField::Many(v)) => v.clone(),
         },
         logprobs,
-        prompt_logprobs: None,
+        prompt_logprobs,
     }
 }
 
@@ -271,34 +271,44 @@ fn token_name(tok: &Tokenizer, id: u32, as_ids: bool) -> String {
     if as_ids { format!("token_id:{id}") } else { tok.decode(&[id], false).unwrap_or_default() }
 }
 
-/// A whole generation collected: text (stop strings applied), tokens, finish reason.
+/// A whole generation collected: text (stop strings applied), tokens, finish reason, and
+/// the prompt's logprobs where asked (one per prompt token after the first).
 struct Collected {
     text: String,
     tokens: Vec<TokenLogprobs>,
     finish: &'static str,
     prompt_tokens: usize,
+    prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 async fn collect(mut g: Generation) -> Result<Collected, ApiError> {
-    let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), "length");
+    let (mut text, mut tokens, mut finish, mut prompt_logprobs) = (String::new(), Vec::new(), "length", Vec::new());
     while let Some(chunk) = g.next().await {
-        if let Chunk::Token { token, text: delta, finish: f } = chunk? {
-            tokens.push(token);
-            text.push_str(&delta);
-            if let Some(f) = f {
-                finish = finish_name(f);
+        match chunk? {
+            Chunk::PromptLogprobs(lps) => prompt_logprobs = lps,
+            Chunk::Token { token, text: delta, finish: f } => {
+                tokens.push(token);
+                text.push_str(&delta);
+                if let Some(f) = f {
+                    finish = finish_name(f);
+                }
             }
         }
     }
-    Ok(Collected { text, tokens, finish, prompt_tokens: g.prompt.len() })
+    Ok(Collected { text, tokens, finish, prompt_tokens: g.prompt.len(), prompt_logprobs })
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-fn completion_logprobs(tok: &Tokenizer, tokens: &[TokenLogprobs], as_ids: bool) -> Value {
-    let names: Vec<String> = tokens.iter().map(|t| token_name(tok, t.token, as_ids)).collect();
+/// The `logprobs` object of a completion: its tokens, or with `echo` (`prompt` set: the
+/// prompt's first token, which nothing precedes, and the logprobs of the others) the prompt's
+/// tokens first, the first one's logprob and top logprobs `null`.
+fn completion_logprobs(tok: &Tokenizer, prompt: Option<(u32, &[TokenLogprobs])>, tokens: &[TokenLogprobs], as_ids: bool) -> Value {
+    let first = prompt.map(|(id, _)| id);
+    let all: Vec<&TokenLogprobs> = prompt.map_or(&[][..], |(_, lps)| lps).iter().chain(tokens).collect();
+    let names: Vec<String> = first.iter().copied().chain(all.iter().map(|t| t.token)).map(|id| token_name(tok, id, as_ids)).collect();
     let mut offset = 0;
     let offsets: Vec<usize> = names
         .iter()
@@ -308,10 +318,13 @@ fn completion_logprobs(tok: &Tokenizer, tokens: &[TokenLogprobs], as_ids: bool) 
             at
         })
         .collect();
+    let unscored = first.map(|_| Value::Null);
     json!({
         "tokens": names,
-        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|&(id, lp)| (token_name(tok, id, as_ids), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "token_logprobs": unscored.iter().cloned().chain(all.iter().map(|t| json!(t.logprob))).collect::<Vec<_>>(),
+        "top_logprobs": unscored.iter().cloned().chain(all.iter().map(|t| {
+            Value::Object(t.top.iter().map(|&(id, lp)| (token_name(tok, id, as_ids), json!(lp))).collect())
+        })).collect::<Vec<_>>(),
         "text_offset": offsets,
     })
 }
@@ -351,14 +364,16 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
     if req.echo && req.sampling.stream {
         return Err(bad("`echo` is not supported with `stream`"));
     }
-    let g = frontend.start(None, raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs), timeout)?;
+    // Echo with logprobs scores the prompt too (as evaluation harnesses ask).
+    let prompt_logprobs = req.logprobs.filter(|_| req.echo);
+    let g = frontend.start(None, raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs, prompt_logprobs), timeout)?;
     let (id, model, created) = (format!("cmpl-{}", g.request_id), frontend.served.name.clone(), now());
     let as_ids = req.return_tokens_as_token_ids;
     let want_logprobs = req.logprobs.is_some();
     let tok_frontend = frontend.clone();
     if req.sampling.stream {
         return Ok(stream(g, move |text, tokens, finish| {
-            let lp = want_logprobs.then(|| completion_logprobs(&tok_frontend.served.tokenizer, tokens, as_ids));
+            let lp = want_logprobs.then(|| completion_logprobs(&tok_frontend.served.tokenizer, None, tokens, as_ids));
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
         })
@@ -368,7 +383,8 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
     let c = collect(g).await?;
     let tok = &frontend.served.tokenizer;
     let text = if req.echo { tok.decode(&prompt_ids, true).unwrap_or_default() + &c.text } else { c.text };
-    let lp = want_logprobs.then(|| completion_logprobs(tok, &c.tokens, as_ids));
+    let echoed = req.echo.then(|| (prompt_ids[0], &c.prompt_logprobs[..]));
+    let lp = want_logprobs.then(|| completion_logprobs(tok, echoed, &c.tokens, as_ids));
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": c.finish}],
@@ -386,7 +402,7 @@ async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Re
     let ids = frontend.served.chat_prompt(&req.messages).map_err(bad)?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let g = frontend.start(None, raw(&req.sampling, PromptInput::TokenIds(ids), max_tokens, logprobs), timeout)?;
+    let g = frontend.start(None, raw(&req.sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None), timeout)?;
     let (id, model, created) = (format!("chatcmpl-{}", g.request_id), frontend.served.name.clone(), now());
     let tok_frontend = frontend.clone();
     let chat_logprobs = move |tokens: &[TokenLogprobs]| {

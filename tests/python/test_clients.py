@@ -59,6 +59,27 @@ def test_completion_reproduces_transformers(client, case):
     assert out.usage.completion_tokens == n
 
 
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda c: str(len(c["prompt_ids"])))
+def test_echo_scores_the_prompt_as_transformers_does(client, case):
+    # The request evaluation harnesses send to score text: echo the prompt with logprobs.
+    n = len(case["prompt_ids"])
+    out = client.completions.create(
+        model=model_name(client), prompt=case["prompt_ids"], max_tokens=1, temperature=0, logprobs=1, echo=True,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    lp = out.choices[0].logprobs
+    assert [int(t.split(":")[1]) for t in lp.tokens] == case["prompt_ids"] + case["greedy_ids"][:1]
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n + 1
+    # Nothing precedes the first prompt token: no logprob (as vLLM and OpenAI answer).
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(case["prompt_logprobs"]) == n and case["prompt_logprobs"][0] is None
+    for ours, theirs in zip(lp.token_logprobs[1:n], case["prompt_logprobs"][1:], strict=True):
+        assert abs(ours - theirs) <= 2e-3
+    assert abs(lp.token_logprobs[n] - case["greedy_logprobs"][0]) <= 2e-3
+    assert all(len(top) >= 1 for top in lp.top_logprobs[1:])
+    assert out.usage.prompt_tokens == n and out.usage.completion_tokens == 1
+
+
 def test_streamed_completion_equals_the_whole_one(client):
     prompt = TEXT_CASES[0]["prompt_text"]
     whole = client.completions.create(model=model_name(client), prompt=prompt, max_tokens=10, temperature=0)
