@@ -273,17 +273,32 @@ pub mod client {
 
     /// Streams a greedy generation of `max_tokens` from token ids to the end; the token ids.
     pub async fn stream_ids(client: &mut InferenceClient<Channel>, prompt: &[u32], max_tokens: u32) -> Result<Vec<u32>, tonic::Status> {
+        match stream_until_end(client, prompt, max_tokens).await {
+            (ids, None) => Ok(ids),
+            (_, Some(status)) => Err(status),
+        }
+    }
+
+    /// [`stream_ids`], keeping the tokens that came before an error: the token ids, and the
+    /// error if the stream did not finish.
+    pub async fn stream_until_end(client: &mut InferenceClient<Channel>, prompt: &[u32], max_tokens: u32) -> (Vec<u32>, Option<tonic::Status>) {
         let req = pb::GenerateRequest {
             request_id: String::new(),
             prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt.to_vec() })),
             sampling: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
         };
-        let mut stream = client.generate(req).await?.into_inner();
         let mut ids = Vec::new();
-        while let Some(msg) = stream.message().await? {
-            ids.extend(msg.token_ids);
+        let mut stream = match client.generate(req).await {
+            Ok(s) => s.into_inner(),
+            Err(status) => return (ids, Some(status)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(msg)) => ids.extend(msg.token_ids),
+                Ok(None) => return (ids, None),
+                Err(status) => return (ids, Some(status)),
+            }
         }
-        Ok(ids)
     }
 
     /// The addresses of the workers the coordinator at `url` reports serving.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use proto::tramontane::v1::inference_client::InferenceClient;
 use proto::tramontane::worker::v1 as wpb;
-use tests::client::{inference, serving, status, stream_ids, wait_for};
+use tests::client::{inference, serving, status, stream_ids, stream_until_end, wait_for};
 use tests::cluster::{TTL_SECS, coordinator_on, worker_on, worker_with};
 use tests::load::{all_complete, prompts, replicas, solo, streams};
 use tests::net::{Host, Net};
@@ -266,28 +266,6 @@ async fn watch_takeover(cut: Instant, new_url: String, old_url: String, mut w: w
     Times { led: led.expect("led"), moved: moved.expect("moved"), stopped: stopped.expect("stopped") }
 }
 
-/// A greedy stream's tokens until it ended, and its error if it did not finish.
-async fn stream_until_end(mut c: InferenceClient<Channel>, prompt: Vec<u32>, max_tokens: u32) -> (Vec<u32>, Option<tonic::Status>) {
-    use proto::tramontane::v1 as pb;
-    let req = pb::GenerateRequest {
-        request_id: String::new(),
-        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
-        sampling: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
-    };
-    let mut ids = Vec::new();
-    let mut stream = match c.generate(req).await {
-        Ok(s) => s.into_inner(),
-        Err(status) => return (ids, Some(status)),
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(msg)) => ids.extend(msg.token_ids),
-            Ok(None) => return (ids, None),
-            Err(status) => return (ids, Some(status)),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_leader_cut_from_etcd_stops_and_the_standby_takes_over_without_generating_twice() {
     let _one = SERIAL.lock().await;
@@ -315,7 +293,13 @@ async fn a_leader_cut_from_etcd_stops_and_the_standby_takes_over_without_generat
     let mut cut: Option<Instant> = None;
     let mut times: Option<tokio::task::JoinHandle<Times>> = None;
     loop {
-        let wave: Vec<_> = prompts().into_iter().map(|p| tokio::spawn(stream_until_end(c_old.clone(), p, MAX_TOKENS))).collect();
+        let wave: Vec<_> = prompts()
+            .into_iter()
+            .map(|p| {
+                let mut c = c_old.clone();
+                tokio::spawn(async move { stream_until_end(&mut c, &p, MAX_TOKENS).await })
+            })
+            .collect();
         waves += 1;
         if cut.is_none() {
             tokio::time::sleep(Duration::from_millis(300)).await;

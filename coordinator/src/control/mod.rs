@@ -31,7 +31,7 @@ pub use handle::{ClusterView, ControlError, ControlHandle, PlannedReplica, Worke
 use handle::{Reply, Request};
 
 pub use placing::worker_health;
-use placing::{Change, NewReplica, Outcome, Serving, Target, connect, gpu_ordinal};
+use placing::{Change, NewReplica, Outcome, Serving, Target, connect, gpu_ordinal, health_of};
 
 /// What the controller places.
 #[derive(Debug, Clone)]
@@ -569,20 +569,10 @@ impl Controller {
         self.publish();
         // Its steps may have been refused for a newer leader's epoch.
         self.read_epochs_if_lapsed();
-        let checks: Vec<_> = r
-            .plan
-            .workers
-            .iter()
-            .cloned()
-            .zip(r.addresses.iter().cloned())
-            .map(|(id, address)| tokio::spawn(async move { worker_health(&address, Duration::from_secs(1)).await.is_none().then_some(id) }))
-            .collect();
+        let workers = r.plan.workers.iter().cloned().zip(r.addresses.iter().cloned().map(Some)).collect();
         let reports = self.reports.clone();
         tokio::spawn(async move {
-            let mut silent = Vec::new();
-            for check in checks {
-                silent.extend(check.await.ok().flatten());
-            }
+            let silent = health_of(workers).await.into_iter().filter(|(_, health)| health.is_none()).map(|(id, _)| id).collect();
             let _ = reports.send(Report::Unhealthy(silent));
         });
     }
@@ -596,23 +586,7 @@ impl Controller {
         let targets: Vec<(String, Option<String>)> = self.suspects.iter().map(|id| (id.clone(), self.cards.get(id).map(|c| c.address.clone()))).collect();
         let reports = self.reports.clone();
         tokio::spawn(async move {
-            let probes: Vec<_> = targets
-                .into_iter()
-                .map(|(id, address)| {
-                    tokio::spawn(async move {
-                        let health = match address {
-                            Some(a) => worker_health(&a, Duration::from_secs(1)).await,
-                            None => None,
-                        };
-                        (id, health)
-                    })
-                })
-                .collect();
-            let mut answers = Vec::new();
-            for probe in probes {
-                answers.extend(probe.await.ok());
-            }
-            let _ = reports.send(Report::Probed(answers));
+            let _ = reports.send(Report::Probed(health_of(targets).await));
         });
     }
 

@@ -192,6 +192,28 @@ pub async fn worker_health(addr: &str, limit: Duration) -> Option<wpb::HealthRes
     tokio::time::timeout(limit, check).await.ok().flatten()
 }
 
+/// The Health answers of `workers` (id, and address where known), read all at once: None for
+/// one that gave none within a second, or has no address.
+pub(super) async fn health_of(workers: Vec<(String, Option<String>)>) -> Vec<(String, Option<wpb::HealthResponse>)> {
+    let reads: Vec<_> = workers
+        .into_iter()
+        .map(|(id, address)| {
+            tokio::spawn(async move {
+                let health = match address {
+                    Some(a) => worker_health(&a, Duration::from_secs(1)).await,
+                    None => None,
+                };
+                (id, health)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for read in reads {
+        answers.extend(read.await.ok());
+    }
+    answers
+}
+
 /// The GPU a worker card names (`cuda:N`), if any.
 pub(super) fn gpu_ordinal(device: &str) -> Option<usize> {
     match device.parse::<worker::Device>() {
