@@ -61,6 +61,13 @@ impl From<FrontendError> for ApiError {
     }
 }
 
+/// The tokenizer failing on ids the model produced or was given: the server's fault.
+impl From<worker::EngineError> for ApiError {
+    fn from(e: worker::EngineError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let msg = match &r {
@@ -304,20 +311,12 @@ fn usage(prompt: usize, completion: usize) -> Value {
 
 /// The `logprobs` object of a completion: its tokens, or with `echo` (`prompt` set: the
 /// prompt's first token, which nothing precedes, and the logprobs of the others) the prompt's
-/// tokens first, the first one's logprob and top logprobs `null`.
-fn completion_logprobs(tok: &Tokenizer, prompt: Option<(u32, &[TokenLogprobs])>, tokens: &[TokenLogprobs], as_ids: bool) -> Value {
+/// tokens first, the first one's logprob and top logprobs `null`. `offsets` holds where each
+/// token's text starts in the choice's `text` (see [`Tokenizer::text_offsets`]).
+fn completion_logprobs(tok: &Tokenizer, prompt: Option<(u32, &[TokenLogprobs])>, tokens: &[TokenLogprobs], offsets: &[usize], as_ids: bool) -> Value {
     let first = prompt.map(|(id, _)| id);
     let all: Vec<&TokenLogprobs> = prompt.map_or(&[][..], |(_, lps)| lps).iter().chain(tokens).collect();
     let names: Vec<String> = first.iter().copied().chain(all.iter().map(|t| t.token)).map(|id| token_name(tok, id, as_ids)).collect();
-    let mut offset = 0;
-    let offsets: Vec<usize> = names
-        .iter()
-        .map(|n| {
-            let at = offset;
-            offset += n.len();
-            at
-        })
-        .collect();
     let unscored = first.map(|_| Value::Null);
     json!({
         "tokens": names,
@@ -327,6 +326,20 @@ fn completion_logprobs(tok: &Tokenizer, prompt: Option<(u32, &[TokenLogprobs])>,
         })).collect::<Vec<_>>(),
         "text_offset": offsets,
     })
+}
+
+/// Where each token's text starts in a completion's `text` (characters): with `echo` the
+/// prompt's tokens first, in the prompt's text, then the completion's after it; never past
+/// the end of `text` (a stop string cuts the text, not the tokens).
+fn completion_offsets(tok: &Tokenizer, prompt: &[u32], echo: bool, completion: &[u32], text: &str) -> Result<Vec<usize>, ApiError> {
+    let (mut offsets, mut start) = (Vec::new(), 0);
+    if echo {
+        offsets = tok.text_offsets(&[], prompt)?;
+        start = tok.decode(prompt, true)?.chars().count();
+    }
+    offsets.extend(tok.text_offsets(prompt, completion)?.into_iter().map(|o| start + o));
+    let end = text.chars().count();
+    Ok(offsets.into_iter().map(|o| o.min(end)).collect())
 }
 
 type SseStream = Sse<tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>>;
@@ -372,8 +385,11 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
     let want_logprobs = req.logprobs.is_some();
     let tok_frontend = frontend.clone();
     if req.sampling.stream {
+        // Each chunk's token starts where the text streamed before it ends.
+        let streamed = std::sync::atomic::AtomicUsize::new(0);
         return Ok(stream(g, move |text, tokens, finish| {
-            let lp = want_logprobs.then(|| completion_logprobs(&tok_frontend.served.tokenizer, None, tokens, as_ids));
+            let at = streamed.fetch_add(text.chars().count(), std::sync::atomic::Ordering::Relaxed);
+            let lp = want_logprobs.then(|| completion_logprobs(&tok_frontend.served.tokenizer, None, tokens, &vec![at; tokens.len()], as_ids));
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
         })
@@ -384,7 +400,14 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
     let tok = &frontend.served.tokenizer;
     let text = if req.echo { tok.decode(&prompt_ids, true).unwrap_or_default() + &c.text } else { c.text };
     let echoed = req.echo.then(|| (prompt_ids[0], &c.prompt_logprobs[..]));
-    let lp = want_logprobs.then(|| completion_logprobs(tok, echoed, &c.tokens, as_ids));
+    let lp = match want_logprobs {
+        true => {
+            let ids: Vec<u32> = c.tokens.iter().map(|t| t.token).collect();
+            let offsets = completion_offsets(tok, &prompt_ids, req.echo, &ids, &text)?;
+            Some(completion_logprobs(tok, echoed, &c.tokens, &offsets, as_ids))
+        }
+        false => None,
+    };
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": c.finish}],

@@ -80,6 +80,26 @@ def test_echo_scores_the_prompt_as_transformers_does(client, case):
     assert out.usage.prompt_tokens == n and out.usage.completion_tokens == 1
 
 
+@pytest.mark.parametrize("case", TEXT_CASES, ids=lambda c: str(len(c["prompt_ids"])))
+def test_echo_offsets_index_the_text(client, case):
+    # text_offset[i] is where token i's text starts in `text` (characters): BOS, which
+    # the text leaves out, takes no room; a stop string may cut the text, never an offset past it.
+    out = client.completions.create(model=model_name(client), prompt=case["prompt_text"], max_tokens=6, temperature=0, logprobs=0, echo=True)
+    choice = out.choices[0]
+    text, lp = choice.text, choice.logprobs
+    assert text.startswith(case["prompt_text"])
+    assert lp.tokens[0] == "<s>" and lp.text_offset[:2] == [0, 0]
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(text)
+    for token, at in zip(lp.tokens[1:], lp.text_offset[1:]):
+        if "\ufffd" not in token:  # a byte of a character: its text is the whole character's
+            assert text[at:].lstrip().startswith(token.lstrip()), (token, at, text)
+    stream = client.completions.create(model=model_name(client), prompt=case["prompt_text"], max_tokens=6, temperature=0, logprobs=0, stream=True)
+    streamed = [(c.choices[0].text, c.choices[0].logprobs) for c in stream]
+    completion = "".join(t for t, _ in streamed)
+    assert [o for _, lp in streamed if lp for o in lp.text_offset] == [at - len(case["prompt_text"]) for at in lp.text_offset[-6:]]
+    assert text == case["prompt_text"] + completion
+
+
 def test_streamed_completion_equals_the_whole_one(client):
     prompt = TEXT_CASES[0]["prompt_text"]
     whole = client.completions.create(model=model_name(client), prompt=prompt, max_tokens=10, temperature=0)

@@ -30,6 +30,28 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| EngineError::InvalidRequest(e.to_string()))
     }
 
+    /// Whether `id` is a special token (BOS, EOS, control tokens): text it decodes to is
+    /// left out of decoded text.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner.id_to_token(id).is_some_and(|t| self.inner.get_added_vocabulary().is_special_token(&t))
+    }
+
+    /// Where the text of each of `ids` starts, in characters (as clients index strings),
+    /// in the text they decode to after `context` without special tokens: a special token,
+    /// or a byte that waits for the rest of its character, starts where the next text will.
+    pub fn text_offsets(&self, context: &[u32], ids: &[u32]) -> Result<Vec<usize>> {
+        let mut decoder = IncrementalDecoder::new(context);
+        let mut chars = 0;
+        let mut offsets = Vec::with_capacity(ids.len());
+        for &id in ids {
+            offsets.push(chars);
+            if !self.is_special(id) {
+                chars += decoder.push(self, id)?.chars().count();
+            }
+        }
+        Ok(offsets)
+    }
+
     /// The token's text as it would appear in context, for logprob reports.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
