@@ -32,7 +32,11 @@ pub enum HostBytes<'a> {
 /// kernel's default pages. Not transparent huge pages: a fresh huge page is zeroed whole
 /// at its first touch, and on virtual machines that first touch costs the most; measured
 /// on one, 3.2 GB took 0.7–10.9 s to touch in huge pages and 2.0–2.6 s in small ones, and
-/// a Mistral-7B-shaped dummy load 20–35 s against 11–18 s, with the same decode speed.
+/// a Mistral-7B-shaped dummy load 20–35 s against 11–18 s, with the same decode speed. On
+/// another, whose balloon hands freed memory back to the host, the same load took
+/// 17.7–18.5 s in huge pages and 15.2–16.6 s in small ones on memory the host had taken
+/// back (1.4 s against 4.9–5.8 s on memory freed just before): there a load runs at the
+/// rate the host gives fresh memory (touching 14 GB, one byte a page, took 16.0–16.3 s).
 pub struct Buffer(MmapMut);
 
 impl Buffer {
