@@ -11,8 +11,8 @@ use worker::{TokenLogprobs, Tokenizer};
 
 use crate::control::{ControlError, ControlHandle};
 use crate::frontend::{Chunk, Frontend, FrontendError};
-use crate::scheduler::Finish;
 use crate::validate::{PromptInput, RawRequest};
+use worker::scheduler::Finish;
 
 impl From<FrontendError> for Status {
     fn from(e: FrontendError) -> Self {

@@ -17,8 +17,8 @@ use crate::chat::{ChatTemplate, Message};
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::planner::ReplicaPlan;
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
-use crate::scheduler::{Finish, SeqRequest};
 use crate::validate::{self, ModelLimits, RawRequest};
+use worker::scheduler::{Finish, SeqRequest};
 
 /// The model a coordinator serves.
 pub struct Served {

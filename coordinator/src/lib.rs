@@ -1,5 +1,5 @@
 //! The Tramontane coordinator library: the client APIs (gRPC, OpenAI HTTP), validation,
-//! per-replica scheduling.
+//! per-replica drivers over the scheduler (`worker::scheduler`).
 
 pub mod api;
 pub mod chat;
@@ -9,6 +9,5 @@ pub mod metrics;
 pub mod openai;
 pub mod planner;
 pub mod replica;
-pub mod scheduler;
 pub mod server;
 pub mod validate;

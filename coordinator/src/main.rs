@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use coordinator::server::{ServeConfig, Timeouts, prepare, serve};
+use worker::SchedulerConfig;
 
 /// Command-line configuration of the coordinator.
 #[derive(Debug, Parser)]
@@ -58,13 +59,13 @@ struct Args {
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// Most sequences in one batch step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = SchedulerConfig::MAX_NUM_SEQS)]
     max_num_seqs: usize,
     /// Most new tokens in one batch step (longer prompts are prefilled in chunks).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = SchedulerConfig::MAX_BATCH_TOKENS)]
     max_batch_tokens: usize,
     /// Most requests waiting per replica; beyond it requests get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = SchedulerConfig::MAX_QUEUE)]
     max_queue: usize,
     /// Seconds a request may take when it sets no deadline (gRPC `grpc-timeout`).
     #[arg(long, env = "TRAMONTANE_REQUEST_TIMEOUT", default_value_t = 600)]

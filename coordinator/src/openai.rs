@@ -18,8 +18,8 @@ use worker::{TokenLogprobs, Tokenizer};
 
 use crate::chat::Message;
 use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
-use crate::scheduler::Finish;
 use crate::validate::{PromptInput, RawRequest};
+use worker::scheduler::Finish;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 2 << 20;

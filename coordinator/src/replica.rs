@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 use worker::TokenLogprobs;
 
 use crate::metrics::Metrics;
-use crate::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest};
+use worker::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest};
 
 /// What a request hears from its replica.
 #[derive(Debug, Clone)]

@@ -18,8 +18,8 @@ use crate::control::{self, ControlConfig, ControlHandle};
 use crate::frontend::{Frontend, Pool, Served};
 use crate::metrics::Metrics;
 use crate::planner::Sizing;
-use crate::scheduler::SchedulerConfig;
 use crate::validate::ModelLimits;
+use worker::scheduler::SchedulerConfig;
 
 /// Everything a coordinator needs to serve.
 #[derive(Debug, Clone)]

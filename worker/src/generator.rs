@@ -1,87 +1,53 @@
-//! A local driver over one [`Engine`]: requests join at step boundaries, finished ones leave
-//! (continuous batching), each new request is admitted only when the KV cache can hold its
-//! prompt and all of its `max_tokens`, so nothing is ever preempted. Used by `worker
-//! generate`, the benchmark and the tests; the coordinator schedules clusters itself.
+//! A local driver over one [`Engine`]: the cluster's [`Scheduler`] plans each step, the engine
+//! runs it, and the results go back to the scheduler, exactly as a replica drives its
+//! workers (continuous batching, chunked prefill, preemption by recomputation). Used by
+//! `worker generate`, the benchmarks and the tests.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 
 use crate::backend::Backend;
 use crate::engine::{Engine, SeqStep};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::BlockAllocator;
-use crate::sampling::{SamplingParams, TokenLogprobs};
-
-/// A generation request.
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub id: u64,
-    pub prompt: Vec<u32>,
-    pub params: SamplingParams,
-}
-
-/// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// `max_tokens` or the model's context was reached.
-    Length,
-    /// A stop token was sampled.
-    Stop,
-}
+use crate::sampling::TokenLogprobs;
+use crate::scheduler::{Event, Finish, Scheduler, SchedulerConfig, SeqRequest};
 
 /// A finished request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Completion {
     pub id: u64,
     pub tokens: Vec<u32>,
-    /// One per generated token.
+    /// One per generated token, when logprobs or prompt logprobs were asked for.
     pub logprobs: Vec<TokenLogprobs>,
     /// One per prompt token after the first, when asked for.
     pub prompt_logprobs: Vec<TokenLogprobs>,
-    pub finish_reason: FinishReason,
-}
-
-/// A token produced by a step, for streaming.
-#[derive(Debug, Clone)]
-pub struct TokenEvent {
-    pub id: u64,
-    pub token: TokenLogprobs,
-    pub finished: Option<FinishReason>,
-}
-
-struct Running {
-    request: Request,
-    blocks: Vec<u32>,
-    /// Tokens in the KV cache.
-    cached: usize,
-    generated: Vec<u32>,
-    logprobs: Vec<TokenLogprobs>,
-    prompt_logprobs: Vec<TokenLogprobs>,
+    pub finish: Option<Finish>,
 }
 
 pub struct Generator<B: Backend> {
     pub engine: Engine<B>,
-    allocator: BlockAllocator,
-    waiting: VecDeque<Request>,
-    running: Vec<Running>,
+    scheduler: Scheduler,
+    /// Requests not finished yet, as far as they have come.
+    running: HashMap<u64, Completion>,
     finished: Vec<Completion>,
-    max_num_seqs: usize,
 }
 
 impl<B: Backend> Generator<B> {
+    /// A driver that runs at most `max_num_seqs` sequences a step, with the cluster's other
+    /// limits (every request is queued: a local caller has no one to refuse).
     pub fn new(engine: Engine<B>, max_num_seqs: usize) -> Self {
         let c = engine.cache_config();
-        Generator {
-            engine,
-            allocator: BlockAllocator::new(c.num_blocks, c.block_size),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            finished: Vec::new(),
+        let scheduler = Scheduler::new(SchedulerConfig {
+            num_blocks: c.num_blocks,
+            block_size: c.block_size,
             max_num_seqs: max_num_seqs.max(1),
-        }
+            max_batch_tokens: SchedulerConfig::MAX_BATCH_TOKENS,
+            max_queue: usize::MAX,
+        });
+        Generator { engine, scheduler, running: HashMap::new(), finished: Vec::new() }
     }
 
     /// Checks and queues a request.
-    pub fn add(&mut self, request: Request) -> Result<()> {
+    pub fn add(&mut self, request: SeqRequest) -> Result<()> {
         let config = self.engine.config();
         let max_context = config.max_position_embeddings;
         request.params.validate(config.vocab_size).map_err(EngineError::InvalidRequest)?;
@@ -99,23 +65,21 @@ impl<B: Backend> Generator<B> {
                 request.params.max_tokens
             )));
         }
-        let blocks = self.allocator.blocks_for(total);
-        if blocks > self.allocator.num_blocks() {
-            return Err(EngineError::InvalidRequest(format!(
-                "prompt + max_tokens ({total} tokens) must fit in the KV cache ({} tokens)",
-                self.allocator.num_blocks() * self.allocator.block_size()
-            )));
+        if self.running.contains_key(&request.id) {
+            return Err(EngineError::InvalidRequest(format!("request {} is already running", request.id)));
         }
-        self.waiting.push_back(request);
+        let id = request.id;
+        self.scheduler.add(request).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        self.running.insert(id, Completion { id, ..Completion::default() });
         Ok(())
     }
 
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        self.scheduler.has_work()
     }
 
     pub fn num_running(&self) -> usize {
-        self.running.len()
+        self.scheduler.num_running()
     }
 
     /// Takes the requests finished so far.
@@ -123,67 +87,43 @@ impl<B: Backend> Generator<B> {
         std::mem::take(&mut self.finished)
     }
 
-    /// Admits what fits, runs one step over all running sequences, returns the new tokens.
-    pub fn step(&mut self) -> Result<Vec<TokenEvent>> {
-        while self.running.len() < self.max_num_seqs {
-            let Some(front) = self.waiting.front() else { break };
-            let mut blocks = Vec::new();
-            if self.allocator.reserve(&mut blocks, front.prompt.len() + front.params.max_tokens).is_err() {
-                break;
-            }
-            let request = self.waiting.pop_front().expect("front exists");
-            self.running.push(Running { request, blocks, cached: 0, generated: Vec::new(), logprobs: Vec::new(), prompt_logprobs: Vec::new() });
-        }
-        if self.running.is_empty() {
-            return Ok(Vec::new());
-        }
-        let steps: Vec<SeqStep<'_>> = self
-            .running
+    /// Runs the step the scheduler plans; returns what happened to each request.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let Some(plan) = self.scheduler.schedule() else { return Ok(Vec::new()) };
+        let steps: Vec<SeqStep<'_>> = plan
             .iter()
-            .map(|r| {
-                let prefill = r.cached == 0;
-                SeqStep {
-                    tokens: if prefill { &r.request.prompt } else { std::slice::from_ref(r.generated.last().expect("decoding")) },
-                    start_pos: r.cached,
-                    block_table: &r.blocks,
-                    sample: Some(&r.request.params),
-                    prompt_logprobs: if prefill { r.request.params.prompt_logprobs } else { None },
-                }
+            .map(|p| SeqStep {
+                tokens: &p.tokens,
+                start_pos: p.start_pos,
+                block_table: &p.block_table,
+                sample: p.sample.as_ref(),
+                prompt_logprobs: p.prompt_logprobs,
             })
             .collect();
         let outputs = self.engine.step(&steps)?;
-        let mut events = Vec::with_capacity(outputs.len());
-        for (r, out) in self.running.iter_mut().zip(outputs) {
-            r.cached += if r.cached == 0 { r.request.prompt.len() } else { 1 };
-            r.prompt_logprobs.extend(out.prompt_logprobs);
-            let sampled = out.sampled.ok_or_else(|| EngineError::Backend("no sampled token".into()))?;
-            r.generated.push(sampled.token);
-            let finished = if r.request.params.stop_token_ids.contains(&sampled.token) {
-                Some(FinishReason::Stop)
-            } else if r.generated.len() >= r.request.params.max_tokens {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if r.request.params.logprobs.is_some() || r.request.params.prompt_logprobs.is_some() {
-                r.logprobs.push(sampled.clone());
-            }
-            events.push(TokenEvent { id: r.request.id, token: sampled, finished });
-        }
-        let mut i = 0;
-        while i < self.running.len() {
-            if let Some(reason) = events.iter().find(|e| e.id == self.running[i].request.id).and_then(|e| e.finished) {
-                let mut r = self.running.remove(i);
-                self.allocator.release(&mut r.blocks);
-                self.finished.push(Completion {
-                    id: r.request.id,
-                    tokens: r.generated,
-                    logprobs: r.logprobs,
-                    prompt_logprobs: r.prompt_logprobs,
-                    finish_reason: reason,
-                });
-            } else {
-                i += 1;
+        let results = plan.iter().zip(outputs).map(|(p, out)| (out.sampled.filter(|_| p.sample.is_some()), out.prompt_logprobs)).collect();
+        let events = self.scheduler.complete(&plan, results);
+        for event in &events {
+            match event {
+                Event::PromptLogprobs { id, logprobs } => {
+                    if let Some(c) = self.running.get_mut(id) {
+                        c.prompt_logprobs.extend(logprobs.iter().cloned());
+                    }
+                }
+                Event::Token { id, token, finished } => {
+                    let wants_logprobs =
+                        plan.iter().find(|p| p.id == *id).and_then(|p| p.sample.as_ref()).is_some_and(|s| s.logprobs.is_some() || s.prompt_logprobs.is_some());
+                    let Some(c) = self.running.get_mut(id) else { continue };
+                    c.tokens.push(token.token);
+                    if wants_logprobs {
+                        c.logprobs.push(token.clone());
+                    }
+                    if finished.is_some() {
+                        let mut done = self.running.remove(id).expect("running");
+                        done.finish = *finished;
+                        self.finished.push(done);
+                    }
+                }
             }
         }
         Ok(events)

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use worker::{
-    Backend, CacheConfig, Cpu, Device, Engine, EngineOptions, Generator, IncrementalDecoder, LoadFormat, Quantization, Request, SamplingParams, Tokenizer,
-    WeightDType,
+    Backend, CacheConfig, Cpu, Device, Engine, EngineOptions, Event, Generator, IncrementalDecoder, LoadFormat, Quantization, SamplingParams, SeqRequest,
+    Tokenizer, WeightDType,
 };
 
 #[derive(Debug, Parser)]
@@ -260,15 +260,16 @@ fn generate<B: Backend>(backend: B, args: GenerateArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     let mut generator = Generator::new(engine, 1);
-    generator.add(Request { id: 0, prompt: prompt.clone(), params })?;
+    generator.add(SeqRequest { id: 0, prompt: prompt.clone(), params })?;
     let mut decoder = IncrementalDecoder::new(&prompt);
     let mut out = std::io::stdout().lock();
     let started = std::time::Instant::now();
     let mut count = 0;
     while generator.has_work() {
         for event in generator.step()? {
+            let Event::Token { token, .. } = event else { continue };
             count += 1;
-            write!(out, "{}", decoder.push(&tokenizer, event.token.token)?)?;
+            write!(out, "{}", decoder.push(&tokenizer, token.token)?)?;
             out.flush()?;
         }
     }

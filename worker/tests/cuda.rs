@@ -14,7 +14,7 @@ use worker::backend::{AttentionMeta, Cuda, Heads, KvShape, RowsUpdate, SeqAttent
 use worker::comm::{Comm, NcclComm, nccl_unique_id};
 use worker::sampling::{RowChoice, splitmix64};
 use worker::weights::HostTensor;
-use worker::{Backend, Cpu, DType, Engine, EngineOptions, Generator, Request, SamplingParams};
+use worker::{Backend, Cpu, DType, Engine, EngineOptions, Generator, SamplingParams, SeqRequest};
 
 fn gpu() -> Cuda {
     static GPU: OnceLock<Cuda> = OnceLock::new();
@@ -295,7 +295,7 @@ fn the_reference_fixtures_run_on_the_gpu() {
             // All prompts in one batch: mixed lengths share every step.
             for (i, case) in reference.cases.iter().enumerate() {
                 let params = SamplingParams { max_tokens: case.greedy_ids.len(), logprobs: Some(1), prompt_logprobs: Some(1), ..SamplingParams::default() };
-                g.add(Request { id: i as u64, prompt: case.prompt_ids.clone(), params }).unwrap();
+                g.add(SeqRequest { id: i as u64, prompt: case.prompt_ids.clone(), params }).unwrap();
             }
             let mut done = g.run_to_completion().expect("runs");
             done.sort_by_key(|d| d.id);

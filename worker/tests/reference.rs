@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use worker::{Completion, Cpu, DType, Engine, EngineOptions, Generator, Request, SamplingParams, TokenLogprobs, WeightDType};
+use worker::{Completion, Cpu, DType, Engine, EngineOptions, Generator, SamplingParams, SeqRequest, TokenLogprobs, WeightDType};
 
 /// Every fixture: bf16, f16 and f32 checkpoints, and two FP8 ones (weights kept FP8, the
 /// reference computed from their dequantized values).
@@ -44,9 +44,9 @@ fn generator(name: &str, dtype: WeightDType) -> Generator<Cpu> {
     Generator::new(engine, 16)
 }
 
-fn request(id: u64, case: &Case) -> Request {
+fn request(id: u64, case: &Case) -> SeqRequest {
     let params = SamplingParams { max_tokens: case.greedy_ids.len(), logprobs: Some(8), prompt_logprobs: Some(8), ..SamplingParams::default() };
-    Request { id, prompt: case.prompt_ids.clone(), params }
+    SeqRequest { id, prompt: case.prompt_ids.clone(), params }
 }
 
 /// Every reference alternative must be among ours with a logprob within `tol`.

@@ -21,7 +21,7 @@ use crate::frontend::{LiveReplica, Pool};
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
 use crate::replica::ReplicaDown;
-use crate::scheduler::SchedulerConfig;
+use worker::scheduler::SchedulerConfig;
 
 mod handle;
 mod lapse;

@@ -15,7 +15,7 @@ use crate::frontend::LiveReplica;
 use crate::metrics::Metrics;
 use crate::planner::{Plan, ReplicaPlan};
 use crate::replica::{ReplicaDown, ReplicaHandle};
-use crate::scheduler::SchedulerConfig;
+use worker::scheduler::SchedulerConfig;
 
 pub(super) type WorkerClient = wpb::worker_client::WorkerClient<tonic::transport::Channel>;
 

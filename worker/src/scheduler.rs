@@ -1,6 +1,8 @@
-//! Continuous batching for one replica, as a plain state machine (no I/O): requests wait in
-//! a bounded queue, join the batch at step boundaries when the replica's KV cache has blocks
-//! for them, prefill in chunks under a per-step token budget, decode one token per step, and
+//! Continuous batching for one replica, as a plain state machine (no I/O), the one policy
+//! every path runs: the coordinator's replicas and, over a local engine, [`crate::Generator`]
+//! (`worker generate`, the benchmarks, the reference tests). Requests wait in a bounded
+//! queue, join the batch at step boundaries when the replica's KV cache has blocks for
+//! them, prefill in chunks under a per-step token budget, decode one token per step, and
 //! leave when finished or aborted (their blocks are freed at once). When a running sequence
 //! needs a block and none is free, the newest sequence is preempted: its blocks are freed and
 //! it is re-queued at the front with the tokens generated so far, to be recomputed. Sampling
@@ -8,8 +10,8 @@
 
 use std::collections::VecDeque;
 
-use worker::kv_cache::BlockAllocator;
-use worker::{SamplingParams, TokenLogprobs};
+use crate::kv_cache::BlockAllocator;
+use crate::sampling::{SamplingParams, TokenLogprobs};
 
 /// Limits of one replica's scheduler.
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +24,13 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Most requests waiting; beyond it `add` refuses.
     pub max_queue: usize,
+}
+
+impl SchedulerConfig {
+    /// The cluster's defaults (the coordinator's flags of the same names).
+    pub const MAX_NUM_SEQS: usize = 64;
+    pub const MAX_BATCH_TOKENS: usize = 512;
+    pub const MAX_QUEUE: usize = 256;
 }
 
 /// Why a sequence finished.
