@@ -6,7 +6,7 @@ use std::time::Duration;
 use proto::tramontane::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
-use worker::parallel::Layout;
+use worker::layout::Layout;
 use worker::{TokenLogprobs, Tokenizer};
 
 use crate::control::{ControlError, ControlHandle};

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use worker::{IncrementalDecoder, SamplingParams, TokenLogprobs, Tokenizer};
 
 use crate::chat::{ChatTemplate, Message};
+use crate::control::Pool;
 use crate::metrics::{Gauges, Metrics, Outcome};
-use crate::planner::ReplicaPlan;
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
 use crate::validate::{self, ModelLimits, RawRequest};
 use worker::scheduler::{Finish, SeqRequest};
@@ -45,34 +45,6 @@ impl Served {
             return Err(format!("`{field}` must be < {vocab} (the vocabulary), got {t}"));
         }
         self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| e.to_string())
-    }
-}
-
-/// A replica serving now.
-#[derive(Clone)]
-pub struct LiveReplica {
-    pub handle: ReplicaHandle,
-    pub plan: ReplicaPlan,
-    /// Worker API addresses, by rank.
-    pub addresses: Vec<String>,
-}
-
-/// The replicas serving in the current placement epoch; replaced as a whole when it changes.
-#[derive(Clone, Default)]
-pub struct Pool {
-    pub epoch: u64,
-    pub replicas: Vec<LiveReplica>,
-    /// Set when the live workers cannot hold any replica: requests fail with this message
-    /// instead of waiting for capacity.
-    pub no_capacity: Option<String>,
-    /// Whether this coordinator leads the cluster (a standby serves no replica).
-    pub leading: bool,
-}
-
-impl Pool {
-    /// The least-loaded replica whose task still runs.
-    fn pick(&self) -> Option<&ReplicaHandle> {
-        self.replicas.iter().map(|r| &r.handle).filter(|h| h.is_alive()).min_by_key(|h| h.active())
     }
 }
 

@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = ServeConfig {
         model: args.model,
         workers: args.workers,
-        layout: worker::parallel::Layout { tp: args.tp, ep: args.ep, pp: args.pp, stage_layers: args.stage_layers },
+        layout: worker::layout::Layout { tp: args.tp, ep: args.ep, pp: args.pp, stage_layers: args.stage_layers },
         dtype: args.dtype,
         quantization: args.quantization,
         load_format: args.load_format,
@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
         println!("http listening on {http_addr}");
         std::io::stdout().flush()?;
         tracing::info!(grpc = %addr, http = %http_addr, "coordinator serving");
-        let shutdown = worker::serving::shutdown_on_signal();
+        let shutdown = worker::process::shutdown_on_signal();
         let timeouts = Timeouts { request: cfg.request_timeout, shutdown: std::time::Duration::from_secs(args.shutdown_timeout) };
         serve(listener, http, prepared, timeouts, shutdown).await
     })

@@ -5,8 +5,8 @@
 //! memory (a TP-2 replica that lost a rank continues as TP 1 on the survivor).
 
 use serde::{Deserialize, Serialize};
+use worker::layout::Layout;
 use worker::membership::WorkerCard;
-use worker::parallel::Layout;
 use worker::quant::rank_weight_bytes;
 use worker::{DType, LoadFormat, ModelConfig, Quantization, WeightDType};
 

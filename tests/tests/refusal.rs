@@ -15,8 +15,8 @@ use proto::tramontane::v1 as pb;
 use proto::tramontane::worker::v1 as wpb;
 use tests::client::{status, wait_for};
 use tests::{Etcd, Server, binary, fixture, free_port};
+use worker::layout::Layout;
 use worker::membership::WorkerCard;
-use worker::parallel::Layout;
 use worker::{ModelConfig, Quantization, WeightDType};
 
 /// What each worker offers.
@@ -136,7 +136,7 @@ async fn tramctl_up_refuses_it_too_and_splits_the_host_memory_among_its_workers(
     tests::wait_ready(&http, Duration::from_secs(300));
     let workers = status(cluster.url()).await.workers;
     let memory: Vec<u64> = workers.iter().map(|w| w.memory_bytes).collect();
-    let total = worker::serving::proc_kb_field("/proc/meminfo", "MemTotal");
+    let total = worker::process::proc_kb_field("/proc/meminfo", "MemTotal");
     assert!(memory.len() == 2 && memory[0] == memory[1] && memory[0] > 0, "{memory:?}");
     assert!(memory[0] * 2 + (512 << 20) <= total, "{memory:?} of {total}");
     eprintln!("tramctl up: each of 2 workers offers {:.2} GB of the host's {:.2} GB", memory[0] as f64 / 1e9, total as f64 / 1e9);

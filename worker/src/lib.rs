@@ -2,21 +2,20 @@
 //! paged KV cache, sampling and tokenization.
 
 pub mod backend;
-pub mod bench;
 pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generator;
 pub mod kv_cache;
+pub mod layout;
 pub mod membership;
 pub mod model;
-pub mod parallel;
+pub mod process;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
 pub mod service;
-pub mod serving;
 pub mod tokenizer;
 pub mod weights;
 

@@ -126,10 +126,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             options: worker::comm::TcpOptions { timeout, setup_timeout: timeout * 2 },
             advertise_host: args.advertise_host.clone(),
         };
-        let shutdown = worker::serving::shutdown_on_signal();
+        let shutdown = worker::process::shutdown_on_signal();
         let handle = match args.device {
             Device::Cpu => {
-                let memory = budget(args.memory_bytes, "host", worker::serving::host_memory);
+                let memory = budget(args.memory_bytes, "host", worker::process::host_memory);
                 worker::service::EngineHandle::spawn(Cpu, comm, worker::service::Offer { memory_bytes: memory, restarts: args.restarts })?
             }
             Device::Cuda(n) => {
@@ -235,7 +235,7 @@ fn cuda(_: usize) -> anyhow::Result<Cpu> {
 
 #[cfg(not(feature = "_cuda"))]
 fn device_memory(_: &Cpu) -> anyhow::Result<u64> {
-    Ok(worker::serving::host_memory())
+    Ok(worker::process::host_memory())
 }
 
 fn generate<B: Backend>(backend: B, args: GenerateArgs) -> anyhow::Result<()> {

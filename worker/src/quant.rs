@@ -218,8 +218,8 @@ impl Format {
 /// taken to store its decoder layers' projections in FP8 and its embedding table, lm_head and
 /// router gates dense (as they publish them). Dummy weights are dense: size them with a config
 /// whose `fp8_weights` is false.
-pub fn rank_weight_bytes(config: &crate::ModelConfig, layout: &crate::parallel::Layout, rank: usize, dtype: WeightDType, quantization: Quantization) -> u64 {
-    use crate::parallel::even_part;
+pub fn rank_weight_bytes(config: &crate::ModelConfig, layout: &crate::layout::Layout, rank: usize, dtype: WeightDType, quantization: Quantization) -> u64 {
+    use crate::layout::even_part;
     let c = config;
     let at = layout.coords(rank);
     let declared = c.checkpoint_dtype.as_deref().and_then(|d| d.parse().ok()).unwrap_or(DType::F32);
@@ -326,7 +326,7 @@ mod tests {
 
         use crate::comm::SoloComm;
         use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, open_model};
-        use crate::parallel::{Layout, Parallel};
+        use crate::layout::{Layout, Parallel};
 
         let layout = |tp, ep, pp| Layout { tp, ep, pp, stage_layers: Vec::new() };
         let fixtures: [(&str, Vec<Layout>); 6] = [

@@ -14,7 +14,7 @@ use crate::backend::{Backend, Cpu, DType};
 use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
 use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqStep, open_model};
 use crate::error::EngineError;
-use crate::parallel::{Layout, Parallel};
+use crate::layout::{Layout, Parallel};
 use crate::quant::{Quantization, WeightDType};
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs};
 
@@ -174,8 +174,8 @@ impl<B: Backend> WorkerState<B> {
     /// Links this rank to the other ranks of its replica.
     fn connect(&self, req: &pb::LoadAssignmentRequest, world: usize) -> Result<Arc<dyn Comm>, ServiceError> {
         let rank = req.rank as usize;
-        match req.comm.as_str() {
-            "" | "tcp" => {
+        match pb::Communicator::try_from(req.comm) {
+            Ok(pb::Communicator::Tcp) => {
                 let listener = self
                     .comm
                     .listener
@@ -184,8 +184,8 @@ impl<B: Backend> WorkerState<B> {
                 let comm = TcpComm::connect(listener, req.epoch, rank, &req.peers, self.comm.options).map_err(EngineError::from)?;
                 Ok(Arc::new(comm))
             }
-            "nccl" => nccl(req, world),
-            other => Err(ServiceError::InvalidArgument(format!("unknown communicator {other:?} (expected tcp or nccl)"))),
+            Ok(pb::Communicator::Nccl) => nccl(req, world),
+            Err(_) => Err(ServiceError::InvalidArgument(format!("unknown communicator {} (expected TCP or NCCL)", req.comm))),
         }
     }
 
@@ -317,7 +317,7 @@ fn create_nccl_id() -> Result<Vec<u8>, ServiceError> {
 
 /// The process's peak resident set (`VmHWM`), where the OS reports it.
 pub fn peak_rss_bytes() -> u64 {
-    crate::serving::proc_kb_field("/proc/self/status", "VmHWM")
+    crate::process::proc_kb_field("/proc/self/status", "VmHWM")
 }
 
 /// What LoadAssignment answers about the loaded model.
@@ -479,7 +479,7 @@ pub async fn serve(
         });
         shutdown
     };
-    let incoming = crate::serving::nodelay_incoming(listener);
+    let incoming = crate::process::nodelay_incoming(listener);
     let server = tonic::transport::Server::builder()
         .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());

@@ -227,7 +227,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     // GPU; TRAMONTANE_MEMORY_BYTES, when set, reaches every worker as it is.)
     let share = match a.device {
         worker::Device::Cpu if std::env::var_os("TRAMONTANE_MEMORY_BYTES").is_none() => {
-            let host = worker::serving::host_memory();
+            let host = worker::process::host_memory();
             let share = host.saturating_sub(COORDINATOR_MARGIN) / a.workers as u64;
             eprintln!(
                 "tramctl: each worker offers {:.2} GB ({:.2} GB available, less {} MiB for the coordinator, over {} worker(s))",
@@ -282,7 +282,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     eprintln!("tramctl: cluster up: gRPC {grpc}, HTTP {} (Ctrl-C stops it)", lines[1].trim_start_matches("http listening on "));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let shutdown = worker::serving::shutdown_on_signal();
+        let shutdown = worker::process::shutdown_on_signal();
         let started = std::time::Instant::now();
         let (mut ready, mut next_note) = (false, std::time::Duration::from_secs(10));
         loop {

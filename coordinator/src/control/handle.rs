@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use worker::layout::Layout;
 use worker::membership::WorkerCard;
-use worker::parallel::Layout;
 
 use crate::planner::ReplicaPlan;
 

@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 use proto::tramontane::worker::v1 as wpb;
 use tokio::sync::{mpsc, watch};
 use worker::ModelConfig;
+use worker::layout::Layout;
 use worker::membership::{Leadership, MemberEvent, Membership, MembershipError, RELEASE_LIMIT, WorkerCard};
-use worker::parallel::Layout;
 
-use crate::frontend::{LiveReplica, Pool};
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
 use crate::replica::ReplicaDown;
@@ -26,12 +25,14 @@ use worker::scheduler::SchedulerConfig;
 mod handle;
 mod lapse;
 mod placing;
+mod pool;
 
 pub use handle::{ClusterView, ControlError, ControlHandle, PlannedReplica, WorkerView};
 use handle::{Reply, Request};
 
 pub use placing::worker_health;
 use placing::{Change, NewReplica, Outcome, Serving, Target, connect, gpu_ordinal, health_of};
+pub use pool::{LiveReplica, Pool};
 
 /// What the controller places.
 #[derive(Debug, Clone)]

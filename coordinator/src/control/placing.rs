@@ -11,7 +11,7 @@ use proto::tramontane::worker::v1 as wpb;
 use tokio::sync::mpsc;
 use worker::membership::{Membership, MembershipError};
 
-use crate::frontend::LiveReplica;
+use super::LiveReplica;
 use crate::metrics::Metrics;
 use crate::planner::{Plan, ReplicaPlan};
 use crate::replica::{ReplicaDown, ReplicaHandle};
@@ -147,7 +147,7 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
         let fail = |s: tonic::Status| (vec![first.clone()], format!("worker {first}: making the NCCL id: {}", s.message()));
         let nccl_id = clients[0].clone().create_nccl_id(wpb::CreateNcclIdRequest {}).await.map_err(fail)?.into_inner().nccl_id;
         for (a, w) in assignments.iter_mut().zip(&workers) {
-            a.comm = "nccl".into();
+            a.comm = wpb::Communicator::Nccl.into();
             a.nccl_id = nccl_id.clone();
             a.device = w.gpu.unwrap_or(0) as u32;
         }

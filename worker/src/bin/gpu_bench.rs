@@ -2,6 +2,8 @@
 //! Prints decode tokens/s per batch size next to the HBM roofline (the device-to-device copy
 //! bandwidth measured in the same run) and, with `--peers`, transformers on the same GPU.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -11,7 +13,7 @@ use rayon::prelude::*;
 use worker::Backend;
 use worker::backend::Cuda;
 use worker::backend::cuda::Product;
-use worker::parallel::Parallel;
+use worker::layout::Parallel;
 use worker::weights::HostTensor;
 use worker::weights::WeightSource;
 use worker::{CacheConfig, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig};
@@ -74,13 +76,13 @@ fn main() -> anyhow::Result<()> {
     let mut generator = Generator::new(engine, max_batch);
     let mut rows = Vec::new();
     for &batch in &args.batches {
-        let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
+        let tps = bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
         let bytes = config.decode_weight_bytes(batch, args.dtype.size_in_bytes() as f64);
         let roofline = bandwidth / bytes as f64 * batch as f64;
         eprintln!("batch {batch}: {tps:.1} tok/s");
         rows.push((batch, tps, bytes, roofline));
     }
-    let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 2)).transpose()?;
+    let prefill = (args.prefill_len > 0).then(|| bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 2)).transpose()?;
     // The peer runs in another process: give it the memory the engine held.
     drop(generator);
     backend.release_free_memory()?;
@@ -100,14 +102,14 @@ fn main() -> anyhow::Result<()> {
     println!("| batch | tramontane tok/s | ms/step | weights read per step | roofline tok/s | % of roofline | transformers tok/s | vs transformers |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (batch, tps, bytes, roofline) in rows {
-        let hf = worker::bench::peer_tok_s(&peers, "transformers", batch);
+        let hf = bench::peer_tok_s(&peers, "transformers", batch);
         println!(
             "| {batch} | {tps:.1} | {:.2} | {:.2} GB | {roofline:.1} | {:.0} % | {} | {} |",
             1e3 * batch as f64 / tps,
             bytes as f64 / 1e9,
             100.0 * tps / roofline,
-            worker::bench::tok_s_cell(hf),
-            worker::bench::ratio_cell(tps, hf),
+            bench::tok_s_cell(hf),
+            bench::ratio_cell(tps, hf),
         );
     }
     println!();
@@ -192,10 +194,10 @@ fn run_peers(args: &Args, c: &ModelConfig) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/gpu_peer.py");
     let script = if script.exists() { script } else { PathBuf::from("worker/benches/gpu_peer.py") };
     eprintln!("running transformers ({})...", script.display());
-    worker::bench::peer_json(
+    bench::peer_json(
         Command::new(&args.python)
             .arg(&script)
-            .args(worker::bench::peer_shape_args(c, &args.batches, args.steps))
+            .args(bench::peer_shape_args(c, &args.batches, args.steps))
             .args(["--head-dim", &c.head_dim.to_string(), "--prompt-len", &args.prompt_len.to_string()])
             .args(["--dtype", &args.dtype.to_string()]),
     )

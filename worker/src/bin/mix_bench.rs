@@ -6,14 +6,16 @@
 //! and llama.cpp at the matching precision (f32, f16 for bf16, Q8_0 for 8-bit) on the same
 //! shapes; then each precision's load time, resident memory and prefill speed.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+use bench::{peer_tok_s, ratio_cell, tok_s_cell};
 use clap::Parser;
 use rayon::prelude::*;
-use worker::bench::{peer_tok_s, ratio_cell, tok_s_cell};
-use worker::parallel::Parallel;
+use worker::layout::Parallel;
 use worker::weights::WeightSource;
 use worker::{Backend, CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Quantization, WeightDType};
 
@@ -150,12 +152,12 @@ fn main() -> anyhow::Result<()> {
             let mut generator = Generator::new(engine, max_batch);
             let mut ours = Vec::new();
             for &batch in &args.batches {
-                let tps = worker::bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
+                let tps = bench::decode_tokens_per_s(&mut generator, batch, args.prompt_len, args.steps)?;
                 eprintln!("round {round}, {}, batch {batch}: {tps:.1} tok/s", p.label);
                 ours.push(tps);
             }
             if round == 1 {
-                let prefill = (args.prefill_len > 0).then(|| worker::bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 1)).transpose()?;
+                let prefill = (args.prefill_len > 0).then(|| bench::prefill_tokens_per_s(&mut generator, args.prefill_len, 1)).transpose()?;
                 loaded.push(Loaded { load_secs, rss, weight_bytes, prefill, touch_rate });
             }
             drop(generator);
@@ -258,7 +260,7 @@ fn main() -> anyhow::Result<()> {
 
 /// A `/proc/self/status` figure in bytes (`VmRSS`, `VmHWM`), or 0 where unknown.
 fn resident_bytes(field: &str) -> u64 {
-    worker::serving::proc_kb_field("/proc/self/status", field)
+    worker::process::proc_kb_field("/proc/self/status", field)
 }
 
 /// Bytes per second at which this machine hands out fresh memory: a mapping of the
@@ -454,10 +456,10 @@ unsafe fn sum_avx2(xs: &[f32]) -> f32 {
 fn run_peers(args: &Args, c: &ModelConfig, threads: usize, precision: &str) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers.py");
     eprintln!("running peers ({})...", script.display());
-    worker::bench::peer_json(
+    bench::peer_json(
         Command::new(&args.python)
             .arg(&script)
-            .args(worker::bench::peer_shape_args(c, &args.batches, args.steps))
+            .args(bench::peer_shape_args(c, &args.batches, args.steps))
             .args(["--experts", &c.num_local_experts.to_string(), "--top-k", &c.num_experts_per_tok.to_string()])
             .args(["--threads", &threads.to_string(), "--precision", precision])
             .args(["--prefill-len", &args.prefill_len.to_string()])

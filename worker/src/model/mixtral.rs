@@ -15,7 +15,7 @@ use super::{ColumnParallelLinear, Linear, Loader, RowParallelLinear};
 use crate::backend::{Backend, RowsUpdate};
 use crate::comm::Comm;
 use crate::error::Result;
-use crate::parallel::even_part;
+use crate::layout::even_part;
 
 /// One SwiGLU expert: `w2(silu(w1(x)) * w3(x))`, its hidden units split over `tp` ranks.
 #[derive(Debug, Clone)]

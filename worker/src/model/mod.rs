@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::backend::{Backend, DType};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::parallel::Parallel;
+use crate::layout::Parallel;
 use crate::quant::{self, Format, Quantization, WeightDType};
 use crate::weights::{HostMatrix, Shard, WeightSource};
 

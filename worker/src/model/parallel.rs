@@ -125,7 +125,7 @@ impl<B: Backend> ParallelLmHead<B> {
             dst[..mine].copy_from_slice(src);
         }
         let gathered = self.comm.all_gather(&padded)?;
-        let lens: Vec<usize> = (0..world).map(|rank| crate::parallel::even_part(self.vocab, rank, world).len()).collect();
+        let lens: Vec<usize> = (0..world).map(|rank| crate::layout::even_part(self.vocab, rank, world).len()).collect();
         let mut logits = Vec::with_capacity(rows * self.vocab);
         for r in 0..rows {
             for (rank, len) in lens.iter().enumerate() {

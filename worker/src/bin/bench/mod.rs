@@ -1,13 +1,14 @@
-//! Timed decode and prefill through a [`Generator`], shared by the benchmark binaries.
+//! Timed decode and prefill through a [`worker::Generator`], the peer-script runner and the
+//! table cells, shared by the benchmark binaries.
 
 use std::process::Command;
 use std::time::Instant;
 
-use crate::backend::Backend;
-use crate::error::{EngineError, Result};
-use crate::generator::Generator;
-use crate::sampling::{SamplingParams, splitmix64};
-use crate::scheduler::{Event, SeqRequest};
+use worker::backend::Backend;
+use worker::error::{EngineError, Result};
+use worker::generator::Generator;
+use worker::sampling::{SamplingParams, splitmix64};
+use worker::scheduler::{Event, SeqRequest};
 
 /// Decode tokens/s of `batch` sequences with random `prompt_len`-token prompts: prefill (in
 /// as many steps as the scheduler's token budget takes) and one warm-up step untimed, then `steps` greedy steps timed (tokens summed over the batch).
@@ -37,7 +38,7 @@ pub fn decode_tokens_per_s<B: Backend>(g: &mut Generator<B>, batch: usize, promp
 }
 
 /// The flags every peer script takes: the model's shape, the batch sizes and the timed steps.
-pub fn peer_shape_args(c: &crate::ModelConfig, batches: &[usize], steps: usize) -> Vec<String> {
+pub fn peer_shape_args(c: &worker::ModelConfig, batches: &[usize], steps: usize) -> Vec<String> {
     let batches = batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
     [
         ("--hidden", c.hidden_size.to_string()),
