@@ -174,8 +174,25 @@ struct ChatRequest {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<u32>,
+    /// Mistral's `safe_prompt`: the guardrail system prompt goes first ([`with_guardrail`]).
+    #[serde(default)]
+    safe_prompt: bool,
     #[serde(flatten)]
     sampling: Sampling,
+}
+
+/// The system prompt Mistral's API prepends for `safe_prompt: true`
+/// (https://docs.mistral.ai/usage/guardrailing).
+const GUARDRAIL: &str = "Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.";
+
+/// `messages` with the guardrail first: as the system message, or before the request's own
+/// system message's text (a blank line between them).
+fn with_guardrail(mut messages: Vec<Message>) -> Vec<Message> {
+    match messages.first_mut() {
+        Some(m) if m.role == "system" => m.content = format!("{GUARDRAIL}\n\n{}", m.content),
+        _ => messages.insert(0, Message { role: "system".into(), content: GUARDRAIL.into() }),
+    }
+    messages
 }
 
 /// Checks of the sampling fields that only HTTP has.
@@ -417,10 +434,13 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
 }
 
 async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Result<Json<ChatRequest>, JsonRejection>) -> Result<Response, ApiError> {
-    let Json(req) = body?;
+    let Json(mut req) = body?;
     check_sampling(&frontend, &req.sampling)?;
     if req.messages.is_empty() {
         return Err(bad("`messages` must not be empty"));
+    }
+    if req.safe_prompt {
+        req.messages = with_guardrail(std::mem::take(&mut req.messages));
     }
     let ids = frontend.served.chat_prompt(&req.messages).map_err(bad)?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
@@ -460,9 +480,13 @@ async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Re
 
 async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
     let s = &frontend.served;
-    Json(
-        json!({"object": "list", "data": [{"id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context}]}),
-    )
+    // OpenAI's fields, vLLM's `max_model_len`, and the card Mistral's SDK reads (`type`,
+    // `capabilities`, `max_context_length`).
+    let capabilities = json!({"completion_chat": true, "completion_fim": false, "function_calling": false, "fine_tuning": false, "vision": false});
+    Json(json!({"object": "list", "data": [{
+        "id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context,
+        "type": "base", "capabilities": capabilities, "max_context_length": s.limits.max_context,
+    }]}))
 }
 
 async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {

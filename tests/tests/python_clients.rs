@@ -58,6 +58,7 @@ fn official_python_clients_work_end_to_end() {
     run(Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(repo_root().join("tests/python/test_clients.py"))
+        .arg(repo_root().join("tests/python/test_mistral.py"))
         .env("TRAMONTANE_HTTP", format!("http://{http}/v1"))
         .env("TRAMONTANE_GRPC", &coordinator.addr)
         .env("TRAMONTANE_STUBS", &stubs)

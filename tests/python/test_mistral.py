@@ -1,0 +1,73 @@
+"""The official `mistralai` SDK against the same cluster (Mistral's dialect of the chat API),
+checked against the `openai` SDK's answers from the same server: the cluster is started by
+tests/tests/python_clients.rs (see test_clients.py for the environment it passes)."""
+
+import os
+
+import openai
+import pytest
+from mistralai.client import Mistral
+
+# The system prompt Mistral's API prepends for `safe_prompt` (docs.mistral.ai/usage/guardrailing).
+GUARDRAIL = (
+    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
+    "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
+)
+QUESTION = [{"role": "user", "content": "Where does the tramontane blow?"}]
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    base = os.environ["TRAMONTANE_HTTP"].removesuffix("/v1")
+    return Mistral(api_key="unused", server_url=base)
+
+
+@pytest.fixture(scope="module")
+def oai():
+    return openai.OpenAI(base_url=os.environ["TRAMONTANE_HTTP"], api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(oai):
+    return oai.models.list().data[0].id
+
+
+def test_the_model_list_parses_as_mistral_cards(mistral, model):
+    cards = mistral.models.list().data
+    assert [c.id for c in cards] == [model]
+    assert cards[0].type == "base" and cards[0].capabilities.completion_chat
+    assert cards[0].max_context_length > 0
+
+
+def test_chat_answers_as_the_openai_api_does(mistral, oai, model):
+    ours = mistral.chat.complete(model=model, messages=QUESTION, max_tokens=8, temperature=0)
+    theirs = oai.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0)
+    assert ours.choices[0].message.content == theirs.choices[0].message.content
+    assert ours.choices[0].finish_reason == "length" and ours.usage.completion_tokens == 8
+    # `random_seed` is Mistral's `seed`.
+    sampled = mistral.chat.complete(model=model, messages=QUESTION, max_tokens=8, temperature=1.0, random_seed=11)
+    seeded = oai.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=1.0, seed=11)
+    assert sampled.choices[0].message.content == seeded.choices[0].message.content
+
+
+def test_chat_streams_what_it_answers_whole(mistral, model):
+    whole = mistral.chat.complete(model=model, messages=QUESTION, max_tokens=8, temperature=0)
+    events = list(mistral.chat.stream(model=model, messages=QUESTION, max_tokens=8, temperature=0))
+    text = "".join(e.data.choices[0].delta.content or "" for e in events)
+    assert text == whole.choices[0].message.content
+    assert events[-1].data.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_safe_prompt_puts_the_guardrail_first(mistral, oai, model, system):
+    own = [{"role": "system", "content": system}] if system else []
+    guarded = mistral.chat.complete(model=model, messages=own + QUESTION, max_tokens=8, temperature=0, safe_prompt=True)
+    # The same as the guardrail written as the system message (before the request's own).
+    written = GUARDRAIL + ("\n\n" + system if system else "")
+    explicit = oai.chat.completions.create(
+        model=model, messages=[{"role": "system", "content": written}] + QUESTION, max_tokens=8, temperature=0
+    )
+    assert guarded.usage.prompt_tokens == explicit.usage.prompt_tokens
+    assert guarded.choices[0].message.content == explicit.choices[0].message.content
+    plain = mistral.chat.complete(model=model, messages=own + QUESTION, max_tokens=8, temperature=0)
+    assert plain.usage.prompt_tokens < guarded.usage.prompt_tokens
