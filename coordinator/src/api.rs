@@ -3,16 +3,16 @@
 
 use std::time::Duration;
 
+use cluster::layout::Layout;
+use cluster::{TokenLogprobs, Tokenizer};
 use proto::tramontane::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
-use worker::layout::Layout;
-use worker::{TokenLogprobs, Tokenizer};
 
 use crate::control::{ControlError, ControlHandle};
 use crate::frontend::{Chunk, Frontend, FrontendError};
 use crate::validate::{PromptInput, RawRequest};
-use worker::scheduler::Finish;
+use cluster::scheduler::Finish;
 
 impl From<FrontendError> for Status {
     fn from(e: FrontendError) -> Self {

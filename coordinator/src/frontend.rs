@@ -9,16 +9,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use cluster::{IncrementalDecoder, SamplingParams, TokenLogprobs, Tokenizer};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use worker::{IncrementalDecoder, SamplingParams, TokenLogprobs, Tokenizer};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::control::Pool;
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
 use crate::validate::{self, ModelLimits, RawRequest};
-use worker::scheduler::{Finish, SeqRequest};
+use cluster::scheduler::{Finish, SeqRequest};
 
 /// The model a coordinator serves.
 pub struct Served {

@@ -1,5 +1,5 @@
 //! The Tramontane coordinator library: the client APIs (gRPC, OpenAI HTTP), validation,
-//! per-replica drivers over the scheduler (`worker::scheduler`).
+//! per-replica drivers over the scheduler (`cluster::scheduler`).
 
 pub mod api;
 pub mod chat;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use cluster::SchedulerConfig;
 use coordinator::server::{ServeConfig, Timeouts, prepare, serve};
-use worker::SchedulerConfig;
 
 /// Command-line configuration of the coordinator.
 #[derive(Debug, Parser)]
@@ -28,7 +28,7 @@ struct Args {
     /// Membership, leadership and the plan on etcd: workers join with `worker serve --etcd`,
     /// and a second coordinator of the cluster is a standby.
     #[command(flatten)]
-    membership: worker::membership::EtcdArgs,
+    membership: cluster::membership::EtcdArgs,
     /// This coordinator's id (default: host name and gRPC port).
     #[arg(long, env = "TRAMONTANE_COORDINATOR_ID")]
     id: Option<String>,
@@ -47,12 +47,12 @@ struct Args {
     /// The dtype workers keep dense weights in: auto (as the checkpoint stores them), f32,
     /// f16 or bf16.
     #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "auto")]
-    dtype: worker::WeightDType,
+    dtype: cluster::WeightDType,
     /// 8-bit weights: auto (FP8 checkpoints stay FP8), none, int8 or fp8 (quantized at load).
     #[arg(long, env = "TRAMONTANE_QUANTIZATION", default_value = "auto")]
-    quantization: worker::Quantization,
+    quantization: cluster::Quantization,
     #[arg(long, default_value = "safetensors")]
-    load_format: worker::LoadFormat,
+    load_format: cluster::LoadFormat,
     /// KV cache blocks per worker.
     #[arg(long, env = "TRAMONTANE_KV_BLOCKS", default_value_t = 1024)]
     kv_blocks: usize,
@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = ServeConfig {
         model: args.model,
         workers: args.workers,
-        layout: worker::layout::Layout { tp: args.tp, ep: args.ep, pp: args.pp, stage_layers: args.stage_layers },
+        layout: cluster::layout::Layout { tp: args.tp, ep: args.ep, pp: args.pp, stage_layers: args.stage_layers },
         dtype: args.dtype,
         quantization: args.quantization,
         load_format: args.load_format,
@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
         println!("http listening on {http_addr}");
         std::io::stdout().flush()?;
         tracing::info!(grpc = %addr, http = %http_addr, "coordinator serving");
-        let shutdown = worker::process::shutdown_on_signal();
+        let shutdown = cluster::process::shutdown_on_signal();
         let timeouts = Timeouts { request: cfg.request_timeout, shutdown: std::time::Duration::from_secs(args.shutdown_timeout) };
         serve(listener, http, prepared, timeouts, shutdown).await
     })

@@ -12,14 +12,14 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use cluster::{TokenLogprobs, Tokenizer};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use worker::{TokenLogprobs, Tokenizer};
 
 use crate::chat::Message;
 use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
 use crate::validate::{PromptInput, RawRequest};
-use worker::scheduler::Finish;
+use cluster::scheduler::Finish;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
@@ -62,8 +62,8 @@ impl From<FrontendError> for ApiError {
 }
 
 /// The tokenizer failing on ids the model produced or was given: the server's fault.
-impl From<worker::EngineError> for ApiError {
-    fn from(e: worker::EngineError) -> Self {
+impl From<cluster::Error> for ApiError {
+    fn from(e: cluster::Error) -> Self {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
     }
 }

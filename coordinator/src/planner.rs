@@ -4,11 +4,11 @@
 //! the wanted layout, and workers too few for it form smaller replicas that fit their
 //! memory (a TP-2 replica that lost a rank continues as TP 1 on the survivor).
 
+use cluster::layout::Layout;
+use cluster::membership::WorkerCard;
+use cluster::precision::rank_weight_bytes;
+use cluster::{DType, LoadFormat, ModelConfig, Quantization, WeightDType};
 use serde::{Deserialize, Serialize};
-use worker::layout::Layout;
-use worker::membership::WorkerCard;
-use worker::quant::rank_weight_bytes;
-use worker::{DType, LoadFormat, ModelConfig, Quantization, WeightDType};
 
 /// One replica: its layout and the worker ids of its ranks, by rank.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,7 +45,7 @@ impl Sizing {
 }
 
 /// Bytes rank `rank` of `layout` holds: its weights in the formats the workers keep
-/// ([`worker::quant::rank_weight_bytes`]) and its KV cache (f32 keys and values of its KV
+/// ([`cluster::precision::rank_weight_bytes`]) and its KV cache (f32 keys and values of its KV
 /// heads, for its stage's layers).
 pub fn rank_need(c: &ModelConfig, layout: &Layout, rank: usize, s: &Sizing) -> (u64, u64) {
     let weights = if s.dummy() && c.fp8_weights {
@@ -344,7 +344,7 @@ mod tests {
 
     /// Mistral-7B's shape as a bf16 checkpoint.
     fn mistral_7b() -> ModelConfig {
-        let c = ModelConfig::parse(worker::config::MISTRAL_7B, "7b".as_ref()).expect("config");
+        let c = ModelConfig::parse(cluster::config::MISTRAL_7B, "7b".as_ref()).expect("config");
         ModelConfig { checkpoint_dtype: Some("bfloat16".into()), ..c }
     }
 

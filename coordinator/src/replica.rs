@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use cluster::TokenLogprobs;
 use proto::tramontane::worker::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
-use worker::TokenLogprobs;
 
 use crate::metrics::Metrics;
-use worker::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest};
+use cluster::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest};
 
 /// What a request hears from its replica.
 #[derive(Debug, Clone)]

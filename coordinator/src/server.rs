@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cluster::layout::Layout;
+use cluster::membership::{EtcdMembership, Membership, MemoryMembership, WorkerCard};
+use cluster::{LoadFormat, ModelConfig, Quantization, Tokenizer, WeightDType};
 use proto::tramontane::v1::inference_server::InferenceServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use worker::layout::Layout;
-use worker::membership::{EtcdMembership, Membership, MemoryMembership, WorkerCard};
-use worker::{LoadFormat, ModelConfig, Quantization, Tokenizer, WeightDType};
 
 use crate::api::{AdminService, InferenceService};
 use crate::chat::ChatTemplate;
@@ -20,7 +20,7 @@ use crate::frontend::{Frontend, Served};
 use crate::metrics::Metrics;
 use crate::planner::Sizing;
 use crate::validate::ModelLimits;
-use worker::scheduler::SchedulerConfig;
+use cluster::scheduler::SchedulerConfig;
 
 /// Everything a coordinator needs to serve.
 #[derive(Debug, Clone)]
@@ -214,7 +214,7 @@ pub async fn serve(
     let Prepared { frontend, control, mut fatal } = prepared;
     // The servers close only once the requests in flight have ended.
     let closed = CancellationToken::new();
-    let incoming = worker::process::nodelay_incoming(grpc);
+    let incoming = cluster::process::nodelay_incoming(grpc);
     // Standard grpc.health.v1, for the whole server and for the Inference service: SERVING
     // while a placement serves (as HTTP `/health`), NOT_SERVING before, between and after.
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -1,8 +1,8 @@
 //! Raw client requests (gRPC or HTTP) become [`ValidRequest`]s here; nothing past this point
 //! sees an unchecked request. Every error names the field and its limit.
 
-use worker::sampling::MAX_TOP_LOGPROBS;
-use worker::{SamplingParams, Tokenizer};
+use cluster::sampling::MAX_TOP_LOGPROBS;
+use cluster::{SamplingParams, Tokenizer};
 
 /// Tokens generated when a request does not say.
 pub const DEFAULT_MAX_TOKENS: usize = 16;

@@ -8,32 +8,13 @@ use crate::backend::{AttentionMeta, Backend, DType, KvShape, SeqAttention};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::slot;
-use crate::layout::Parallel;
 use crate::model::{CausalLm, Loader};
 use crate::quant::{Quantization, WeightDType};
+use crate::rank::Parallel;
 use crate::sampling::{RowChoice, SamplingParams, TokenLogprobs};
 use crate::weights::{Checkpoint, WeightSource};
 
-/// Where the weights come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LoadFormat {
-    /// The checkpoint's safetensors files.
-    #[default]
-    Safetensors,
-    /// Deterministic random weights of the config's shapes.
-    Dummy,
-}
-
-impl std::str::FromStr for LoadFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "safetensors" | "auto" => Ok(LoadFormat::Safetensors),
-            "dummy" => Ok(LoadFormat::Dummy),
-            other => Err(format!("unknown load format {other:?} (expected safetensors or dummy)")),
-        }
-    }
-}
+pub use cluster::precision::LoadFormat;
 
 /// Reads a checkpoint directory's config and opens its weights (cheap: files are mapped,
 /// nothing is read yet).

@@ -5,16 +5,16 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// A model's config, its tokenizer, or the KV cache's blocks (the pieces the worker
+    /// shares with the coordinator).
+    #[error(transparent)]
+    Cluster(#[from] cluster::Error),
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: invalid config: {message}")]
-    Config { path: PathBuf, message: String },
-    #[error("unsupported architecture {0:?} (supported: MistralForCausalLM, MixtralForCausalLM)")]
-    UnsupportedArchitecture(String),
     #[error("{path}: malformed safetensors file: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error("tensor {name:?} not found in the checkpoint at {dir}")]
@@ -23,12 +23,8 @@ pub enum EngineError {
     TensorShape { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
     #[error("{path}: tensor {name:?} has unsupported dtype {dtype}")]
     TensorDtype { path: PathBuf, name: String, dtype: String },
-    #[error("tokenizer {path}: {message}")]
-    Tokenizer { path: PathBuf, message: String },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error("out of KV cache blocks: {needed} needed, {free} free")]
-    OutOfBlocks { needed: usize, free: usize },
     #[error("backend: {0}")]
     Backend(String),
     #[error("the replica's group cannot be used: {0}")]

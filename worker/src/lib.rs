@@ -1,30 +1,26 @@
-//! The Tramontane worker library: the model engine (Mistral, Mixtral), its backends, the
-//! paged KV cache, sampling and tokenization.
+//! The Tramontane worker library: the model engine (Mistral, Mixtral), its backends and
+//! communicators, weight loading and quantization, and the worker's gRPC service.
 
 pub mod backend;
 pub mod comm;
-pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generator;
-pub mod kv_cache;
-pub mod layout;
-pub mod membership;
 pub mod model;
-pub mod process;
 pub mod quant;
-pub mod sampling;
-pub mod scheduler;
+pub mod rank;
 pub mod service;
-pub mod tokenizer;
 pub mod weights;
 
+// What the coordinator shares with the worker lives in `cluster`; the engine reads it under
+// the same paths.
+pub use cluster::{config, kv_cache, layout, membership, process, sampling, scheduler, tokenizer};
+
 pub use backend::{Backend, Cpu, DType, Device};
-pub use config::{Architecture, ModelConfig};
+pub use cluster::{Architecture, ModelConfig};
+pub use cluster::{Event, Finish, SamplingParams, Scheduler, SchedulerConfig, SeqRequest, TokenLogprobs};
+pub use cluster::{IncrementalDecoder, Tokenizer};
 pub use engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqOutput, SeqStep};
 pub use error::{EngineError, Result};
 pub use generator::{Completion, Generator};
 pub use quant::{Quantization, WeightDType};
-pub use sampling::{SamplingParams, TokenLogprobs};
-pub use scheduler::{Event, Finish, Scheduler, SchedulerConfig, SeqRequest};
-pub use tokenizer::{IncrementalDecoder, Tokenizer};

@@ -10,12 +10,12 @@ use std::time::Duration;
 use proto::tramontane::worker::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{Backend, Cpu, DType};
+use crate::backend::{Backend, Cpu};
 use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
-use crate::engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqStep, open_model};
+use crate::engine::{CacheConfig, Engine, EngineOptions, SeqStep, open_model};
 use crate::error::EngineError;
-use crate::layout::{Layout, Parallel};
-use crate::quant::{Quantization, WeightDType};
+use crate::layout::Layout;
+use crate::rank::Parallel;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs};
 
 /// Why the worker refused or failed a request.
@@ -48,15 +48,19 @@ impl From<ServiceError> for tonic::Status {
                 // A peer of the replica died or the links could not be set up: the replica
                 // is unusable until the coordinator assigns a new layout.
                 EngineError::Comm(_) => Status::unavailable(msg),
-                EngineError::OutOfBlocks { .. } => Status::resource_exhausted(msg),
+                EngineError::Cluster(e) => match e {
+                    cluster::Error::OutOfBlocks { .. } => Status::resource_exhausted(msg),
+                    cluster::Error::InvalidRequest(_) => Status::invalid_argument(msg),
+                    cluster::Error::Io { .. }
+                    | cluster::Error::Config { .. }
+                    | cluster::Error::UnsupportedArchitecture(_)
+                    | cluster::Error::Tokenizer { .. } => Status::failed_precondition(msg),
+                },
                 EngineError::Io { .. }
-                | EngineError::Config { .. }
-                | EngineError::UnsupportedArchitecture(_)
                 | EngineError::Checkpoint { .. }
                 | EngineError::MissingTensor { .. }
                 | EngineError::TensorShape { .. }
-                | EngineError::TensorDtype { .. }
-                | EngineError::Tokenizer { .. } => Status::failed_precondition(msg),
+                | EngineError::TensorDtype { .. } => Status::failed_precondition(msg),
                 EngineError::Backend(_) => {
                     tracing::error!(error = %msg, "backend failure");
                     Status::internal("the worker's backend failed; see the worker's log")
@@ -494,70 +498,6 @@ pub async fn serve(
         () = grace => tracing::info!("the coordinator keeps its connection open; closing it"),
     }
     Ok(())
-}
-
-/// How weights are kept and loaded, on the wire and in the engine (both directions: the
-/// coordinator writes what a worker reads).
-impl From<pb::WeightDtype> for WeightDType {
-    fn from(d: pb::WeightDtype) -> Self {
-        match d {
-            pb::WeightDtype::Auto => WeightDType::Auto,
-            pb::WeightDtype::F32 => WeightDType::As(DType::F32),
-            pb::WeightDtype::F16 => WeightDType::As(DType::F16),
-            pb::WeightDtype::Bf16 => WeightDType::As(DType::BF16),
-        }
-    }
-}
-
-impl From<WeightDType> for pb::WeightDtype {
-    fn from(d: WeightDType) -> Self {
-        match d {
-            WeightDType::Auto => pb::WeightDtype::Auto,
-            WeightDType::As(DType::F32) => pb::WeightDtype::F32,
-            WeightDType::As(DType::F16) => pb::WeightDtype::F16,
-            WeightDType::As(DType::BF16) => pb::WeightDtype::Bf16,
-        }
-    }
-}
-
-impl From<pb::Quantization> for Quantization {
-    fn from(q: pb::Quantization) -> Self {
-        match q {
-            pb::Quantization::Auto => Quantization::Auto,
-            pb::Quantization::None => Quantization::None,
-            pb::Quantization::Int8 => Quantization::Int8,
-            pb::Quantization::Fp8 => Quantization::Fp8,
-        }
-    }
-}
-
-impl From<Quantization> for pb::Quantization {
-    fn from(q: Quantization) -> Self {
-        match q {
-            Quantization::Auto => pb::Quantization::Auto,
-            Quantization::None => pb::Quantization::None,
-            Quantization::Int8 => pb::Quantization::Int8,
-            Quantization::Fp8 => pb::Quantization::Fp8,
-        }
-    }
-}
-
-impl From<pb::LoadFormat> for LoadFormat {
-    fn from(f: pb::LoadFormat) -> Self {
-        match f {
-            pb::LoadFormat::Safetensors => LoadFormat::Safetensors,
-            pb::LoadFormat::Dummy => LoadFormat::Dummy,
-        }
-    }
-}
-
-impl From<LoadFormat> for pb::LoadFormat {
-    fn from(f: LoadFormat) -> Self {
-        match f {
-            LoadFormat::Safetensors => pb::LoadFormat::Safetensors,
-            LoadFormat::Dummy => pb::LoadFormat::Dummy,
-        }
-    }
 }
 
 #[cfg(test)]

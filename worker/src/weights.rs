@@ -285,7 +285,7 @@ impl Checkpoint {
             }
         };
         let scales = self.tensor(&scale_name, &scale_shape, Shard::Full)?;
-        let scales: Vec<f32> = scales.data.chunks_exact(scales.dtype.size_in_bytes()).map(|b| scales.dtype.elem().get(b, 0)).collect();
+        let scales: Vec<f32> = scales.data.chunks_exact(scales.dtype.size_in_bytes()).map(|b| crate::backend::Elem::from(scales.dtype).get(b, 0)).collect();
         let bytes = HostBytes::Mapped { map: file.mmap.clone(), range: entry.start..entry.end };
         let (sharded, values) = slice_host(1, &shape, bytes, shard)?;
         let rows = match shard.range(&shape)? {

@@ -92,7 +92,7 @@ struct UpArgs {
     /// Where the workers run: cpu, or cuda[:N] (worker i on GPU N + i; the worker must be
     /// built with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
-    device: worker::Device,
+    device: cluster::Device,
     /// Leave a worker that dies dead instead of starting it again.
     #[arg(long)]
     no_restart: bool,
@@ -226,8 +226,8 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     // planner does not count the same memory once per worker. (GPU workers measure their own
     // GPU; TRAMONTANE_MEMORY_BYTES, when set, reaches every worker as it is.)
     let share = match a.device {
-        worker::Device::Cpu if std::env::var_os("TRAMONTANE_MEMORY_BYTES").is_none() => {
-            let host = worker::process::host_memory();
+        cluster::Device::Cpu if std::env::var_os("TRAMONTANE_MEMORY_BYTES").is_none() => {
+            let host = cluster::process::host_memory();
             let share = host.saturating_sub(COORDINATOR_MARGIN) / a.workers as u64;
             eprintln!(
                 "tramctl: each worker offers {:.2} GB ({:.2} GB available, less {} MiB for the coordinator, over {} worker(s))",
@@ -243,8 +243,8 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     let mut workers: Vec<Supervised> = Vec::new();
     for i in 0..a.workers {
         let device = match a.device {
-            worker::Device::Cpu => worker::Device::Cpu,
-            worker::Device::Cuda(first) => worker::Device::Cuda(first + i),
+            cluster::Device::Cpu => cluster::Device::Cpu,
+            cluster::Device::Cuda(first) => cluster::Device::Cuda(first + i),
         };
         let mut args: Vec<String> = vec!["serve".into(), "--device".into(), device.to_string()];
         args.extend(membership.iter().map(|s| s.to_string()));
@@ -282,7 +282,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     eprintln!("tramctl: cluster up: gRPC {grpc}, HTTP {} (Ctrl-C stops it)", lines[1].trim_start_matches("http listening on "));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let shutdown = worker::process::shutdown_on_signal();
+        let shutdown = cluster::process::shutdown_on_signal();
         let started = std::time::Instant::now();
         let (mut ready, mut next_note) = (false, std::time::Duration::from_secs(10));
         loop {

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use cluster::layout::Layout;
+use cluster::membership::WorkerCard;
 use tokio::sync::{mpsc, oneshot};
-use worker::layout::Layout;
-use worker::membership::WorkerCard;
 
 use crate::planner::ReplicaPlan;
 

@@ -11,16 +11,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cluster::ModelConfig;
+use cluster::layout::Layout;
+use cluster::membership::{Leadership, MemberEvent, Membership, MembershipError, RELEASE_LIMIT, WorkerCard};
 use proto::tramontane::worker::v1 as wpb;
 use tokio::sync::{mpsc, watch};
-use worker::ModelConfig;
-use worker::layout::Layout;
-use worker::membership::{Leadership, MemberEvent, Membership, MembershipError, RELEASE_LIMIT, WorkerCard};
 
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
 use crate::replica::ReplicaDown;
-use worker::scheduler::SchedulerConfig;
+use cluster::scheduler::SchedulerConfig;
 
 mod handle;
 mod lapse;
@@ -717,7 +717,7 @@ mod tests {
 
     #[tonic::async_trait]
     impl Membership for LedByAnother {
-        async fn register(&self, _: &WorkerCard) -> Result<worker::membership::Lease, MembershipError> {
+        async fn register(&self, _: &WorkerCard) -> Result<cluster::membership::Lease, MembershipError> {
             Err(MembershipError::NotLeader("unused".into()))
         }
         fn watch_workers(&self) -> mpsc::UnboundedReceiver<MemberEvent> {
@@ -737,15 +737,15 @@ mod tests {
     /// A controller that stops tells the process why (through `fatal`) instead of ending it.
     #[tokio::test]
     async fn a_stopped_controller_reports_why_to_the_process() {
-        let config = ModelConfig::parse(worker::config::MIX_BENCH, "mix-bench".as_ref()).expect("the mix-bench config parses");
+        let config = ModelConfig::parse(cluster::config::MIX_BENCH, "mix-bench".as_ref()).expect("the mix-bench config parses");
         let cfg = ControlConfig {
             model: PathBuf::from("unused"),
             config,
             layout: Layout::default(),
             sizing: Sizing {
-                dtype: worker::WeightDType::Auto,
-                quantization: worker::Quantization::None,
-                load_format: worker::LoadFormat::Dummy,
+                dtype: cluster::WeightDType::Auto,
+                quantization: cluster::Quantization::None,
+                load_format: cluster::LoadFormat::Dummy,
                 kv_blocks: 16,
                 block_size: 16,
             },

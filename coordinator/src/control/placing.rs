@@ -7,15 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cluster::membership::{Membership, MembershipError};
 use proto::tramontane::worker::v1 as wpb;
 use tokio::sync::mpsc;
-use worker::membership::{Membership, MembershipError};
 
 use super::LiveReplica;
 use crate::metrics::Metrics;
 use crate::planner::{Plan, ReplicaPlan};
 use crate::replica::{ReplicaDown, ReplicaHandle};
-use worker::scheduler::SchedulerConfig;
+use cluster::scheduler::SchedulerConfig;
 
 pub(super) type WorkerClient = wpb::worker_client::WorkerClient<tonic::transport::Channel>;
 
@@ -216,8 +216,8 @@ pub(super) async fn health_of(workers: Vec<(String, Option<String>)>) -> Vec<(St
 
 /// The GPU a worker card names (`cuda:N`), if any.
 pub(super) fn gpu_ordinal(device: &str) -> Option<usize> {
-    match device.parse::<worker::Device>() {
-        Ok(worker::Device::Cuda(n)) => Some(n),
+    match device.parse::<cluster::Device>() {
+        Ok(cluster::Device::Cuda(n)) => Some(n),
         _ => None,
     }
 }

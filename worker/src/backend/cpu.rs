@@ -158,7 +158,7 @@ impl Backend for Cpu {
     fn upload_weight(&self, host: HostMatrix<'static>) -> Result<CpuWeight> {
         let (rows, cols) = host.dims();
         let (elem, bytes, scales) = match host {
-            HostMatrix::Dense(t) => (t.dtype.elem(), t.data, None),
+            HostMatrix::Dense(t) => (Elem::from(t.dtype), t.data, None),
             HostMatrix::Scaled { elem, values, scales, .. } => (elem, values, Some(scales)),
         };
         if bytes.len() != rows * cols * elem.bytes() || scales.as_ref().is_some_and(|s| s.len() != rows) {

@@ -32,6 +32,17 @@ pub enum Elem {
     E4m3,
 }
 
+/// The element type that stores a dense dtype.
+impl From<cluster::device::DType> for Elem {
+    fn from(d: cluster::device::DType) -> Self {
+        match d {
+            cluster::device::DType::F32 => Elem::F32,
+            cluster::device::DType::F16 => Elem::F16,
+            cluster::device::DType::BF16 => Elem::Bf16,
+        }
+    }
+}
+
 impl Elem {
     pub const fn bytes(self) -> usize {
         match self {

@@ -6,6 +6,7 @@ mod cpu;
 pub mod cuda;
 mod gemv;
 
+pub use cluster::device::{DType, Device};
 pub use cpu::Cpu;
 #[cfg(feature = "_cuda")]
 pub use cuda::Cuda;
@@ -16,86 +17,6 @@ use rayon::prelude::*;
 use crate::error::{EngineError, Result};
 use crate::sampling::{RowChoice, TokenLogprobs};
 use crate::weights::{HostMatrix, HostTensor};
-
-/// Element types of weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-}
-
-impl DType {
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        }
-    }
-
-    /// The weight element type that stores this dtype.
-    pub fn elem(self) -> Elem {
-        match self {
-            DType::F32 => Elem::F32,
-            DType::F16 => Elem::F16,
-            DType::BF16 => Elem::Bf16,
-        }
-    }
-}
-
-impl std::str::FromStr for DType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" | "float32" => Ok(DType::F32),
-            "f16" | "float16" => Ok(DType::F16),
-            "bf16" | "bfloat16" => Ok(DType::BF16),
-            other => Err(format!("unknown dtype {other:?} (expected f32, f16 or bf16)")),
-        }
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-        })
-    }
-}
-
-/// Where a worker runs its engine: `cpu`, or `cuda` / `cuda:N` (GPU N).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Device {
-    #[default]
-    Cpu,
-    Cuda(usize),
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| format!("unknown device {other:?} (expected cpu, cuda or cuda:N)")),
-        }
-    }
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
 
 /// One sequence's slice of a batch, as paged attention sees it.
 #[derive(Debug, Clone)]

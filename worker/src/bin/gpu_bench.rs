@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use worker::Backend;
 use worker::backend::Cuda;
 use worker::backend::cuda::Product;
-use worker::layout::Parallel;
+use worker::rank::Parallel;
 use worker::weights::HostTensor;
 use worker::weights::WeightSource;
 use worker::{CacheConfig, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig};

@@ -15,7 +15,7 @@ use std::time::Instant;
 use bench::{peer_tok_s, ratio_cell, tok_s_cell};
 use clap::Parser;
 use rayon::prelude::*;
-use worker::layout::Parallel;
+use worker::rank::Parallel;
 use worker::weights::WeightSource;
 use worker::{Backend, CacheConfig, Cpu, DType, Engine, EngineOptions, Generator, LoadFormat, ModelConfig, Quantization, WeightDType};
 

@@ -6,7 +6,7 @@ use super::{ColumnParallelLinear, Loader, ParallelLmHead, Role, RowParallelLinea
 use crate::backend::{AttentionMeta, Backend, Heads};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
-use crate::layout::Parallel;
+use crate::rank::Parallel;
 use crate::weights::Shard;
 
 /// Root-mean-square layer norm.

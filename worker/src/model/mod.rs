@@ -15,8 +15,8 @@ use std::time::Instant;
 use crate::backend::{Backend, DType};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::layout::Parallel;
 use crate::quant::{self, Format, Quantization, WeightDType};
+use crate::rank::Parallel;
 use crate::weights::{HostMatrix, Shard, WeightSource};
 
 /// What a matrix is to the model, which decides whether `--quantization` applies to it.

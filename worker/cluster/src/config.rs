@@ -20,7 +20,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::error::{EngineError, Result};
+use crate::error::{Error, Result};
 
 /// The architectures the engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,15 +147,15 @@ fn fp8_weights(q: Option<&serde_json::Value>) -> Result<bool, String> {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses config.json text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
         Self::from_json(text).map_err(|problem| match problem {
-            ConfigProblem::Architecture(a) => EngineError::UnsupportedArchitecture(a),
-            ConfigProblem::Invalid(message) => EngineError::Config { path: origin.to_owned(), message },
+            ConfigProblem::Architecture(a) => Error::UnsupportedArchitecture(a),
+            ConfigProblem::Invalid(message) => Error::Config { path: origin.to_owned(), message },
         })
     }
 
@@ -356,7 +356,7 @@ mod tests {
             let Err(ConfigProblem::Invalid(m)) = with(&q) else { panic!("{q} is refused") };
             assert!(m.contains(named), "{m} names {named}");
         }
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
         for name in ["mistral-fp8-tiny", "mixtral-fp8-tiny"] {
             assert!(ModelConfig::from_file(&fixture.join(name).join("config.json")).unwrap().fp8_weights, "{name}");
         }

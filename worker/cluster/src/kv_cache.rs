@@ -1,8 +1,8 @@
 //! Bookkeeping of the paged KV cache: fixed-size blocks handed out from a free list, and
 //! per-sequence block tables mapping positions to physical slots. The physical cache itself
-//! lives in the backend ([`Backend::KvCache`](crate::backend::Backend::KvCache)).
+//! lives in the backend (the worker backend's `KvCache`).
 
-use crate::error::{EngineError, Result};
+use crate::error::{Error, Result};
 
 /// Free list of physical cache blocks.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ impl BlockAllocator {
     pub fn reserve(&mut self, table: &mut Vec<u32>, tokens: usize) -> Result<()> {
         let needed = self.blocks_for(tokens).saturating_sub(table.len());
         if needed > self.free.len() {
-            return Err(EngineError::OutOfBlocks { needed, free: self.free.len() });
+            return Err(Error::OutOfBlocks { needed, free: self.free.len() });
         }
         let at = self.free.len() - needed;
         table.extend(self.free.drain(at..).rev());
@@ -70,7 +70,7 @@ mod tests {
         a.reserve(&mut t1, 32).unwrap();
         assert_eq!(t1.len(), 2, "already large enough");
         let mut t2 = Vec::new();
-        assert!(matches!(a.reserve(&mut t2, 48), Err(EngineError::OutOfBlocks { needed: 3, free: 2 })));
+        assert!(matches!(a.reserve(&mut t2, 48), Err(Error::OutOfBlocks { needed: 3, free: 2 })));
         assert!(t2.is_empty());
         assert_eq!(a.num_free(), 2);
         a.release(&mut t1);

@@ -1,5 +1,5 @@
 //! Continuous batching for one replica, as a plain state machine (no I/O), the one policy
-//! every path runs: the coordinator's replicas and, over a local engine, [`crate::Generator`]
+//! every path runs: the coordinator's replicas and, over a local engine, `worker::Generator`
 //! (`worker generate`, the benchmarks, the reference tests). Requests wait in a bounded
 //! queue, join the batch at step boundaries when the replica's KV cache has blocks for
 //! them, prefill in chunks under a per-step token budget, decode one token per step, and
