@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use cluster::SchedulerConfig;
-use coordinator::server::{ServeConfig, Timeouts, prepare, serve};
+use coordinator::planner::Sizing;
+use coordinator::server::{Limits, ServeConfig, Timeouts, prepare, serve};
 
 /// Command-line configuration of the coordinator.
 #[derive(Debug, Parser)]
@@ -32,41 +32,12 @@ struct Args {
     /// This coordinator's id (default: host name and gRPC port).
     #[arg(long, env = "TRAMONTANE_COORDINATOR_ID")]
     id: Option<String>,
-    /// Tensor-parallel ranks per replica (attention heads and MLP units split).
-    #[arg(long, env = "TRAMONTANE_TP", default_value_t = 1)]
-    tp: usize,
-    /// Expert-parallel ranks per replica (Mixtral experts split).
-    #[arg(long, env = "TRAMONTANE_EP", default_value_t = 1)]
-    ep: usize,
-    /// Pipeline stages per replica (decoder layers split).
-    #[arg(long, env = "TRAMONTANE_PP", default_value_t = 1)]
-    pp: usize,
-    /// Decoder layers of each pipeline stage, e.g. `20,18,18` (default: as even as possible).
-    #[arg(long, env = "TRAMONTANE_STAGE_LAYERS", value_delimiter = ',')]
-    stage_layers: Vec<usize>,
-    /// The dtype workers keep dense weights in: auto (as the checkpoint stores them), f32,
-    /// f16 or bf16.
-    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "auto")]
-    dtype: cluster::WeightDType,
-    /// 8-bit weights: auto (FP8 checkpoints stay FP8), none, int8 or fp8 (quantized at load).
-    #[arg(long, env = "TRAMONTANE_QUANTIZATION", default_value = "auto")]
-    quantization: cluster::Quantization,
-    #[arg(long, default_value = "safetensors")]
-    load_format: cluster::LoadFormat,
-    /// KV cache blocks per worker.
-    #[arg(long, env = "TRAMONTANE_KV_BLOCKS", default_value_t = 1024)]
-    kv_blocks: usize,
-    #[arg(long, default_value_t = 16)]
-    block_size: usize,
-    /// Most sequences in one batch step.
-    #[arg(long, default_value_t = SchedulerConfig::MAX_NUM_SEQS)]
-    max_num_seqs: usize,
-    /// Most new tokens in one batch step (longer prompts are prefilled in chunks).
-    #[arg(long, default_value_t = SchedulerConfig::MAX_BATCH_TOKENS)]
-    max_batch_tokens: usize,
-    /// Most requests waiting per replica; beyond it requests get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = SchedulerConfig::MAX_QUEUE)]
-    max_queue: usize,
+    #[command(flatten)]
+    layout: cluster::layout::Layout,
+    #[command(flatten)]
+    sizing: Sizing,
+    #[command(flatten)]
+    limits: Limits,
     /// Seconds a request may take when it sets no deadline (gRPC `grpc-timeout`).
     #[arg(long, env = "TRAMONTANE_REQUEST_TIMEOUT", default_value_t = 600)]
     request_timeout_secs: u64,
@@ -85,15 +56,9 @@ fn main() -> anyhow::Result<()> {
     let cfg = ServeConfig {
         model: args.model,
         workers: args.workers,
-        layout: cluster::layout::Layout { tp: args.tp, ep: args.ep, pp: args.pp, stage_layers: args.stage_layers },
-        dtype: args.dtype,
-        quantization: args.quantization,
-        load_format: args.load_format,
-        kv_blocks: args.kv_blocks,
-        block_size: args.block_size,
-        max_num_seqs: args.max_num_seqs,
-        max_batch_tokens: args.max_batch_tokens,
-        max_queue: args.max_queue,
+        layout: args.layout,
+        sizing: args.sizing,
+        limits: args.limits,
         request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
         etcd: args.membership.etcd,
         cluster: args.membership.cluster,

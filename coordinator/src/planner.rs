@@ -24,16 +24,26 @@ pub struct Plan {
     pub replicas: Vec<ReplicaPlan>,
 }
 
-/// What every rank must hold: its weights, as the workers keep them, and its KV cache.
-#[derive(Debug, Clone, Copy)]
+/// What every rank must hold: its weights, as the workers keep them, and its KV cache (the
+/// coordinator's flags of these names).
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Sizing {
-    /// `--dtype`: the dtype of dense weights (auto: as the checkpoint declares).
+    /// The dtype workers keep dense weights in: auto (as the checkpoint stores them), f32,
+    /// f16 or bf16.
+    #[arg(long, env = "TRAMONTANE_DTYPE", default_value = "auto")]
     pub dtype: WeightDType,
-    /// `--quantization`: 8-bit projections.
+    /// 8-bit weights: auto (FP8 checkpoints stay FP8), none, int8 or fp8 (quantized at load).
+    #[arg(long, env = "TRAMONTANE_QUANTIZATION", default_value = "auto")]
     pub quantization: Quantization,
-    /// `--load-format`: dummy weights are random, dense whatever the checkpoint declares.
+    /// Where weights come from: safetensors, or dummy (random, dense whatever the checkpoint
+    /// declares).
+    #[arg(long, default_value = "safetensors")]
     pub load_format: LoadFormat,
+    /// KV cache blocks per worker.
+    #[arg(long, env = "TRAMONTANE_KV_BLOCKS", default_value_t = 1024)]
     pub kv_blocks: usize,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
     pub block_size: usize,
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cluster::layout::Layout;
 use cluster::membership::{EtcdMembership, Membership, MemoryMembership, WorkerCard};
-use cluster::{LoadFormat, ModelConfig, Quantization, Tokenizer, WeightDType};
+use cluster::{ModelConfig, Tokenizer};
 use proto::tramontane::v1::inference_server::InferenceServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -33,16 +33,10 @@ pub struct ServeConfig {
     pub workers: Vec<String>,
     /// The wanted layout of each replica.
     pub layout: Layout,
-    /// `--dtype`: auto (as stored), f32, f16 or bf16.
-    pub dtype: WeightDType,
-    /// `--quantization`: auto (FP8 checkpoints stay FP8), none, int8 or fp8.
-    pub quantization: Quantization,
-    pub load_format: LoadFormat,
-    pub kv_blocks: usize,
-    pub block_size: usize,
-    pub max_num_seqs: usize,
-    pub max_batch_tokens: usize,
-    pub max_queue: usize,
+    /// How ranks keep weights and how much KV cache each holds.
+    pub sizing: Sizing,
+    /// The scheduler's limits per replica.
+    pub limits: Limits,
     /// Deadline of a request that sets none.
     pub request_timeout: Duration,
     /// etcd endpoints; empty = the fixed `workers` and in-process membership.
@@ -51,6 +45,33 @@ pub struct ServeConfig {
     pub lease_ttl: Duration,
     /// This coordinator's id (leadership on etcd).
     pub id: String,
+}
+
+/// Each replica scheduler's limits (the coordinator's flags of these names).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Limits {
+    /// Most sequences in one batch step.
+    #[arg(long, default_value_t = SchedulerConfig::MAX_NUM_SEQS)]
+    pub max_num_seqs: usize,
+    /// Most new tokens in one batch step (longer prompts are prefilled in chunks).
+    #[arg(long, default_value_t = SchedulerConfig::MAX_BATCH_TOKENS)]
+    pub max_batch_tokens: usize,
+    /// Most requests waiting per replica; beyond it requests get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = SchedulerConfig::MAX_QUEUE)]
+    pub max_queue: usize,
+}
+
+impl Limits {
+    /// A replica's scheduler over the KV cache `sizing` gives each rank.
+    pub fn scheduler(&self, sizing: &Sizing) -> SchedulerConfig {
+        SchedulerConfig {
+            num_blocks: sizing.kv_blocks,
+            block_size: sizing.block_size,
+            max_num_seqs: self.max_num_seqs,
+            max_batch_tokens: self.max_batch_tokens,
+            max_queue: self.max_queue,
+        }
+    }
 }
 
 /// A coordinator ready to serve.
@@ -70,8 +91,6 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     let config = ModelConfig::from_file(&cfg.model.join("config.json"))?;
     let tokenizer = Tokenizer::from_file(&cfg.model.join("tokenizer.json"))?;
     cfg.layout.validate(&config).map_err(|e| anyhow::anyhow!("layout: {e}"))?;
-    let sizing =
-        Sizing { dtype: cfg.dtype, quantization: cfg.quantization, load_format: cfg.load_format, kv_blocks: cfg.kv_blocks, block_size: cfg.block_size };
     let metrics = Arc::new(Metrics::default());
     let fixed = cfg.etcd.is_empty().then(|| Arc::new(MemoryMembership::new()));
     let membership: Arc<dyn Membership> = match &fixed {
@@ -94,14 +113,8 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         model: cfg.model.clone(),
         config: config.clone(),
         layout: cfg.layout.clone(),
-        sizing,
-        sched: SchedulerConfig {
-            num_blocks: cfg.kv_blocks,
-            block_size: cfg.block_size,
-            max_num_seqs: cfg.max_num_seqs,
-            max_batch_tokens: cfg.max_batch_tokens,
-            max_queue: cfg.max_queue,
-        },
+        sizing: cfg.sizing,
+        sched: cfg.limits.scheduler(&cfg.sizing),
         id: cfg.id.clone(),
         lease_ttl: cfg.lease_ttl,
     };

@@ -10,14 +10,21 @@ use std::ops::Range;
 
 use crate::config::{Architecture, ModelConfig};
 
-/// The parallel layout of a replica.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// The parallel layout of a replica (the coordinator's `--tp/--ep/--pp/--stage-layers`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct Layout {
+    /// Tensor-parallel ranks per replica (attention heads and MLP units split).
+    #[arg(long, env = "TRAMONTANE_TP", default_value_t = 1)]
     pub tp: usize,
+    /// Expert-parallel ranks per replica (Mixtral experts split).
+    #[arg(long, env = "TRAMONTANE_EP", default_value_t = 1)]
     pub ep: usize,
+    /// Pipeline stages per replica (decoder layers split).
+    #[arg(long, env = "TRAMONTANE_PP", default_value_t = 1)]
     pub pp: usize,
-    /// Decoder layers per stage (sums to the model's layers); empty = as even as possible,
-    /// earlier stages taking the remainder.
+    /// Decoder layers of each pipeline stage, e.g. `20,18,18` (default: as even as possible,
+    /// earlier stages taking the remainder); they sum to the model's layers.
+    #[arg(long, env = "TRAMONTANE_STAGE_LAYERS", value_delimiter = ',')]
     pub stage_layers: Vec<usize>,
 }
 
