@@ -345,14 +345,15 @@ fn completion_logprobs(tok: &Tokenizer, prompt: Option<(u32, &[TokenLogprobs])>,
     })
 }
 
-/// Where each token's text starts in a completion's `text` (characters): with `echo` the
-/// prompt's tokens first, in the prompt's text, then the completion's after it; never past
-/// the end of `text` (a stop string cuts the text, not the tokens).
-fn completion_offsets(tok: &Tokenizer, prompt: &[u32], echo: bool, completion: &[u32], text: &str) -> Result<Vec<usize>, ApiError> {
+/// Where each token's text starts in a completion's `text` (characters): with `echo` (`echoed`:
+/// the characters of the prompt's text that `text` begins with) the prompt's tokens first,
+/// then the completion's after it; never past the end of `text` (a stop string cuts the text,
+/// not the tokens).
+fn completion_offsets(tok: &Tokenizer, prompt: &[u32], echoed: Option<usize>, completion: &[u32], text: &str) -> Result<Vec<usize>, ApiError> {
     let (mut offsets, mut start) = (Vec::new(), 0);
-    if echo {
+    if let Some(chars) = echoed {
         offsets = tok.text_offsets(&[], prompt)?;
-        start = tok.decode(prompt, true)?.chars().count();
+        start = chars;
     }
     offsets.extend(tok.text_offsets(prompt, completion)?.into_iter().map(|o| start + o));
     let end = text.chars().count();
@@ -415,12 +416,17 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
     let prompt_ids = g.prompt.clone();
     let c = collect(g).await?;
     let tok = &frontend.served.tokenizer;
-    let text = if req.echo { tok.decode(&prompt_ids, true).unwrap_or_default() + &c.text } else { c.text };
+    let prompt_text = req.echo.then(|| tok.decode(&prompt_ids, true).unwrap_or_default());
+    let echoed_chars = prompt_text.as_deref().map(|p| p.chars().count());
+    let text = match prompt_text {
+        Some(prompt_text) => prompt_text + &c.text,
+        None => c.text,
+    };
     let echoed = req.echo.then(|| (prompt_ids[0], &c.prompt_logprobs[..]));
     let lp = match want_logprobs {
         true => {
             let ids: Vec<u32> = c.tokens.iter().map(|t| t.token).collect();
-            let offsets = completion_offsets(tok, &prompt_ids, req.echo, &ids, &text)?;
+            let offsets = completion_offsets(tok, &prompt_ids, echoed_chars, &ids, &text)?;
             Some(completion_logprobs(tok, echoed, &c.tokens, &offsets, as_ids))
         }
         false => None,

@@ -27,8 +27,15 @@ pub struct Generator<B: Backend> {
     pub engine: Engine<B>,
     scheduler: Scheduler,
     /// Requests not finished yet, as far as they have come.
-    running: HashMap<u64, Completion>,
+    running: HashMap<u64, Running>,
     finished: Vec<Completion>,
+}
+
+/// A request not finished yet.
+struct Running {
+    done: Completion,
+    /// Whether its generated tokens' logprobs are kept (logprobs or prompt logprobs asked).
+    keeps_logprobs: bool,
 }
 
 impl<B: Backend> Generator<B> {
@@ -69,8 +76,9 @@ impl<B: Backend> Generator<B> {
             return Err(EngineError::InvalidRequest(format!("request {} is already running", request.id)));
         }
         let id = request.id;
+        let keeps_logprobs = request.params.logprobs.is_some() || request.params.prompt_logprobs.is_some();
         self.scheduler.add(request).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-        self.running.insert(id, Completion { id, ..Completion::default() });
+        self.running.insert(id, Running { done: Completion { id, ..Completion::default() }, keeps_logprobs });
         Ok(())
     }
 
@@ -106,20 +114,18 @@ impl<B: Backend> Generator<B> {
         for event in &events {
             match event {
                 Event::PromptLogprobs { id, logprobs } => {
-                    if let Some(c) = self.running.get_mut(id) {
-                        c.prompt_logprobs.extend(logprobs.iter().cloned());
+                    if let Some(r) = self.running.get_mut(id) {
+                        r.done.prompt_logprobs.extend(logprobs.iter().cloned());
                     }
                 }
                 Event::Token { id, token, finished } => {
-                    let wants_logprobs =
-                        plan.iter().find(|p| p.id == *id).and_then(|p| p.sample.as_ref()).is_some_and(|s| s.logprobs.is_some() || s.prompt_logprobs.is_some());
-                    let Some(c) = self.running.get_mut(id) else { continue };
-                    c.tokens.push(token.token);
-                    if wants_logprobs {
-                        c.logprobs.push(token.clone());
+                    let Some(r) = self.running.get_mut(id) else { continue };
+                    r.done.tokens.push(token.token);
+                    if r.keeps_logprobs {
+                        r.done.logprobs.push(token.clone());
                     }
                     if finished.is_some() {
-                        let mut done = self.running.remove(id).expect("running");
+                        let mut done = self.running.remove(id).expect("running").done;
                         done.finish = *finished;
                         self.finished.push(done);
                     }
