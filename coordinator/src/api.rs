@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::control::{ControlError, ControlHandle};
 use crate::frontend::{Chunk, Frontend, FrontendError};
-use crate::validate::{PromptInput, RawRequest};
+use crate::validate::{PromptInput, RawRequest, RequestError};
 use cluster::scheduler::Finish;
 
 impl From<FrontendError> for Status {
@@ -25,6 +25,12 @@ impl From<FrontendError> for Status {
             FrontendError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             FrontendError::ShuttingDown(_) => Status::unavailable(msg),
         }
+    }
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Self {
+        Status::invalid_argument(e.to_string())
     }
 }
 
@@ -148,13 +154,18 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
-        let ids = self.frontend.served.tokenizer.encode(&req.text, req.add_special_tokens).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ids = self
+            .frontend
+            .served
+            .tokenizer
+            .encode(&req.text, req.add_special_tokens)
+            .map_err(|e| RequestError::Untokenizable { field: "text", reason: e.to_string() })?;
         Ok(Response::new(pb::TokenizeResponse { ids }))
     }
 
     async fn detokenize(&self, request: Request<pb::DetokenizeRequest>) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let req = request.into_inner();
-        let text = self.frontend.served.detokenize(&req.ids, req.skip_special_tokens, "ids").map_err(Status::invalid_argument)?;
+        let text = self.frontend.served.detokenize(&req.ids, req.skip_special_tokens, "ids")?;
         Ok(Response::new(pb::DetokenizeResponse { text }))
     }
 

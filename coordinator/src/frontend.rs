@@ -17,7 +17,7 @@ use crate::chat::{ChatTemplate, Message};
 use crate::control::Pool;
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
-use crate::validate::{self, ModelLimits, RawRequest};
+use crate::validate::{self, ModelLimits, RawRequest, RequestError};
 use cluster::scheduler::{Finish, SeqRequest};
 
 /// The model a coordinator serves.
@@ -32,27 +32,27 @@ pub struct Served {
 impl Served {
     /// The prompt ids of a conversation: the chat template's text, tokenized without adding
     /// special tokens (the template writes its own).
-    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
-        let text = self.chat_template.render(messages)?;
-        self.tokenizer.encode(&text, false).map_err(|e| e.to_string())
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, RequestError> {
+        let text = self.chat_template.render(messages).map_err(RequestError::Messages)?;
+        self.tokenizer.encode(&text, false).map_err(|e| RequestError::Untokenizable { field: "messages", reason: e.to_string() })
     }
 
     /// The text of token ids, each checked against the vocabulary (`field` names them in the
     /// error).
-    pub fn detokenize(&self, ids: &[u32], skip_special_tokens: bool, field: &str) -> Result<String, String> {
+    pub fn detokenize(&self, ids: &[u32], skip_special_tokens: bool, field: &'static str) -> Result<String, RequestError> {
         let vocab = self.limits.vocab_size;
-        if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(format!("`{field}` must be < {vocab} (the vocabulary), got {t}"));
+        if let Some(&got) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RequestError::TokenId { field, got, vocab });
         }
-        self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| e.to_string())
+        self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| RequestError::Untokenizable { field, reason: e.to_string() })
     }
 }
 
 /// Errors the APIs report; each API maps them exhaustively to its own status codes.
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
-    #[error("{0}")]
-    InvalidArgument(String),
+    #[error(transparent)]
+    InvalidArgument(#[from] RequestError),
     #[error("request id {0:?} is already running")]
     AlreadyExists(String),
     #[error("{0}")]
@@ -147,7 +147,7 @@ impl Frontend {
         if self.stopping() {
             return Err(FrontendError::ShuttingDown("the coordinator is shutting down: retry on another".into()));
         }
-        let valid = validate::check(raw, &self.served.tokenizer, &self.served.limits, fresh_seed).map_err(FrontendError::InvalidArgument)?;
+        let valid = validate::check(raw, &self.served.tokenizer, &self.served.limits, fresh_seed)?;
         if let Some(reason) = &self.pool().no_capacity {
             return Err(FrontendError::Unavailable(reason.clone()));
         }

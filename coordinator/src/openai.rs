@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::chat::Message;
 use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
-use crate::validate::{PromptInput, RawRequest};
+use crate::validate::{PromptInput, RawRequest, RequestError};
 use cluster::scheduler::Finish;
 
 /// Largest request body accepted.
@@ -44,27 +44,33 @@ struct Api {
     timeout: std::time::Duration,
 }
 
-/// An HTTP error as OpenAI clients expect it.
-pub struct ApiError(StatusCode, String);
+/// An HTTP error as OpenAI clients expect it: status, message, and the request field at fault.
+pub struct ApiError(StatusCode, String, Option<String>);
 
 impl From<FrontendError> for ApiError {
     fn from(e: FrontendError) -> Self {
         let status = match &e {
-            FrontendError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            FrontendError::InvalidArgument(e) => return e.clone().into(),
             FrontendError::AlreadyExists(_) => StatusCode::CONFLICT,
             FrontendError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             FrontendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             FrontendError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             FrontendError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
-        ApiError(status, e.to_string())
+        ApiError(status, e.to_string(), None)
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string(), Some(e.field().to_owned()))
     }
 }
 
 /// The tokenizer failing on ids the model produced or was given: the server's fault.
 impl From<cluster::Error> for ApiError {
     fn from(e: cluster::Error) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
     }
 }
 
@@ -74,24 +80,20 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::BytesRejection(_) => format!("the request body must be <= {MAX_BODY_BYTES} bytes"),
             other => format!("invalid JSON body: {}", other.body_text()),
         };
-        ApiError(StatusCode::BAD_REQUEST, msg)
+        ApiError(StatusCode::BAD_REQUEST, msg, None)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let kind = if self.0 == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
-        let body = json!({"error": {"message": self.1, "type": kind, "code": self.0.as_u16()}});
+        let body = json!({"error": {"message": self.1, "type": kind, "param": self.2, "code": self.0.as_u16()}});
         if self.0 == StatusCode::SERVICE_UNAVAILABLE {
             // Load balancers and clients try again (elsewhere) after a second.
             return (self.0, [(axum::http::header::RETRY_AFTER, "1")], Json(body)).into_response();
         }
         (self.0, Json(body)).into_response()
     }
-}
-
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
 fn now() -> u64 {
@@ -199,13 +201,13 @@ fn with_guardrail(mut messages: Vec<Message>) -> Vec<Message> {
 fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
     check_model(frontend, s.model.as_deref())?;
     if s.n.is_some_and(|n| n != 1) {
-        return Err(bad("`n` must be 1"));
+        return Err(RequestError::Shape { field: "n", expected: "1" }.into());
     }
     if s.top_k.is_some_and(|k| k < -1) {
-        return Err(bad("`top_k` must be -1 (off) or >= 0"));
+        return Err(RequestError::Shape { field: "top_k", expected: "-1 (off) or >= 0" }.into());
     }
     if let Some((field, v)) = s.other.iter().find(|(f, v)| !neutral(f, v)) {
-        return Err(bad(format!("`{field}` is not supported by this server (got {v}); leave it out")));
+        return Err(RequestError::Unsupported { field: field.clone(), got: v.to_string() }.into());
     }
     Ok(())
 }
@@ -214,7 +216,7 @@ fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
 fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<(), ApiError> {
     let served = &frontend.served.name;
     match model.filter(|m| !m.is_empty() && *m != served.as_str()) {
-        Some(m) => Err(bad(format!("`model` {m:?} is not served here; this server serves {served:?}"))),
+        Some(m) => Err(RequestError::Model { got: m.to_owned(), served: served.clone() }.into()),
         None => Ok(()),
     }
 }
@@ -250,18 +252,19 @@ async fn tokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<Tok
     check_model(&frontend, req.model.as_deref())?;
     let s = &frontend.served;
     let ids = match (req.prompt, req.messages) {
-        (Some(prompt), None) => s.tokenizer.encode(&prompt, req.add_special_tokens).map_err(|e| e.to_string()),
+        (Some(prompt), None) => {
+            s.tokenizer.encode(&prompt, req.add_special_tokens).map_err(|e| RequestError::Untokenizable { field: "prompt", reason: e.to_string() })
+        }
         (None, Some(messages)) => s.chat_prompt(&messages),
-        _ => return Err(bad("give exactly one of `prompt` and `messages`")),
-    }
-    .map_err(bad)?;
+        _ => Err(RequestError::OneOf("prompt", "messages")),
+    }?;
     Ok(Json(json!({"count": ids.len(), "max_model_len": s.limits.max_context, "tokens": ids})))
 }
 
 async fn detokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<DetokenizeRequest>, JsonRejection>) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
     check_model(&frontend, req.model.as_deref())?;
-    let text = frontend.served.detokenize(&req.tokens, req.skip_special_tokens, "tokens").map_err(bad)?;
+    let text = frontend.served.detokenize(&req.tokens, req.skip_special_tokens, "tokens")?;
     Ok(Json(json!({"prompt": text})))
 }
 
@@ -385,15 +388,15 @@ async fn completions(State(Api { frontend, timeout }): State<Api>, body: Result<
     let Json(req) = body?;
     check_sampling(&frontend, &req.sampling)?;
     let prompt = match req.prompt {
-        None => return Err(bad("`prompt` is required")),
+        None => return Err(RequestError::Required("prompt").into()),
         Some(PromptField::Text(t)) => PromptInput::Text(t),
         Some(PromptField::Ids(ids)) => PromptInput::TokenIds(ids),
         Some(PromptField::Texts(mut v)) if v.len() == 1 => PromptInput::Text(v.remove(0)),
         Some(PromptField::IdLists(mut v)) if v.len() == 1 => PromptInput::TokenIds(v.remove(0)),
-        Some(_) => return Err(bad("`prompt` must be one prompt (a string or a list of token ids)")),
+        Some(_) => return Err(RequestError::Shape { field: "prompt", expected: "one prompt (a string or a list of token ids)" }.into()),
     };
     if req.echo && req.sampling.stream {
-        return Err(bad("`echo` is not supported with `stream`"));
+        return Err(RequestError::Combination { field: "echo", with: "stream" }.into());
     }
     // Echo with logprobs scores the prompt too (as evaluation harnesses ask).
     let prompt_logprobs = req.logprobs.filter(|_| req.echo);
@@ -443,12 +446,12 @@ async fn chat_completions(State(Api { frontend, timeout }): State<Api>, body: Re
     let Json(mut req) = body?;
     check_sampling(&frontend, &req.sampling)?;
     if req.messages.is_empty() {
-        return Err(bad("`messages` must not be empty"));
+        return Err(RequestError::Empty("messages").into());
     }
     if req.safe_prompt {
         req.messages = with_guardrail(std::mem::take(&mut req.messages));
     }
-    let ids = frontend.served.chat_prompt(&req.messages).map_err(bad)?;
+    let ids = frontend.served.chat_prompt(&req.messages)?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let g = frontend.start(None, raw(&req.sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None), timeout)?;

@@ -1,7 +1,7 @@
 //! Raw client requests (gRPC or HTTP) become [`ValidRequest`]s here; nothing past this point
 //! sees an unchecked request. Every error names the field and its limit.
 
-use cluster::sampling::MAX_TOP_LOGPROBS;
+use cluster::sampling::ParamError;
 use cluster::{SamplingParams, Tokenizer};
 
 /// Tokens generated when a request does not say.
@@ -49,33 +49,86 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
 }
 
-/// Checks a request; `Err` is the message for INVALID_ARGUMENT / HTTP 400.
-pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed: u64) -> Result<ValidRequest, String> {
+/// Why a request is refused (INVALID_ARGUMENT / HTTP 400): each names the field at fault
+/// ([`RequestError::field`]) and its limit.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Sampling(#[from] ParamError),
+    #[error("`{0}` is required")]
+    Required(&'static str),
+    #[error("`{0}` must not be empty")]
+    Empty(&'static str),
+    #[error("`{field}` must be {expected}")]
+    Shape { field: &'static str, expected: &'static str },
+    #[error("`{field}` must be < {vocab} (the vocabulary), got {got}")]
+    TokenId { field: &'static str, got: u32, vocab: usize },
+    #[error("`{field}` cannot be tokenized: {reason}")]
+    Untokenizable { field: &'static str, reason: String },
+    /// The chat template (or the Mistral instruct format) refuses the conversation.
+    #[error("{0}")]
+    Messages(String),
+    #[error("`stop` must be at most {MAX_STOP_STRINGS} non-empty strings")]
+    Stop,
+    #[error("prompt ({prompt} tokens) + `max_tokens` ({max_tokens}) must be <= {context} (the model's context), got {}", prompt + max_tokens)]
+    Context { prompt: usize, max_tokens: usize, context: usize },
+    #[error("give exactly one of `{0}` and `{1}`")]
+    OneOf(&'static str, &'static str),
+    #[error("`{field}` is not supported with `{with}`")]
+    Combination { field: &'static str, with: &'static str },
+    #[error("`model` {got:?} is not served here; this server serves {served:?}")]
+    Model { got: String, served: String },
+    #[error("`{field}` is not supported by this server (got {got}); leave it out")]
+    Unsupported { field: String, got: String },
+}
+
+impl RequestError {
+    /// The request field at fault, as clients name it (OpenAI's error `param`).
+    pub fn field(&self) -> &str {
+        match self {
+            RequestError::Sampling(e) => e.field(),
+            RequestError::Required(f) | RequestError::Empty(f) => f,
+            RequestError::Shape { field, .. }
+            | RequestError::TokenId { field, .. }
+            | RequestError::Untokenizable { field, .. }
+            | RequestError::Combination { field, .. } => field,
+            RequestError::Messages(_) => "messages",
+            RequestError::Stop => "stop",
+            RequestError::Context { .. } => "max_tokens",
+            RequestError::OneOf(first, _) => first,
+            RequestError::Model { .. } => "model",
+            RequestError::Unsupported { field, .. } => field,
+        }
+    }
+}
+
+/// Checks a request and tokenizes its prompt.
+pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed: u64) -> Result<ValidRequest, RequestError> {
     let prompt = match req.prompt {
-        None => return Err("`prompt` is required (text or token ids)".into()),
+        None => return Err(RequestError::Required("prompt")),
         Some(PromptInput::Text(t)) => {
             if t.is_empty() {
-                return Err("`prompt` must not be empty".into());
+                return Err(RequestError::Empty("prompt"));
             }
-            tok.encode(&t, true).map_err(|e| format!("`prompt` cannot be tokenized: {e}"))?
+            tok.encode(&t, true).map_err(|e| RequestError::Untokenizable { field: "prompt", reason: e.to_string() })?
         }
         Some(PromptInput::TokenIds(ids)) => {
             if ids.is_empty() {
-                return Err("`prompt` must not be empty".into());
+                return Err(RequestError::Empty("prompt"));
             }
-            if let Some(&t) = ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
-                return Err(format!("prompt token ids must be < {} (the vocabulary), got {t}", limits.vocab_size));
+            if let Some(&got) = ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
+                return Err(RequestError::TokenId { field: "prompt", got, vocab: limits.vocab_size });
             }
             ids
         }
     };
     let max_tokens = match req.max_tokens {
         None => DEFAULT_MAX_TOKENS.min(limits.max_context.saturating_sub(prompt.len()).max(1)),
-        Some(0) => return Err("`max_tokens` must be >= 1, got 0".into()),
+        Some(0) => return Err(ParamError::MaxTokensZero.into()),
         Some(n) => n as usize,
     };
     if req.stop.len() > MAX_STOP_STRINGS || req.stop.iter().any(String::is_empty) {
-        return Err(format!("`stop` must be at most {MAX_STOP_STRINGS} non-empty strings"));
+        return Err(RequestError::Stop);
     }
     let mut stop_token_ids = req.stop_token_ids;
     stop_token_ids.extend(&limits.eos_token_ids);
@@ -90,16 +143,8 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
         prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
     };
     params.validate(limits.vocab_size)?;
-    if params.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-        return Err(format!("`logprobs` must be <= {MAX_TOP_LOGPROBS}"));
-    }
-    let total = prompt.len() + max_tokens;
-    if total > limits.max_context {
-        return Err(format!(
-            "prompt ({} tokens) + `max_tokens` ({max_tokens}) must be <= {} (the model's context), got {total}",
-            prompt.len(),
-            limits.max_context
-        ));
+    if prompt.len() + max_tokens > limits.max_context {
+        return Err(RequestError::Context { prompt: prompt.len(), max_tokens, context: limits.max_context });
     }
     Ok(ValidRequest { prompt, params, stop: req.stop })
 }

@@ -129,24 +129,25 @@ def test_seeded_sampling_is_reproducible(client):
     assert client.completions.create(**kwargs, presence_penalty=0, frequency_penalty=0, extra_body=neutral).choices[0].text == text
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ({"temperature": -1}, "temperature"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"max_tokens": 100000}, "context"),
-    ({"model": "not-this-one"}, "not served"),
-    ({"n": 2}, "`n`"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "`stop`"),
+@pytest.mark.parametrize("bad, param, needle", [
+    ({"temperature": -1}, "temperature", ">= 0"),
+    ({"top_p": 1.5}, "top_p", "(0, 1]"),
+    ({"max_tokens": 100000}, "max_tokens", "context"),
+    ({"model": "not-this-one"}, "model", "not served"),
+    ({"n": 2}, "n", "`n`"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     # Fields this server does not implement are refused, never ignored.
-    ({"presence_penalty": 0.5}, "`presence_penalty` is not supported"),
-    ({"extra_body": {"logit_bias_typo": 1}}, "`logit_bias_typo` is not supported"),
-    ({"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}, "`tools` is not supported"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "`presence_penalty` is not supported"),
+    ({"extra_body": {"logit_bias_typo": 1}}, "logit_bias_typo", "`logit_bias_typo` is not supported"),
+    ({"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}, "tools", "`tools` is not supported"),
 ])
-def test_bad_input_is_a_400_naming_the_field(client, bad, needle):
+def test_bad_input_is_a_400_naming_the_field(client, bad, param, needle):
     kwargs = dict(model=model_name(client), prompt="hi", max_tokens=4)
     kwargs.update(bad)
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**kwargs)
-    assert needle in str(e.value)
+    # The message says the limit; `param` names the field, as OpenAI's errors do.
+    assert needle in str(e.value) and e.value.param == param, (e.value, e.value.body)
 
 
 def generate(stub, request):

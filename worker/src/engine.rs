@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::backend::{AttentionMeta, Backend, DType, KvShape, SeqAttention};
 use crate::config::ModelConfig;
-use crate::error::{EngineError, Result};
+use crate::error::{BadRequest, EngineError, Result};
 use crate::kv_cache::slot;
 use crate::model::{CausalLm, Loader};
 use crate::quant::{Quantization, WeightDType};
@@ -96,7 +96,7 @@ impl<B: Backend> Engine<B> {
     /// Loads this rank's share of the model (all of it for [`Parallel::single`]): only the
     /// slices it holds are read from the checkpoint.
     pub fn from_source(backend: B, config: &ModelConfig, source: &WeightSource, options: &EngineOptions, par: Parallel) -> Result<Self> {
-        par.layout.validate(config).map_err(EngineError::Layout)?;
+        par.layout.validate(config)?;
         let loader = Loader::new(&backend, source, config, options.dtype, options.quantization, &par);
         let model = CausalLm::load(&loader)?;
         let shape = KvShape {
@@ -152,16 +152,16 @@ impl<B: Backend> Engine<B> {
         for (i, s) in seqs.iter().enumerate() {
             let context_len = s.start_pos + s.tokens.len();
             if s.tokens.is_empty() {
-                return Err(EngineError::InvalidRequest(format!("sequence {i} has no new tokens")));
+                return Err(BadRequest::NoNewTokens(i).into());
             }
             if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(EngineError::InvalidRequest(format!("token id {t} is outside the vocabulary (size {vocab})")));
+                return Err(BadRequest::TokenId { token: t, vocab }.into());
             }
             if s.block_table.len() * bs < context_len {
-                return Err(EngineError::InvalidRequest(format!("sequence {i}: {} blocks of {bs} cannot hold {context_len} tokens", s.block_table.len())));
+                return Err(BadRequest::BlockTable { seq: i, blocks: s.block_table.len(), block_size: bs, tokens: context_len }.into());
             }
             if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cache.num_blocks) {
-                return Err(EngineError::InvalidRequest(format!("block {b} is outside the cache ({} blocks)", self.cache.num_blocks)));
+                return Err(BadRequest::Block { block: b, blocks: self.cache.num_blocks }.into());
             }
             let token_start = tokens.len();
             tokens.extend_from_slice(s.tokens);

@@ -24,11 +24,11 @@ pub enum EngineError {
     #[error("{path}: tensor {name:?} has unsupported dtype {dtype}")]
     TensorDtype { path: PathBuf, name: String, dtype: String },
     #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    InvalidRequest(#[from] BadRequest),
     #[error("backend: {0}")]
     Backend(String),
-    #[error("the replica's group cannot be used: {0}")]
-    Layout(String),
+    #[error("the layout does not fit the model: {0}")]
+    Layout(#[from] cluster::layout::LayoutError),
     #[error("exchanging activations failed: {0}")]
     Comm(#[from] crate::comm::CommError),
 }
@@ -40,3 +40,26 @@ impl From<candle_core::Error> for EngineError {
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// A request or step the engine refuses; each names what is wrong and the limit.
+#[derive(Debug, thiserror::Error)]
+pub enum BadRequest {
+    #[error(transparent)]
+    Sampling(#[from] cluster::sampling::ParamError),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("token id {token} is outside the vocabulary (size {vocab})")]
+    TokenId { token: u32, vocab: usize },
+    #[error("prompt ({prompt}) + max_tokens ({max_tokens}) must be <= {context} (the model's context), got {}", prompt + max_tokens)]
+    Context { prompt: usize, max_tokens: usize, context: usize },
+    #[error("request {0} is already running")]
+    Duplicate(u64),
+    #[error(transparent)]
+    Admit(#[from] cluster::scheduler::AdmitError),
+    #[error("sequence {0} has no new tokens")]
+    NoNewTokens(usize),
+    #[error("sequence {seq}: {blocks} blocks of {block_size} cannot hold {tokens} tokens")]
+    BlockTable { seq: usize, blocks: usize, block_size: usize, tokens: usize },
+    #[error("block {block} is outside the cache ({blocks} blocks)")]
+    Block { block: u32, blocks: usize },
+}

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use crate::backend::Backend;
 use crate::engine::{Engine, SeqStep};
-use crate::error::{EngineError, Result};
+use crate::error::{BadRequest, Result};
 use crate::sampling::TokenLogprobs;
 use crate::scheduler::{Event, Finish, Scheduler, SchedulerConfig, SeqRequest};
 
@@ -57,27 +57,23 @@ impl<B: Backend> Generator<B> {
     pub fn add(&mut self, request: SeqRequest) -> Result<()> {
         let config = self.engine.config();
         let max_context = config.max_position_embeddings;
-        request.params.validate(config.vocab_size).map_err(EngineError::InvalidRequest)?;
+        request.params.validate(config.vocab_size).map_err(BadRequest::from)?;
         if request.prompt.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+            return Err(BadRequest::EmptyPrompt.into());
         }
-        if let Some(&t) = request.prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!("prompt token {t} must be < {}", config.vocab_size)));
+        if let Some(&token) = request.prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(BadRequest::TokenId { token, vocab: config.vocab_size }.into());
         }
-        let total = request.prompt.len() + request.params.max_tokens;
-        if total > max_context {
-            return Err(EngineError::InvalidRequest(format!(
-                "prompt ({}) + max_tokens ({}) must be <= {max_context} (the model's context), got {total}",
-                request.prompt.len(),
-                request.params.max_tokens
-            )));
+        let (prompt, max_tokens) = (request.prompt.len(), request.params.max_tokens);
+        if prompt + max_tokens > max_context {
+            return Err(BadRequest::Context { prompt, max_tokens, context: max_context }.into());
         }
         if self.running.contains_key(&request.id) {
-            return Err(EngineError::InvalidRequest(format!("request {} is already running", request.id)));
+            return Err(BadRequest::Duplicate(request.id).into());
         }
         let id = request.id;
         let keeps_logprobs = request.params.logprobs.is_some() || request.params.prompt_logprobs.is_some();
-        self.scheduler.add(request).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        self.scheduler.add(request).map_err(BadRequest::from)?;
         self.running.insert(id, Running { done: Completion { id, ..Completion::default() }, keeps_logprobs });
         Ok(())
     }

@@ -21,6 +21,6 @@ pub use cluster::{Architecture, ModelConfig};
 pub use cluster::{Event, Finish, SamplingParams, Scheduler, SchedulerConfig, SeqRequest, TokenLogprobs};
 pub use cluster::{IncrementalDecoder, Tokenizer};
 pub use engine::{CacheConfig, Engine, EngineOptions, LoadFormat, SeqOutput, SeqStep};
-pub use error::{EngineError, Result};
+pub use error::{BadRequest, EngineError, Result};
 pub use generator::{Completion, Generator};
 pub use quant::{Quantization, WeightDType};

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::backend::{Backend, Cpu};
 use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
 use crate::engine::{CacheConfig, Engine, EngineOptions, SeqStep, open_model};
-use crate::error::EngineError;
+use crate::error::{BadRequest, EngineError};
 use crate::layout::Layout;
 use crate::rank::Parallel;
 use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs};
@@ -50,7 +50,7 @@ impl From<ServiceError> for tonic::Status {
                 EngineError::Comm(_) => Status::unavailable(msg),
                 EngineError::Cluster(e) => match e {
                     cluster::Error::OutOfBlocks { .. } => Status::resource_exhausted(msg),
-                    cluster::Error::InvalidRequest(_) => Status::invalid_argument(msg),
+                    cluster::Error::Tokenize(_) => Status::invalid_argument(msg),
                     cluster::Error::Io { .. }
                     | cluster::Error::Config { .. }
                     | cluster::Error::UnsupportedArchitecture(_)
@@ -164,7 +164,7 @@ impl<B: Backend> WorkerState<B> {
         // Check the checkpoint opens and the layout fits before giving up the current model;
         // then drop the old shard before loading the new one, so two need not fit at once.
         let (config, source) = open_model(&PathBuf::from(&req.model_path), load_format)?;
-        layout.validate(&config).map_err(ServiceError::InvalidArgument)?;
+        layout.validate(&config).map_err(EngineError::from)?;
         self.unload("a new assignment replaces it");
         let par = if world == 1 { Parallel::single() } else { Parallel::new(layout, self.connect(req, world)?).map_err(EngineError::from)? };
         let engine = Engine::from_source(self.backend.clone(), &config, &source, &options, par)?;
@@ -345,7 +345,7 @@ fn sampling_params(p: &pb::Sampling, vocab: usize) -> Result<SamplingParams, Ser
         logprobs: Some(p.logprobs as usize),
         prompt_logprobs: None,
     };
-    params.validate(vocab).map_err(ServiceError::InvalidArgument)?;
+    params.validate(vocab).map_err(|e| EngineError::from(BadRequest::from(e)))?;
     Ok(params)
 }
 

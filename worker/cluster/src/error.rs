@@ -16,8 +16,9 @@ pub enum Error {
     UnsupportedArchitecture(String),
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    /// The tokenizer failed on a text or on ids.
+    #[error("tokenizing: {0}")]
+    Tokenize(String),
     #[error("out of KV cache blocks: {needed} needed, {free} free")]
     OutOfBlocks { needed: usize, free: usize },
 }

@@ -96,37 +96,59 @@ impl Layout {
         }
     }
 
-    /// Checks the layout fits the model; the message says what does not.
-    pub fn validate(&self, c: &ModelConfig) -> Result<(), String> {
-        let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
-        if self.tp == 0 || self.ep == 0 || self.pp == 0 {
-            return Err("tp, ep and pp must each be >= 1".into());
+    /// Checks the layout fits the model; the error says what does not.
+    pub fn validate(&self, c: &ModelConfig) -> Result<(), LayoutError> {
+        let (tp, ep, pp) = (self.tp, self.ep, self.pp);
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
+        if tp == 0 || ep == 0 || pp == 0 {
+            return Err(LayoutError::Zero);
         }
-        if !h.is_multiple_of(self.tp) {
-            return Err(format!("tp = {} must divide the {h} attention heads", self.tp));
+        if !heads.is_multiple_of(tp) {
+            return Err(LayoutError::Heads { tp, heads });
         }
-        if !(kv.is_multiple_of(self.tp) || self.tp.is_multiple_of(kv)) {
-            return Err(format!("tp = {} must divide the {kv} KV heads or be a multiple of them", self.tp));
+        if !(kv_heads.is_multiple_of(tp) || tp.is_multiple_of(kv_heads)) {
+            return Err(LayoutError::KvHeads { tp, kv_heads });
         }
-        if !c.intermediate_size.is_multiple_of(self.tp) {
-            return Err(format!("tp = {} must divide intermediate_size {}", self.tp, c.intermediate_size));
+        if !c.intermediate_size.is_multiple_of(tp) {
+            return Err(LayoutError::Intermediate { tp, intermediate: c.intermediate_size });
         }
-        if self.ep > 1 && c.architecture != Architecture::Mixtral {
-            return Err(format!("ep = {} needs a mixture of experts; {} has none", self.ep, c.architecture.hf_name()));
+        if ep > 1 && c.architecture != Architecture::Mixtral {
+            return Err(LayoutError::NoExperts { ep, architecture: c.architecture.hf_name() });
         }
-        if self.ep > c.num_local_experts.max(1) {
-            return Err(format!("ep = {} is more than the {} experts", self.ep, c.num_local_experts));
+        if ep > c.num_local_experts.max(1) {
+            return Err(LayoutError::Experts { ep, experts: c.num_local_experts });
         }
         let layers = c.num_hidden_layers;
         if self.stage_layers.is_empty() {
-            if self.pp > layers {
-                return Err(format!("pp = {} is more than the {layers} layers", self.pp));
+            if pp > layers {
+                return Err(LayoutError::Stages { pp, layers });
             }
-        } else if self.stage_layers.len() != self.pp || self.stage_layers.contains(&0) || self.stage_layers.iter().sum::<usize>() != layers {
-            return Err(format!("stage layers {:?} must be {} non-zero counts summing to the {layers} layers", self.stage_layers, self.pp));
+        } else if self.stage_layers.len() != pp || self.stage_layers.contains(&0) || self.stage_layers.iter().sum::<usize>() != layers {
+            return Err(LayoutError::StageLayers { stage_layers: self.stage_layers.clone(), pp, layers });
         }
         Ok(())
     }
+}
+
+/// Why a layout does not fit a model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("tp, ep and pp must each be >= 1")]
+    Zero,
+    #[error("tp = {tp} must divide the {heads} attention heads")]
+    Heads { tp: usize, heads: usize },
+    #[error("tp = {tp} must divide the {kv_heads} KV heads or be a multiple of them")]
+    KvHeads { tp: usize, kv_heads: usize },
+    #[error("tp = {tp} must divide intermediate_size {intermediate}")]
+    Intermediate { tp: usize, intermediate: usize },
+    #[error("ep = {ep} needs a mixture of experts; {architecture} has none")]
+    NoExperts { ep: usize, architecture: &'static str },
+    #[error("ep = {ep} is more than the {experts} experts")]
+    Experts { ep: usize, experts: usize },
+    #[error("pp = {pp} is more than the {layers} layers")]
+    Stages { pp: usize, layers: usize },
+    #[error("stage layers {stage_layers:?} must be {pp} non-zero counts summing to the {layers} layers")]
+    StageLayers { stage_layers: Vec<usize>, pp: usize, layers: usize },
 }
 
 #[cfg(test)]

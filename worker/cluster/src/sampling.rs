@@ -30,28 +30,59 @@ impl Default for SamplingParams {
     }
 }
 
+/// A sampling field out of its range: each variant names the field and its limit.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParamError {
+    #[error("`temperature` must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("`top_p` must be in (0, 1], got {0}")]
+    TopP(f32),
+    #[error("`top_k` must be <= {vocab} (the vocabulary), got {got}")]
+    TopK { got: usize, vocab: usize },
+    #[error("`max_tokens` must be >= 1, got 0")]
+    MaxTokensZero,
+    #[error("`{field}` must be <= {MAX_TOP_LOGPROBS}, got {got}")]
+    TooManyAlternatives { field: &'static str, got: usize },
+    #[error("`stop_token_ids` must be < {vocab} (the vocabulary), got {got}")]
+    StopTokenId { got: u32, vocab: usize },
+}
+
+impl ParamError {
+    /// The request field at fault, as clients name it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            ParamError::Temperature(_) => "temperature",
+            ParamError::TopP(_) => "top_p",
+            ParamError::TopK { .. } => "top_k",
+            ParamError::MaxTokensZero => "max_tokens",
+            ParamError::TooManyAlternatives { field, .. } => field,
+            ParamError::StopTokenId { .. } => "stop_token_ids",
+        }
+    }
+}
+
 impl SamplingParams {
-    /// Checks every field, naming the field and its limit on failure.
-    pub fn validate(&self, vocab_size: usize) -> Result<(), String> {
+    /// Checks every field; the error names the field and its limit.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), ParamError> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!("`temperature` must be a finite number >= 0, got {}", self.temperature));
+            return Err(ParamError::Temperature(self.temperature));
         }
         if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
-            return Err(format!("`top_p` must be in (0, 1], got {}", self.top_p));
+            return Err(ParamError::TopP(self.top_p));
         }
         if self.top_k > vocab_size {
-            return Err(format!("`top_k` must be <= {vocab_size} (the vocabulary), got {}", self.top_k));
+            return Err(ParamError::TopK { got: self.top_k, vocab: vocab_size });
         }
         if self.max_tokens == 0 {
-            return Err("`max_tokens` must be >= 1".into());
+            return Err(ParamError::MaxTokensZero);
         }
-        for (name, n) in [("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)] {
-            if let Some(n) = n.filter(|&n| n > MAX_TOP_LOGPROBS) {
-                return Err(format!("`{name}` must be <= {MAX_TOP_LOGPROBS}, got {n}"));
+        for (field, n) in [("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)] {
+            if let Some(got) = n.filter(|&n| n > MAX_TOP_LOGPROBS) {
+                return Err(ParamError::TooManyAlternatives { field, got });
             }
         }
-        if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return Err(format!("`stop_token_ids` must be < {vocab_size} (the vocabulary), got {t}"));
+        if let Some(&got) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(ParamError::StopTokenId { got, vocab: vocab_size });
         }
         Ok(())
     }
@@ -313,16 +344,25 @@ mod tests {
         let bad = |f: fn(&mut SamplingParams)| {
             let mut p = SamplingParams::default();
             f(&mut p);
-            p.validate(100).unwrap_err()
+            let e = p.validate(100).unwrap_err();
+            (e.field(), e.to_string())
         };
-        assert!(bad(|p| p.temperature = f32::NAN).contains("temperature"));
-        assert!(bad(|p| p.temperature = -1.0).contains(">= 0"));
-        assert!(bad(|p| p.top_p = 0.0).contains("(0, 1]"));
-        assert!(bad(|p| p.top_p = 1.5).contains("top_p"));
-        assert!(bad(|p| p.top_k = 101).contains("<= 100"));
-        assert!(bad(|p| p.max_tokens = 0).contains("max_tokens"));
-        assert!(bad(|p| p.logprobs = Some(21)).contains("<= 20"));
-        assert!(bad(|p| p.stop_token_ids = vec![100]).contains("stop_token_ids"));
+        type Case = (fn(&mut SamplingParams), &'static str, &'static str);
+        let cases: [Case; 8] = [
+            (|p| p.temperature = f32::NAN, "temperature", "finite"),
+            (|p| p.temperature = -1.0, "temperature", ">= 0"),
+            (|p| p.top_p = 0.0, "top_p", "(0, 1]"),
+            (|p| p.top_p = 1.5, "top_p", "1.5"),
+            (|p| p.top_k = 101, "top_k", "<= 100"),
+            (|p| p.max_tokens = 0, "max_tokens", ">= 1"),
+            (|p| p.logprobs = Some(21), "logprobs", "<= 20"),
+            (|p| p.stop_token_ids = vec![100], "stop_token_ids", "< 100"),
+        ];
+        for (f, field, limit) in cases {
+            let (got_field, message) = bad(f);
+            assert_eq!(got_field, field);
+            assert!(message.contains(field) && message.contains(limit), "{message}");
+        }
         assert!(SamplingParams::default().validate(100).is_ok());
     }
 }

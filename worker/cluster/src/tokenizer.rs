@@ -22,12 +22,12 @@ impl Tokenizer {
 
     /// Encodes `text`, adding BOS when `add_special_tokens`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenize(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::InvalidRequest(e.to_string()))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenize(e.to_string()))
     }
 
     /// Whether `id` is a special token (BOS, EOS, control tokens): text it decodes to is
