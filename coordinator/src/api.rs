@@ -81,16 +81,17 @@ fn raw_request(req: &pb::GenerateRequest) -> RawRequest {
             pb::generate_request::Prompt::Text(t) => PromptInput::Text(t.clone()),
             pb::generate_request::Prompt::TokenIds(ids) => PromptInput::TokenIds(ids.ids.clone()),
         }),
-        // proto3 zero values: temperature 0 is greedy, top_p 0 and max_tokens 0 mean "unset".
+        // proto3 zero values: temperature 0 is greedy, top_p 0 means "unset".
         temperature: Some(s.temperature),
         top_p: (s.top_p != 0.0).then_some(s.top_p),
         top_k: Some(s.top_k),
         seed: s.seed,
-        max_tokens: (s.max_tokens != 0).then_some(s.max_tokens),
+        max_tokens: s.max_tokens,
         stop_token_ids: s.stop_token_ids,
         stop: s.stop,
         logprobs: s.logprobs,
         prompt_logprobs: s.prompt_logprobs,
+        skip_special_tokens: s.skip_special_tokens,
     }
 }
 
@@ -127,6 +128,12 @@ impl pb::inference_server::Inference for InferenceService {
                     Chunk::PromptLogprobs(lps) => pb::GenerateResponse {
                         request_id: request_id.clone(),
                         prompt_logprobs: lps.iter().map(|t| position(tok, t)).collect(),
+                        ..Default::default()
+                    },
+                    Chunk::End(finish) => pb::GenerateResponse {
+                        request_id: request_id.clone(),
+                        finish_reason: finish_reason(Some(finish)) as i32,
+                        usage: Some(pb::Usage { prompt_tokens, completion_tokens: 0 }),
                         ..Default::default()
                     },
                     Chunk::Token { token, text, finish } => pb::GenerateResponse {

@@ -8,9 +8,20 @@ use minijinja::{Environment, Error, ErrorKind, context};
 
 /// One message of a conversation (as the HTTP API receives it, too).
 #[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// Mistral's assistant prefix: the last message, an assistant's, whose text the reply
+    /// continues (the prompt ends with it, not with the end of the turn).
+    #[serde(default)]
+    pub prefix: bool,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Message { role: role.into(), content: content.into(), prefix: false }
+    }
 }
 
 pub enum ChatTemplate {
@@ -61,9 +72,16 @@ impl ChatTemplate {
         Ok(ChatTemplate::Jinja { env: Box::new(env), bos_token, eos_token })
     }
 
-    /// The prompt text for `messages`, ending where the assistant's reply begins. Errors are
-    /// messages for the client (HTTP 400).
+    /// The prompt text for `messages`, ending where the assistant's reply begins (after the
+    /// text of an assistant prefix, if the last message is one). Errors are messages for the
+    /// client (HTTP 400).
     pub fn render(&self, messages: &[Message]) -> Result<String, String> {
+        if let Some(i) = messages.iter().position(|m| m.prefix)
+            && (i + 1 != messages.len() || messages[i].role != "assistant")
+        {
+            return Err(format!("`messages[{i}].prefix` may be true only on the last message, an assistant's"));
+        }
+        let prefix = messages.last().filter(|m| m.prefix).map(|m| m.content.as_str());
         match self {
             ChatTemplate::Jinja { env, bos_token, eos_token } => {
                 let t = env.get_template("chat").map_err(|e| e.to_string())?;
@@ -75,8 +93,18 @@ impl ChatTemplate {
                         minijinja::Value::from(map)
                     })
                     .collect();
-                t.render(context! { messages, bos_token, eos_token, add_generation_prompt => true })
-                    .map_err(|e| format!("`messages` do not fit the model's chat template: {}", e.detail().unwrap_or(&e.to_string())))
+                let text = t
+                    .render(context! { messages, bos_token, eos_token, add_generation_prompt => prefix.is_none() })
+                    .map_err(|e| format!("`messages` do not fit the model's chat template: {}", e.detail().unwrap_or(&e.to_string())))?;
+                match prefix {
+                    None => Ok(text),
+                    // The conversation rendered whole, cut where the prefix's text ends (as
+                    // transformers' `continue_final_message` does).
+                    Some(p) => match text.rfind(p) {
+                        Some(at) => Ok(text[..at + p.len()].to_owned()),
+                        None => Err("the model's chat template does not write the assistant prefix's text as given".into()),
+                    },
+                }
             }
             ChatTemplate::MistralInstruct => mistral_instruct(messages),
         }
@@ -94,12 +122,13 @@ fn mistral_instruct(messages: &[Message]) -> Result<String, String> {
                 Some(s) => out.push_str(&format!("[INST] {s}\n\n{} [/INST]", m.content)),
                 None => out.push_str(&format!("[INST] {} [/INST]", m.content)),
             },
+            "assistant" if m.prefix => out.push_str(&format!(" {}", m.content)),
             "assistant" => out.push_str(&format!(" {}</s>", m.content)),
             other => return Err(format!("`messages[{i}].role` must be system (first only), user or assistant, got {other:?}")),
         }
     }
-    if messages.last().is_none_or(|m| m.role != "user") {
-        return Err("`messages` must end with a user message".into());
+    if messages.last().is_none_or(|m| m.role != "user" && !m.prefix) {
+        return Err("`messages` must end with a user message or an assistant prefix".into());
     }
     Ok(out)
 }
@@ -109,7 +138,7 @@ mod tests {
     use super::*;
 
     fn msgs(v: &[(&str, &str)]) -> Vec<Message> {
-        v.iter().map(|(r, c)| Message { role: r.to_string(), content: c.to_string() }).collect()
+        v.iter().map(|(r, c)| Message::new(r, *c)).collect()
     }
 
     #[test]
@@ -118,6 +147,24 @@ mod tests {
         assert_eq!(ChatTemplate::MistralInstruct.render(&m).unwrap(), "<s>[INST] Be brief.\n\nHi [/INST] Hello</s>[INST] Bye [/INST]");
         assert!(ChatTemplate::MistralInstruct.render(&msgs(&[("user", "a"), ("assistant", "b")])).is_err());
         assert!(ChatTemplate::MistralInstruct.render(&msgs(&[("tool", "a")])).unwrap_err().contains("role"));
+    }
+
+    #[test]
+    fn an_assistant_prefix_ends_the_prompt() {
+        let mut m = msgs(&[("user", "Hi"), ("assistant", "Sure, here")]);
+        m[1].prefix = true;
+        assert_eq!(ChatTemplate::MistralInstruct.render(&m).unwrap(), "<s>[INST] Hi [/INST] Sure, here");
+        let template = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}\
+            {% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}";
+        let t = ChatTemplate::from_jinja(template.into(), "<s>".into(), "</s>".into()).unwrap();
+        assert_eq!(t.render(&m).unwrap(), "<s>[INST] Hi [/INST] Sure, here");
+        // Only the last message, an assistant's, may be a prefix.
+        let mut early = msgs(&[("user", "Hi"), ("assistant", "A"), ("user", "B")]);
+        early[1].prefix = true;
+        assert!(t.render(&early).unwrap_err().contains("messages[1].prefix"));
+        let mut user = msgs(&[("user", "Hi")]);
+        user[0].prefix = true;
+        assert!(ChatTemplate::MistralInstruct.render(&user).is_err());
     }
 
     #[test]

@@ -71,7 +71,13 @@ pub enum FrontendError {
 #[derive(Debug, Clone)]
 pub enum Chunk {
     PromptLogprobs(Vec<TokenLogprobs>),
-    Token { token: TokenLogprobs, text: String, finish: Option<Finish> },
+    Token {
+        token: TokenLogprobs,
+        text: String,
+        finish: Option<Finish>,
+    },
+    /// The end, with no token: a request that scored its prompt only.
+    End(Finish),
 }
 
 /// Client request id -> the replica and internal id serving it (`None` while it waits for a
@@ -164,7 +170,8 @@ impl Frontend {
             prompt: valid.prompt.clone(),
             params: valid.params.clone(),
             generated: Vec::new(),
-            decoder: IncrementalDecoder::new(&valid.prompt),
+            decoder: IncrementalDecoder::new(&valid.prompt, valid.skip_special_tokens),
+            score_only: valid.score_only,
             stops: StopStrings { stops: valid.stop.clone(), pending: String::new() },
             wants_logprobs: valid.params.logprobs.is_some(),
             completion_tokens: 0,
@@ -218,6 +225,8 @@ pub struct Generation {
     /// Tokens delivered so far (re-queued with the prompt if the replica goes away).
     generated: Vec<u32>,
     decoder: IncrementalDecoder,
+    /// Only the prompt's logprobs are delivered ([`Chunk::End`] instead of the token).
+    score_only: bool,
     stops: StopStrings,
     /// The current replica's events; `None` while waiting for one.
     events: Option<mpsc::UnboundedReceiver<ReplicaEvent>>,
@@ -289,8 +298,8 @@ impl Generation {
         self.outcome = match &chunk {
             Err(FrontendError::DeadlineExceeded(_)) => Some(Outcome::Aborted),
             Err(_) => Some(Outcome::Failed),
-            Ok(Chunk::Token { finish: Some(Finish::Length), .. }) => Some(Outcome::Length),
-            Ok(Chunk::Token { finish: Some(Finish::Stop), .. }) => Some(Outcome::Stop),
+            Ok(Chunk::Token { finish: Some(Finish::Length), .. } | Chunk::End(Finish::Length)) => Some(Outcome::Length),
+            Ok(Chunk::Token { finish: Some(Finish::Stop), .. } | Chunk::End(Finish::Stop)) => Some(Outcome::Stop),
             Ok(_) => None,
         };
         Some(chunk)
@@ -317,6 +326,7 @@ impl Generation {
                     self.resubmit(deadline).await?;
                 }
                 Some(ReplicaEvent::PromptLogprobs(lps)) => return Ok(Chunk::PromptLogprobs(lps)),
+                Some(ReplicaEvent::Token(..)) if self.score_only => return Ok(Chunk::End(Finish::Length)),
                 Some(ReplicaEvent::Token(token, finish)) => return Ok(self.token(token, finish)),
                 Some(ReplicaEvent::Rejected(m)) => return Err(FrontendError::QueueFull(m)),
             }

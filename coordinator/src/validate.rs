@@ -39,6 +39,8 @@ pub struct RawRequest {
     pub stop: Vec<String>,
     pub logprobs: Option<u32>,
     pub prompt_logprobs: Option<u32>,
+    /// Leave special tokens (EOS, control tokens) out of the text; `None` = yes.
+    pub skip_special_tokens: Option<bool>,
 }
 
 /// A checked, tokenized generation request.
@@ -47,6 +49,10 @@ pub struct ValidRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    /// `max_tokens` 0: the prompt is scored (its logprobs) and nothing is generated. The
+    /// replica runs it as one token whose choice is not delivered.
+    pub score_only: bool,
+    pub skip_special_tokens: bool,
 }
 
 /// Why a request is refused (INVALID_ARGUMENT / HTTP 400): each names the field at fault
@@ -70,6 +76,8 @@ pub enum RequestError {
     Messages(String),
     #[error("`stop` must be at most {MAX_STOP_STRINGS} non-empty strings")]
     Stop,
+    #[error("`max_tokens` must be >= 1, or 0 to score the prompt only (with `prompt_logprobs`; over HTTP, `echo`)")]
+    ScoreOnly,
     #[error("prompt ({prompt} tokens) + `max_tokens` ({max_tokens}) must be <= {context} (the model's context), got {}", prompt + max_tokens)]
     Context { prompt: usize, max_tokens: usize, context: usize },
     #[error("give exactly one of `{0}` and `{1}`")]
@@ -94,7 +102,7 @@ impl RequestError {
             | RequestError::Combination { field, .. } => field,
             RequestError::Messages(_) => "messages",
             RequestError::Stop => "stop",
-            RequestError::Context { .. } => "max_tokens",
+            RequestError::Context { .. } | RequestError::ScoreOnly => "max_tokens",
             RequestError::OneOf(first, _) => first,
             RequestError::Model { .. } => "model",
             RequestError::Unsupported { field, .. } => field,
@@ -122,10 +130,13 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
             ids
         }
     };
+    let score_only = req.max_tokens == Some(0);
+    if score_only && req.prompt_logprobs.is_none() {
+        return Err(RequestError::ScoreOnly);
+    }
     let max_tokens = match req.max_tokens {
         None => DEFAULT_MAX_TOKENS.min(limits.max_context.saturating_sub(prompt.len()).max(1)),
-        Some(0) => return Err(ParamError::MaxTokensZero.into()),
-        Some(n) => n as usize,
+        Some(n) => (n as usize).max(1),
     };
     if req.stop.len() > MAX_STOP_STRINGS || req.stop.iter().any(String::is_empty) {
         return Err(RequestError::Stop);
@@ -143,8 +154,9 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
         prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
     };
     params.validate(limits.vocab_size)?;
-    if prompt.len() + max_tokens > limits.max_context {
-        return Err(RequestError::Context { prompt: prompt.len(), max_tokens, context: limits.max_context });
+    let generated = if score_only { 0 } else { max_tokens };
+    if prompt.len() + generated > limits.max_context {
+        return Err(RequestError::Context { prompt: prompt.len(), max_tokens: generated, context: limits.max_context });
     }
-    Ok(ValidRequest { prompt, params, stop: req.stop })
+    Ok(ValidRequest { prompt, params, stop: req.stop, score_only, skip_special_tokens: req.skip_special_tokens.unwrap_or(true) })
 }

@@ -59,25 +59,38 @@ def test_completion_reproduces_transformers(client, case):
     assert out.usage.completion_tokens == n
 
 
+@pytest.mark.parametrize("max_tokens", [1, 0])
 @pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda c: str(len(c["prompt_ids"])))
-def test_echo_scores_the_prompt_as_transformers_does(client, case):
-    # The request evaluation harnesses send to score text: echo the prompt with logprobs.
+def test_echo_scores_the_prompt_as_transformers_does(client, case, max_tokens):
+    # The request evaluation harnesses send to score text: echo the prompt with logprobs;
+    # with max_tokens 0 nothing is generated.
     n = len(case["prompt_ids"])
     out = client.completions.create(
-        model=model_name(client), prompt=case["prompt_ids"], max_tokens=1, temperature=0, logprobs=1, echo=True,
+        model=model_name(client), prompt=case["prompt_ids"], max_tokens=max_tokens, temperature=0, logprobs=1, echo=True,
         extra_body={"return_tokens_as_token_ids": True},
     )
     lp = out.choices[0].logprobs
-    assert [int(t.split(":")[1]) for t in lp.tokens] == case["prompt_ids"] + case["greedy_ids"][:1]
-    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n + 1
+    assert [int(t.split(":")[1]) for t in lp.tokens] == case["prompt_ids"] + case["greedy_ids"][:max_tokens]
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n + max_tokens
     # Nothing precedes the first prompt token: no logprob (as vLLM and OpenAI answer).
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert len(case["prompt_logprobs"]) == n and case["prompt_logprobs"][0] is None
     for ours, theirs in zip(lp.token_logprobs[1:n], case["prompt_logprobs"][1:], strict=True):
         assert abs(ours - theirs) <= 2e-3
-    assert abs(lp.token_logprobs[n] - case["greedy_logprobs"][0]) <= 2e-3
+    for ours, theirs in zip(lp.token_logprobs[n:], case["greedy_logprobs"][:max_tokens], strict=True):
+        assert abs(ours - theirs) <= 2e-3
     assert all(len(top) >= 1 for top in lp.top_logprobs[1:])
-    assert out.usage.prompt_tokens == n and out.usage.completion_tokens == 1
+    assert out.usage.prompt_tokens == n and out.usage.completion_tokens == max_tokens
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_max_tokens_zero_only_scores_an_echoed_prompt(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name(client), prompt="hi", max_tokens=0)
+    assert e.value.param == "max_tokens" and "echo" in str(e.value)
+    out = client.completions.create(model=model_name(client), prompt=TEXT_CASES[0]["prompt_text"], max_tokens=0, echo=True)
+    assert out.choices[0].text == TEXT_CASES[0]["prompt_text"] and out.choices[0].logprobs is None
+    assert out.usage.completion_tokens == 0
 
 
 @pytest.mark.parametrize("case", TEXT_CASES, ids=lambda c: str(len(c["prompt_ids"])))
@@ -119,6 +132,37 @@ def test_chat_streamed_and_whole_agree(client):
     assert whole.usage.completion_tokens == 8
 
 
+def test_n_choices_draw_with_consecutive_seeds(client):
+    kwargs = dict(model=model_name(client), prompt=TEXT_CASES[0]["prompt_text"], max_tokens=6, temperature=1.0)
+    out = client.completions.create(**kwargs, n=3, seed=5)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    # Choice i is what a request with seed + i answers.
+    alone = [client.completions.create(**kwargs, seed=5 + i).choices[0].text for i in range(3)]
+    assert [c.text for c in out.choices] == alone and len(set(alone)) > 1
+    assert out.usage.completion_tokens == 18 and out.usage.prompt_tokens == len(TEXT_CASES[0]["prompt_ids"])
+    # Streamed: the chunks of the choices interleave; each choice's text is the same, and the
+    # last chunk, asked for with include_usage, has no choices and the usage.
+    chunks = list(client.completions.create(**kwargs, n=3, seed=5, stream=True, stream_options={"include_usage": True}))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert texts == alone
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
+    assert all(c.usage is None for c in chunks[:-1])
+    ends = [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason]
+    assert ends == ["length"] * 3
+    # Chat: the same, and without include_usage no usage chunk.
+    messages = [{"role": "user", "content": "Where does the tramontane blow?"}]
+    chat = client.chat.completions.create(model=model_name(client), messages=messages, max_tokens=5, temperature=1.0, seed=9, n=2)
+    one = client.chat.completions.create(model=model_name(client), messages=messages, max_tokens=5, temperature=1.0, seed=10)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[1].message.content == one.choices[0].message.content
+    streamed = list(client.chat.completions.create(model=model_name(client), messages=messages, max_tokens=5, temperature=1.0, seed=9, n=2, stream=True))
+    assert all(c.choices and c.usage is None for c in streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == 1) == one.choices[0].message.content
+    for bad in [0, 17]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**kwargs, n=bad)
+        assert e.value.param == "n" and "1..=16" in str(e.value)
+
+
 def test_seeded_sampling_is_reproducible(client):
     kwargs = dict(model=model_name(client), prompt="The wind", max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     text = client.completions.create(**kwargs).choices[0].text
@@ -134,7 +178,8 @@ def test_seeded_sampling_is_reproducible(client):
     ({"top_p": 1.5}, "top_p", "(0, 1]"),
     ({"max_tokens": 100000}, "max_tokens", "context"),
     ({"model": "not-this-one"}, "model", "not served"),
-    ({"n": 2}, "n", "`n`"),
+    ({"n": 17}, "n", "`n`"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "`stream: true`"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     # Fields this server does not implement are refused, never ignored.
     ({"presence_penalty": 0.5}, "presence_penalty", "`presence_penalty` is not supported"),

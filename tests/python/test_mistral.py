@@ -2,7 +2,9 @@
 checked against the `openai` SDK's answers from the same server: the cluster is started by
 tests/tests/python_clients.rs (see test_clients.py for the environment it passes)."""
 
+import json
 import os
+import urllib.request
 
 import openai
 import pytest
@@ -14,6 +16,14 @@ GUARDRAIL = (
     "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
 )
 QUESTION = [{"role": "user", "content": "Where does the tramontane blow?"}]
+
+
+def post(path, body):
+    """POSTs JSON to the HTTP API's root; the parsed answer."""
+    base = os.environ["TRAMONTANE_HTTP"].removesuffix("/v1")
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +81,22 @@ def test_safe_prompt_puts_the_guardrail_first(mistral, oai, model, system):
     assert guarded.choices[0].message.content == explicit.choices[0].message.content
     plain = mistral.chat.complete(model=model, messages=own + QUESTION, max_tokens=8, temperature=0)
     assert plain.usage.prompt_tokens < guarded.usage.prompt_tokens
+
+
+def test_an_assistant_prefix_is_continued(mistral, oai, model):
+    # The prompt ends with the prefix's text (not with the end of the assistant's turn), and
+    # the reply continues it: the same as completing the prompt's tokens.
+    prefix = "The tramontane blows"
+    messages = QUESTION + [{"role": "assistant", "content": prefix, "prefix": True}]
+    reply = mistral.chat.complete(model=model, messages=messages, max_tokens=6, temperature=0)
+    ids = post("/tokenize", {"messages": messages})["tokens"]
+    text = post("/detokenize", {"tokens": ids})["prompt"]
+    assert text.endswith(prefix)
+    continued = oai.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.content == continued.choices[0].text
+    assert reply.usage.prompt_tokens == len(ids)
+    # Only the last message, an assistant's, may be a prefix (the openai SDK sends the field as
+    # given; Mistral's drops it from a user message).
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi", "prefix": True}], max_tokens=2)
+    assert e.value.param == "messages" and "prefix" in str(e.value)

@@ -285,7 +285,7 @@ pub mod client {
         let req = pb::GenerateRequest {
             request_id: String::new(),
             prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt.to_vec() })),
-            sampling: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
+            sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), ..Default::default() }),
         };
         let mut ids = Vec::new();
         let mut stream = match client.generate(req).await {

@@ -66,7 +66,7 @@ fn request(prompt: pb::generate_request::Prompt, max_tokens: u32) -> pb::Generat
     pb::GenerateRequest {
         request_id: String::new(),
         prompt: Some(prompt),
-        sampling: Some(pb::SamplingParams { max_tokens, logprobs: Some(2), ..Default::default() }),
+        sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), logprobs: Some(2), ..Default::default() }),
     }
 }
 
@@ -182,7 +182,7 @@ async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
     let long = |id: &str| pb::GenerateRequest {
         request_id: id.into(),
         prompt: Some(pb::generate_request::Prompt::Text("The tramontane".into())),
-        sampling: Some(pb::SamplingParams { max_tokens: 900, ..Default::default() }),
+        sampling: Some(pb::SamplingParams { max_tokens: Some(900), ..Default::default() }),
     };
     // Abort by id.
     let mut stream = c.generate(long("a")).await.expect("starts").into_inner();
@@ -209,8 +209,10 @@ async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
         (bad(|r| r.sampling.as_mut().expect("s").temperature = f32::NAN), "temperature"),
         (bad(|r| r.sampling.as_mut().expect("s").temperature = -0.5), "temperature"),
         (bad(|r| r.sampling.as_mut().expect("s").top_p = 1.5), "top_p"),
-        (bad(|r| r.sampling.as_mut().expect("s").max_tokens = 5000), "2048"),
+        (bad(|r| r.sampling.as_mut().expect("s").max_tokens = Some(5000)), "2048"),
         (bad(|r| r.sampling.as_mut().expect("s").logprobs = Some(50)), "logprobs"),
+        // max_tokens 0 only scores a prompt: without prompt logprobs it asks for nothing.
+        (bad(|r| r.sampling.as_mut().expect("s").max_tokens = Some(0)), "prompt_logprobs"),
     ];
     for (req, needle) in cases {
         let err = c.generate(req).await.expect_err("refused");
@@ -298,7 +300,7 @@ async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies(
     let long = || pb::GenerateRequest {
         request_id: String::new(),
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![1, 2, 3] })),
-        sampling: Some(pb::SamplingParams { max_tokens: 300, ..Default::default() }),
+        sampling: Some(pb::SamplingParams { max_tokens: Some(300), ..Default::default() }),
     };
     let (undisturbed, ..) = generate(&mut c, long()).await.expect("generates");
     let mut stream = c.generate(long()).await.expect("starts").into_inner();

@@ -261,7 +261,7 @@ fn generate<B: Backend>(backend: B, args: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut generator = Generator::new(engine, 1);
     generator.add(SeqRequest { id: 0, prompt: prompt.clone(), params })?;
-    let mut decoder = IncrementalDecoder::new(&prompt);
+    let mut decoder = IncrementalDecoder::new(&prompt, true);
     let mut out = std::io::stdout().lock();
     let started = std::time::Instant::now();
     let mut count = 0;

@@ -160,13 +160,17 @@ fn tokenizers_encode_the_text_prompts_like_transformers() {
             assert_eq!(tok.encode(text, true).expect("encodes"), case.prompt_ids, "{name}: {text}");
             // Incremental decoding of prompt + continuation reproduces the full decode.
             let all: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids).copied().collect();
-            let mut dec = worker::IncrementalDecoder::new(&[]);
-            let mut text_out = String::new();
-            for &id in &all {
-                text_out.push_str(&dec.push(&tok, id).expect("decodes"));
+            for skip_special_tokens in [false, true] {
+                let mut dec = worker::IncrementalDecoder::new(&[], skip_special_tokens);
+                let mut text_out = String::new();
+                for &id in &all {
+                    text_out.push_str(&dec.push(&tok, id).expect("decodes"));
+                }
+                text_out.push_str(&dec.flush(&tok).expect("flushes"));
+                assert_eq!(text_out, tok.decode(&all, skip_special_tokens).expect("decodes"), "{name}");
             }
-            text_out.push_str(&dec.flush(&tok).expect("flushes"));
-            assert_eq!(text_out, tok.decode(&all, false).expect("decodes"), "{name}");
+            // The prompt starts with BOS: its text is there only when special tokens are kept.
+            assert_ne!(tok.decode(&all, false).expect("decodes"), tok.decode(&all, true).expect("decodes"), "{name}");
         }
         assert_eq!(texts, 2, "{name} has two text prompts");
     }

@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
                         let req = pb::GenerateRequest {
                             request_id: String::new(),
                             prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
-                            sampling: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
+                            sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), ..Default::default() }),
                         };
                         let sent = Instant::now();
                         let mut stream = client.generate(req).await?.into_inner();

@@ -397,7 +397,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let req = pb::GenerateRequest {
         request_id: String::new(),
         prompt: Some(pb::generate_request::Prompt::Text(a.prompt)),
-        sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, temperature: a.temperature, ..Default::default() }),
+        sampling: Some(pb::SamplingParams { max_tokens: Some(a.max_tokens), temperature: a.temperature, ..Default::default() }),
     };
     let mut stream = c.generate(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
     let mut out = std::io::stdout().lock();

@@ -40,7 +40,7 @@ impl Tokenizer {
     /// in the text they decode to after `context` without special tokens: a special token,
     /// or a byte that waits for the rest of its character, starts where the next text will.
     pub fn text_offsets(&self, context: &[u32], ids: &[u32]) -> Result<Vec<usize>> {
-        let mut decoder = IncrementalDecoder::new(context);
+        let mut decoder = IncrementalDecoder::new(context, true);
         let mut chars = 0;
         let mut offsets = Vec::with_capacity(ids.len());
         for &id in ids {
@@ -71,20 +71,22 @@ pub struct IncrementalDecoder {
     prefix_offset: usize,
     /// End of the text already emitted (in tokens).
     read_offset: usize,
+    /// Leave special tokens (EOS, control tokens) out of the text.
+    skip_special_tokens: bool,
 }
 
 impl IncrementalDecoder {
     /// Starts after `prompt`: its text is never emitted, but it gives context.
-    pub fn new(prompt: &[u32]) -> Self {
+    pub fn new(prompt: &[u32], skip_special_tokens: bool) -> Self {
         let keep = prompt.len().min(6);
-        IncrementalDecoder { ids: prompt[prompt.len() - keep..].to_vec(), prefix_offset: 0, read_offset: keep }
+        IncrementalDecoder { ids: prompt[prompt.len() - keep..].to_vec(), prefix_offset: 0, read_offset: keep, skip_special_tokens }
     }
 
     /// Adds one token; returns the text that became final.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], false)?;
-        let full = tok.decode(&self.ids[self.prefix_offset..], false)?;
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             let delta = full[prefix.len()..].to_owned();
             self.prefix_offset = self.read_offset;
@@ -97,8 +99,8 @@ impl IncrementalDecoder {
 
     /// Whatever is still held back (an incomplete character at the end of generation).
     pub fn flush(&mut self, tok: &Tokenizer) -> Result<String> {
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], false)?;
-        let full = tok.decode(&self.ids[self.prefix_offset..], false)?;
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(full.get(prefix.len()..).unwrap_or_default().to_owned())

@@ -1,0 +1,175 @@
+//! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (JSON or SSE),
+//! `/v1/models`, `/health`, `/metrics` (Prometheus). Requests become [`RawRequest`]s and go through the same validation
+//! and frontend as gRPC; errors come back as OpenAI-style JSON with HTTP 400 / 429 / 503.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::chat::Message;
+use crate::frontend::{Frontend, FrontendError};
+use crate::validate::RequestError;
+
+mod generate;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// The routes, over a frontend; every request must finish within `timeout`.
+pub fn router(frontend: Frontend, timeout: std::time::Duration) -> Router {
+    Router::new()
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(Api { frontend, timeout })
+}
+
+#[derive(Clone)]
+struct Api {
+    frontend: Frontend,
+    timeout: std::time::Duration,
+}
+
+/// An HTTP error as OpenAI clients expect it: status, message, and the request field at fault.
+pub struct ApiError(StatusCode, String, Option<String>);
+
+impl From<FrontendError> for ApiError {
+    fn from(e: FrontendError) -> Self {
+        let status = match &e {
+            FrontendError::InvalidArgument(e) => return e.clone().into(),
+            FrontendError::AlreadyExists(_) => StatusCode::CONFLICT,
+            FrontendError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            FrontendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            FrontendError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            FrontendError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string(), None)
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string(), Some(e.field().to_owned()))
+    }
+}
+
+/// The tokenizer failing on ids the model produced or was given: the server's fault.
+impl From<cluster::Error> for ApiError {
+    fn from(e: cluster::Error) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let msg = match &r {
+            JsonRejection::BytesRejection(_) => format!("the request body must be <= {MAX_BODY_BYTES} bytes"),
+            other => format!("invalid JSON body: {}", other.body_text()),
+        };
+        ApiError(StatusCode::BAD_REQUEST, msg, None)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = if self.0 == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
+        let body = json!({"error": {"message": self.1, "type": kind, "param": self.2, "code": self.0.as_u16()}});
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            // Load balancers and clients try again (elsewhere) after a second.
+            return (self.0, [(axum::http::header::RETRY_AFTER, "1")], Json(body)).into_response();
+        }
+        (self.0, Json(body)).into_response()
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The `model` field, where given, must name the served model.
+fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<(), ApiError> {
+    let served = &frontend.served.name;
+    match model.filter(|m| !m.is_empty() && *m != served.as_str()) {
+        Some(m) => Err(RequestError::Model { got: m.to_owned(), served: served.clone() }.into()),
+        None => Ok(()),
+    }
+}
+
+/// `/tokenize` (vLLM's shape): a prompt, or chat messages rendered with the chat template.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<Message>>,
+    /// For `prompt`: add the tokenizer's special tokens (BOS); chat templates write their own.
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `/detokenize` (vLLM's shape).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+    #[serde(default)]
+    skip_special_tokens: bool,
+}
+
+async fn tokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<TokenizeRequest>, JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body?;
+    check_model(&frontend, req.model.as_deref())?;
+    let s = &frontend.served;
+    let ids = match (req.prompt, req.messages) {
+        (Some(prompt), None) => {
+            s.tokenizer.encode(&prompt, req.add_special_tokens).map_err(|e| RequestError::Untokenizable { field: "prompt", reason: e.to_string() })
+        }
+        (None, Some(messages)) => s.chat_prompt(&messages),
+        _ => Err(RequestError::OneOf("prompt", "messages")),
+    }?;
+    Ok(Json(json!({"count": ids.len(), "max_model_len": s.limits.max_context, "tokens": ids})))
+}
+
+async fn detokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<DetokenizeRequest>, JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body?;
+    check_model(&frontend, req.model.as_deref())?;
+    let text = frontend.served.detokenize(&req.tokens, req.skip_special_tokens, "tokens")?;
+    Ok(Json(json!({"prompt": text})))
+}
+
+async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
+    let s = &frontend.served;
+    // OpenAI's fields, vLLM's `max_model_len`, and the card Mistral's SDK reads (`type`,
+    // `capabilities`, `max_context_length`).
+    let capabilities = json!({"completion_chat": true, "completion_fim": false, "function_calling": false, "fine_tuning": false, "vision": false});
+    Json(json!({"object": "list", "data": [{
+        "id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context,
+        "type": "base", "capabilities": capabilities, "max_context_length": s.limits.max_context,
+    }]}))
+}
+
+async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
+    let text = frontend.metrics.render(frontend.gauges());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+async fn health(State(Api { frontend, .. }): State<Api>) -> StatusCode {
+    if frontend.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
