@@ -92,6 +92,12 @@ fn raw_request(req: &pb::GenerateRequest) -> RawRequest {
         logprobs: s.logprobs,
         prompt_logprobs: s.prompt_logprobs,
         skip_special_tokens: s.skip_special_tokens,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        repetition_penalty: s.repetition_penalty,
+        logit_bias: s.logit_bias.into_iter().collect(),
+        min_tokens: s.min_tokens,
+        ignore_eos: s.ignore_eos,
     }
 }
 

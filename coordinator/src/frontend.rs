@@ -347,7 +347,8 @@ impl Generation {
         if finish.is_some() {
             text.push_str(&self.decoder.flush(tok).unwrap_or_default());
         }
-        let (mut text, hit) = self.stops.push(&text);
+        // Stop strings count from min_tokens on (as vLLM's), as stop tokens do.
+        let (mut text, hit) = if self.completion_tokens >= self.params.min_tokens { self.stops.push(&text) } else { (text, false) };
         if hit {
             // The replica would go on generating: its sequence ends here.
             if let Some(Some((replica, internal))) = self.frontend.running.lock().unwrap_or_else(|p| p.into_inner()).get(&self.request_id) {

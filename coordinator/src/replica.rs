@@ -252,7 +252,7 @@ impl ReplicaTask {
                 self.metrics.queue_time(arrived.elapsed().as_secs_f64());
             }
         }
-        let request = pb::StepRequest { epoch: self.epoch, sequences: plan.iter().map(to_pb).collect() };
+        let request = pb::StepRequest { epoch: self.epoch, sequences: plan.iter().map(to_pb).collect(), released: self.scheduler.take_released() };
         match self.step_all_ranks(request).await {
             Ok(response) => {
                 let compute_micros = response.compute_micros;
@@ -350,8 +350,16 @@ fn to_pb(p: &PlannedSeq) -> pb::SequenceStep {
             top_p: s.top_p,
             seed: s.seed,
             logprobs: s.logprobs.unwrap_or(0) as u32,
+            presence_penalty: s.penalties.presence,
+            frequency_penalty: s.penalties.frequency,
+            repetition_penalty: s.penalties.repetition,
+            logit_bias: s.logit_bias.iter().copied().collect(),
+            min_tokens: s.min_tokens as u32,
+            stop_token_ids: if s.min_tokens > 0 { s.stop_token_ids.clone() } else { Vec::new() },
+            prompt_len: s.prompt_len as u32,
         }),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
+        keep_history: p.keep_history.map(|n| n as u32),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Raw client requests (gRPC or HTTP) become [`ValidRequest`]s here; nothing past this point
 //! sees an unchecked request. Every error names the field and its limit.
 
-use cluster::sampling::ParamError;
+use cluster::sampling::{ParamError, Penalties};
 use cluster::{SamplingParams, Tokenizer};
 
 /// Tokens generated when a request does not say.
@@ -41,6 +41,15 @@ pub struct RawRequest {
     pub prompt_logprobs: Option<u32>,
     /// Leave special tokens (EOS, control tokens) out of the text; `None` = yes.
     pub skip_special_tokens: Option<bool>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// Token id -> added to its logit.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Neither stop tokens nor stop strings end the generation before this many tokens.
+    pub min_tokens: Option<u32>,
+    /// The model's EOS does not end the generation.
+    pub ignore_eos: bool,
 }
 
 /// A checked, tokenized generation request.
@@ -142,7 +151,11 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
         return Err(RequestError::Stop);
     }
     let mut stop_token_ids = req.stop_token_ids;
-    stop_token_ids.extend(&limits.eos_token_ids);
+    if !req.ignore_eos {
+        stop_token_ids.extend(&limits.eos_token_ids);
+    }
+    let mut logit_bias = req.logit_bias;
+    logit_bias.sort_by_key(|&(t, _)| t);
     let params = SamplingParams {
         temperature: req.temperature.unwrap_or(1.0),
         top_k: req.top_k.unwrap_or(0) as usize,
@@ -152,6 +165,14 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
         stop_token_ids,
         logprobs: req.logprobs.map(|n| n as usize),
         prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
+        logit_bias,
+        penalties: Penalties {
+            presence: req.presence_penalty.unwrap_or(0.0),
+            frequency: req.frequency_penalty.unwrap_or(0.0),
+            repetition: req.repetition_penalty.unwrap_or(1.0),
+        },
+        min_tokens: req.min_tokens.unwrap_or(0) as usize,
+        prompt_len: prompt.len(),
     };
     params.validate(limits.vocab_size)?;
     let generated = if score_only { 0 } else { max_tokens };

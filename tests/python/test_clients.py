@@ -163,13 +163,49 @@ def test_n_choices_draw_with_consecutive_seeds(client):
         assert e.value.param == "n" and "1..=16" in str(e.value)
 
 
+def test_logit_bias_min_tokens_ignore_eos_and_special_tokens(client):
+    kwargs = dict(model=model_name(client), prompt=TEXT_CASES[0]["prompt_text"], max_tokens=5, temperature=0, logprobs=0)
+    ids = lambda out: [int(t.split(":")[1]) for t in out.choices[0].logprobs.tokens]  # noqa: E731
+    as_ids = {"return_tokens_as_token_ids": True}
+    # A bias that makes EOS (id 2) the choice at once; the text leaves it out unless asked.
+    eos = client.completions.create(**kwargs, logit_bias={"2": 100}, extra_body=as_ids)
+    assert ids(eos) == [2] and eos.choices[0].finish_reason == "stop" and eos.choices[0].text == ""
+    kept = client.completions.create(**kwargs, logit_bias={"2": 100}, extra_body={"skip_special_tokens": False})
+    assert kept.choices[0].text == "</s>"
+    # min_tokens holds EOS off for three tokens; ignore_eos lets it run to max_tokens.
+    held = client.completions.create(**kwargs, logit_bias={"2": 100}, extra_body={"min_tokens": 3, **as_ids})
+    assert ids(held)[3:] == [2] and 2 not in ids(held)[:3] and held.choices[0].finish_reason == "stop"
+    ignored = client.completions.create(**kwargs, logit_bias={"2": 100}, extra_body={"ignore_eos": True, **as_ids})
+    assert ids(ignored) == [2] * 5 and ignored.choices[0].finish_reason == "length"
+    for bad, param in [({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"2": 101}}, "logit_bias"),
+                       ({"extra_body": {"min_tokens": 9}}, "min_tokens"), ({"presence_penalty": 2.5}, "presence_penalty"),
+                       ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**kwargs, **bad})
+        assert e.value.param == param, (bad, e.value)
+
+
+def test_penalties_over_http_and_grpc_agree(client, stub):
+    prompt = TEXT_CASES[1]["prompt_ids"]
+    penalties = dict(presence_penalty=0.6, frequency_penalty=0.5)
+    kwargs = dict(model=model_name(client), prompt=prompt, max_tokens=12, temperature=0, logprobs=0)
+    as_ids = {"return_tokens_as_token_ids": True, "repetition_penalty": 1.5, "ignore_eos": True}
+    out = client.completions.create(**kwargs, **penalties, extra_body=as_ids)
+    http = [int(t.split(":")[1]) for t in out.choices[0].logprobs.tokens]
+    plain = client.completions.create(**kwargs, extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    assert http != [int(t.split(":")[1]) for t in plain.choices[0].logprobs.tokens]
+    sampling = pb.SamplingParams(max_tokens=12, repetition_penalty=1.5, ignore_eos=True, **penalties)
+    grpc_ids, _, _ = generate(stub, pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling))
+    assert grpc_ids == http
+
+
 def test_seeded_sampling_is_reproducible(client):
     kwargs = dict(model=model_name(client), prompt="The wind", max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     text = client.completions.create(**kwargs).choices[0].text
     assert client.completions.create(**kwargs).choices[0].text == text
     # Mistral's name for the seed, and fields at values that change nothing, are accepted.
     del kwargs["seed"]
-    neutral = {"random_seed": 7, "safe_prompt": False, "user": "u1", "logit_bias": {}, "tool_choice": "none"}
+    neutral = {"random_seed": 7, "safe_prompt": False, "user": "u1", "logit_bias": {}, "tool_choice": "none", "best_of": 1}
     assert client.completions.create(**kwargs, presence_penalty=0, frequency_penalty=0, extra_body=neutral).choices[0].text == text
 
 
@@ -182,7 +218,7 @@ def test_seeded_sampling_is_reproducible(client):
     ({"stream_options": {"include_usage": True}}, "stream_options", "`stream: true`"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     # Fields this server does not implement are refused, never ignored.
-    ({"presence_penalty": 0.5}, "presence_penalty", "`presence_penalty` is not supported"),
+    ({"extra_body": {"best_of": 2}}, "best_of", "`best_of` is not supported"),
     ({"extra_body": {"logit_bias_typo": 1}}, "logit_bias_typo", "`logit_bias_typo` is not supported"),
     ({"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}, "tools", "`tools` is not supported"),
 ])

@@ -55,6 +55,9 @@ def test_chat_answers_as_the_openai_api_does(mistral, oai, model):
     assert ours.choices[0].message.content == theirs.choices[0].message.content
     assert ours.choices[0].finish_reason == "length" and ours.usage.completion_tokens == 8
     # `random_seed` is Mistral's `seed`.
+    penalized = mistral.chat.complete(model=model, messages=QUESTION, max_tokens=8, temperature=0, presence_penalty=0.8, frequency_penalty=0.5)
+    same = oai.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0, presence_penalty=0.8, frequency_penalty=0.5)
+    assert penalized.choices[0].message.content == same.choices[0].message.content
     sampled = mistral.chat.complete(model=model, messages=QUESTION, max_tokens=8, temperature=1.0, random_seed=11)
     seeded = oai.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=1.0, seed=11)
     assert sampled.choices[0].message.content == seeded.choices[0].message.content

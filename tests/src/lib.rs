@@ -271,7 +271,9 @@ pub mod client {
         admin.cluster_status(pb::ClusterStatusRequest {}).await.expect("status").into_inner()
     }
 
-    /// Streams a greedy generation of `max_tokens` from token ids to the end; the token ids.
+    /// Streams a greedy generation of `max_tokens` from token ids to the end (with a repetition
+    /// penalty, which, unlike presence and frequency penalties, treats prompt and output
+    /// alike: a continuation from prompt + output is the same request); the token ids.
     pub async fn stream_ids(client: &mut InferenceClient<Channel>, prompt: &[u32], max_tokens: u32) -> Result<Vec<u32>, tonic::Status> {
         match stream_until_end(client, prompt, max_tokens).await {
             (ids, None) => Ok(ids),
@@ -285,7 +287,9 @@ pub mod client {
         let req = pb::GenerateRequest {
             request_id: String::new(),
             prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt.to_vec() })),
-            sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), ..Default::default() }),
+            // A repetition penalty, so the tokens the workers keep for it must move with the
+            // request; EOS ignored, so every stream runs its whole length.
+            sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), repetition_penalty: Some(1.3), ignore_eos: true, ..Default::default() }),
         };
         let mut ids = Vec::new();
         let mut stream = match client.generate(req).await {

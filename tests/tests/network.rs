@@ -108,7 +108,7 @@ async fn a_worker_cut_from_etcd_is_fenced_its_requests_move_and_healed_it_serves
     })
     .await;
     let fenced = cut.elapsed();
-    let refused = w.step(wpb::StepRequest { epoch, sequences: Vec::new() }).await.expect_err("a step of the old epoch is refused");
+    let refused = w.step(wpb::StepRequest { epoch, sequences: Vec::new(), released: Vec::new() }).await.expect_err("a step of the old epoch is refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("stale placement epoch"), "{refused:?}");
     assert_eq!(w.health(wpb::HealthRequest {}).await.expect("health").into_inner().weight_bytes, 0, "the fenced worker unloaded its model");
@@ -336,7 +336,7 @@ async fn a_leader_cut_from_etcd_stops_and_the_standby_takes_over_without_generat
     assert!(retried > 0, "some requests met the takeover");
 
     // A step the old leader might still send is refused by epoch, and the new leader serves.
-    let refused = w.step(wpb::StepRequest { epoch, sequences: Vec::new() }).await.expect_err("a step of the old epoch is refused");
+    let refused = w.step(wpb::StepRequest { epoch, sequences: Vec::new(), released: Vec::new() }).await.expect_err("a step of the old epoch is refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     all_complete(streams(&c_new, MAX_TOKENS), &solo).await;
     eprintln!(

@@ -2,6 +2,7 @@
 //! Which sequences run and which blocks they own is decided by the caller (the coordinator,
 //! or the local [`Generator`](crate::Generator)); the engine checks and executes.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use crate::backend::{AttentionMeta, Backend, DType, KvShape, SeqAttention};
@@ -11,7 +12,7 @@ use crate::kv_cache::slot;
 use crate::model::{CausalLm, Loader};
 use crate::quant::{Quantization, WeightDType};
 use crate::rank::Parallel;
-use crate::sampling::{RowChoice, SamplingParams, TokenLogprobs};
+use crate::sampling::{RowChoice, SamplingParams, TokenHistory, TokenLogprobs};
 use crate::weights::{Checkpoint, WeightSource};
 
 pub use cluster::precision::LoadFormat;
@@ -58,6 +59,8 @@ impl Default for EngineOptions {
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
 pub struct SeqStep<'a> {
+    /// The sequence's id (its token history is kept under it).
+    pub id: u64,
     /// New tokens: a prompt chunk, or the last sampled token.
     pub tokens: &'a [u32],
     /// Tokens of this sequence already in the KV cache.
@@ -68,6 +71,9 @@ pub struct SeqStep<'a> {
     pub sample: Option<&'a SamplingParams>,
     /// Report the logprobs of `tokens[1..]` with this many alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// Keep the sequence's tokens for its penalties ([`TokenHistory`]); its own prompt is this
+    /// long. A chunk at position 0 starts the history afresh; any other must continue it.
+    pub keep_history: Option<usize>,
 }
 
 /// What a step produced for one sequence.
@@ -84,6 +90,8 @@ pub struct Engine<B: Backend> {
     caches: Vec<B::KvCache>,
     cache: CacheConfig,
     weight_bytes: usize,
+    /// The tokens of the sequences whose penalties need them, until released.
+    histories: HashMap<u64, TokenHistory>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -111,7 +119,7 @@ impl<B: Backend> Engine<B> {
         };
         let caches = model.layers.iter().map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
         let weight_bytes = loader.loaded_bytes.get();
-        Ok(Engine { backend, model, caches, cache: options.cache, weight_bytes })
+        Ok(Engine { backend, model, caches, cache: options.cache, weight_bytes, histories: HashMap::new() })
     }
 
     pub fn parallel(&self) -> &Parallel {
@@ -129,6 +137,13 @@ impl<B: Backend> Engine<B> {
     /// Bytes of weights this rank holds.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Forgets the token histories of sequences that ended.
+    pub fn release(&mut self, ids: &[u64]) {
+        for id in ids {
+            self.histories.remove(id);
+        }
     }
 
     /// Runs one batched forward over every sequence's new tokens and samples where asked.
@@ -163,6 +178,10 @@ impl<B: Backend> Engine<B> {
             if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cache.num_blocks) {
                 return Err(BadRequest::Block { block: b, blocks: self.cache.num_blocks }.into());
             }
+            let kept = self.histories.get(&s.id).map(TokenHistory::len);
+            if s.keep_history.is_some() && s.start_pos > 0 && kept != Some(s.start_pos) {
+                return Err(BadRequest::History { seq: s.id, start_pos: s.start_pos, kept }.into());
+            }
             let token_start = tokens.len();
             tokens.extend_from_slice(s.tokens);
             for p in s.start_pos..context_len {
@@ -176,11 +195,20 @@ impl<B: Backend> Engine<B> {
             }
             meta.seqs.push(SeqAttention { token_start, num_tokens: s.tokens.len(), context_len, block_table: s.block_table.to_vec() });
         }
+        for s in seqs {
+            if let Some(prompt_len) = s.keep_history {
+                let history = self.histories.entry(s.id).or_default();
+                if s.start_pos == 0 {
+                    *history = TokenHistory::default();
+                }
+                history.extend(s.tokens, prompt_len);
+            }
+        }
         let mut choices = Vec::with_capacity(logit_rows.len());
         for s in seqs {
             let position = s.start_pos + s.tokens.len();
             let last = match s.sample {
-                Some(params) => RowChoice::Sample { params, position },
+                Some(params) => RowChoice::Sample { params, position, history: self.histories.get(&s.id) },
                 None => RowChoice::Skip,
             };
             if let Some(top_n) = s.prompt_logprobs {

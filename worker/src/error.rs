@@ -62,4 +62,6 @@ pub enum BadRequest {
     BlockTable { seq: usize, blocks: usize, block_size: usize, tokens: usize },
     #[error("block {block} is outside the cache ({blocks} blocks)")]
     Block { block: u32, blocks: usize },
+    #[error("sequence {seq} continues at position {start_pos}, but its token history holds {kept:?} tokens")]
+    History { seq: u64, start_pos: usize, kept: Option<usize> },
 }

@@ -97,13 +97,16 @@ impl<B: Backend> Generator<B> {
         let steps: Vec<SeqStep<'_>> = plan
             .iter()
             .map(|p| SeqStep {
+                id: p.id,
                 tokens: &p.tokens,
                 start_pos: p.start_pos,
                 block_table: &p.block_table,
                 sample: p.sample.as_ref(),
                 prompt_logprobs: p.prompt_logprobs,
+                keep_history: p.keep_history,
             })
             .collect();
+        self.engine.release(&self.scheduler.take_released());
         let outputs = self.engine.step(&steps)?;
         let results = plan.iter().zip(outputs).map(|(p, out)| (out.sampled.filter(|_| p.sample.is_some()), out.prompt_logprobs)).collect();
         let events = self.scheduler.complete(&plan, results);

@@ -16,7 +16,7 @@ use crate::engine::{CacheConfig, Engine, EngineOptions, SeqStep, open_model};
 use crate::error::{BadRequest, EngineError};
 use crate::layout::Layout;
 use crate::rank::Parallel;
-use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs};
+use crate::sampling::{MAX_TOP_LOGPROBS, Penalties, SamplingParams, TokenLogprobs};
 
 /// Why the worker refused or failed a request.
 #[derive(Debug, thiserror::Error)]
@@ -225,14 +225,17 @@ impl<B: Backend> WorkerState<B> {
             .iter()
             .zip(&params)
             .map(|(s, p)| SeqStep {
+                id: s.seq_id,
                 tokens: &s.tokens,
                 start_pos: s.start_pos as usize,
                 block_table: &s.block_table,
                 sample: p.as_ref(),
                 prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
+                keep_history: s.keep_history.map(|n| n as usize),
             })
             .collect();
         let started = std::time::Instant::now();
+        engine.release(&req.released);
         let outputs = match engine.step(&steps) {
             Ok(o) => o,
             Err(e @ EngineError::Comm(_)) => {
@@ -340,10 +343,19 @@ fn sampling_params(p: &pb::Sampling, vocab: usize) -> Result<SamplingParams, Ser
         top_k: p.top_k as usize,
         top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
         seed: p.seed,
-        max_tokens: 1,
-        stop_token_ids: Vec::new(),
+        // How many tokens is the coordinator's concern; at least min_tokens, which it checked.
+        max_tokens: p.min_tokens.max(1) as usize,
+        stop_token_ids: p.stop_token_ids.clone(),
         logprobs: Some(p.logprobs as usize),
         prompt_logprobs: None,
+        logit_bias: p.logit_bias.iter().map(|(&t, &b)| (t, b)).collect(),
+        penalties: Penalties {
+            presence: p.presence_penalty,
+            frequency: p.frequency_penalty,
+            repetition: if p.repetition_penalty == 0.0 { 1.0 } else { p.repetition_penalty },
+        },
+        min_tokens: p.min_tokens as usize,
+        prompt_len: p.prompt_len as usize,
     };
     params.validate(vocab).map_err(|e| EngineError::from(BadRequest::from(e)))?;
     Ok(params)
@@ -515,8 +527,16 @@ mod tests {
     }
 
     fn step(epoch: u64) -> pb::StepRequest {
-        let seq = pb::SequenceStep { seq_id: 7, tokens: vec![5, 6], start_pos: 0, block_table: vec![0], sampling: None, prompt_logprobs: Some(2) };
-        pb::StepRequest { epoch, sequences: vec![seq] }
+        let seq = pb::SequenceStep {
+            seq_id: 7,
+            tokens: vec![5, 6],
+            start_pos: 0,
+            block_table: vec![0],
+            sampling: None,
+            prompt_logprobs: Some(2),
+            keep_history: None,
+        };
+        pb::StepRequest { epoch, sequences: vec![seq], released: vec![] }
     }
 
     #[test]

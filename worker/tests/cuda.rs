@@ -196,12 +196,16 @@ fn choosing_tokens_on_the_gpu_matches_the_host() {
     logits[vocab + 78] = 20.0; // a tie: the lower id wins
     let lg = g.upload_activations(logits.clone(), 4, vocab).unwrap();
     let greedy = SamplingParams { logprobs: Some(5), ..SamplingParams::default() };
+    // A biased row is chosen on the host: token 77 loses its lead.
+    let biased = SamplingParams { logit_bias: vec![(77, -50.0)], ..greedy.clone() };
     let choices = [
-        RowChoice::Sample { params: &greedy, position: 3 },
-        RowChoice::Sample { params: &greedy, position: 4 },
+        RowChoice::Sample { params: &greedy, position: 3, history: None },
+        RowChoice::Sample { params: &greedy, position: 4, history: None },
         RowChoice::Score { token: 12_345, top_n: 20 },
         RowChoice::Skip,
     ];
+    let adjusted = [RowChoice::Skip, RowChoice::Sample { params: &biased, position: 4, history: None }, RowChoice::Skip, RowChoice::Skip];
+    assert_eq!(g.choose(&lg, &adjusted).unwrap()[1].as_ref().unwrap().token, 78);
     let ours = g.choose(&lg, &choices).unwrap();
     let host: Vec<_> = logits.chunks_exact(vocab).zip(&choices).map(|(row, c)| worker::sampling::choose(row, c)).collect();
     assert!(ours[3].is_none());
@@ -222,7 +226,7 @@ fn choosing_tokens_on_the_gpu_matches_the_host() {
     let lg = g.upload_activations(logits.clone(), rows, small_vocab).unwrap();
     for (temperature, top_k, top_p) in [(1.0f32, 0usize, 1.0f32), (0.8, 40, 1.0), (1.2, 0, 0.9), (0.9, 50, 0.7)] {
         let params = SamplingParams { temperature, top_k, top_p, seed: 7, logprobs: Some(3), ..SamplingParams::default() };
-        let choices: Vec<_> = (0..rows).map(|position| RowChoice::Sample { params: &params, position }).collect();
+        let choices: Vec<_> = (0..rows).map(|position| RowChoice::Sample { params: &params, position, history: None }).collect();
         let ours = g.choose(&lg, &choices).unwrap();
         let differ = logits
             .chunks_exact(small_vocab)
@@ -243,7 +247,7 @@ fn choosing_tokens_on_the_gpu_matches_the_host() {
     let lg = g.upload_activations(rows, draws, small).unwrap();
     for (temperature, top_k, top_p) in [(1.0f32, 0usize, 1.0f32), (0.7, 10, 1.0), (1.3, 0, 0.6), (1.0, 20, 0.5)] {
         let params = SamplingParams { temperature, top_k, top_p, seed: 99, ..SamplingParams::default() };
-        let choices: Vec<_> = (0..draws).map(|position| RowChoice::Sample { params: &params, position }).collect();
+        let choices: Vec<_> = (0..draws).map(|position| RowChoice::Sample { params: &params, position, history: None }).collect();
         let got = g.choose(&lg, &choices).unwrap();
         let again = g.choose(&lg, &choices).unwrap();
         let mut counts = vec![0f64; small];
@@ -354,7 +358,7 @@ async fn a_gpu_worker_process_serves_the_reference() {
     let reference = reference("mistral-v1-tiny");
     let cases = [&reference.cases[0], &reference.cases[1]];
     let tables: [Vec<u32>; 2] = [vec![3, 4], vec![8, 0, 2]];
-    let greedy = pb::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: 0 };
+    let greedy = pb::Sampling { top_p: 1.0, logprobs: 0, ..Default::default() };
     let mut generated: [Vec<u32>; 2] = Default::default();
     let mut worst = 0f32;
     let steps = cases[0].greedy_ids.len().min(cases[1].greedy_ids.len());
@@ -365,10 +369,18 @@ async fn a_gpu_worker_process_serves_the_reference() {
                     None => (cases[i].prompt_ids.clone(), 0),
                     Some(&t) => (vec![t], (cases[i].prompt_ids.len() + step - 1) as u32),
                 };
-                pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: tables[i].clone(), sampling: Some(greedy), prompt_logprobs: None }
+                pb::SequenceStep {
+                    seq_id: i as u64,
+                    tokens,
+                    start_pos,
+                    block_table: tables[i].clone(),
+                    sampling: Some(greedy.clone()),
+                    prompt_logprobs: None,
+                    keep_history: None,
+                }
             })
             .collect();
-        let resp = client.step(pb::StepRequest { epoch: 1, sequences }).await.expect("step").into_inner();
+        let resp = client.step(pb::StepRequest { epoch: 1, sequences, released: vec![] }).await.expect("step").into_inner();
         for (i, r) in resp.results.iter().enumerate() {
             let s = r.sampled.as_ref().expect("sampled");
             generated[i].push(s.token_id);

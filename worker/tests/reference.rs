@@ -188,7 +188,15 @@ fn chunked_prefill_equals_whole_prefill() {
         let mut pos = 0;
         for chunk in case.prompt_ids.chunks(7) {
             let last = pos + chunk.len() == case.prompt_ids.len();
-            let step = worker::SeqStep { tokens: chunk, start_pos: pos, block_table: &blocks, sample: last.then_some(&params), prompt_logprobs: None };
+            let step = worker::SeqStep {
+                id: 0,
+                tokens: chunk,
+                start_pos: pos,
+                block_table: &blocks,
+                sample: last.then_some(&params),
+                prompt_logprobs: None,
+                keep_history: None,
+            };
             sampled = engine.step(&[step]).expect("step").remove(0).sampled;
             pos += chunk.len();
         }

@@ -20,7 +20,7 @@ fn load_request(epoch: u64) -> pb::LoadAssignmentRequest {
 }
 
 fn greedy() -> Option<pb::Sampling> {
-    Some(pb::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: 0 })
+    Some(pb::Sampling { top_p: 1.0, logprobs: 0, ..Default::default() })
 }
 
 #[tokio::test]
@@ -29,7 +29,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
     let mut client = WorkerClient::connect(worker.url()).await.expect("connects");
 
     // Nothing loaded yet.
-    let err = client.step(pb::StepRequest { epoch: 0, sequences: vec![] }).await.unwrap_err();
+    let err = client.step(pb::StepRequest { epoch: 0, sequences: vec![], released: vec![] }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(client.health(pb::HealthRequest {}).await.expect("health").into_inner().epoch, 0);
 
@@ -52,10 +52,18 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
                 } else {
                     (vec![*generated[i].last().expect("token")], (cases[i].prompt_ids.len() + step - 1) as u32)
                 };
-                pb::SequenceStep { seq_id: 100 + i as u64, tokens, start_pos, block_table: tables[i].clone(), sampling: greedy(), prompt_logprobs: None }
+                pb::SequenceStep {
+                    seq_id: 100 + i as u64,
+                    tokens,
+                    start_pos,
+                    block_table: tables[i].clone(),
+                    sampling: greedy(),
+                    prompt_logprobs: None,
+                    keep_history: None,
+                }
             })
             .collect();
-        let resp = client.step(pb::StepRequest { epoch: 3, sequences }).await.expect("step").into_inner();
+        let resp = client.step(pb::StepRequest { epoch: 3, sequences, released: vec![] }).await.expect("step").into_inner();
         for (i, r) in resp.results.iter().enumerate() {
             assert_eq!(r.seq_id, 100 + i as u64);
             let s = r.sampled.as_ref().expect("sampled");
@@ -73,7 +81,16 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
     // Fencing: steps from another epoch and older assignments are refused.
     let one = |epoch| pb::StepRequest {
         epoch,
-        sequences: vec![pb::SequenceStep { seq_id: 1, tokens: vec![5], start_pos: 0, block_table: vec![0], sampling: greedy(), prompt_logprobs: None }],
+        sequences: vec![pb::SequenceStep {
+            seq_id: 1,
+            tokens: vec![5],
+            start_pos: 0,
+            block_table: vec![0],
+            sampling: greedy(),
+            prompt_logprobs: None,
+            keep_history: None,
+        }],
+        released: vec![],
     };
     for stale in [2, 4] {
         let err = client.step(one(stale)).await.unwrap_err();

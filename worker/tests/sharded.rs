@@ -84,7 +84,7 @@ impl Cluster {
         let driver = world - (l.tp * l.ep) as usize;
         let calls = (0..world).map(|r| {
             let mut c = self.clients[r].clone();
-            let req = pb::StepRequest { epoch: self.epoch, sequences: sequences.clone() };
+            let req = pb::StepRequest { epoch: self.epoch, sequences: sequences.clone(), released: vec![] };
             async move { c.step(req).await.map(|r| r.into_inner().results) }
         });
         let mut out = join_all(calls).await;
@@ -108,7 +108,7 @@ async fn join_all<T: Send + 'static>(calls: impl Iterator<Item = impl Future<Out
 }
 
 fn greedy() -> Option<pb::Sampling> {
-    Some(pb::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: 1 })
+    Some(pb::Sampling { top_p: 1.0, logprobs: 1, ..Default::default() })
 }
 
 /// All the fixture's prompts in one batch (prefill with prompt logprobs), then greedy
@@ -128,7 +128,7 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
                     Some(&t) => (vec![t], (c.prompt_ids.len() + step - 1) as u32),
                 };
                 let prompt_logprobs = (step == 0).then_some(1);
-                pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: table(i), sampling: greedy(), prompt_logprobs }
+                pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: table(i), sampling: greedy(), prompt_logprobs, keep_history: None }
             })
             .collect();
         let results = cluster.step(l, sequences).await.unwrap_or_else(|e| panic!("{model} {l:?}: step {step}: {e:?}"));
@@ -217,8 +217,16 @@ async fn a_killed_rank_fails_its_peers_step_within_seconds() {
 
     // Rank 0 enters a step and waits for rank 1 in its first collective; rank 1 dies.
     let mut rank0 = cluster.clients[0].clone();
-    let seq = pb::SequenceStep { seq_id: 1, tokens: vec![1, 2, 3], start_pos: 0, block_table: vec![0], sampling: greedy(), prompt_logprobs: None };
-    let req = pb::StepRequest { epoch: cluster.epoch, sequences: vec![seq] };
+    let seq = pb::SequenceStep {
+        seq_id: 1,
+        tokens: vec![1, 2, 3],
+        start_pos: 0,
+        block_table: vec![0],
+        sampling: greedy(),
+        prompt_logprobs: None,
+        keep_history: None,
+    };
+    let req = pb::StepRequest { epoch: cluster.epoch, sequences: vec![seq], released: vec![] };
     let pending = tokio::spawn(async move { rank0.step(req).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed = Instant::now();

@@ -63,6 +63,13 @@ struct Sampling {
     stop: Option<StopField>,
     stop_token_ids: Option<Vec<u32>>,
     skip_special_tokens: Option<bool>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    /// Token id (a string, as JSON keys are) -> bias.
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
+    min_tokens: Option<u32>,
+    ignore_eos: Option<bool>,
     n: Option<u32>,
     #[serde(default)]
     stream: bool,
@@ -78,11 +85,9 @@ fn neutral(field: &str, v: &Value) -> bool {
     match field {
         // Metadata for the client's own accounting.
         "user" => true,
-        "presence_penalty" | "frequency_penalty" => v.as_f64() == Some(0.0),
-        "repetition_penalty" => v.as_f64() == Some(1.0),
         "best_of" => v.as_u64() == Some(1),
         "safe_prompt" => v.as_bool() == Some(false),
-        "logit_bias" | "metadata" => v.as_object().is_some_and(serde_json::Map::is_empty),
+        "metadata" => v.as_object().is_some_and(serde_json::Map::is_empty),
         "response_format" => v.get("type").and_then(Value::as_str) == Some("text"),
         // Without tools there is nothing to call, whatever the choice.
         "tools" => v.as_array().is_some_and(Vec::is_empty),
@@ -141,6 +146,9 @@ fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
     if s.top_k.is_some_and(|k| k < -1) {
         return Err(RequestError::Shape { field: "top_k", expected: "-1 (off) or >= 0" }.into());
     }
+    if s.logit_bias.iter().flatten().any(|(k, _)| k.parse::<u32>().is_err()) {
+        return Err(RequestError::Shape { field: "logit_bias", expected: "an object whose keys are token ids" }.into());
+    }
     if s.stream_options.is_some() && !s.stream {
         return Err(RequestError::Shape { field: "stream_options", expected: "given only with `stream: true`" }.into());
     }
@@ -167,6 +175,12 @@ fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Opt
         logprobs,
         prompt_logprobs,
         skip_special_tokens: s.skip_special_tokens,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        repetition_penalty: s.repetition_penalty,
+        logit_bias: s.logit_bias.iter().flatten().filter_map(|(k, &v)| Some((k.parse().ok()?, v))).collect(),
+        min_tokens: s.min_tokens,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
     }
 }
 

@@ -84,6 +84,9 @@ pub struct PlannedSeq {
     /// Sample after this chunk (false for a prompt chunk that is not the last).
     pub sample: Option<SamplingParams>,
     pub prompt_logprobs: Option<usize>,
+    /// For a sequence with penalties: its tokens are kept where it runs (see
+    /// `SamplingParams::prompt_len`, which this is).
+    pub keep_history: Option<usize>,
 }
 
 /// What happened to a request in a step.
@@ -106,11 +109,13 @@ pub struct Scheduler {
     alloc: BlockAllocator,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
+    /// Sequences with kept tokens that ended ([`Scheduler::take_released`]).
+    released: Vec<u64>,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        Scheduler { cfg, alloc: BlockAllocator::new(cfg.num_blocks, cfg.block_size), waiting: VecDeque::new(), running: Vec::new() }
+        Scheduler { cfg, alloc: BlockAllocator::new(cfg.num_blocks, cfg.block_size), waiting: VecDeque::new(), running: Vec::new(), released: Vec::new() }
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -147,12 +152,12 @@ impl Scheduler {
     pub fn abort(&mut self, id: u64) -> bool {
         if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
             let mut s = self.running.remove(i);
-            self.alloc.release(&mut s.blocks);
+            self.release(&mut s);
             return true;
         }
         if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
             let mut s = self.waiting.remove(i).expect("index is valid");
-            self.alloc.release(&mut s.blocks);
+            self.release(&mut s);
             return true;
         }
         false
@@ -232,7 +237,21 @@ impl Scheduler {
             block_table: s.blocks.clone(),
             sample: (n == to_feed).then(|| s.req.params.clone()),
             prompt_logprobs: if whole { s.req.params.prompt_logprobs } else { None },
+            keep_history: s.req.params.penalties.active().then_some(s.req.params.prompt_len),
         })
+    }
+
+    /// Frees a sequence that ended: its blocks, and its tokens where they are kept.
+    fn release(&mut self, s: &mut Seq) {
+        self.alloc.release(&mut s.blocks);
+        if s.req.params.penalties.active() {
+            self.released.push(s.req.id);
+        }
+    }
+
+    /// The sequences whose kept tokens the engine may drop (they ended), since the last call.
+    pub fn take_released(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.released)
     }
 
     fn preempt(&mut self, i: usize) {
@@ -266,7 +285,7 @@ impl Scheduler {
             events.push(Event::Token { id: p.id, token, finished });
             if finished.is_some() {
                 let mut s = self.running.remove(i);
-                self.alloc.release(&mut s.blocks);
+                self.release(&mut s);
             }
         }
         events
@@ -378,6 +397,31 @@ mod tests {
         assert_eq!(tokens_of(&events, 1), alone[0]);
         assert_eq!(tokens_of(&events, 2), alone[1]);
         assert_eq!(s.used_blocks(), 0);
+    }
+
+    #[test]
+    fn the_tokens_of_penalized_sequences_are_kept_until_they_end() {
+        let penalized = |id, max_tokens| {
+            let mut r = req(id, 3, max_tokens);
+            r.params.penalties.presence = 0.5;
+            r.params.prompt_len = 3;
+            r
+        };
+        let mut s = Scheduler::new(cfg(64, 64));
+        s.add(penalized(1, 2)).unwrap();
+        s.add(penalized(2, 5)).unwrap();
+        s.add(req(3, 3, 2)).unwrap();
+        let plan = s.schedule().unwrap();
+        assert_eq!(plan.iter().map(|p| p.keep_history).collect::<Vec<_>>(), vec![Some(3), Some(3), None]);
+        run(&mut s, &plan);
+        assert!(s.take_released().is_empty());
+        let plan = s.schedule().unwrap();
+        run(&mut s, &plan);
+        // 1 finished; 3 finished too but kept nothing; 2 is aborted.
+        assert_eq!(s.take_released(), vec![1]);
+        assert!(s.abort(2));
+        assert_eq!(s.take_released(), vec![2]);
+        assert!(s.take_released().is_empty());
     }
 
     #[test]

@@ -130,13 +130,18 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// tokens and their logprobs leave the backend. The default copies the logits to the host
     /// and takes the rows in parallel.
     fn choose(&self, logits: &Self::Tensor, choices: &[RowChoice<'_>]) -> Result<Vec<Option<TokenLogprobs>>> {
-        let (rows, vocab) = self.dims(logits);
-        if rows != choices.len() {
-            return Err(EngineError::Backend(format!("choose: {rows} rows of logits for {} choices", choices.len())));
-        }
-        let host = self.to_host(logits)?;
-        Ok(host.par_chunks_exact(vocab.max(1)).zip(choices).map(|(row, c)| crate::sampling::choose(row, c)).collect())
+        choose_on_host(self, logits, choices)
     }
+}
+
+/// [`Backend::choose`] on the host: the logits copied over, the rows taken in parallel.
+pub fn choose_on_host<B: Backend>(backend: &B, logits: &B::Tensor, choices: &[RowChoice<'_>]) -> Result<Vec<Option<TokenLogprobs>>> {
+    let (rows, vocab) = backend.dims(logits);
+    if rows != choices.len() {
+        return Err(EngineError::Backend(format!("choose: {rows} rows of logits for {} choices", choices.len())));
+    }
+    let host = backend.to_host(logits)?;
+    Ok(host.par_chunks_exact(vocab.max(1)).zip(choices).map(|(row, c)| crate::sampling::choose(row, c)).collect())
 }
 
 /// RoPE's inverse frequencies `1 / theta^(2i / d)` for `i < d / 2`, in f32 as transformers

@@ -118,7 +118,7 @@ async fn run_layout(args: &Args, model: &str, spec: &str) -> anyhow::Result<Row>
     let health = on_all(&workers, |_, mut c| async move { c.health(pb::HealthRequest {}).await.map(tonic::Response::into_inner) }).await?;
     let mut step_ms = Vec::new();
     for &batch in &args.batches {
-        let greedy = Some(pb::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: 0 });
+        let greedy = Some(pb::Sampling { top_p: 1.0, ..Default::default() });
         let mut last: Vec<u32> = vec![0; batch];
         let prompt_len = 8;
         let mut elapsed = 0.0;
@@ -131,12 +131,12 @@ async fn run_layout(args: &Args, model: &str, spec: &str) -> anyhow::Result<Row>
                         (vec![last[i]], (prompt_len + step - 1) as u32)
                     };
                     let table = (i as u32 * 4..i as u32 * 4 + 4).collect();
-                    pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: table, sampling: greedy, prompt_logprobs: None }
+                    pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: table, sampling: greedy.clone(), ..Default::default() }
                 })
                 .collect();
             let t = Instant::now();
             let out = on_all(&workers, |_, mut c| {
-                let req = pb::StepRequest { epoch: 1, sequences: sequences.clone() };
+                let req = pb::StepRequest { epoch: 1, sequences: sequences.clone(), released: vec![] };
                 async move { c.step(req).await.map(tonic::Response::into_inner) }
             })
             .await?;

@@ -555,6 +555,10 @@ impl Backend for Cuda {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        if choices.iter().any(RowChoice::adjusts) {
+            // Logit bias, min_tokens and penalties are applied on the host, rows and all.
+            return crate::backend::choose_on_host(self, logits, choices);
+        }
         let mut words = Vec::with_capacity(rows * CHOICE_WORDS);
         for c in choices {
             words.extend(match *c {
@@ -565,7 +569,7 @@ impl Backend for Cuda {
                     }
                     [1, token, 0, 0, 1f32.to_bits(), top_n as u32, 0, 0]
                 }
-                RowChoice::Sample { params: p, position } => {
+                RowChoice::Sample { params: p, position, .. } => {
                     let u = uniform(p.seed, position).to_bits();
                     let top_n = p.logprobs.unwrap_or(0) as u32;
                     let (temperature, top_p) = (p.temperature.to_bits(), p.top_p.to_bits());

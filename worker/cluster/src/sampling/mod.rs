@@ -1,6 +1,12 @@
 //! Choosing the next token from logits: greedy, temperature, top-k, top-p, with a seeded,
 //! position-keyed random stream (the same seed and position always draw the same number, so
-//! a sequence re-run elsewhere samples the same tokens), and logprobs.
+//! a sequence re-run elsewhere samples the same tokens), and logprobs. The logits may first be
+//! adjusted ([`adjust`]: logit bias, min_tokens, penalties); logprobs are always those of the
+//! model's own distribution.
+
+mod adjust;
+
+pub use adjust::{MAX_LOGIT_BIAS, Penalties, TokenHistory};
 
 /// How a request wants its tokens chosen. Validated at the edge by [`SamplingParams::validate`].
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +25,15 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// Alternatives to report with each prompt token's logprob; `None` = no prompt logprobs.
     pub prompt_logprobs: Option<usize>,
+    /// Added to these tokens' logits before a token is chosen (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Penalties on the tokens already in the sequence.
+    pub penalties: Penalties,
+    /// The stop tokens cannot be chosen before this many tokens are generated.
+    pub min_tokens: usize,
+    /// Tokens of the request's own prompt: the sequence's tokens from here on are its output
+    /// (the prompt a replica is given holds the output so far too, after a move).
+    pub prompt_len: usize,
 }
 
 /// Most alternatives a request may ask for per position.
@@ -26,7 +41,20 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, max_tokens: 16, stop_token_ids: Vec::new(), logprobs: None, prompt_logprobs: None }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            max_tokens: 16,
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
+            logit_bias: Vec::new(),
+            penalties: Penalties::default(),
+            min_tokens: 0,
+            prompt_len: 0,
+        }
     }
 }
 
@@ -45,6 +73,16 @@ pub enum ParamError {
     TooManyAlternatives { field: &'static str, got: usize },
     #[error("`stop_token_ids` must be < {vocab} (the vocabulary), got {got}")]
     StopTokenId { got: u32, vocab: usize },
+    #[error("`{field}` must be in [-2, 2], got {got}")]
+    Penalty { field: &'static str, got: f32 },
+    #[error("`repetition_penalty` must be a finite number > 0, got {0}")]
+    RepetitionPenalty(f32),
+    #[error(
+        "`logit_bias` must hold at most {MAX_LOGIT_BIAS} token ids, each < {vocab} (the vocabulary), with values in [-100, 100]; got {token}: {bias} of {count}"
+    )]
+    LogitBias { token: u32, bias: f32, count: usize, vocab: usize },
+    #[error("`min_tokens` must be <= `max_tokens` ({max_tokens}), got {got}")]
+    MinTokens { got: usize, max_tokens: usize },
 }
 
 impl ParamError {
@@ -57,6 +95,10 @@ impl ParamError {
             ParamError::MaxTokensZero => "max_tokens",
             ParamError::TooManyAlternatives { field, .. } => field,
             ParamError::StopTokenId { .. } => "stop_token_ids",
+            ParamError::Penalty { field, .. } => field,
+            ParamError::RepetitionPenalty(_) => "repetition_penalty",
+            ParamError::LogitBias { .. } => "logit_bias",
+            ParamError::MinTokens { .. } => "min_tokens",
         }
     }
 }
@@ -83,6 +125,23 @@ impl SamplingParams {
         }
         if let Some(&got) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(ParamError::StopTokenId { got, vocab: vocab_size });
+        }
+        let Penalties { presence, frequency, repetition } = self.penalties;
+        for (field, got) in [("presence_penalty", presence), ("frequency_penalty", frequency)] {
+            if !(-2.0..=2.0).contains(&got) {
+                return Err(ParamError::Penalty { field, got });
+            }
+        }
+        if !repetition.is_finite() || repetition <= 0.0 {
+            return Err(ParamError::RepetitionPenalty(repetition));
+        }
+        let count = self.logit_bias.len();
+        let bad_bias = |&&(token, bias): &&(u32, f32)| count > MAX_LOGIT_BIAS || token as usize >= vocab_size || !(-100.0..=100.0).contains(&bias);
+        if let Some(&(token, bias)) = self.logit_bias.iter().find(bad_bias) {
+            return Err(ParamError::LogitBias { token, bias, count, vocab: vocab_size });
+        }
+        if self.min_tokens > self.max_tokens {
+            return Err(ParamError::MinTokens { got: self.min_tokens, max_tokens: self.max_tokens });
         }
         Ok(())
     }
@@ -181,8 +240,10 @@ pub fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
 
 /// Chooses the next token. `position` is the index the token will take in its sequence;
 /// with the seed it keys the random draw.
-pub fn sample(logits: &[f32], params: &SamplingParams, position: usize) -> TokenLogprobs {
-    let token = if params.temperature == 0.0 { top_n(logits, 1)[0].0 } else { draw(logits, params, uniform(params.seed, position)) };
+pub fn sample(logits: &[f32], params: &SamplingParams, position: usize, history: Option<&TokenHistory>) -> TokenLogprobs {
+    let adjusted = adjust::adjust(logits, params, position, history);
+    let row = adjusted.as_deref().unwrap_or(logits);
+    let token = if params.temperature == 0.0 { top_n(row, 1)[0].0 } else { draw(row, params, uniform(params.seed, position)) };
     token_logprobs(logits, token, params.logprobs.unwrap_or(0))
 }
 
@@ -199,8 +260,19 @@ pub enum RowChoice<'a> {
     Skip,
     /// The logprob of a known `token` (the next prompt token) with `top_n` alternatives.
     Score { token: u32, top_n: usize },
-    /// A token chosen by `params`; `position` is the index it takes in its sequence.
-    Sample { params: &'a SamplingParams, position: usize },
+    /// A token chosen by `params`; `position` is the index it takes in its sequence, and
+    /// `history` the sequence's tokens before it where its penalties need them.
+    Sample { params: &'a SamplingParams, position: usize, history: Option<&'a TokenHistory> },
+}
+
+impl RowChoice<'_> {
+    /// Whether the row's logits are changed before the choice ([`adjust`]).
+    pub fn adjusts(&self) -> bool {
+        match *self {
+            RowChoice::Sample { params, position, history } => adjust::adjusts(params, position, history),
+            _ => false,
+        }
+    }
 }
 
 /// [`RowChoice`] carried out on one host row of logits.
@@ -208,7 +280,7 @@ pub fn choose(logits: &[f32], choice: &RowChoice<'_>) -> Option<TokenLogprobs> {
     match *choice {
         RowChoice::Skip => None,
         RowChoice::Score { token, top_n } => Some(token_logprobs(logits, token, top_n)),
-        RowChoice::Sample { params, position } => Some(sample(logits, params, position)),
+        RowChoice::Sample { params, position, history } => Some(sample(logits, params, position, history)),
     }
 }
 
@@ -268,7 +340,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax_and_reports_logprobs() {
         let logits = [0.0, 3.0, 1.0, 3.0];
-        let s = sample(&logits, &params(0.0, 0, 1.0, 0), 5);
+        let s = sample(&logits, &params(0.0, 0, 1.0, 0), 5, None);
         assert_eq!(s.token, 1, "ties go to the lowest id");
         let lp = log_softmax(&logits);
         assert!((s.logprob - lp[1]).abs() < 1e-7);
@@ -283,8 +355,8 @@ mod tests {
         let p = params(1.0, 0, 1.0, 42);
         let mut counts = [0usize; 4];
         for pos in 0..8000 {
-            let a = sample(&logits, &p, pos).token;
-            assert_eq!(a, sample(&logits, &p, pos).token);
+            let a = sample(&logits, &p, pos, None).token;
+            assert_eq!(a, sample(&logits, &p, pos, None).token);
             counts[a as usize] += 1;
         }
         // Expected 1/8, 2/8, 5/8 of 8000 = 1000, 2000, 5000.
@@ -292,8 +364,8 @@ mod tests {
         for (got, want) in counts.iter().zip([1000.0, 2000.0, 5000.0]) {
             assert!((*got as f64 - want).abs() < 0.06 * want, "{counts:?}");
         }
-        let other: Vec<u32> = (0..64).map(|pos| sample(&logits, &params(1.0, 0, 1.0, 43), pos).token).collect();
-        let same: Vec<u32> = (0..64).map(|pos| sample(&logits, &p, pos).token).collect();
+        let other: Vec<u32> = (0..64).map(|pos| sample(&logits, &params(1.0, 0, 1.0, 43), pos, None).token).collect();
+        let same: Vec<u32> = (0..64).map(|pos| sample(&logits, &p, pos, None).token).collect();
         assert_ne!(other, same, "another seed draws another stream");
     }
 
@@ -301,10 +373,10 @@ mod tests {
     fn top_k_and_top_p_restrict_the_candidates() {
         let logits = [1.0f32, 2.0, 3.0, 4.0];
         for pos in 0..500 {
-            let t = sample(&logits, &params(1.0, 2, 1.0, 7), pos).token;
+            let t = sample(&logits, &params(1.0, 2, 1.0, 7), pos, None).token;
             assert!(t == 3 || t == 2);
             // p(3) = 0.64, p(2) = 0.24: top_p 0.5 keeps only token 3.
-            assert_eq!(sample(&logits, &params(1.0, 0, 0.5, 7), pos).token, 3);
+            assert_eq!(sample(&logits, &params(1.0, 0, 0.5, 7), pos, None).token, 3);
         }
     }
 
