@@ -37,6 +37,12 @@ impl Served {
         self.tokenizer.encode(&text, false).map_err(|e| RequestError::Untokenizable { field: "messages", reason: e.to_string() })
     }
 
+    /// A fill-in-the-middle prompt: `prompt`, then the model writes what comes before `suffix`.
+    pub fn fim_prompt(&self, prompt: &str, suffix: &str) -> Result<Vec<u32>, RequestError> {
+        let untokenizable = |e: cluster::Error| RequestError::Untokenizable { field: "prompt", reason: e.to_string() };
+        self.tokenizer.encode_fim(prompt, suffix).map_err(untokenizable)?.ok_or(RequestError::NoFim)
+    }
+
     /// The text of token ids, each checked against the vocabulary (`field` names them in the
     /// error).
     pub fn detokenize(&self, ids: &[u32], skip_special_tokens: bool, field: &'static str) -> Result<String, RequestError> {

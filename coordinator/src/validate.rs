@@ -89,6 +89,8 @@ pub enum RequestError {
     ScoreOnly,
     #[error("prompt ({prompt} tokens) + `max_tokens` ({max_tokens}) must be <= {context} (the model's context), got {}", prompt + max_tokens)]
     Context { prompt: usize, max_tokens: usize, context: usize },
+    #[error("this model's tokenizer has no fill-in-the-middle tokens ([SUFFIX], [PREFIX]): it serves no FIM")]
+    NoFim,
     #[error("give exactly one of `{0}` and `{1}`")]
     OneOf(&'static str, &'static str),
     #[error("`{field}` is not supported with `{with}`")]
@@ -113,7 +115,7 @@ impl RequestError {
             RequestError::Stop => "stop",
             RequestError::Context { .. } | RequestError::ScoreOnly => "max_tokens",
             RequestError::OneOf(first, _) => first,
-            RequestError::Model { .. } => "model",
+            RequestError::Model { .. } | RequestError::NoFim => "model",
             RequestError::Unsupported { field, .. } => field,
         }
     }

@@ -186,15 +186,17 @@ def test_logit_bias_min_tokens_ignore_eos_and_special_tokens(client):
 
 
 def test_penalties_over_http_and_grpc_agree(client, stub):
+    # A bias makes token 1000 the choice at every step; penalties on what the output already
+    # holds make it lose after a few.
     prompt = TEXT_CASES[1]["prompt_ids"]
-    penalties = dict(presence_penalty=0.6, frequency_penalty=0.5)
-    kwargs = dict(model=model_name(client), prompt=prompt, max_tokens=12, temperature=0, logprobs=0)
-    as_ids = {"return_tokens_as_token_ids": True, "repetition_penalty": 1.5, "ignore_eos": True}
-    out = client.completions.create(**kwargs, **penalties, extra_body=as_ids)
-    http = [int(t.split(":")[1]) for t in out.choices[0].logprobs.tokens]
-    plain = client.completions.create(**kwargs, extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
-    assert http != [int(t.split(":")[1]) for t in plain.choices[0].logprobs.tokens]
-    sampling = pb.SamplingParams(max_tokens=12, repetition_penalty=1.5, ignore_eos=True, **penalties)
+    kwargs = dict(model=model_name(client), prompt=prompt, max_tokens=12, temperature=0, logprobs=0, logit_bias={"1000": 10})
+    extra = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+    ids = lambda out: [int(t.split(":")[1]) for t in out.choices[0].logprobs.tokens]  # noqa: E731
+    assert ids(client.completions.create(**kwargs, extra_body=extra)) == [1000] * 12
+    penalties = dict(presence_penalty=1.0, frequency_penalty=2.0)
+    http = ids(client.completions.create(**kwargs, **penalties, extra_body={**extra, "repetition_penalty": 1.2}))
+    assert 1 <= http.count(1000) < 12 and http[0] == 1000, http
+    sampling = pb.SamplingParams(max_tokens=12, repetition_penalty=1.2, ignore_eos=True, logit_bias={1000: 10}, **penalties)
     grpc_ids, _, _ = generate(stub, pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling))
     assert grpc_ids == http
 

@@ -4,6 +4,7 @@ tests/tests/python_clients.rs (see test_clients.py for the environment it passes
 
 import json
 import os
+import urllib.error
 import urllib.request
 
 import openai
@@ -103,3 +104,27 @@ def test_an_assistant_prefix_is_continued(mistral, oai, model):
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi", "prefix": True}], max_tokens=2)
     assert e.value.param == "messages" and "prefix" in str(e.value)
+
+
+def test_fim_fills_the_middle_or_is_refused(mistral, oai, model):
+    prompt, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))"
+    card = mistral.models.list().data[0]
+    if not card.capabilities.completion_fim:
+        # A tokenizer without [SUFFIX]/[PREFIX] (v1): a 400 naming the model, never a guess.
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post("/v1/fim/completions", {"model": model, "prompt": prompt, "suffix": suffix})
+        body = json.load(e.value)
+        assert e.value.code == 400 and body["error"]["param"] == "model" and "fill-in-the-middle" in body["error"]["message"]
+        return
+    # The prompt is <s>[SUFFIX]suffix[PREFIX]prompt (its encoding checked against mistral-common
+    # in worker/cluster/tests/fim.rs); the middle is what completing those tokens gives.
+    ids = post("/tokenize", {"prompt": prompt, "suffix": suffix})["tokens"]
+    fim = mistral.fim.complete(model=model, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0)
+    plain = oai.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0)
+    assert fim.choices[0].message.content == plain.choices[0].text
+    assert fim.usage.prompt_tokens == len(ids) and fim.choices[0].finish_reason == "length"
+    streamed = list(mistral.fim.stream(model=model, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0))
+    assert "".join(e.data.choices[0].delta.content or "" for e in streamed) == plain.choices[0].text
+    without = post("/tokenize", {"prompt": prompt, "suffix": ""})["tokens"]
+    # No suffix: <s>[SUFFIX][PREFIX]prompt, the same prompt tokens.
+    assert without[:2] == ids[:2] and ids[ids.index(without[2]):] == without[2:] and len(without) < len(ids)

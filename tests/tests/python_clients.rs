@@ -1,5 +1,6 @@
-//! The clients users run, against a real cluster: the official `openai` Python SDK on the
-//! HTTP API and `grpcio` stubs generated from proto/ on the gRPC API (tests/python/). The
+//! The clients users run, against a real cluster: the official `openai` and `mistralai`
+//! Python SDKs on the HTTP API and `grpcio` stubs generated from proto/ on the gRPC API
+//! (tests/python/), on single-worker replicas and on a sharded one. The
 //! packages are installed from PyPI into a virtualenv under the target directory.
 
 use std::path::{Path, PathBuf};
@@ -37,19 +38,18 @@ fn generate_stubs(python: &Path, out: &Path) {
         .arg(proto.join("tramontane/v1/inference.proto")));
 }
 
-#[test]
-fn official_python_clients_work_end_to_end() {
+/// Both SDKs' test files against `tramctl up` serving `fixture` with `layout` flags.
+fn python_clients_against(fixture_name: &str, layout: &[&str]) {
     let python = python_env();
     let stubs = target_dir().join("py-stubs");
     std::fs::create_dir_all(&stubs).expect("stub dir");
     generate_stubs(&python, &stubs);
 
-    // A whole local cluster: `tramctl up` with two worker processes.
-    let model = fixture("mistral-v1-tiny");
-    let mut coordinator = Server::start(
-        "tramctl",
-        &["up", "--workers", "2", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model.display().to_string()],
-    );
+    let model = fixture(fixture_name);
+    let model_arg = model.display().to_string();
+    let mut args = vec!["up", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model_arg];
+    args.extend(layout);
+    let mut coordinator = Server::start("tramctl", &args);
     let line = coordinator.next_line();
     let http = line.strip_prefix("http listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}")).to_owned();
     // The APIs are up at once; the model is served once the workers loaded it.
@@ -63,4 +63,17 @@ fn official_python_clients_work_end_to_end() {
         .env("TRAMONTANE_GRPC", &coordinator.addr)
         .env("TRAMONTANE_STUBS", &stubs)
         .env("TRAMONTANE_REFERENCE", model.join("reference.json")));
+}
+
+/// Two replicas of one worker each, a v1 tokenizer (no FIM tokens).
+#[test]
+fn official_python_clients_work_end_to_end() {
+    python_clients_against("mistral-v1-tiny", &["--workers", "2"]);
+}
+
+/// One replica sharded over two workers (tensor parallel), Mixtral with the v3 tokenizer
+/// (fill-in-the-middle served).
+#[test]
+fn official_python_clients_work_on_a_sharded_replica() {
+    python_clients_against("mixtral-v3-tiny", &["--workers", "2", "--tp", "2"]);
 }

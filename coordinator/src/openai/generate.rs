@@ -451,7 +451,35 @@ pub(super) async fn chat_completions(
     let ids = frontend.served.chat_prompt(&req.messages)?;
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let choices = start_choices(&frontend, &req.sampling, raw(&req.sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None), timeout)?;
+    chat_reply(Api { frontend, timeout }, &req.sampling, ids, max_tokens, logprobs).await
+}
+
+/// `/v1/fim/completions`: Mistral's fill-in-the-middle (Codestral's API), answered as a chat
+/// completion is.
+#[derive(Debug, Deserialize)]
+pub(super) struct FimRequest {
+    prompt: String,
+    suffix: Option<String>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+pub(super) async fn fim_completions(State(api): State<Api>, body: Result<Json<FimRequest>, JsonRejection>) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    check_sampling(&api.frontend, &req.sampling)?;
+    let ids = api.frontend.served.fim_prompt(&req.prompt, req.suffix.as_deref().unwrap_or_default())?;
+    chat_reply(api, &req.sampling, ids, req.sampling.max_tokens, None).await
+}
+
+/// A chat completion's answer (JSON or SSE) to the prompt `ids`.
+async fn chat_reply(
+    Api { frontend, timeout }: Api,
+    sampling: &Sampling,
+    ids: Vec<u32>,
+    max_tokens: Option<u32>,
+    logprobs: Option<u32>,
+) -> Result<Response, ApiError> {
+    let choices = start_choices(&frontend, sampling, raw(sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None), timeout)?;
     let (id, model, created) = (format!("chatcmpl-{}", choices[0].request_id), frontend.served.name.clone(), now());
     let served = frontend.served.clone();
     let chat_logprobs = move |tokens: &[TokenLogprobs]| {
@@ -461,10 +489,10 @@ pub(super) async fn chat_completions(
             "top_logprobs": t.top.iter().map(|&(id, lp)| json!({"token": token_name(tok, id, false), "logprob": lp})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>()})
     };
-    let want_logprobs = req.logprobs;
-    if req.sampling.stream {
+    let want_logprobs = logprobs.is_some();
+    if sampling.stream {
         let head = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model});
-        let last = usage_chunk(&req.sampling, head.clone());
+        let last = usage_chunk(sampling, head.clone());
         let with_usage = last.is_some();
         let mut first = vec![true; choices.len()];
         let chunk = move |i: usize, text: &str, tokens: &[TokenLogprobs], finish: Option<&str>| {

@@ -27,6 +27,7 @@ pub fn router(frontend: Frontend, timeout: std::time::Duration) -> Router {
     Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/fim/completions", post(generate::fim_completions))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -107,12 +108,15 @@ fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<(), ApiError>
     }
 }
 
-/// `/tokenize` (vLLM's shape): a prompt, or chat messages rendered with the chat template.
+/// `/tokenize` (vLLM's shape): a prompt (with a `suffix`, the fill-in-the-middle prompt), or
+/// chat messages rendered with the chat template.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
+    /// With `prompt`: the fill-in-the-middle prompt of `/v1/fim/completions`.
+    suffix: Option<String>,
     messages: Option<Vec<Message>>,
     /// For `prompt`: add the tokenizer's special tokens (BOS); chat templates write their own.
     #[serde(default = "yes")]
@@ -137,10 +141,14 @@ async fn tokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<Tok
     let Json(req) = body?;
     check_model(&frontend, req.model.as_deref())?;
     let s = &frontend.served;
+    if req.suffix.is_some() && req.messages.is_some() {
+        return Err(RequestError::Combination { field: "suffix", with: "messages" }.into());
+    }
     let ids = match (req.prompt, req.messages) {
-        (Some(prompt), None) => {
-            s.tokenizer.encode(&prompt, req.add_special_tokens).map_err(|e| RequestError::Untokenizable { field: "prompt", reason: e.to_string() })
-        }
+        (Some(prompt), None) => match &req.suffix {
+            Some(suffix) => s.fim_prompt(&prompt, suffix),
+            None => s.tokenizer.encode(&prompt, req.add_special_tokens).map_err(|e| RequestError::Untokenizable { field: "prompt", reason: e.to_string() }),
+        },
         (None, Some(messages)) => s.chat_prompt(&messages),
         _ => Err(RequestError::OneOf("prompt", "messages")),
     }?;
@@ -158,7 +166,8 @@ async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
     let s = &frontend.served;
     // OpenAI's fields, vLLM's `max_model_len`, and the card Mistral's SDK reads (`type`,
     // `capabilities`, `max_context_length`).
-    let capabilities = json!({"completion_chat": true, "completion_fim": false, "function_calling": false, "fine_tuning": false, "vision": false});
+    let capabilities =
+        json!({"completion_chat": true, "completion_fim": s.tokenizer.has_fim(), "function_calling": false, "fine_tuning": false, "vision": false});
     Json(json!({"object": "list", "data": [{
         "id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context,
         "type": "base", "capabilities": capabilities, "max_context_length": s.limits.max_context,

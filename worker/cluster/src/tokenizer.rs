@@ -26,6 +26,36 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The ids of `text` as it tokenizes after other text: without the space a sentencepiece
+    /// tokenizer puts before a text's start (tokenized behind a sentinel character, whose
+    /// tokens are then dropped, as mistral-common does).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        const SENTINEL: &str = "\u{263A}";
+        let enc = self.inner.encode(format!("{SENTINEL}{text}"), false).map_err(|e| Error::Tokenize(e.to_string()))?;
+        Ok(enc.get_ids().iter().zip(enc.get_offsets()).filter(|&(_, &(start, _))| start >= SENTINEL.len()).map(|(&id, _)| id).collect())
+    }
+
+    /// Mistral's fill-in-the-middle prompt (mistral-common's `encode_fim`):
+    /// `<s>[SUFFIX]`suffix`[PREFIX]`prompt, the suffix as a continuation
+    /// ([`Tokenizer::encode_continuation`]), the prompt as a text's start; the model writes the
+    /// middle. `None` when the tokenizer has no `[SUFFIX]`/`[PREFIX]` tokens.
+    pub fn encode_fim(&self, prompt: &str, suffix: &str) -> Result<Option<Vec<u32>>> {
+        let ids = ["<s>", "[SUFFIX]", "[PREFIX]"].map(|t| self.inner.token_to_id(t));
+        let [Some(bos), Some(suffix_id), Some(prefix_id)] = ids else { return Ok(None) };
+        let mut out = vec![bos, suffix_id];
+        if !suffix.is_empty() {
+            out.extend(self.encode_continuation(suffix)?);
+        }
+        out.push(prefix_id);
+        out.extend(self.encode(prompt, false)?);
+        Ok(Some(out))
+    }
+
+    /// Whether the tokenizer has the fill-in-the-middle control tokens.
+    pub fn has_fim(&self) -> bool {
+        ["[SUFFIX]", "[PREFIX]"].iter().all(|t| self.inner.token_to_id(t).is_some())
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenize(e.to_string()))
     }
