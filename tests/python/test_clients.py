@@ -201,6 +201,26 @@ def test_penalties_over_http_and_grpc_agree(client, stub):
     assert grpc_ids == http
 
 
+def test_chat_logprobs_and_its_token_limit(client):
+    messages = [{"role": "user", "content": "Where does the tramontane blow?"}]
+    kwargs = dict(model=model_name(client), messages=messages, max_completion_tokens=4, temperature=0)
+    out = client.chat.completions.create(**kwargs, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert out.usage.completion_tokens == len(content) == 4
+    # Greedy: each token is its position's most likely; two alternatives each, most likely first.
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob
+        assert t.top_logprobs[1].logprob <= t.logprob
+    assert client.chat.completions.create(**kwargs).choices[0].logprobs is None
+
+
+def test_top_k_1_is_greedy(client):
+    kwargs = dict(model=model_name(client), prompt=TEXT_CASES[0]["prompt_text"], max_tokens=8)
+    greedy = client.completions.create(**kwargs, temperature=0).choices[0].text
+    assert client.completions.create(**kwargs, temperature=1.5, seed=3, extra_body={"top_k": 1}).choices[0].text == greedy
+    assert client.completions.create(**kwargs, temperature=1.5, seed=3).choices[0].text != greedy
+
+
 def test_seeded_sampling_is_reproducible(client):
     kwargs = dict(model=model_name(client), prompt="The wind", max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     text = client.completions.create(**kwargs).choices[0].text

@@ -115,6 +115,9 @@ def test_fim_fills_the_middle_or_is_refused(mistral, oai, model):
             post("/v1/fim/completions", {"model": model, "prompt": prompt, "suffix": suffix})
         body = json.load(e.value)
         assert e.value.code == 400 and body["error"]["param"] == "model" and "fill-in-the-middle" in body["error"]["message"]
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.completions.create(model=model, prompt=prompt, suffix=suffix, max_tokens=2)
+        assert e.value.param == "model"
         return
     # The prompt is <s>[SUFFIX]suffix[PREFIX]prompt (its encoding checked against mistral-common
     # in worker/cluster/tests/fim.rs); the middle is what completing those tokens gives.
@@ -126,5 +129,8 @@ def test_fim_fills_the_middle_or_is_refused(mistral, oai, model):
     streamed = list(mistral.fim.stream(model=model, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0))
     assert "".join(e.data.choices[0].delta.content or "" for e in streamed) == plain.choices[0].text
     without = post("/tokenize", {"prompt": prompt, "suffix": ""})["tokens"]
+    # OpenAI's completions `suffix` is the same fill-in-the-middle.
+    suffixed = oai.completions.create(model=model, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0)
+    assert suffixed.choices[0].text == plain.choices[0].text
     # No suffix: <s>[SUFFIX][PREFIX]prompt, the same prompt tokens.
     assert without[:2] == ids[:2] and ids[ids.index(without[2]):] == without[2:] and len(without) < len(ids)

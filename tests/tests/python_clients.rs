@@ -59,6 +59,7 @@ fn python_clients_against(fixture_name: &str, layout: &[&str]) {
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(repo_root().join("tests/python/test_clients.py"))
         .arg(repo_root().join("tests/python/test_mistral.py"))
+        .arg(repo_root().join("tests/python/test_fields.py"))
         .env("TRAMONTANE_HTTP", format!("http://{http}/v1"))
         .env("TRAMONTANE_GRPC", &coordinator.addr)
         .env("TRAMONTANE_STUBS", &stubs)

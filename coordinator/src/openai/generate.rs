@@ -100,6 +100,8 @@ fn neutral(field: &str, v: &Value) -> bool {
 #[derive(Debug, Deserialize)]
 pub(super) struct CompletionRequest {
     prompt: Option<PromptField>,
+    /// The text after the completion: the prompt becomes a fill-in-the-middle one.
+    suffix: Option<String>,
     #[serde(default)]
     echo: bool,
     logprobs: Option<u32>,
@@ -370,14 +372,21 @@ pub(super) async fn completions(
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
     check_sampling(&frontend, &req.sampling)?;
-    let prompt = match req.prompt {
-        None => return Err(RequestError::Required("prompt").into()),
-        Some(PromptField::Text(t)) => PromptInput::Text(t),
-        Some(PromptField::Ids(ids)) => PromptInput::TokenIds(ids),
-        Some(PromptField::Texts(mut v)) if v.len() == 1 => PromptInput::Text(v.remove(0)),
-        Some(PromptField::IdLists(mut v)) if v.len() == 1 => PromptInput::TokenIds(v.remove(0)),
-        Some(_) => return Err(RequestError::Shape { field: "prompt", expected: "one prompt (a string or a list of token ids)" }.into()),
+    let prompt = match (req.prompt, &req.suffix) {
+        (Some(PromptField::Text(t)), Some(suffix)) => PromptInput::TokenIds(frontend.served.fim_prompt(&t, suffix)?),
+        (_, Some(_)) => return Err(RequestError::Shape { field: "suffix", expected: "given with a text `prompt`" }.into()),
+        (prompt, None) => match prompt {
+            None => return Err(RequestError::Required("prompt").into()),
+            Some(PromptField::Text(t)) => PromptInput::Text(t),
+            Some(PromptField::Ids(ids)) => PromptInput::TokenIds(ids),
+            Some(PromptField::Texts(mut v)) if v.len() == 1 => PromptInput::Text(v.remove(0)),
+            Some(PromptField::IdLists(mut v)) if v.len() == 1 => PromptInput::TokenIds(v.remove(0)),
+            Some(_) => return Err(RequestError::Shape { field: "prompt", expected: "one prompt (a string or a list of token ids)" }.into()),
+        },
     };
+    if req.echo && req.suffix.is_some() {
+        return Err(RequestError::Combination { field: "echo", with: "suffix" }.into());
+    }
     if req.echo && req.sampling.stream {
         return Err(RequestError::Combination { field: "echo", with: "stream" }.into());
     }
