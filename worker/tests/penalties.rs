@@ -1,7 +1,8 @@
-//! Penalties, logit bias and min_tokens on the engine: they change the tokens as their
-//! definitions say (sampling's unit tests check the arithmetic on known logits), and a
-//! sequence recomputed after a preemption — as after a move to another replica, its output so
-//! far re-fed as prompt — continues exactly as it would have.
+//! Penalties, logit bias and min_tokens on the engine: greedy continuations under them equal
+//! the reference's (tests/fixtures/generate_penalties.py: transformers' logits, its repetition
+//! processor, OpenAI's presence and frequency formula), and a sequence recomputed after a
+//! preemption — as after a move to another replica, its output so far re-fed as prompt —
+//! continues exactly as it would have.
 
 use std::path::PathBuf;
 
@@ -48,6 +49,60 @@ fn requests(params: impl Fn(usize) -> SamplingParams) -> Vec<SeqRequest> {
 
 fn repeats(tokens: &[u32]) -> usize {
     tokens.len() - tokens.iter().collect::<std::collections::HashSet<_>>().len()
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    cases: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    prompt_ids: Vec<u32>,
+    settings: Settings,
+    greedy_ids: Vec<u32>,
+    greedy_logprobs: Vec<f32>,
+}
+
+#[derive(serde::Deserialize)]
+struct Settings {
+    presence: f32,
+    frequency: f32,
+    repetition: f32,
+    logit_bias: Vec<(u32, f32)>,
+}
+
+#[test]
+fn penalized_greedy_continuations_match_the_reference() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mistral-nemo-tiny/penalties.json");
+    let reference: Reference = serde_json::from_str(&std::fs::read_to_string(dir).expect("penalties.json")).expect("parses");
+    assert_eq!(reference.cases.len(), 9);
+    let requests = reference
+        .cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let Settings { presence, frequency, repetition, ref logit_bias } = c.settings;
+            let params = SamplingParams {
+                max_tokens: c.greedy_ids.len(),
+                logprobs: Some(0),
+                penalties: Penalties { presence, frequency, repetition },
+                logit_bias: logit_bias.clone(),
+                prompt_len: c.prompt_ids.len(),
+                ..SamplingParams::default()
+            };
+            SeqRequest { id: i as u64, prompt: c.prompt_ids.clone(), params }
+        })
+        .collect();
+    // All at once, in one batch: each continuation as the reference computed it alone.
+    let done = run(Generator::new(engine(256), 16), requests);
+    for (c, d) in reference.cases.iter().zip(&done) {
+        assert_eq!(d.tokens, c.greedy_ids, "case {}", d.id);
+        assert_eq!(d.logprobs.len(), c.greedy_logprobs.len());
+        for (ours, theirs) in d.logprobs.iter().zip(&c.greedy_logprobs) {
+            assert!((ours.logprob - theirs).abs() <= 2e-3, "case {}: logprob {} vs {theirs}", d.id, ours.logprob);
+        }
+    }
 }
 
 #[test]
