@@ -51,7 +51,7 @@ enum Command {
     Abort(u64),
     /// At the next step boundary: send each rank its assignment again with a new epoch (the
     /// same shard, so nothing reloads) and step in that epoch from then on.
-    Advance(u64, Reply<Result<(), String>>),
+    Advance(u64, Reply<Result<(), WorkerCallError>>),
     /// At the next step boundary: hand every request back (they move to other replicas) and
     /// stop.
     Retire(Reply<()>),
@@ -109,10 +109,10 @@ impl ReplicaHandle {
     }
 
     /// Moves the replica to `epoch` at its next step boundary (see [`Command::Advance`]).
-    pub async fn advance(&self, epoch: u64) -> Result<(), String> {
+    pub async fn advance(&self, epoch: u64) -> Result<(), WorkerCallError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Command::Advance(epoch, reply)).map_err(|_| "the replica has stopped".to_owned())?;
-        rx.await.map_err(|_| "the replica has stopped".to_owned())?
+        self.tx.send(Command::Advance(epoch, reply)).map_err(|_| WorkerCallError::ReplicaStopped)?;
+        rx.await.map_err(|_| WorkerCallError::ReplicaStopped)?
     }
 
     /// Hands the replica's requests back and stops it, at its next step boundary.
@@ -282,10 +282,10 @@ impl ReplicaTask {
         }
     }
 
-    async fn advance(&mut self, epoch: u64) -> Result<(), String> {
+    async fn advance(&mut self, epoch: u64) -> Result<(), WorkerCallError> {
         for (rank, (worker, assignment)) in self.ranks.iter().zip(&self.assignments).enumerate() {
             let request = pb::LoadAssignmentRequest { epoch, ..assignment.clone() };
-            worker.clone().load_assignment(request).await.map_err(|s| format!("rank {rank}: {}", s.message()))?;
+            worker.clone().load_assignment(request).await.map_err(|status| WorkerCallError::Refused { rank, status })?;
         }
         self.epoch = epoch;
         Ok(())
@@ -336,6 +336,26 @@ impl ReplicaTask {
             self.finish(id);
         }
     }
+}
+
+/// A call to a replica's workers that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerCallError {
+    #[error("cannot reach {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("rank {rank}: {}", status.message())]
+    Refused { rank: usize, status: tonic::Status },
+    /// A call outside a replica's ranks (fence, release) answered with an error.
+    #[error("{}", .0.message())]
+    Failed(tonic::Status),
+    #[error("the replica has stopped")]
+    ReplicaStopped,
+    #[error("nothing to move to: the plan was not stored")]
+    NoEpoch,
 }
 
 fn to_pb(p: &PlannedSeq) -> pb::SequenceStep {

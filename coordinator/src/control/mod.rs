@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
-use crate::replica::ReplicaDown;
+use crate::replica::{ReplicaDown, WorkerCallError};
 use cluster::scheduler::SchedulerConfig;
 
 mod handle;
@@ -519,7 +519,7 @@ impl Controller {
             }
             let Some(address) = address.or_else(|| self.cards.get(&id).map(|c| c.address.clone())) else { continue };
             tokio::spawn(async move {
-                let call = async { connect(&address).await?.fence(wpb::FenceRequest { epoch }).await.map_err(|s| s.message().to_owned()) };
+                let call = async { connect(&address).await?.fence(wpb::FenceRequest { epoch }).await.map_err(WorkerCallError::Failed) };
                 match tokio::time::timeout(Duration::from_secs(5), call).await {
                     Ok(Ok(_)) => tracing::info!(worker = %id, %address, epoch, "fenced a worker the placement no longer uses"),
                     Ok(Err(e)) => tracing::info!(worker = %id, %address, epoch, error = %e, "could not fence a worker"),
@@ -630,7 +630,7 @@ impl Controller {
                 let result = match address {
                     Some(address) => match connect(&address).await {
                         Ok(mut c) => c.release(wpb::ReleaseRequest { epoch }).await.map(drop).map_err(|s| s.message().to_owned()),
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.to_string()),
                     },
                     None => Ok(()),
                 }

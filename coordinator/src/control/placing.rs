@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::LiveReplica;
 use crate::metrics::Metrics;
 use crate::planner::{Plan, ReplicaPlan};
-use crate::replica::{ReplicaDown, ReplicaHandle};
+use crate::replica::{ReplicaDown, ReplicaHandle, WorkerCallError};
 use cluster::scheduler::SchedulerConfig;
 
 pub(super) type WorkerClient = wpb::worker_client::WorkerClient<tonic::transport::Channel>;
@@ -100,7 +100,7 @@ impl Change {
         for r in self.keep {
             let moved = match epoch {
                 Some(epoch) => r.handle.advance(epoch).await,
-                None => Err("nothing to move to".to_owned()),
+                None => Err(WorkerCallError::NoEpoch),
             };
             match moved {
                 Ok(()) => out.live.push(r),
@@ -127,10 +127,10 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
     let mut clients = Vec::new();
     let mut peers = Vec::new();
     for w in &workers {
-        let fail = |e: String| (vec![w.id.clone()], format!("worker {} ({}): {e}", w.id, w.address));
-        let mut client = connect(&w.address).await.map_err(fail)?;
+        let fail = |e: &dyn std::fmt::Display| (vec![w.id.clone()], format!("worker {} ({}): {e}", w.id, w.address));
+        let mut client = connect(&w.address).await.map_err(|e| fail(&e))?;
         if sharded {
-            let health = client.health(wpb::HealthRequest {}).await.map_err(|s| fail(s.message().to_owned()))?;
+            let health = client.health(wpb::HealthRequest {}).await.map_err(|s| fail(&s.message()))?;
             peers.push(health.into_inner().comm_address);
         }
         clients.push(client);
@@ -177,9 +177,10 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
     Ok(LiveReplica { handle, plan, addresses: workers.into_iter().map(|w| w.address).collect() })
 }
 
-pub(super) async fn connect(addr: &str) -> Result<WorkerClient, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?.connect_timeout(Duration::from_secs(2));
-    let channel = endpoint.connect().await.map_err(|e| format!("cannot reach {addr}: {e}"))?;
+pub(super) async fn connect(addr: &str) -> Result<WorkerClient, WorkerCallError> {
+    let unreachable = |source| WorkerCallError::Unreachable { addr: addr.to_owned(), source };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(unreachable)?.connect_timeout(Duration::from_secs(2));
+    let channel = endpoint.connect().await.map_err(unreachable)?;
     Ok(WorkerClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
