@@ -7,8 +7,10 @@ use std::path::Path;
 
 use crate::backend::{AttentionMeta, Backend, DType, KvShape, SeqAttention};
 use crate::config::ModelConfig;
+use crate::embedding::{Pooling, pool};
 use crate::error::{BadRequest, EngineError, Result};
 use crate::kv_cache::slot;
+use crate::model::Rows;
 use crate::model::{CausalLm, Loader};
 use crate::quant::{Quantization, WeightDType};
 use crate::rank::Parallel;
@@ -74,6 +76,9 @@ pub struct SeqStep<'a> {
     /// Keep the sequence's tokens for its penalties ([`TokenHistory`]); its own prompt is this
     /// long. A chunk at position 0 starts the history afresh; any other must continue it.
     pub keep_history: Option<usize>,
+    /// Return the sequence's embedding, pooled from this chunk's final hidden states (`Mean`
+    /// needs the whole prompt in one chunk).
+    pub embed: Option<Pooling>,
 }
 
 /// What a step produced for one sequence.
@@ -82,6 +87,8 @@ pub struct SeqOutput {
     pub sampled: Option<TokenLogprobs>,
     /// Logprobs of `tokens[1..]` of the step, when asked for.
     pub prompt_logprobs: Vec<TokenLogprobs>,
+    /// The pooled, L2-normalised embedding, when asked for.
+    pub embedding: Option<Vec<f32>>,
 }
 
 pub struct Engine<B: Backend> {
@@ -178,6 +185,9 @@ impl<B: Backend> Engine<B> {
             if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= self.cache.num_blocks) {
                 return Err(BadRequest::Block { block: b, blocks: self.cache.num_blocks }.into());
             }
+            if s.embed == Some(Pooling::Mean) && s.start_pos > 0 {
+                return Err(BadRequest::PooledChunk(s.id).into());
+            }
             let kept = self.histories.get(&s.id).map(TokenHistory::len);
             if s.keep_history.is_some() && s.start_pos > 0 && kept != Some(s.start_pos) {
                 return Err(BadRequest::History { seq: s.id, start_pos: s.start_pos, kept }.into());
@@ -194,6 +204,18 @@ impl<B: Backend> Engine<B> {
                 logit_rows.push((tokens.len() - 1) as u32);
             }
             meta.seqs.push(SeqAttention { token_start, num_tokens: s.tokens.len(), context_len, block_table: s.block_table.to_vec() });
+        }
+        // The rows each embedding pools, in step order.
+        let mut hidden_rows = Vec::new();
+        let mut token_start = 0;
+        for s in seqs {
+            let end = token_start + s.tokens.len();
+            match s.embed {
+                Some(Pooling::Last) => hidden_rows.push((end - 1) as u32),
+                Some(Pooling::Mean) => hidden_rows.extend((token_start..end).map(|r| r as u32)),
+                None => {}
+            }
+            token_start = end;
         }
         for s in seqs {
             if let Some(prompt_len) = s.keep_history {
@@ -219,15 +241,20 @@ impl<B: Backend> Engine<B> {
             }
         }
         let (backend, model, caches) = (&self.backend, &self.model, &mut self.caches);
-        let chosen = backend.execute(|| -> Result<Vec<Option<TokenLogprobs>>> {
-            if logit_rows.is_empty() {
-                // Nothing to sample: run the layers for their KV cache writes only.
-                model.forward(backend, &tokens, &meta, caches, &[0])?;
-                return Ok(Vec::new());
-            }
-            match model.forward(backend, &tokens, &meta, caches, &logit_rows)? {
-                Some(logits) if model.par.is_driver() => backend.choose(&logits, &choices),
-                _ => Ok(Vec::new()),
+        let hidden_size = model.config.hidden_size;
+        let (chosen, hidden) = backend.execute(|| -> Result<(Vec<Option<TokenLogprobs>>, Vec<f32>)> {
+            // With no row wanted, the layers still run for their KV cache writes.
+            let rows = Rows { logits: &logit_rows, hidden: &hidden_rows };
+            match model.forward(backend, &tokens, &meta, caches, &rows)? {
+                Some(heads) if model.par.is_driver() => {
+                    let chosen = match &heads.logits {
+                        Some(logits) => backend.choose(logits, &choices)?,
+                        None => Vec::new(),
+                    };
+                    let hidden = heads.hidden.as_ref().map(|h| backend.to_host(h)).transpose()?.unwrap_or_default();
+                    Ok((chosen, hidden))
+                }
+                _ => Ok((Vec::new(), Vec::new())),
             }
         })?;
         if !model.par.is_driver() {
@@ -236,8 +263,17 @@ impl<B: Backend> Engine<B> {
         let mut rows = chosen.into_iter();
         let mut next_row = || rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()));
         let mut out = Vec::with_capacity(seqs.len());
+        let mut hidden = hidden.chunks_exact(hidden_size.max(1));
         for s in seqs {
             let mut o = SeqOutput::default();
+            if let Some(pooling) = s.embed {
+                let n = if pooling == Pooling::Last { 1 } else { s.tokens.len() };
+                let rows: Vec<f32> = hidden.by_ref().take(n).flatten().copied().collect();
+                if rows.len() != n * hidden_size {
+                    return Err(EngineError::Backend("missing hidden rows".into()));
+                }
+                o.embedding = Some(pool(&rows, hidden_size, pooling));
+            }
             if s.prompt_logprobs.is_some() {
                 for _ in &s.tokens[1..] {
                     o.prompt_logprobs.extend(next_row()?);

@@ -60,6 +60,10 @@ pub enum BadRequest {
     NoNewTokens(usize),
     #[error("sequence {seq}: {blocks} blocks of {block_size} cannot hold {tokens} tokens")]
     BlockTable { seq: usize, blocks: usize, block_size: usize, tokens: usize },
+    #[error("this model has no language-model head: it serves embeddings only")]
+    NoLmHead,
+    #[error("mean pooling needs the whole prompt in one chunk (sequence {0} continues at a later position)")]
+    PooledChunk(u64),
     #[error("block {block} is outside the cache ({blocks} blocks)")]
     Block { block: u32, blocks: usize },
     #[error("sequence {seq} continues at position {start_pos}, but its token history holds {kept:?} tokens")]

@@ -104,6 +104,7 @@ impl<B: Backend> Generator<B> {
                 sample: p.sample.as_ref(),
                 prompt_logprobs: p.prompt_logprobs,
                 keep_history: p.keep_history,
+                embed: None,
             })
             .collect();
         self.engine.release(&self.scheduler.take_released());

@@ -232,6 +232,7 @@ impl<B: Backend> WorkerState<B> {
                 sample: p.as_ref(),
                 prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
                 keep_history: s.keep_history.map(|n| n as usize),
+                embed: None,
             })
             .collect();
         let started = std::time::Instant::now();

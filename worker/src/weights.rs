@@ -227,9 +227,16 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_owned(), files, index })
     }
 
+    /// A tensor by its causal LM's name; a `MistralModel` checkpoint (an embedding model)
+    /// stores the same tensors without the `model.` prefix.
     fn entry(&self, name: &str) -> Result<(&MappedFile, &TensorEntry)> {
-        let file = self.index.get(name).map(|&i| &self.files[i]).ok_or_else(|| EngineError::MissingTensor { name: name.to_owned(), dir: self.dir.clone() })?;
-        Ok((file, &file.tensors[name]))
+        let stored = match name.strip_prefix("model.") {
+            Some(bare) if !self.index.contains_key(name) => bare,
+            _ => name,
+        };
+        let file =
+            self.index.get(stored).map(|&i| &self.files[i]).ok_or_else(|| EngineError::MissingTensor { name: name.to_owned(), dir: self.dir.clone() })?;
+        Ok((file, &file.tensors[stored]))
     }
 
     fn check_shape(file: &MappedFile, name: &str, entry: &TensorEntry, shape: &[usize]) -> Result<()> {

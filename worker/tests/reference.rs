@@ -196,6 +196,7 @@ fn chunked_prefill_equals_whole_prefill() {
                 sample: last.then_some(&params),
                 prompt_logprobs: None,
                 keep_history: None,
+                embed: None,
             };
             sampled = engine.step(&[step]).expect("step").remove(0).sampled;
             pos += chunk.len();

@@ -54,6 +54,9 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
+    /// Whether the checkpoint has a language-model head: a `MistralModel` (an embedding
+    /// checkpoint, e5-mistral style) has none, and serves embeddings only.
+    pub lm_head: bool,
     /// Mixtral only: experts per layer and experts chosen per token.
     pub num_local_experts: usize,
     pub num_experts_per_tok: usize,
@@ -167,8 +170,9 @@ impl ModelConfig {
             .and_then(|a| a.first().cloned())
             .or_else(|| raw.model_type.clone())
             .ok_or_else(|| ConfigProblem::Invalid("no `architectures` or `model_type`".into()))?;
+        let lm_head = arch_name != "MistralModel";
         let architecture = match arch_name.as_str() {
-            "MistralForCausalLM" | "mistral" => Architecture::Mistral,
+            "MistralForCausalLM" | "MistralModel" | "mistral" => Architecture::Mistral,
             "MixtralForCausalLM" | "mixtral" => Architecture::Mixtral,
             other => return Err(ConfigProblem::Architecture(other.to_owned())),
         };
@@ -206,6 +210,7 @@ impl ModelConfig {
             rope_theta,
             sliding_window: raw.sliding_window,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            lm_head,
             num_local_experts,
             num_experts_per_tok,
             bos_token_id: raw.bos_token_id,
@@ -260,7 +265,7 @@ impl ModelConfig {
             Architecture::Mixtral => self.num_local_experts * mlp + h * self.num_local_experts,
         };
         let layer = attn + ffn + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings || !self.lm_head { 0 } else { self.vocab_size * h };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
 

@@ -97,7 +97,7 @@ impl Format {
 /// tp), the stage's decoder layers (attention and MLP split over tp, Mixtral's experts over
 /// tp · ep, router gates whole), norms in f32, and on the last stage the final norm and the
 /// lm_head (a tied lm_head shares the table where the projections stay dense on a stage that
-/// holds it; otherwise it is a copy in the projections' format).
+/// holds it; otherwise it is a copy in the projections' format; an embedding model has none).
 ///
 /// Dense matrices take the bytes of `--dtype`, or under `auto` of the config's
 /// `checkpoint_dtype` (`torch_dtype`/`dtype`: bfloat16 and float16 → 2, float32 or absent → 4).
@@ -145,7 +145,8 @@ pub fn rank_weight_bytes(config: &ModelConfig, layout: &Layout, rank: usize, dty
     }
     if last {
         let shares_the_table = c.tie_word_embeddings && first && matches!(quantization, Quantization::Auto | Quantization::None);
-        bytes += h * 4 + if shares_the_table { 0 } else { projection.bytes(vocab, h) };
+        let head = if shares_the_table || !c.lm_head { 0 } else { projection.bytes(vocab, h) };
+        bytes += h * 4 + head;
     }
     bytes as u64
 }

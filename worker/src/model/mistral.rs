@@ -137,16 +137,17 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-/// The whole causal language model: embeddings, decoder layers, final norm, lm_head. A
-/// pipeline stage holds its layers only: the first stage the embeddings, the last the norm
-/// and lm_head.
+/// The whole causal language model: embeddings, decoder layers, final norm, lm_head (none in
+/// an embedding model). A pipeline stage holds its layers only: the first stage the
+/// embeddings, the last the norm and lm_head.
 #[derive(Debug, Clone)]
 pub struct CausalLm<B: Backend> {
     pub embed_tokens: Option<VocabParallelEmbedding<B>>,
     /// This stage's layers.
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: Option<RmsNorm<B>>,
-    /// `lm_head.weight`, or the embedding table when embeddings are tied.
+    /// `lm_head.weight`, or the embedding table when embeddings are tied; on the last stage
+    /// of a model that has one.
     pub lm_head: Option<ParallelLmHead<B>>,
     pub config: ModelConfig,
     pub par: Parallel,
@@ -167,7 +168,9 @@ impl<B: Backend> CausalLm<B> {
                 layer
             })
             .collect::<Result<Vec<_>>>()?;
-        let (norm, lm_head) = if par.is_last_stage() {
+        let (norm, lm_head) = if par.is_last_stage() && !c.lm_head {
+            (Some(RmsNorm::load(loader, "model.norm")?), None)
+        } else if par.is_last_stage() {
             let shard = vocab_shard(&vocab);
             let weight = match (&embed_tokens, c.tie_word_embeddings) {
                 // Tied, and kept as the table is: the same matrix.
@@ -186,8 +189,9 @@ impl<B: Backend> CausalLm<B> {
     /// Runs the batch's new tokens through this stage, writing their K/V into `caches` (one
     /// per layer of the stage). The first stage embeds `tokens`; the others receive the
     /// previous stage's activations; all but the last hand theirs on and return `None`. The
-    /// last returns the logits `[logit_rows.len(), vocab]` of the rows asked for.
-    pub fn forward(&self, b: &B, tokens: &[u32], meta: &AttentionMeta, caches: &mut [B::KvCache], logit_rows: &[u32]) -> Result<Option<B::Tensor>> {
+    /// last returns the logits `[logit_rows.len(), vocab]` of the rows asked for, and the
+    /// final hidden states (normed) `[hidden_rows.len(), hidden]` of those.
+    pub fn forward(&self, b: &B, tokens: &[u32], meta: &AttentionMeta, caches: &mut [B::KvCache], rows: &Rows<'_>) -> Result<Option<StageOutput<B::Tensor>>> {
         let hidden = self.config.hidden_size;
         let mut x = match &self.embed_tokens {
             Some(embed) => embed.forward(b, tokens)?,
@@ -199,13 +203,34 @@ impl<B: Backend> CausalLm<B> {
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward(b, &x, cache, meta)?;
         }
-        let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
+        let Some(norm) = &self.norm else {
             self.par.world.send(self.par.next_rank(), &b.to_host(&x)?)?;
             return Ok(None);
         };
-        let x = if logit_rows.len() == tokens.len() { x } else { b.gather_rows(&x, logit_rows)? };
-        lm_head.forward(b, &norm.forward(b, &x)?).map(Some)
+        let take = |wanted: &[u32]| if wanted.len() == tokens.len() { Ok(x.clone()) } else { b.gather_rows(&x, wanted) };
+        let logits = match (rows.logits.is_empty(), &self.lm_head) {
+            (true, _) => None,
+            (false, Some(lm_head)) => Some(lm_head.forward(b, &norm.forward(b, &take(rows.logits)?)?)?),
+            (false, None) => return Err(crate::error::BadRequest::NoLmHead.into()),
+        };
+        let hidden = if rows.hidden.is_empty() { None } else { Some(norm.forward(b, &take(rows.hidden)?)?) };
+        Ok(Some(StageOutput { logits, hidden }))
     }
+}
+
+/// The rows of a step the last stage returns something for (indices into the step's tokens).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rows<'a> {
+    /// Rows whose logits are wanted.
+    pub logits: &'a [u32],
+    /// Rows whose final hidden states are wanted (embeddings).
+    pub hidden: &'a [u32],
+}
+
+/// What the last stage returns for [`Rows`].
+pub struct StageOutput<T> {
+    pub logits: Option<T>,
+    pub hidden: Option<T>,
 }
 
 fn vocab_shard(part: &std::ops::Range<usize>) -> Shard {

@@ -5,7 +5,7 @@ mod mistral;
 mod mixtral;
 mod parallel;
 
-pub use mistral::{Attention, CausalLm, DecoderLayer, FeedForward, Mlp, RmsNorm};
+pub use mistral::{Attention, CausalLm, DecoderLayer, FeedForward, Mlp, RmsNorm, Rows, StageOutput};
 pub use mixtral::{Expert, ExpertParallel, SparseMoeBlock};
 pub use parallel::{ColumnParallelLinear, ParallelLmHead, RowParallelLinear, VocabParallelEmbedding};
 
