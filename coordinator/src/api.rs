@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::control::{ControlError, ControlHandle};
-use crate::frontend::{Chunk, Frontend, FrontendError};
+use crate::frontend::{Chunk, Frontend, FrontendError, MAX_EMBED_INPUTS};
 use crate::validate::{PromptInput, RawRequest, RequestError};
 use cluster::scheduler::Finish;
 
@@ -98,6 +98,7 @@ fn raw_request(req: &pb::GenerateRequest) -> RawRequest {
         logit_bias: s.logit_bias.into_iter().collect(),
         min_tokens: s.min_tokens,
         ignore_eos: s.ignore_eos,
+        embed: None,
     }
 }
 
@@ -136,6 +137,10 @@ impl pb::inference_server::Inference for InferenceService {
                         prompt_logprobs: lps.iter().map(|t| position(tok, t)).collect(),
                         ..Default::default()
                     },
+                    // Generate never embeds; were it to, the stream ends there.
+                    Chunk::Embedding(_) => {
+                        pb::GenerateResponse { request_id: request_id.clone(), finish_reason: finish_reason(Some(Finish::Stop)) as i32, ..Default::default() }
+                    }
                     Chunk::End(finish) => pb::GenerateResponse {
                         request_id: request_id.clone(),
                         finish_reason: finish_reason(Some(finish)) as i32,
@@ -180,6 +185,21 @@ impl pb::inference_server::Inference for InferenceService {
         let req = request.into_inner();
         let text = self.frontend.served.detokenize(&req.ids, req.skip_special_tokens, "ids")?;
         Ok(Response::new(pb::DetokenizeResponse { text }))
+    }
+
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let timeout = grpc_timeout(request.metadata()).unwrap_or(self.default_timeout);
+        let req = request.into_inner();
+        let inputs: Vec<PromptInput> =
+            req.texts.into_iter().map(PromptInput::Text).chain(req.token_ids.into_iter().map(|t| PromptInput::TokenIds(t.ids))).collect();
+        if inputs.is_empty() || inputs.len() > MAX_EMBED_INPUTS {
+            return Err(RequestError::Shape { field: "texts", expected: "1 to 256 inputs (texts and token_ids together)" }.into());
+        }
+        let (vectors, tokens) = self.frontend.embed(inputs, timeout).await?;
+        Ok(Response::new(pb::EmbedResponse {
+            embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+            usage: Some(pb::Usage { prompt_tokens: tokens as u32, completion_tokens: 0 }),
+        }))
     }
 
     async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {

@@ -17,8 +17,12 @@ use crate::chat::{ChatTemplate, Message};
 use crate::control::Pool;
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
-use crate::validate::{self, ModelLimits, RawRequest, RequestError};
+use crate::validate::{self, ModelLimits, PromptInput, RawRequest, RequestError};
+use cluster::embedding::Pooling;
 use cluster::scheduler::{Finish, SeqRequest};
+
+/// Most inputs one embedding request may hold.
+pub const MAX_EMBED_INPUTS: usize = 256;
 
 /// The model a coordinator serves.
 pub struct Served {
@@ -27,6 +31,8 @@ pub struct Served {
     pub tokenizer: Tokenizer,
     pub chat_template: ChatTemplate,
     pub limits: ModelLimits,
+    /// How embedding requests pool hidden states.
+    pub pooling: Pooling,
 }
 
 impl Served {
@@ -84,6 +90,8 @@ pub enum Chunk {
     },
     /// The end, with no token: a request that scored its prompt only.
     End(Finish),
+    /// An embedding request's answer (its only chunk).
+    Embedding(Vec<f32>),
 }
 
 /// Client request id -> the replica and internal id serving it (`None` while it waits for a
@@ -190,6 +198,39 @@ impl Frontend {
         };
         g.try_submit()?;
         Ok(g)
+    }
+
+    /// Embeds each input (all at once, each a request of its own, as many replicas as serve
+    /// sharing them): the pooled, L2-normalised vectors in order, and the tokens read. Text is
+    /// tokenized as e5-mistral's inputs are: BOS, the text, EOS.
+    pub async fn embed(&self, inputs: Vec<PromptInput>, timeout: std::time::Duration) -> Result<(Vec<Vec<f32>>, usize), FrontendError> {
+        let eos = self.served.limits.eos_token_ids.first().copied();
+        let mut generations = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let prompt = match input {
+                PromptInput::Text(t) if !t.is_empty() => {
+                    let mut ids = self.served.tokenizer.encode(&t, true).map_err(|e| RequestError::Untokenizable { field: "input", reason: e.to_string() })?;
+                    ids.extend(eos);
+                    PromptInput::TokenIds(ids)
+                }
+                other => other,
+            };
+            let raw = RawRequest { prompt: Some(prompt), embed: Some(self.served.pooling), ..RawRequest::default() };
+            generations.push(self.start(None, raw, timeout)?);
+        }
+        let (mut vectors, mut tokens) = (Vec::with_capacity(generations.len()), 0);
+        for mut g in generations {
+            tokens += g.prompt.len();
+            loop {
+                match g.next().await {
+                    Some(Ok(Chunk::Embedding(v))) => break vectors.push(v),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(FrontendError::Unavailable("the replica ended the request without its embedding".into())),
+                }
+            }
+        }
+        Ok((vectors, tokens))
     }
 
     /// Aborts a running request by its client id; false if none runs.
@@ -305,7 +346,7 @@ impl Generation {
             Err(FrontendError::DeadlineExceeded(_)) => Some(Outcome::Aborted),
             Err(_) => Some(Outcome::Failed),
             Ok(Chunk::Token { finish: Some(Finish::Length), .. } | Chunk::End(Finish::Length)) => Some(Outcome::Length),
-            Ok(Chunk::Token { finish: Some(Finish::Stop), .. } | Chunk::End(Finish::Stop)) => Some(Outcome::Stop),
+            Ok(Chunk::Token { finish: Some(Finish::Stop), .. } | Chunk::End(Finish::Stop) | Chunk::Embedding(_)) => Some(Outcome::Stop),
             Ok(_) => None,
         };
         Some(chunk)
@@ -332,6 +373,7 @@ impl Generation {
                     self.resubmit(deadline).await?;
                 }
                 Some(ReplicaEvent::PromptLogprobs(lps)) => return Ok(Chunk::PromptLogprobs(lps)),
+                Some(ReplicaEvent::Embedding(embedding)) => return Ok(Chunk::Embedding(embedding)),
                 Some(ReplicaEvent::Token(..)) if self.score_only => return Ok(Chunk::End(Finish::Length)),
                 Some(ReplicaEvent::Token(token, finish)) => return Ok(self.token(token, finish)),
                 Some(ReplicaEvent::Rejected(m)) => return Err(FrontendError::QueueFull(m)),

@@ -38,6 +38,9 @@ struct Args {
     sizing: Sizing,
     #[command(flatten)]
     limits: Limits,
+    /// How `/v1/embeddings` and Embed pool a sequence's hidden states.
+    #[arg(long, env = "TRAMONTANE_POOLING", value_enum, default_value = "last")]
+    pooling: cluster::embedding::Pooling,
     /// Seconds a request may take when it sets no deadline (gRPC `grpc-timeout`).
     #[arg(long, env = "TRAMONTANE_REQUEST_TIMEOUT", default_value_t = 600)]
     request_timeout_secs: u64,
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         layout: args.layout,
         sizing: args.sizing,
         limits: args.limits,
+        pooling: args.pooling,
         request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
         etcd: args.membership.etcd,
         cluster: args.membership.cluster,

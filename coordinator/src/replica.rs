@@ -14,13 +14,16 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
 use crate::metrics::Metrics;
-use cluster::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest};
+use cluster::embedding::Pooling;
+use cluster::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest, SeqResult};
 
 /// What a request hears from its replica.
 #[derive(Debug, Clone)]
 pub enum ReplicaEvent {
     PromptLogprobs(Vec<TokenLogprobs>),
     Token(TokenLogprobs, Option<Finish>),
+    /// An embedding request's answer (its last event).
+    Embedding(Vec<f32>),
     /// The replica cannot finish the request (a worker failed, or the replica was retired by
     /// a new placement); the message says why. The request continues on another replica.
     Failed(String),
@@ -256,7 +259,15 @@ impl ReplicaTask {
         match self.step_all_ranks(request).await {
             Ok(response) => {
                 let compute_micros = response.compute_micros;
-                let results = response.results.into_iter().map(|r| (r.sampled.map(from_pb), r.prompt_logprobs.into_iter().map(from_pb).collect())).collect();
+                let results = response
+                    .results
+                    .into_iter()
+                    .map(|r| SeqResult {
+                        sampled: r.sampled.map(from_pb),
+                        prompt_logprobs: r.prompt_logprobs.into_iter().map(from_pb).collect(),
+                        embedding: (!r.embedding.is_empty()).then_some(r.embedding),
+                    })
+                    .collect();
                 for event in self.scheduler.complete(&plan, results) {
                     self.deliver(event);
                 }
@@ -330,6 +341,7 @@ impl ReplicaTask {
         let (id, event, done) = match event {
             Event::PromptLogprobs { id, logprobs } => (id, ReplicaEvent::PromptLogprobs(logprobs), false),
             Event::Token { id, token, finished } => (id, ReplicaEvent::Token(token, finished), finished.is_some()),
+            Event::Embedding { id, embedding } => (id, ReplicaEvent::Embedding(embedding), true),
         };
         let sent = self.clients.get(&id).is_some_and(|tx| tx.send(event).is_ok());
         if done || !sent {
@@ -380,6 +392,11 @@ fn to_pb(p: &PlannedSeq) -> pb::SequenceStep {
         }),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
         keep_history: p.keep_history.map(|n| n as u32),
+        embed: match p.embed {
+            None => pb::Pooling::None,
+            Some(Pooling::Last) => pb::Pooling::Last,
+            Some(Pooling::Mean) => pb::Pooling::Mean,
+        } as i32,
     }
 }
 

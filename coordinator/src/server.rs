@@ -20,6 +20,7 @@ use crate::frontend::{Frontend, Served};
 use crate::metrics::Metrics;
 use crate::planner::Sizing;
 use crate::validate::ModelLimits;
+use cluster::embedding::Pooling;
 use cluster::scheduler::SchedulerConfig;
 
 /// Everything a coordinator needs to serve.
@@ -37,6 +38,8 @@ pub struct ServeConfig {
     pub sizing: Sizing,
     /// The scheduler's limits per replica.
     pub limits: Limits,
+    /// How embedding requests pool hidden states.
+    pub pooling: Pooling,
     /// Deadline of a request that sets none.
     pub request_timeout: Duration,
     /// etcd endpoints; empty = the fixed `workers` and in-process membership.
@@ -137,7 +140,13 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         architecture: config.architecture.hf_name().to_owned(),
         tokenizer,
         chat_template: ChatTemplate::load(&cfg.model).map_err(anyhow::Error::msg)?,
-        limits: ModelLimits { vocab_size: config.vocab_size, max_context: config.max_position_embeddings, eos_token_ids: config.eos_token_ids.clone() },
+        pooling: cfg.pooling,
+        limits: ModelLimits {
+            vocab_size: config.vocab_size,
+            max_context: config.max_position_embeddings,
+            eos_token_ids: config.eos_token_ids.clone(),
+            lm_head: config.lm_head,
+        },
     };
     Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics), control, fatal })
 }

@@ -1,6 +1,7 @@
 //! Raw client requests (gRPC or HTTP) become [`ValidRequest`]s here; nothing past this point
 //! sees an unchecked request. Every error names the field and its limit.
 
+use cluster::embedding::Pooling;
 use cluster::sampling::{ParamError, Penalties};
 use cluster::{SamplingParams, Tokenizer};
 
@@ -16,6 +17,9 @@ pub struct ModelLimits {
     pub vocab_size: usize,
     pub max_context: usize,
     pub eos_token_ids: Vec<u32>,
+    /// Whether the model has a language-model head (an embedding model has none: it only
+    /// embeds).
+    pub lm_head: bool,
 }
 
 /// A prompt as a client sends it.
@@ -50,6 +54,8 @@ pub struct RawRequest {
     pub min_tokens: Option<u32>,
     /// The model's EOS does not end the generation.
     pub ignore_eos: bool,
+    /// An embedding request: the prompt's hidden states pooled so; nothing is generated.
+    pub embed: Option<Pooling>,
 }
 
 /// A checked, tokenized generation request.
@@ -91,6 +97,10 @@ pub enum RequestError {
     Context { prompt: usize, max_tokens: usize, context: usize },
     #[error("this model's tokenizer has no fill-in-the-middle tokens ([SUFFIX], [PREFIX]): it serves no FIM")]
     NoFim,
+    #[error("this model has no language-model head: it serves embeddings only")]
+    EmbeddingsOnly,
+    #[error("`dimensions` must be {width}, this model's width (its embeddings are not truncated)")]
+    Dimensions { width: usize },
     #[error("give exactly one of `{0}` and `{1}`")]
     OneOf(&'static str, &'static str),
     #[error("`{field}` is not supported with `{with}`")]
@@ -115,7 +125,8 @@ impl RequestError {
             RequestError::Stop => "stop",
             RequestError::Context { .. } | RequestError::ScoreOnly => "max_tokens",
             RequestError::OneOf(first, _) => first,
-            RequestError::Model { .. } | RequestError::NoFim => "model",
+            RequestError::Model { .. } | RequestError::NoFim | RequestError::EmbeddingsOnly => "model",
+            RequestError::Dimensions { .. } => "dimensions",
             RequestError::Unsupported { field, .. } => field,
         }
     }
@@ -141,11 +152,15 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
             ids
         }
     };
-    let score_only = req.max_tokens == Some(0);
-    if score_only && req.prompt_logprobs.is_none() {
+    if !limits.lm_head && req.embed.is_none() {
+        return Err(RequestError::EmbeddingsOnly);
+    }
+    let score_only = req.max_tokens == Some(0) || req.embed.is_some();
+    if score_only && req.prompt_logprobs.is_none() && req.embed.is_none() {
         return Err(RequestError::ScoreOnly);
     }
     let max_tokens = match req.max_tokens {
+        _ if req.embed.is_some() => 1,
         None => DEFAULT_MAX_TOKENS.min(limits.max_context.saturating_sub(prompt.len()).max(1)),
         Some(n) => (n as usize).max(1),
     };
@@ -175,6 +190,7 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
         },
         min_tokens: req.min_tokens.unwrap_or(0) as usize,
         prompt_len: prompt.len(),
+        embed: req.embed,
     };
     params.validate(limits.vocab_size)?;
     let generated = if score_only { 0 } else { max_tokens };

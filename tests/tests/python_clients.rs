@@ -38,8 +38,11 @@ fn generate_stubs(python: &Path, out: &Path) {
         .arg(proto.join("tramontane/v1/inference.proto")));
 }
 
-/// Both SDKs' test files against `tramctl up` serving `fixture` with `layout` flags.
-fn python_clients_against(fixture_name: &str, layout: &[&str]) {
+/// The test files for a generating model: both SDKs, every field, embeddings' shape.
+const GENERATING: [&str; 4] = ["test_clients.py", "test_mistral.py", "test_fields.py", "test_embeddings.py"];
+
+/// `files` of tests/python/ against `tramctl up` serving `fixture` with `layout` flags.
+fn python_clients_against(fixture_name: &str, layout: &[&str], files: &[&str]) {
     let python = python_env();
     let stubs = target_dir().join("py-stubs");
     std::fs::create_dir_all(&stubs).expect("stub dir");
@@ -57,9 +60,7 @@ fn python_clients_against(fixture_name: &str, layout: &[&str]) {
 
     run(Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(repo_root().join("tests/python/test_clients.py"))
-        .arg(repo_root().join("tests/python/test_mistral.py"))
-        .arg(repo_root().join("tests/python/test_fields.py"))
+        .args(files.iter().map(|f| repo_root().join("tests/python").join(f)))
         .env("TRAMONTANE_HTTP", format!("http://{http}/v1"))
         .env("TRAMONTANE_GRPC", &coordinator.addr)
         .env("TRAMONTANE_STUBS", &stubs)
@@ -69,12 +70,19 @@ fn python_clients_against(fixture_name: &str, layout: &[&str]) {
 /// Two replicas of one worker each, a v1 tokenizer (no FIM tokens).
 #[test]
 fn official_python_clients_work_end_to_end() {
-    python_clients_against("mistral-v1-tiny", &["--workers", "2"]);
+    python_clients_against("mistral-v1-tiny", &["--workers", "2"], &GENERATING);
 }
 
 /// One replica sharded over two workers (tensor parallel), Mixtral with the v3 tokenizer
 /// (fill-in-the-middle served).
 #[test]
 fn official_python_clients_work_on_a_sharded_replica() {
-    python_clients_against("mixtral-v3-tiny", &["--workers", "2", "--tp", "2"]);
+    python_clients_against("mixtral-v3-tiny", &["--workers", "2", "--tp", "2"], &GENERATING);
+}
+
+/// An embedding model (`MistralModel`, no lm_head) sharded TP 2: its embeddings against
+/// transformers', through both SDKs and gRPC.
+#[test]
+fn official_python_clients_embed_with_an_embedding_model() {
+    python_clients_against("mistral-embed-tiny", &["--workers", "2", "--tp", "2"], &["test_embeddings.py"]);
 }

@@ -9,7 +9,7 @@ use crate::backend::Backend;
 use crate::engine::{Engine, SeqStep};
 use crate::error::{BadRequest, Result};
 use crate::sampling::TokenLogprobs;
-use crate::scheduler::{Event, Finish, Scheduler, SchedulerConfig, SeqRequest};
+use crate::scheduler::{Event, Finish, Scheduler, SchedulerConfig, SeqRequest, SeqResult};
 
 /// A finished request.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +21,8 @@ pub struct Completion {
     /// One per prompt token after the first, when asked for.
     pub prompt_logprobs: Vec<TokenLogprobs>,
     pub finish: Option<Finish>,
+    /// An embedding request's answer.
+    pub embedding: Option<Vec<f32>>,
 }
 
 pub struct Generator<B: Backend> {
@@ -104,18 +106,27 @@ impl<B: Backend> Generator<B> {
                 sample: p.sample.as_ref(),
                 prompt_logprobs: p.prompt_logprobs,
                 keep_history: p.keep_history,
-                embed: None,
+                embed: p.embed,
             })
             .collect();
         self.engine.release(&self.scheduler.take_released());
         let outputs = self.engine.step(&steps)?;
-        let results = plan.iter().zip(outputs).map(|(p, out)| (out.sampled.filter(|_| p.sample.is_some()), out.prompt_logprobs)).collect();
+        let results = plan
+            .iter()
+            .zip(outputs)
+            .map(|(p, out)| SeqResult { sampled: out.sampled.filter(|_| p.sample.is_some()), prompt_logprobs: out.prompt_logprobs, embedding: out.embedding })
+            .collect();
         let events = self.scheduler.complete(&plan, results);
         for event in &events {
             match event {
                 Event::PromptLogprobs { id, logprobs } => {
                     if let Some(r) = self.running.get_mut(id) {
                         r.done.prompt_logprobs.extend(logprobs.iter().cloned());
+                    }
+                }
+                Event::Embedding { id, embedding } => {
+                    if let Some(r) = self.running.remove(id) {
+                        self.finished.push(Completion { embedding: Some(embedding.clone()), ..r.done });
                     }
                 }
                 Event::Token { id, token, finished } => {

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{Backend, Cpu};
 use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
+use crate::embedding::Pooling;
 use crate::engine::{CacheConfig, Engine, EngineOptions, SeqStep, open_model};
 use crate::error::{BadRequest, EngineError};
 use crate::layout::Layout;
@@ -232,7 +233,11 @@ impl<B: Backend> WorkerState<B> {
                 sample: p.as_ref(),
                 prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
                 keep_history: s.keep_history.map(|n| n as usize),
-                embed: None,
+                embed: match pb::Pooling::try_from(s.embed) {
+                    Ok(pb::Pooling::Last) => Some(Pooling::Last),
+                    Ok(pb::Pooling::Mean) => Some(Pooling::Mean),
+                    _ => None,
+                },
             })
             .collect();
         let started = std::time::Instant::now();
@@ -258,6 +263,7 @@ impl<B: Backend> WorkerState<B> {
                 seq_id: s.seq_id,
                 sampled: o.sampled.map(to_pb),
                 prompt_logprobs: o.prompt_logprobs.into_iter().map(to_pb).collect(),
+                embedding: o.embedding.unwrap_or_default(),
             })
             .collect();
         Ok(pb::StepResponse { results, compute_micros })
@@ -357,6 +363,7 @@ fn sampling_params(p: &pb::Sampling, vocab: usize) -> Result<SamplingParams, Ser
         },
         min_tokens: p.min_tokens as usize,
         prompt_len: p.prompt_len as usize,
+        embed: None,
     };
     params.validate(vocab).map_err(|e| EngineError::from(BadRequest::from(e)))?;
     Ok(params)
@@ -536,6 +543,7 @@ mod tests {
             sampling: None,
             prompt_logprobs: Some(2),
             keep_history: None,
+            embed: 0,
         };
         pb::StepRequest { epoch, sequences: vec![seq], released: vec![] }
     }

@@ -377,6 +377,7 @@ async fn a_gpu_worker_process_serves_the_reference() {
                     sampling: Some(greedy.clone()),
                     prompt_logprobs: None,
                     keep_history: None,
+                    embed: 0,
                 }
             })
             .collect();

@@ -60,6 +60,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
                     sampling: greedy(),
                     prompt_logprobs: None,
                     keep_history: None,
+                    embed: 0,
                 }
             })
             .collect();
@@ -89,6 +90,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
             sampling: greedy(),
             prompt_logprobs: None,
             keep_history: None,
+            embed: 0,
         }],
         released: vec![],
     };

@@ -128,7 +128,7 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
                     Some(&t) => (vec![t], (c.prompt_ids.len() + step - 1) as u32),
                 };
                 let prompt_logprobs = (step == 0).then_some(1);
-                pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: table(i), sampling: greedy(), prompt_logprobs, keep_history: None }
+                pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: table(i), sampling: greedy(), prompt_logprobs, keep_history: None, embed: 0 }
             })
             .collect();
         let results = cluster.step(l, sequences).await.unwrap_or_else(|e| panic!("{model} {l:?}: step {step}: {e:?}"));
@@ -225,6 +225,7 @@ async fn a_killed_rank_fails_its_peers_step_within_seconds() {
         sampling: greedy(),
         prompt_logprobs: None,
         keep_history: None,
+        embed: 0,
     };
     let req = pb::StepRequest { epoch: cluster.epoch, sequences: vec![seq], released: vec![] };
     let pending = tokio::spawn(async move { rank0.step(req).await });

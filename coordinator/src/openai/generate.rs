@@ -183,6 +183,7 @@ fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Opt
         logit_bias: s.logit_bias.iter().flatten().filter_map(|(k, &v)| Some((k.parse().ok()?, v))).collect(),
         min_tokens: s.min_tokens,
         ignore_eos: s.ignore_eos.unwrap_or(false),
+        embed: None,
     }
 }
 
@@ -232,6 +233,8 @@ async fn collect(mut g: Generation) -> Result<Collected, FrontendError> {
                 }
             }
             Chunk::End(f) => finish = finish_name(f),
+            // Generation requests never embed.
+            Chunk::Embedding(_) => finish = "stop",
         }
     }
     Ok(Collected { prompt: g.prompt.clone(), text, tokens, finish, prompt_logprobs })
@@ -329,7 +332,7 @@ fn stream(
                     ended += 1;
                     continue;
                 }
-                Some(Ok(Chunk::PromptLogprobs(_))) => continue,
+                Some(Ok(Chunk::PromptLogprobs(_) | Chunk::Embedding(_))) => continue,
                 Some(Ok(Chunk::Token { token, text, finish })) => {
                     completion_tokens += 1;
                     chunk(i, &text, std::slice::from_ref(&token), finish.map(finish_name))

@@ -17,6 +17,7 @@ use crate::chat::Message;
 use crate::frontend::{Frontend, FrontendError};
 use crate::validate::RequestError;
 
+mod embeddings;
 mod generate;
 
 /// Largest request body accepted.
@@ -28,6 +29,7 @@ pub fn router(frontend: Frontend, timeout: std::time::Duration) -> Router {
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/fim/completions", post(generate::fim_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -166,8 +168,7 @@ async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
     let s = &frontend.served;
     // OpenAI's fields, vLLM's `max_model_len`, and the card Mistral's SDK reads (`type`,
     // `capabilities`, `max_context_length`).
-    let capabilities =
-        json!({"completion_chat": true, "completion_fim": s.tokenizer.has_fim(), "function_calling": false, "fine_tuning": false, "vision": false});
+    let capabilities = json!({"completion_chat": s.limits.lm_head, "completion_fim": s.limits.lm_head && s.tokenizer.has_fim(), "function_calling": false, "fine_tuning": false, "vision": false});
     Json(json!({"object": "list", "data": [{
         "id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context,
         "type": "base", "capabilities": capabilities, "max_context_length": s.limits.max_context,

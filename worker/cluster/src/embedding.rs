@@ -2,7 +2,7 @@
 //! vector and L2-normalised, as sentence-embedding models built on Mistral are read.
 
 /// How a sequence's hidden states become one vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Pooling {
     /// The last token's (e5-mistral's: its inputs end with EOS).
     #[default]

@@ -23,5 +23,5 @@ pub use device::{DType, Device};
 pub use error::{Error, Result};
 pub use precision::{LoadFormat, Quantization, WeightDType};
 pub use sampling::{SamplingParams, TokenLogprobs};
-pub use scheduler::{Event, Finish, Scheduler, SchedulerConfig, SeqRequest};
+pub use scheduler::{Event, Finish, Scheduler, SchedulerConfig, SeqRequest, SeqResult};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 
+use crate::embedding::Pooling;
 use crate::kv_cache::BlockAllocator;
 use crate::sampling::{SamplingParams, TokenLogprobs};
 
@@ -87,13 +88,35 @@ pub struct PlannedSeq {
     /// For a sequence with penalties: its tokens are kept where it runs (see
     /// `SamplingParams::prompt_len`, which this is).
     pub keep_history: Option<usize>,
+    /// On an embedding request's last chunk: pool its hidden states so.
+    pub embed: Option<Pooling>,
+}
+
+/// What a step returned for one planned sequence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeqResult {
+    pub sampled: Option<TokenLogprobs>,
+    pub prompt_logprobs: Vec<TokenLogprobs>,
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// What happened to a request in a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token { id: u64, token: TokenLogprobs, finished: Option<Finish> },
-    PromptLogprobs { id: u64, logprobs: Vec<TokenLogprobs> },
+    Token {
+        id: u64,
+        token: TokenLogprobs,
+        finished: Option<Finish>,
+    },
+    PromptLogprobs {
+        id: u64,
+        logprobs: Vec<TokenLogprobs>,
+    },
+    /// An embedding request's answer; the request has ended.
+    Embedding {
+        id: u64,
+        embedding: Vec<f32>,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -218,7 +241,8 @@ impl Scheduler {
     /// only when it is alone in the step).
     fn plan_chunk(alloc: &mut BlockAllocator, s: &mut Seq, budget: &mut usize, alone: bool) -> Option<PlannedSeq> {
         let to_feed = s.to_feed();
-        let whole = s.req.params.prompt_logprobs.is_some() && s.cached == 0 && s.generated.is_empty();
+        let params = &s.req.params;
+        let whole = (params.prompt_logprobs.is_some() || params.embed == Some(Pooling::Mean)) && s.cached == 0 && s.generated.is_empty();
         let n = match (whole, to_feed <= *budget) {
             (true, true) => to_feed,
             (true, false) if alone => to_feed,
@@ -235,9 +259,10 @@ impl Scheduler {
             tokens: (s.cached..s.cached + n).map(|i| s.token_at(i)).collect(),
             start_pos: s.cached,
             block_table: s.blocks.clone(),
-            sample: (n == to_feed).then(|| s.req.params.clone()),
+            sample: (n == to_feed && s.req.params.embed.is_none()).then(|| s.req.params.clone()),
             prompt_logprobs: if whole { s.req.params.prompt_logprobs } else { None },
             keep_history: s.req.params.penalties.active().then_some(s.req.params.prompt_len),
+            embed: s.req.params.embed.filter(|_| n == to_feed),
         })
     }
 
@@ -263,14 +288,20 @@ impl Scheduler {
     }
 
     /// Applies a step's results (in plan order) and returns what clients must hear.
-    pub fn complete(&mut self, plan: &[PlannedSeq], results: Vec<(Option<TokenLogprobs>, Vec<TokenLogprobs>)>) -> Vec<Event> {
+    pub fn complete(&mut self, plan: &[PlannedSeq], results: Vec<SeqResult>) -> Vec<Event> {
         let mut events = Vec::new();
-        for (p, (sampled, prompt_logprobs)) in plan.iter().zip(results) {
+        for (p, SeqResult { sampled, prompt_logprobs, embedding }) in plan.iter().zip(results) {
             let Some(i) = self.running.iter().position(|s| s.req.id == p.id) else { continue };
             let s = &mut self.running[i];
             s.cached = p.start_pos + p.tokens.len();
             if !prompt_logprobs.is_empty() {
                 events.push(Event::PromptLogprobs { id: p.id, logprobs: prompt_logprobs });
+            }
+            if let Some(embedding) = embedding.filter(|_| p.embed.is_some()) {
+                events.push(Event::Embedding { id: p.id, embedding });
+                let mut s = self.running.remove(i);
+                self.release(&mut s);
+                continue;
             }
             let Some(token) = sampled else { continue };
             s.generated.push(token.token);
@@ -312,7 +343,7 @@ mod tests {
             .map(|p| {
                 let pos = p.start_pos + p.tokens.len();
                 let tok = TokenLogprobs { token: (pos * 7 % 100) as u32, logprob: -1.0, top: vec![] };
-                (p.sample.as_ref().map(|_| tok), vec![])
+                SeqResult { sampled: p.sample.as_ref().map(|_| tok), embedding: p.embed.map(|_| vec![pos as f32]), ..SeqResult::default() }
             })
             .collect();
         s.complete(plan, results)
@@ -422,6 +453,31 @@ mod tests {
         assert!(s.abort(2));
         assert_eq!(s.take_released(), vec![2]);
         assert!(s.take_released().is_empty());
+    }
+
+    #[test]
+    fn an_embedding_request_prefills_and_ends_with_its_embedding() {
+        let mut s = Scheduler::new(cfg(64, 8));
+        let mut r = req(1, 20, 1);
+        r.params.embed = Some(Pooling::Last);
+        s.add(r).unwrap();
+        let mut mean = req(2, 6, 1);
+        mean.params.embed = Some(Pooling::Mean);
+        s.add(mean).unwrap();
+        let mut steps = Vec::new();
+        let mut events = Vec::new();
+        while let Some(plan) = s.schedule() {
+            steps.push(plan.iter().map(|p| (p.id, p.tokens.len(), p.embed, p.sample.is_some())).collect::<Vec<_>>());
+            events.extend(run(&mut s, &plan));
+        }
+        // `last` prefills in chunks and pools the last; `mean` waits for room for its whole
+        // prompt; neither samples.
+        assert_eq!(
+            steps,
+            vec![vec![(1, 8, None, false)], vec![(1, 8, None, false)], vec![(1, 4, Some(Pooling::Last), false)], vec![(2, 6, Some(Pooling::Mean), false)],]
+        );
+        assert_eq!(events, vec![Event::Embedding { id: 1, embedding: vec![20.0] }, Event::Embedding { id: 2, embedding: vec![6.0] }]);
+        assert_eq!(s.used_blocks(), 0);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 
 mod adjust;
 
+use crate::embedding::Pooling;
+
 pub use adjust::{MAX_LOGIT_BIAS, Penalties, TokenHistory};
 
 /// How a request wants its tokens chosen. Validated at the edge by [`SamplingParams::validate`].
@@ -34,6 +36,9 @@ pub struct SamplingParams {
     /// Tokens of the request's own prompt: the sequence's tokens from here on are its output
     /// (the prompt a replica is given holds the output so far too, after a move).
     pub prompt_len: usize,
+    /// An embedding request: the prompt's final hidden states pooled are the answer, and
+    /// nothing is generated.
+    pub embed: Option<Pooling>,
 }
 
 /// Most alternatives a request may ask for per position.
@@ -54,6 +59,7 @@ impl Default for SamplingParams {
             penalties: Penalties::default(),
             min_tokens: 0,
             prompt_len: 0,
+            embed: None,
         }
     }
 }
