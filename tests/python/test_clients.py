@@ -18,6 +18,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
+from http_api import post
 
 sys.path.insert(0, os.environ["TRAMONTANE_STUBS"])
 from tramontane.v1 import inference_pb2 as pb  # noqa: E402
@@ -344,15 +345,6 @@ def test_stop_strings_end_the_text_over_http_and_grpc(client, stub):
     assert "`stop`" in e.value.details()
 
 
-def post(path, body):
-    """POSTs JSON to the HTTP API's root; (status, parsed body)."""
-    base = os.environ["TRAMONTANE_HTTP"].rsplit("/v1", 1)[0]
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 def test_tokenize_and_detokenize_over_http(stub):

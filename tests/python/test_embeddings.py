@@ -11,12 +11,11 @@ import math
 import os
 import sys
 import typing
-import urllib.error
-import urllib.request
 
 import grpc
 import openai
 import pytest
+from http_api import post
 from mistralai.client import Mistral
 from mistralai.client import models as mistral_models
 from openai.types import embedding_create_params
@@ -45,14 +44,6 @@ def model(oai):
     return oai.models.list().data[0].id
 
 
-def post(path, body):
-    base = os.environ["TRAMONTANE_HTTP"].removesuffix("/v1")
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 def cosine(a, b):

@@ -7,14 +7,11 @@ something, with a 400 whose `param` names it. Run by tests/tests/python_clients.
 test_clients.py for the environment it passes).
 """
 
-import json
-import os
 import pathlib
 import typing
-import urllib.error
-import urllib.request
 
 import pytest
+from http_api import post
 from mistralai.client import models as mistral_models
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
@@ -94,14 +91,6 @@ BASE = {
 }
 
 
-def post(path, body):
-    base = os.environ["TRAMONTANE_HTTP"].removesuffix("/v1")
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 def fields():

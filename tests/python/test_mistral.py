@@ -2,13 +2,11 @@
 checked against the `openai` SDK's answers from the same server: the cluster is started by
 tests/tests/python_clients.rs (see test_clients.py for the environment it passes)."""
 
-import json
 import os
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
+from http_api import post, post_ok
 from mistralai.client import Mistral
 
 # The system prompt Mistral's API prepends for `safe_prompt` (docs.mistral.ai/usage/guardrailing).
@@ -19,12 +17,6 @@ GUARDRAIL = (
 QUESTION = [{"role": "user", "content": "Where does the tramontane blow?"}]
 
 
-def post(path, body):
-    """POSTs JSON to the HTTP API's root; the parsed answer."""
-    base = os.environ["TRAMONTANE_HTTP"].removesuffix("/v1")
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req) as r:
-        return json.load(r)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +85,8 @@ def test_an_assistant_prefix_is_continued(mistral, oai, model):
     prefix = "The tramontane blows"
     messages = QUESTION + [{"role": "assistant", "content": prefix, "prefix": True}]
     reply = mistral.chat.complete(model=model, messages=messages, max_tokens=6, temperature=0)
-    ids = post("/tokenize", {"messages": messages})["tokens"]
-    text = post("/detokenize", {"tokens": ids})["prompt"]
+    ids = post_ok("/tokenize", {"messages": messages})["tokens"]
+    text = post_ok("/detokenize", {"tokens": ids})["prompt"]
     assert text.endswith(prefix)
     continued = oai.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0)
     assert reply.choices[0].message.content == continued.choices[0].text
@@ -111,24 +103,22 @@ def test_fim_fills_the_middle_or_is_refused(mistral, oai, model):
     card = mistral.models.list().data[0]
     if not card.capabilities.completion_fim:
         # A tokenizer without [SUFFIX]/[PREFIX] (v1): a 400 naming the model, never a guess.
-        with pytest.raises(urllib.error.HTTPError) as e:
-            post("/v1/fim/completions", {"model": model, "prompt": prompt, "suffix": suffix})
-        body = json.load(e.value)
-        assert e.value.code == 400 and body["error"]["param"] == "model" and "fill-in-the-middle" in body["error"]["message"]
+        status, body = post("/v1/fim/completions", {"model": model, "prompt": prompt, "suffix": suffix})
+        assert status == 400 and body["error"]["param"] == "model" and "fill-in-the-middle" in body["error"]["message"]
         with pytest.raises(openai.BadRequestError) as e:
             oai.completions.create(model=model, prompt=prompt, suffix=suffix, max_tokens=2)
         assert e.value.param == "model"
         return
     # The prompt is <s>[SUFFIX]suffix[PREFIX]prompt (its encoding checked against mistral-common
     # in worker/cluster/tests/fim.rs); the middle is what completing those tokens gives.
-    ids = post("/tokenize", {"prompt": prompt, "suffix": suffix})["tokens"]
+    ids = post_ok("/tokenize", {"prompt": prompt, "suffix": suffix})["tokens"]
     fim = mistral.fim.complete(model=model, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0)
     plain = oai.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0)
     assert fim.choices[0].message.content == plain.choices[0].text
     assert fim.usage.prompt_tokens == len(ids) and fim.choices[0].finish_reason == "length"
     streamed = list(mistral.fim.stream(model=model, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0))
     assert "".join(e.data.choices[0].delta.content or "" for e in streamed) == plain.choices[0].text
-    without = post("/tokenize", {"prompt": prompt, "suffix": ""})["tokens"]
+    without = post_ok("/tokenize", {"prompt": prompt, "suffix": ""})["tokens"]
     # OpenAI's completions `suffix` is the same fill-in-the-middle.
     suffixed = oai.completions.create(model=model, prompt=prompt, suffix=suffix, max_tokens=6, temperature=0)
     assert suffixed.choices[0].text == plain.choices[0].text
