@@ -128,7 +128,16 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
                     Some(&t) => (vec![t], (c.prompt_ids.len() + step - 1) as u32),
                 };
                 let prompt_logprobs = (step == 0).then_some(1);
-                pb::SequenceStep { seq_id: i as u64, tokens, start_pos, block_table: table(i), sampling: greedy(), prompt_logprobs, keep_history: None, embed: 0 }
+                pb::SequenceStep {
+                    seq_id: i as u64,
+                    tokens,
+                    start_pos,
+                    block_table: table(i),
+                    sampling: greedy(),
+                    prompt_logprobs,
+                    keep_history: None,
+                    embed: 0,
+                }
             })
             .collect();
         let results = cluster.step(l, sequences).await.unwrap_or_else(|e| panic!("{model} {l:?}: step {step}: {e:?}"));
