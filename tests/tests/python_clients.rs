@@ -41,8 +41,13 @@ fn generate_stubs(python: &Path, out: &Path) {
 /// The test files for a generating model: both SDKs, every field, embeddings' shape.
 const GENERATING: [&str; 4] = ["test_clients.py", "test_mistral.py", "test_fields.py", "test_embeddings.py"];
 
+/// One cluster at a time: the tests share the virtualenv and the stubs they make, and the
+/// machine's cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `files` of tests/python/ against `tramctl up` serving `fixture` with `layout` flags.
 fn python_clients_against(fixture_name: &str, layout: &[&str], files: &[&str]) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let python = python_env();
     let stubs = target_dir().join("py-stubs");
     std::fs::create_dir_all(&stubs).expect("stub dir");
