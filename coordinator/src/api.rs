@@ -172,12 +172,7 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
-        let ids = self
-            .frontend
-            .served
-            .tokenizer
-            .encode(&req.text, req.add_special_tokens)
-            .map_err(|e| RequestError::Untokenizable { field: "text", reason: e.to_string() })?;
+        let ids = self.frontend.served.tokenizer.encode(&req.text, req.add_special_tokens).map_err(RequestError::untokenizable("text"))?;
         Ok(Response::new(pb::TokenizeResponse { ids }))
     }
 

@@ -40,13 +40,12 @@ impl Served {
     /// special tokens (the template writes its own).
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, RequestError> {
         let text = self.chat_template.render(messages).map_err(RequestError::Messages)?;
-        self.tokenizer.encode(&text, false).map_err(|e| RequestError::Untokenizable { field: "messages", reason: e.to_string() })
+        self.tokenizer.encode(&text, false).map_err(RequestError::untokenizable("messages"))
     }
 
     /// A fill-in-the-middle prompt: `prompt`, then the model writes what comes before `suffix`.
     pub fn fim_prompt(&self, prompt: &str, suffix: &str) -> Result<Vec<u32>, RequestError> {
-        let untokenizable = |e: cluster::Error| RequestError::Untokenizable { field: "prompt", reason: e.to_string() };
-        self.tokenizer.encode_fim(prompt, suffix).map_err(untokenizable)?.ok_or(RequestError::NoFim)
+        self.tokenizer.encode_fim(prompt, suffix).map_err(RequestError::untokenizable("prompt"))?.ok_or(RequestError::NoFim)
     }
 
     /// The text of token ids, each checked against the vocabulary (`field` names them in the
@@ -56,7 +55,7 @@ impl Served {
         if let Some(&got) = ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(RequestError::TokenId { field, got, vocab });
         }
-        self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| RequestError::Untokenizable { field, reason: e.to_string() })
+        self.tokenizer.decode(ids, skip_special_tokens).map_err(RequestError::untokenizable(field))
     }
 }
 
@@ -209,7 +208,7 @@ impl Frontend {
         for input in inputs {
             let prompt = match input {
                 PromptInput::Text(t) if !t.is_empty() => {
-                    let mut ids = self.served.tokenizer.encode(&t, true).map_err(|e| RequestError::Untokenizable { field: "input", reason: e.to_string() })?;
+                    let mut ids = self.served.tokenizer.encode(&t, true).map_err(RequestError::untokenizable("input"))?;
                     ids.extend(eos);
                     PromptInput::TokenIds(ids)
                 }

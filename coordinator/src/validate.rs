@@ -112,6 +112,11 @@ pub enum RequestError {
 }
 
 impl RequestError {
+    /// The tokenizer failing on the text or ids of `field`.
+    pub fn untokenizable(field: &'static str) -> impl FnOnce(cluster::Error) -> RequestError {
+        move |e| RequestError::Untokenizable { field, reason: e.to_string() }
+    }
+
     /// The request field at fault, as clients name it (OpenAI's error `param`).
     pub fn field(&self) -> &str {
         match self {
@@ -140,7 +145,7 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
             if t.is_empty() {
                 return Err(RequestError::Empty("prompt"));
             }
-            tok.encode(&t, true).map_err(|e| RequestError::Untokenizable { field: "prompt", reason: e.to_string() })?
+            tok.encode(&t, true).map_err(RequestError::untokenizable("prompt"))?
         }
         Some(PromptInput::TokenIds(ids)) => {
             if ids.is_empty() {
@@ -155,12 +160,14 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
     if !limits.lm_head && req.embed.is_none() {
         return Err(RequestError::EmbeddingsOnly);
     }
-    let score_only = req.max_tokens == Some(0) || req.embed.is_some();
-    if score_only && req.prompt_logprobs.is_none() && req.embed.is_none() {
+    // Embedding requests generate nothing either; they run as one step that samples nothing.
+    let embeds = req.embed.is_some();
+    let score_only = req.max_tokens == Some(0) && !embeds;
+    if score_only && req.prompt_logprobs.is_none() {
         return Err(RequestError::ScoreOnly);
     }
     let max_tokens = match req.max_tokens {
-        _ if req.embed.is_some() => 1,
+        _ if embeds => 1,
         None => DEFAULT_MAX_TOKENS.min(limits.max_context.saturating_sub(prompt.len()).max(1)),
         Some(n) => (n as usize).max(1),
     };
@@ -193,7 +200,7 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
         embed: req.embed,
     };
     params.validate(limits.vocab_size)?;
-    let generated = if score_only { 0 } else { max_tokens };
+    let generated = if score_only || embeds { 0 } else { max_tokens };
     if prompt.len() + generated > limits.max_context {
         return Err(RequestError::Context { prompt: prompt.len(), max_tokens: generated, context: limits.max_context });
     }

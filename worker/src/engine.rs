@@ -171,6 +171,8 @@ impl<B: Backend> Engine<B> {
             sliding_window: self.model.config.sliding_window,
         };
         let mut logit_rows = Vec::new();
+        // The rows each embedding pools, in step order.
+        let mut hidden_rows = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
             let context_len = s.start_pos + s.tokens.len();
             if s.tokens.is_empty() {
@@ -203,19 +205,12 @@ impl<B: Backend> Engine<B> {
             } else if s.sample.is_some() {
                 logit_rows.push((tokens.len() - 1) as u32);
             }
-            meta.seqs.push(SeqAttention { token_start, num_tokens: s.tokens.len(), context_len, block_table: s.block_table.to_vec() });
-        }
-        // The rows each embedding pools, in step order.
-        let mut hidden_rows = Vec::new();
-        let mut token_start = 0;
-        for s in seqs {
-            let end = token_start + s.tokens.len();
             match s.embed {
-                Some(Pooling::Last) => hidden_rows.push((end - 1) as u32),
-                Some(Pooling::Mean) => hidden_rows.extend((token_start..end).map(|r| r as u32)),
+                Some(Pooling::Last) => hidden_rows.push((tokens.len() - 1) as u32),
+                Some(Pooling::Mean) => hidden_rows.extend((token_start..tokens.len()).map(|r| r as u32)),
                 None => {}
             }
-            token_start = end;
+            meta.seqs.push(SeqAttention { token_start, num_tokens: s.tokens.len(), context_len, block_table: s.block_table.to_vec() });
         }
         for s in seqs {
             if let Some(prompt_len) = s.keep_history {

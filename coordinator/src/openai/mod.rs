@@ -149,7 +149,7 @@ async fn tokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<Tok
     let ids = match (req.prompt, req.messages) {
         (Some(prompt), None) => match &req.suffix {
             Some(suffix) => s.fim_prompt(&prompt, suffix),
-            None => s.tokenizer.encode(&prompt, req.add_special_tokens).map_err(|e| RequestError::Untokenizable { field: "prompt", reason: e.to_string() }),
+            None => s.tokenizer.encode(&prompt, req.add_special_tokens).map_err(RequestError::untokenizable("prompt")),
         },
         (None, Some(messages)) => s.chat_prompt(&messages),
         _ => Err(RequestError::OneOf("prompt", "messages")),
