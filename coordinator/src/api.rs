@@ -99,6 +99,7 @@ fn raw_request(req: &pb::GenerateRequest) -> RawRequest {
         min_tokens: s.min_tokens,
         ignore_eos: s.ignore_eos,
         embed: None,
+        cache_salt: req.cache_salt.clone(),
     }
 }
 
@@ -144,7 +145,7 @@ impl pb::inference_server::Inference for InferenceService {
                     Chunk::End(finish) => pb::GenerateResponse {
                         request_id: request_id.clone(),
                         finish_reason: finish_reason(Some(finish)) as i32,
-                        usage: Some(pb::Usage { prompt_tokens, completion_tokens: 0 }),
+                        usage: Some(pb::Usage { prompt_tokens, completion_tokens: 0, cached_tokens: generation.cached_tokens() as u32 }),
                         ..Default::default()
                     },
                     Chunk::Token { token, text, finish } => pb::GenerateResponse {
@@ -154,7 +155,11 @@ impl pb::inference_server::Inference for InferenceService {
                         logprobs: if generation.wants_logprobs { vec![position(tok, &token)] } else { vec![] },
                         prompt_logprobs: vec![],
                         finish_reason: finish_reason(finish) as i32,
-                        usage: finish.map(|_| pb::Usage { prompt_tokens, completion_tokens: generation.completion_tokens as u32 }),
+                        usage: finish.map(|_| pb::Usage {
+                            prompt_tokens,
+                            completion_tokens: generation.completion_tokens as u32,
+                            cached_tokens: generation.cached_tokens() as u32,
+                        }),
                     },
                 });
                 if tx.send(msg).await.is_err() {
@@ -193,7 +198,7 @@ impl pb::inference_server::Inference for InferenceService {
         let (vectors, tokens) = self.frontend.embed(inputs, timeout).await?;
         Ok(Response::new(pb::EmbedResponse {
             embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
-            usage: Some(pb::Usage { prompt_tokens: tokens as u32, completion_tokens: 0 }),
+            usage: Some(pb::Usage { prompt_tokens: tokens as u32, completion_tokens: 0, cached_tokens: 0 }),
         }))
     }
 
@@ -258,6 +263,8 @@ impl pb::admin_server::Admin for AdminService {
                         status.waiting = st.waiting as u32;
                         status.kv_blocks_used = st.used_blocks as u32;
                         status.kv_blocks_total = st.num_blocks as u32;
+                        status.prefix_cache_queries = st.prefix.queries;
+                        status.prefix_cache_hits = st.prefix.hits;
                     }
                 }
                 status

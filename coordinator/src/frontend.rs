@@ -14,11 +14,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::chat::{ChatTemplate, Message};
-use crate::control::Pool;
+use crate::control::{Pool, Routing};
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
 use crate::validate::{self, ModelLimits, PromptInput, RawRequest, RequestError};
 use cluster::embedding::Pooling;
+use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::{Finish, SeqRequest};
 
 /// Most inputs one embedding request may hold.
@@ -33,6 +34,9 @@ pub struct Served {
     pub limits: ModelLimits,
     /// How embedding requests pool hidden states.
     pub pooling: Pooling,
+    /// Names the replicas' cached blocks (`None` without prefix caching).
+    pub prefix: Option<PrefixHasher>,
+    pub routing: Routing,
 }
 
 impl Served {
@@ -185,6 +189,8 @@ impl Frontend {
             generated: Vec::new(),
             decoder: IncrementalDecoder::new(&valid.prompt, valid.skip_special_tokens),
             score_only: valid.score_only,
+            cache_salt: valid.cache_salt.clone(),
+            cached_tokens: None,
             stops: StopStrings { stops: valid.stop.clone(), pending: String::new() },
             wants_logprobs: valid.params.logprobs.is_some(),
             completion_tokens: 0,
@@ -273,6 +279,9 @@ pub struct Generation {
     decoder: IncrementalDecoder,
     /// Only the prompt's logprobs are delivered ([`Chunk::End`] instead of the token).
     score_only: bool,
+    cache_salt: Option<String>,
+    /// Prompt tokens found in the prefix cache where the request was first scheduled.
+    cached_tokens: Option<usize>,
     stops: StopStrings,
     /// The current replica's events; `None` while waiting for one.
     events: Option<mpsc::UnboundedReceiver<ReplicaEvent>>,
@@ -293,15 +302,17 @@ impl Generation {
             return Err(FrontendError::Unavailable("the request was aborted".into()));
         };
         let pool = self.frontend.pool();
-        let Some(handle) = pool.pick() else { return Ok(false) };
+        let prompt: Vec<u32> = self.prompt.iter().chain(&self.generated).copied().collect();
+        let served = &self.frontend.served;
+        let prefix = served.prefix.as_ref().map(|h| h.hashes(self.cache_salt.as_deref(), &prompt)).unwrap_or_default();
+        let Some(handle) = pool.pick(&prefix, served.routing) else { return Ok(false) };
         let id = self.frontend.next_internal_id();
         let mut params = self.params.clone();
         if !self.generated.is_empty() {
             params.max_tokens -= self.generated.len();
             params.prompt_logprobs = None;
         }
-        let prompt = self.prompt.iter().chain(&self.generated).copied().collect();
-        self.events = Some(handle.submit(SeqRequest { id, prompt, params }));
+        self.events = Some(handle.submit(SeqRequest { id, prompt, params, cache_salt: self.cache_salt.clone() }, prefix));
         *slot = Some((handle.clone(), id));
         Ok(true)
     }
@@ -371,6 +382,9 @@ impl Generation {
                     self.events = None;
                     self.resubmit(deadline).await?;
                 }
+                Some(ReplicaEvent::Scheduled { cached_tokens }) => {
+                    self.cached_tokens.get_or_insert(cached_tokens.min(self.prompt.len()));
+                }
                 Some(ReplicaEvent::PromptLogprobs(lps)) => return Ok(Chunk::PromptLogprobs(lps)),
                 Some(ReplicaEvent::Embedding(embedding)) => return Ok(Chunk::Embedding(embedding)),
                 Some(ReplicaEvent::Token(..)) if self.score_only => return Ok(Chunk::End(Finish::Length)),
@@ -411,6 +425,11 @@ impl Generation {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.frontend.served.tokenizer
+    }
+
+    /// Prompt tokens whose KV blocks came from the prefix cache (0 until scheduled).
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens.unwrap_or(0)
     }
 }
 

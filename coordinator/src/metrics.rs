@@ -46,6 +46,9 @@ pub struct Metrics {
     step_micros: Counter,
     worker_compute_micros: Counter,
     step_tokens: Counter,
+    /// Prompt tokens looked up in the prefix cache as sequences joined a batch, and found.
+    prefix_queries: Counter,
+    prefix_hits: Counter,
     running: Gauge,
     waiting: Gauge,
     used_blocks: Gauge,
@@ -89,6 +92,8 @@ impl Default for Metrics {
             step_micros: counter("tramontane:step_micros_total", "Wall time of executed steps at the coordinator (plan to delivery)."),
             worker_compute_micros: counter("tramontane:worker_compute_micros_total", "Worker compute time inside those steps."),
             step_tokens: counter("tramontane:step_tokens_total", "New tokens (prompt chunks and decodes) those steps processed."),
+            prefix_queries: counter("tramontane:prefix_cache_queries_total", "Context tokens looked up in the prefix cache as sequences joined a batch."),
+            prefix_hits: counter("tramontane:prefix_cache_hits_total", "Those tokens found in the prefix cache (their prefill skipped)."),
             running: gauge("tramontane:num_requests_running", "Sequences in running batches."),
             waiting: gauge("tramontane:num_requests_waiting", "Requests waiting to be scheduled."),
             used_blocks: gauge("tramontane:kv_cache_usage_blocks", "KV cache blocks in use."),
@@ -117,6 +122,10 @@ impl Metrics {
     }
     pub fn queue_time(&self, s: f64) {
         self.queue.record(s);
+    }
+    pub fn prefix_cache(&self, queries: u64, hits: u64) {
+        self.prefix_queries.increment(queries);
+        self.prefix_hits.increment(hits);
     }
     /// Sequences in one executed step.
     pub fn batch_size(&self, n: usize) {

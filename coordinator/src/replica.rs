@@ -2,11 +2,15 @@
 //! a task (an actor: [`ReplicaHandle`] sends it requests and aborts). Each loop turn admits
 //! what arrived, plans a step, sends it to every rank with the placement epoch, and delivers
 //! the sampled tokens the driver rank returns to each request's channel. A request whose receiver is gone is aborted,
-//! which frees its KV cache blocks at once.
+//! which frees its KV cache blocks at once. The hashes of the blocks its prefix cache holds
+//! are mirrored in an index the frontends read to route requests (exact, updated every turn),
+//! with those of the prompts it was given and has not finished (their blocks are being, or
+//! will be, computed there: `n` choices and a burst of one prompt go to one replica, which
+//! prefills it once).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cluster::TokenLogprobs;
 use proto::tramontane::worker::v1 as pb;
@@ -15,11 +19,16 @@ use tonic::transport::Channel;
 
 use crate::metrics::Metrics;
 use cluster::embedding::Pooling;
-use cluster::scheduler::{Event, Finish, PlannedSeq, Scheduler, SchedulerConfig, SeqRequest, SeqResult};
+use cluster::kv_cache::{BlockHash, CacheEvent};
+use cluster::scheduler::{Event, Finish, PlannedSeq, PrefixStats, Scheduler, SeqRequest, SeqResult};
 
 /// What a request hears from its replica.
 #[derive(Debug, Clone)]
 pub enum ReplicaEvent {
+    /// The request joined a batch; this many of its tokens were found in the prefix cache.
+    Scheduled {
+        cached_tokens: usize,
+    },
     PromptLogprobs(Vec<TokenLogprobs>),
     Token(TokenLogprobs, Option<Finish>),
     /// An embedding request's answer (its last event).
@@ -38,6 +47,7 @@ pub struct ReplicaStats {
     pub waiting: usize,
     pub used_blocks: usize,
     pub num_blocks: usize,
+    pub prefix: PrefixStats,
 }
 
 /// A replica task that stopped because a rank's step failed.
@@ -49,8 +59,36 @@ pub struct ReplicaDown {
 
 type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
+/// The blocks a replica's prefix cache holds, and those of the prompts it is running.
+#[derive(Debug, Default)]
+struct PrefixIndex {
+    cached: HashSet<BlockHash>,
+    /// Prompts' block hashes, counted by the requests that hold them.
+    pending: HashMap<BlockHash, usize>,
+}
+
+impl PrefixIndex {
+    fn add_pending(&mut self, hashes: &[BlockHash]) {
+        for h in hashes {
+            *self.pending.entry(*h).or_default() += 1;
+        }
+    }
+
+    fn remove_pending(&mut self, hashes: &[BlockHash]) {
+        for h in hashes {
+            if let Some(n) = self.pending.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.remove(h);
+                }
+            }
+        }
+    }
+}
+
 enum Command {
-    Submit(SeqRequest, mpsc::UnboundedSender<ReplicaEvent>),
+    /// A request, its prompt's block hashes, where its events go.
+    Submit(Box<SeqRequest>, Vec<BlockHash>, mpsc::UnboundedSender<ReplicaEvent>),
     Abort(u64),
     /// At the next step boundary: send each rank its assignment again with a new epoch (the
     /// same shard, so nothing reloads) and step in that epoch from then on.
@@ -68,6 +106,8 @@ pub struct ReplicaHandle {
     stats: watch::Receiver<ReplicaStats>,
     /// Requests submitted and not yet finished (for least-loaded routing).
     active: Arc<AtomicUsize>,
+    /// The blocks its prefix cache holds or its requests compute (for cache-aware routing).
+    prefix: Arc<Mutex<PrefixIndex>>,
 }
 
 impl ReplicaHandle {
@@ -79,13 +119,14 @@ impl ReplicaHandle {
         ranks: Vec<pb::worker_client::WorkerClient<Channel>>,
         assignments: Vec<pb::LoadAssignmentRequest>,
         driver: usize,
-        cfg: SchedulerConfig,
+        scheduler: Scheduler,
         metrics: Arc<Metrics>,
         down: mpsc::UnboundedSender<ReplicaDown>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: cfg.num_blocks, ..Default::default() });
+        let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: scheduler.config().num_blocks, ..Default::default() });
         let active = Arc::new(AtomicUsize::new(0));
+        let prefix = Arc::new(Mutex::new(PrefixIndex::default()));
         let epoch = assignments.first().map_or(0, |a| a.epoch);
         let task = ReplicaTask {
             id,
@@ -95,7 +136,10 @@ impl ReplicaHandle {
             ranks,
             driver,
             epoch,
-            scheduler: Scheduler::new(cfg),
+            scheduler,
+            prefix_index: prefix.clone(),
+            prefixes: HashMap::new(),
+            prefix: PrefixStats::default(),
             clients: HashMap::new(),
             queued: HashMap::new(),
             stats: stats_tx,
@@ -103,7 +147,7 @@ impl ReplicaHandle {
             metrics,
         };
         tokio::spawn(task.run(rx));
-        ReplicaHandle { id, tx, stats, active }
+        ReplicaHandle { id, tx, stats, active, prefix }
     }
 
     /// Whether the task still runs (it stops when a step fails or it is retired).
@@ -126,15 +170,23 @@ impl ReplicaHandle {
         }
     }
 
-    /// Queues a request; its events arrive on the returned channel.
-    pub fn submit(&self, req: SeqRequest) -> mpsc::UnboundedReceiver<ReplicaEvent> {
+    /// Queues a request whose prompt's full blocks hash to `prefix`; its events arrive on the
+    /// returned channel.
+    pub fn submit(&self, req: SeqRequest, prefix: Vec<BlockHash>) -> mpsc::UnboundedReceiver<ReplicaEvent> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         self.active.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Command::Submit(req, events_tx.clone())).is_err() {
+        // Known to routing at once, before the task takes it in.
+        self.index().add_pending(&prefix);
+        if let Err(mpsc::error::SendError(Command::Submit(_, prefix, _))) = self.tx.send(Command::Submit(Box::new(req), prefix, events_tx.clone())) {
+            self.index().remove_pending(&prefix);
             self.active.fetch_sub(1, Ordering::Relaxed);
             let _ = events_tx.send(ReplicaEvent::Failed("the replica has stopped".into()));
         }
         events_rx
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, PrefixIndex> {
+        self.prefix.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn abort(&self, id: u64) {
@@ -147,6 +199,12 @@ impl ReplicaHandle {
 
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// How many of `hashes`' leading blocks its prefix cache holds or its requests compute.
+    pub fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
+        let index = self.index();
+        hashes.iter().take_while(|h| index.cached.contains(*h) || index.pending.contains_key(*h)).count()
     }
 }
 
@@ -161,6 +219,11 @@ struct ReplicaTask {
     driver: usize,
     epoch: u64,
     scheduler: Scheduler,
+    prefix_index: Arc<Mutex<PrefixIndex>>,
+    /// Each request's prompt block hashes (pending in the index until it finishes).
+    prefixes: HashMap<u64, Vec<BlockHash>>,
+    /// The scheduler's prefix cache counters as last published.
+    prefix: PrefixStats,
     clients: HashMap<u64, mpsc::UnboundedSender<ReplicaEvent>>,
     /// Arrival times of requests not yet scheduled, for the queue-time metric.
     queued: HashMap<u64, std::time::Instant>,
@@ -204,14 +267,16 @@ impl ReplicaTask {
                 self.stopped = true;
                 let _ = reply.send(());
             }
-            Command::Submit(req, events) => {
+            Command::Submit(req, prefix, events) => {
                 let id = req.id;
-                match self.scheduler.add(req) {
+                match self.scheduler.add(*req) {
                     Ok(()) => {
                         self.clients.insert(id, events);
+                        self.prefixes.insert(id, prefix);
                         self.queued.insert(id, std::time::Instant::now());
                     }
                     Err(e) => {
+                        self.index().remove_pending(&prefix);
                         self.active.fetch_sub(1, Ordering::Relaxed);
                         let _ = events.send(ReplicaEvent::Rejected(e.to_string()));
                     }
@@ -235,14 +300,35 @@ impl ReplicaTask {
         if self.clients.remove(&id).is_some() {
             self.active.fetch_sub(1, Ordering::Relaxed);
         }
+        if let Some(prefix) = self.prefixes.remove(&id) {
+            self.index().remove_pending(&prefix);
+        }
     }
 
-    fn publish_stats(&self) {
+    fn index(&self) -> std::sync::MutexGuard<'_, PrefixIndex> {
+        self.prefix_index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish_stats(&mut self) {
+        let events = self.scheduler.take_cache_events();
+        if !events.is_empty() {
+            let mut index = self.index();
+            for e in events {
+                match e {
+                    CacheEvent::Stored(h) => index.cached.insert(h),
+                    CacheEvent::Evicted(h) => index.cached.remove(&h),
+                };
+            }
+        }
+        let prefix = self.scheduler.prefix_stats();
+        self.metrics.prefix_cache(prefix.queries - self.prefix.queries, prefix.hits - self.prefix.hits);
+        self.prefix = prefix;
         let stats = ReplicaStats {
             running: self.scheduler.num_running(),
             waiting: self.scheduler.num_waiting(),
             used_blocks: self.scheduler.used_blocks(),
             num_blocks: self.stats.borrow().num_blocks,
+            prefix,
         };
         self.stats.send_if_modified(|s| std::mem::replace(s, stats) != stats);
     }
@@ -253,6 +339,9 @@ impl ReplicaTask {
         for p in &plan {
             if let Some(arrived) = self.queued.remove(&p.id) {
                 self.metrics.queue_time(arrived.elapsed().as_secs_f64());
+                if let Some(tx) = self.clients.get(&p.id) {
+                    let _ = tx.send(ReplicaEvent::Scheduled { cached_tokens: p.start_pos });
+                }
             }
         }
         let request = pb::StepRequest { epoch: self.epoch, sequences: plan.iter().map(to_pb).collect(), released: self.scheduler.take_released() };
@@ -392,6 +481,7 @@ fn to_pb(p: &PlannedSeq) -> pb::SequenceStep {
         }),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
         keep_history: p.keep_history.map(|n| n as u32),
+        history: p.history.clone(),
         embed: match p.embed {
             None => pb::Pooling::None,
             Some(Pooling::Last) => pb::Pooling::Last,

@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{AdminService, InferenceService};
 use crate::chat::ChatTemplate;
-use crate::control::Pool;
 use crate::control::{self, ControlConfig, ControlHandle};
+use crate::control::{Pool, Routing};
 use crate::frontend::{Frontend, Served};
 use crate::metrics::Metrics;
 use crate::planner::Sizing;
 use crate::validate::ModelLimits;
 use cluster::embedding::Pooling;
+use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::SchedulerConfig;
 
 /// Everything a coordinator needs to serve.
@@ -62,6 +63,11 @@ pub struct Limits {
     /// Most requests waiting per replica; beyond it requests get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = SchedulerConfig::MAX_QUEUE)]
     pub max_queue: usize,
+    /// Prefill every prompt in full: no KV block is reused across requests.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    #[command(flatten)]
+    pub routing: Routing,
 }
 
 impl Limits {
@@ -73,8 +79,14 @@ impl Limits {
             max_num_seqs: self.max_num_seqs,
             max_batch_tokens: self.max_batch_tokens,
             max_queue: self.max_queue,
+            prefix_caching: !self.no_prefix_caching,
         }
     }
+}
+
+/// What names a replica's cached KV blocks: the model, and how its weights are kept.
+pub fn prefix_hasher(config: &ModelConfig, sizing: &Sizing) -> PrefixHasher {
+    PrefixHasher::new(&format!("{config:?} {:?} {:?}", sizing.dtype, sizing.quantization), sizing.block_size)
 }
 
 /// A coordinator ready to serve.
@@ -118,6 +130,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         layout: cfg.layout.clone(),
         sizing: cfg.sizing,
         sched: cfg.limits.scheduler(&cfg.sizing),
+        prefix: prefix_hasher(&config, &cfg.sizing),
         id: cfg.id.clone(),
         lease_ttl: cfg.lease_ttl,
     };
@@ -141,6 +154,8 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         tokenizer,
         chat_template: ChatTemplate::load(&cfg.model).map_err(anyhow::Error::msg)?,
         pooling: cfg.pooling,
+        prefix: (!cfg.limits.no_prefix_caching).then(|| prefix_hasher(&config, &cfg.sizing)),
+        routing: cfg.limits.routing,
         limits: ModelLimits {
             vocab_size: config.vocab_size,
             max_context: config.max_position_embeddings,

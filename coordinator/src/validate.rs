@@ -56,6 +56,8 @@ pub struct RawRequest {
     pub ignore_eos: bool,
     /// An embedding request: the prompt's hidden states pooled so; nothing is generated.
     pub embed: Option<Pooling>,
+    /// Shares cached KV blocks only with requests of the same salt.
+    pub cache_salt: Option<String>,
 }
 
 /// A checked, tokenized generation request.
@@ -68,6 +70,7 @@ pub struct ValidRequest {
     /// replica runs it as one token whose choice is not delivered.
     pub score_only: bool,
     pub skip_special_tokens: bool,
+    pub cache_salt: Option<String>,
 }
 
 /// Why a request is refused (INVALID_ARGUMENT / HTTP 400): each names the field at fault
@@ -137,6 +140,9 @@ impl RequestError {
     }
 }
 
+/// The longest `cache_salt`, in bytes.
+const MAX_CACHE_SALT: usize = 256;
+
 /// Checks a request and tokenizes its prompt.
 pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed: u64) -> Result<ValidRequest, RequestError> {
     let prompt = match req.prompt {
@@ -204,5 +210,10 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
     if prompt.len() + generated > limits.max_context {
         return Err(RequestError::Context { prompt: prompt.len(), max_tokens: generated, context: limits.max_context });
     }
-    Ok(ValidRequest { prompt, params, stop: req.stop, score_only, skip_special_tokens: req.skip_special_tokens.unwrap_or(true) })
+    match &req.cache_salt {
+        Some(salt) if salt.is_empty() => return Err(RequestError::Empty("cache_salt")),
+        Some(salt) if salt.len() > MAX_CACHE_SALT => return Err(RequestError::Shape { field: "cache_salt", expected: "at most 256 bytes" }),
+        _ => {}
+    }
+    Ok(ValidRequest { prompt, params, stop: req.stop, score_only, skip_special_tokens: req.skip_special_tokens.unwrap_or(true), cache_salt: req.cache_salt })
 }

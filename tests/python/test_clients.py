@@ -202,6 +202,42 @@ def test_penalties_over_http_and_grpc_agree(client, stub):
     assert grpc_ids == http
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(client):
+    # A conversation no other test sends: nothing of it is cached the first time; the second
+    # time every block but the one holding its last token is (blocks of 16 tokens, the
+    # coordinator's default), and the answer is the same. Another cache_salt shares nothing.
+    system = "You answer questions about the winds of the Mediterranean, briefly. " * 6
+    kwargs = dict(model=model_name(client), max_tokens=6, temperature=0,
+                  messages=[{"role": "system", "content": system}, {"role": "user", "content": "Which wind is the tramontane?"}])
+    hits_before = metric("tramontane:prefix_cache_hits_total")
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    salted = client.chat.completions.create(**kwargs, extra_body={"cache_salt": "another tenant"})
+    prompt_tokens = first.usage.prompt_tokens
+    assert prompt_tokens > 32
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (prompt_tokens - 1) // 16 * 16
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].message.content == first.choices[0].message.content == salted.choices[0].message.content
+    assert metric("tramontane:prefix_cache_hits_total") - hits_before == (prompt_tokens - 1) // 16 * 16
+    # Streamed, the usage chunk reports them too.
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (prompt_tokens - 1) // 16 * 16
+
+
+def test_n_choices_prefill_their_prompt_once(client):
+    # The choices go to one replica (routing counts the blocks a replica is computing), where
+    # the later ones wait for the first one's blocks and skip their prefill.
+    prompt = "North of the Pyrenees it is the tramontane; in the Rhone valley, the mistral. " * 3
+    hits_before = metric("tramontane:prefix_cache_hits_total")
+    out = client.completions.create(model=model_name(client), prompt=prompt, n=3, max_tokens=4, temperature=0.7, seed=3)
+    cached = (out.usage.prompt_tokens - 1) // 16 * 16
+    assert cached > 0
+    assert metric("tramontane:prefix_cache_hits_total") - hits_before == 2 * cached
+    # The prompt was prefilled once, by the first choice: none of it was cached for the request.
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_chat_logprobs_and_its_token_limit(client):
     messages = [{"role": "user", "content": "Where does the tramontane blow?"}]
     kwargs = dict(model=model_name(client), messages=messages, max_completion_tokens=4, temperature=0)

@@ -256,6 +256,44 @@ impl Drop for Etcd {
 
 pub mod net;
 
+/// A coordinator over fixed worker processes started here (no etcd).
+pub mod fixed {
+    use crate::{Server, fixture};
+
+    pub struct Cluster {
+        pub workers: Vec<Server>,
+        pub coordinator: Server,
+        /// The HTTP API's address.
+        pub http: String,
+    }
+
+    impl Cluster {
+        pub fn worker_addrs(&self) -> Vec<String> {
+            self.workers.iter().map(|w| w.addr.clone()).collect()
+        }
+    }
+
+    pub fn start(model: &str, workers: usize) -> Cluster {
+        start_with(model, workers, &[])
+    }
+
+    /// `workers` workers and a coordinator of the fixture `model` (64 KV blocks a worker, 16
+    /// tokens a step, and `extra` flags), once it serves.
+    pub fn start_with(model: &str, workers: usize, extra: &[&str]) -> Cluster {
+        let workers: Vec<Server> = (0..workers).map(|_| Server::start("worker", &["serve", "--listen", "127.0.0.1:0"])).collect();
+        let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
+        let model = fixture(model).display().to_string();
+        let fixed = ["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--model", &model, "--worker", &addrs.join(",")];
+        let limits = ["--kv-blocks", "64", "--max-batch-tokens", "16"];
+        let args: Vec<&str> = fixed.into_iter().chain(limits).chain(extra.iter().copied()).collect();
+        let mut coordinator = Server::start("coordinator", &args);
+        let http = coordinator.next_line().strip_prefix("http listening on ").expect("the HTTP address").to_owned();
+        // The APIs are up at once; the model is served once the workers loaded it.
+        crate::wait_ready(&http, std::time::Duration::from_secs(300));
+        Cluster { workers, coordinator, http }
+    }
+}
+
 /// Client-side helpers over the coordinator's gRPC API.
 pub mod client {
     use pb::inference_client::InferenceClient;
@@ -290,6 +328,7 @@ pub mod client {
             // A repetition penalty, so the tokens the workers keep for it must move with the
             // request; EOS ignored, so every stream runs its whole length.
             sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), repetition_penalty: Some(1.3), ignore_eos: true, ..Default::default() }),
+            cache_salt: None,
         };
         let mut ids = Vec::new();
         let mut stream = match client.generate(req).await {

@@ -4,54 +4,10 @@
 
 use pb::inference_client::InferenceClient;
 use proto::tramontane::v1 as pb;
-use tests::{Server, fixture};
+use tests::fixed::{Cluster, start, start_with};
+use tests::fixture;
 use tonic::Code;
 use tonic::transport::Channel;
-
-struct Cluster {
-    workers: Vec<Server>,
-    coordinator: Server,
-}
-
-impl Cluster {
-    fn worker_addrs(&self) -> Vec<String> {
-        self.workers.iter().map(|w| w.addr.clone()).collect()
-    }
-}
-
-fn start(model: &str, workers: usize) -> Cluster {
-    start_with(model, workers, &[])
-}
-
-fn start_with(model: &str, workers: usize, extra: &[&str]) -> Cluster {
-    let workers: Vec<Server> = (0..workers).map(|_| Server::start("worker", &["serve", "--listen", "127.0.0.1:0"])).collect();
-    let addrs: Vec<String> = workers.iter().map(|w| w.addr.clone()).collect();
-    let model = fixture(model).display().to_string();
-    let mut coordinator = Server::start(
-        "coordinator",
-        &[
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--model",
-            &model,
-            "--worker",
-            &addrs.join(","),
-            "--kv-blocks",
-            "64",
-            "--max-batch-tokens",
-            "16",
-        ]
-        .into_iter()
-        .chain(extra.iter().copied())
-        .collect::<Vec<_>>(),
-    );
-    let http = coordinator.next_line().strip_prefix("http listening on ").expect("the HTTP address").to_owned();
-    // The APIs are up at once; the model is served once the workers loaded it.
-    tests::wait_ready(&http, std::time::Duration::from_secs(300));
-    Cluster { workers, coordinator }
-}
 
 async fn cluster_status(c: &Cluster) -> pb::ClusterStatusResponse {
     let mut admin = pb::admin_client::AdminClient::connect(c.coordinator.url()).await.expect("connects");
@@ -67,6 +23,7 @@ fn request(prompt: pb::generate_request::Prompt, max_tokens: u32) -> pb::Generat
         request_id: String::new(),
         prompt: Some(prompt),
         sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), logprobs: Some(2), ..Default::default() }),
+        cache_salt: None,
     }
 }
 
@@ -183,6 +140,7 @@ async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
         request_id: id.into(),
         prompt: Some(pb::generate_request::Prompt::Text("The tramontane".into())),
         sampling: Some(pb::SamplingParams { max_tokens: Some(900), ..Default::default() }),
+        cache_salt: None,
     };
     // Abort by id.
     let mut stream = c.generate(long("a")).await.expect("starts").into_inner();
@@ -301,6 +259,7 @@ async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies(
         request_id: String::new(),
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![1, 2, 3] })),
         sampling: Some(pb::SamplingParams { max_tokens: Some(300), ..Default::default() }),
+        cache_salt: None,
     };
     let (undisturbed, ..) = generate(&mut c, long()).await.expect("generates");
     let mut stream = c.generate(long()).await.expect("starts").into_inner();

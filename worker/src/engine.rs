@@ -74,8 +74,12 @@ pub struct SeqStep<'a> {
     /// Report the logprobs of `tokens[1..]` with this many alternatives.
     pub prompt_logprobs: Option<usize>,
     /// Keep the sequence's tokens for its penalties ([`TokenHistory`]); its own prompt is this
-    /// long. A chunk at position 0 starts the history afresh; any other must continue it.
+    /// long. A chunk at position 0, or one with a `history`, starts the history afresh; any
+    /// other must continue it.
     pub keep_history: Option<usize>,
+    /// With `keep_history`: the tokens before `start_pos` of a sequence that starts on cached
+    /// blocks (empty otherwise).
+    pub history: &'a [u32],
     /// Return the sequence's embedding, pooled from this chunk's final hidden states (`Mean`
     /// needs the whole prompt in one chunk).
     pub embed: Option<Pooling>,
@@ -191,7 +195,8 @@ impl<B: Backend> Engine<B> {
                 return Err(BadRequest::PooledChunk(s.id).into());
             }
             let kept = self.histories.get(&s.id).map(TokenHistory::len);
-            if s.keep_history.is_some() && s.start_pos > 0 && kept != Some(s.start_pos) {
+            let fresh = s.start_pos == 0 || !s.history.is_empty();
+            if s.keep_history.is_some() && (if fresh { s.history.len() != s.start_pos } else { kept != Some(s.start_pos) }) {
                 return Err(BadRequest::History { seq: s.id, start_pos: s.start_pos, kept }.into());
             }
             let token_start = tokens.len();
@@ -215,8 +220,9 @@ impl<B: Backend> Engine<B> {
         for s in seqs {
             if let Some(prompt_len) = s.keep_history {
                 let history = self.histories.entry(s.id).or_default();
-                if s.start_pos == 0 {
+                if s.start_pos == 0 || !s.history.is_empty() {
                     *history = TokenHistory::default();
+                    history.extend(s.history, prompt_len);
                 }
                 history.extend(s.tokens, prompt_len);
             }

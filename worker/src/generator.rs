@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use crate::backend::Backend;
 use crate::engine::{Engine, SeqStep};
 use crate::error::{BadRequest, Result};
+use crate::kv_cache::PrefixHasher;
 use crate::sampling::TokenLogprobs;
-use crate::scheduler::{Event, Finish, Scheduler, SchedulerConfig, SeqRequest, SeqResult};
+use crate::scheduler::{Event, Finish, PrefixStats, Scheduler, SchedulerConfig, SeqRequest, SeqResult};
 
 /// A finished request.
 #[derive(Debug, Clone, Default)]
@@ -42,16 +43,25 @@ struct Running {
 
 impl<B: Backend> Generator<B> {
     /// A driver that runs at most `max_num_seqs` sequences a step, with the cluster's other
-    /// limits (every request is queued: a local caller has no one to refuse).
+    /// limits (every request is queued: a local caller has no one to refuse) and prefix
+    /// caching.
     pub fn new(engine: Engine<B>, max_num_seqs: usize) -> Self {
+        Self::with_prefix_caching(engine, max_num_seqs, true)
+    }
+
+    /// [`Generator::new`], with prefix caching on or off.
+    pub fn with_prefix_caching(engine: Engine<B>, max_num_seqs: usize, prefix_caching: bool) -> Self {
         let c = engine.cache_config();
-        let scheduler = Scheduler::new(SchedulerConfig {
+        let cfg = SchedulerConfig {
             num_blocks: c.num_blocks,
             block_size: c.block_size,
             max_num_seqs: max_num_seqs.max(1),
             max_batch_tokens: SchedulerConfig::MAX_BATCH_TOKENS,
             max_queue: usize::MAX,
-        });
+            prefix_caching,
+        };
+        // One engine, one model: its config names what its blocks hold.
+        let scheduler = Scheduler::new(cfg, PrefixHasher::new(&format!("{:?}", engine.config()), c.block_size));
         Generator { engine, scheduler, running: HashMap::new(), finished: Vec::new() }
     }
 
@@ -88,6 +98,16 @@ impl<B: Backend> Generator<B> {
         self.scheduler.num_running()
     }
 
+    /// KV cache blocks some sequence references.
+    pub fn used_blocks(&self) -> usize {
+        self.scheduler.used_blocks()
+    }
+
+    /// The prefix cache's counters (prompt tokens looked up and found).
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.scheduler.prefix_stats()
+    }
+
     /// Takes the requests finished so far.
     pub fn take_finished(&mut self) -> Vec<Completion> {
         std::mem::take(&mut self.finished)
@@ -106,6 +126,7 @@ impl<B: Backend> Generator<B> {
                 sample: p.sample.as_ref(),
                 prompt_logprobs: p.prompt_logprobs,
                 keep_history: p.keep_history,
+                history: &p.history,
                 embed: p.embed,
             })
             .collect();

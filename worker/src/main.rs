@@ -260,7 +260,7 @@ fn generate<B: Backend>(backend: B, args: GenerateArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     let mut generator = Generator::new(engine, 1);
-    generator.add(SeqRequest { id: 0, prompt: prompt.clone(), params })?;
+    generator.add(SeqRequest { id: 0, prompt: prompt.clone(), params, cache_salt: None })?;
     let mut decoder = IncrementalDecoder::new(&prompt, true);
     let mut out = std::io::stdout().lock();
     let started = std::time::Instant::now();

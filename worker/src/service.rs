@@ -233,6 +233,7 @@ impl<B: Backend> WorkerState<B> {
                 sample: p.as_ref(),
                 prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
                 keep_history: s.keep_history.map(|n| n as usize),
+                history: &s.history,
                 embed: match pb::Pooling::try_from(s.embed) {
                     Ok(pb::Pooling::Last) => Some(Pooling::Last),
                     Ok(pb::Pooling::Mean) => Some(Pooling::Mean),
@@ -544,6 +545,7 @@ mod tests {
             prompt_logprobs: Some(2),
             keep_history: None,
             embed: 0,
+            history: vec![],
         };
         pb::StepRequest { epoch, sequences: vec![seq], released: vec![] }
     }

@@ -299,7 +299,7 @@ fn the_reference_fixtures_run_on_the_gpu() {
             // All prompts in one batch: mixed lengths share every step.
             for (i, case) in reference.cases.iter().enumerate() {
                 let params = SamplingParams { max_tokens: case.greedy_ids.len(), logprobs: Some(1), prompt_logprobs: Some(1), ..SamplingParams::default() };
-                g.add(SeqRequest { id: i as u64, prompt: case.prompt_ids.clone(), params }).unwrap();
+                g.add(SeqRequest { id: i as u64, prompt: case.prompt_ids.clone(), params, cache_salt: None }).unwrap();
             }
             let mut done = g.run_to_completion().expect("runs");
             done.sort_by_key(|d| d.id);
@@ -378,6 +378,7 @@ async fn a_gpu_worker_process_serves_the_reference() {
                     prompt_logprobs: None,
                     keep_history: None,
                     embed: 0,
+                    history: vec![],
                 }
             })
             .collect();

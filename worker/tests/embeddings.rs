@@ -61,6 +61,7 @@ fn a_mistral_model_embeds_as_transformers_does() {
             sample: None,
             prompt_logprobs: None,
             keep_history: None,
+            history: &[],
             embed: Some(pooling),
         })
         .collect();
@@ -77,8 +78,17 @@ fn a_mistral_model_embeds_as_transformers_does() {
     let c = &reference.cases[3];
     let (head, tail) = c.prompt_ids.split_at(10);
     let table = blocks(0);
-    let chunk =
-        |tokens, start_pos, embed| SeqStep { id: 0, tokens, start_pos, block_table: &table, sample: None, prompt_logprobs: None, keep_history: None, embed };
+    let chunk = |tokens, start_pos, embed| SeqStep {
+        id: 0,
+        tokens,
+        start_pos,
+        block_table: &table,
+        sample: None,
+        prompt_logprobs: None,
+        keep_history: None,
+        history: &[],
+        embed,
+    };
     engine.step(&[chunk(head, 0, None)]).expect("first chunk");
     let out = engine.step(&[chunk(tail, 10, Some(Pooling::Last))]).expect("second chunk");
     assert!(cosine(out[0].embedding.as_ref().expect("embedding"), &c.last) >= 1.0 - 1e-4);

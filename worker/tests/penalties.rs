@@ -44,7 +44,7 @@ fn run(mut g: Generator<Cpu>, requests: Vec<SeqRequest>) -> Vec<Completion> {
 }
 
 fn requests(params: impl Fn(usize) -> SamplingParams) -> Vec<SeqRequest> {
-    prompts().into_iter().enumerate().map(|(i, prompt)| SeqRequest { id: i as u64, params: params(prompt.len()), prompt }).collect()
+    prompts().into_iter().enumerate().map(|(i, prompt)| SeqRequest { id: i as u64, params: params(prompt.len()), prompt, cache_salt: None }).collect()
 }
 
 fn repeats(tokens: &[u32]) -> usize {
@@ -91,7 +91,7 @@ fn penalized_greedy_continuations_match_the_reference() {
                 prompt_len: c.prompt_ids.len(),
                 ..SamplingParams::default()
             };
-            SeqRequest { id: i as u64, prompt: c.prompt_ids.clone(), params }
+            SeqRequest { id: i as u64, prompt: c.prompt_ids.clone(), params, cache_salt: None }
         })
         .collect();
     // All at once, in one batch: each continuation as the reference computed it alone.
@@ -132,7 +132,7 @@ fn a_recomputed_sequence_keeps_its_penalties() {
     let first = &roomy[0];
     let mut prompt = prompts()[0].clone();
     prompt.extend(&first.tokens[..10]);
-    let moved = SeqRequest { id: 9, prompt, params: SamplingParams { max_tokens: 14, ..penalized(8) } };
+    let moved = SeqRequest { id: 9, prompt, params: SamplingParams { max_tokens: 14, ..penalized(8) }, cache_salt: None };
     let rest = run(Generator::new(engine(256), 16), vec![moved]);
     assert_eq!(rest[0].tokens, first.tokens[10..]);
 }
@@ -148,9 +148,9 @@ fn min_tokens_holds_off_the_stop_tokens() {
         prompt_len: 8,
         ..SamplingParams::default()
     };
-    let done = run(Generator::new(engine(256), 16), vec![SeqRequest { id: 0, prompt: prompts()[0].clone(), params: eos(0) }]);
+    let done = run(Generator::new(engine(256), 16), vec![SeqRequest { id: 0, prompt: prompts()[0].clone(), params: eos(0), cache_salt: None }]);
     assert_eq!(done[0].tokens, vec![2]);
-    let done = run(Generator::new(engine(256), 16), vec![SeqRequest { id: 0, prompt: prompts()[0].clone(), params: eos(3) }]);
+    let done = run(Generator::new(engine(256), 16), vec![SeqRequest { id: 0, prompt: prompts()[0].clone(), params: eos(3), cache_salt: None }]);
     assert_eq!(done[0].tokens.len(), 4);
     assert!(!done[0].tokens[..3].contains(&2) && done[0].tokens[3] == 2, "{:?}", done[0].tokens);
 }

@@ -46,7 +46,7 @@ fn measure(name: &str, dtype: WeightDType, quantization: Quantization) -> Fideli
     let mut g = Generator::new(engine, 16);
     for (i, case) in reference.cases.iter().enumerate() {
         let params = SamplingParams { max_tokens: case.greedy_ids.len(), logprobs: Some(0), prompt_logprobs: Some(0), ..SamplingParams::default() };
-        g.add(SeqRequest { id: i as u64, prompt: case.prompt_ids.clone(), params }).expect("valid request");
+        g.add(SeqRequest { id: i as u64, prompt: case.prompt_ids.clone(), params, cache_salt: None }).expect("valid request");
     }
     let done = g.run_to_completion().expect("runs");
     assert_eq!(done.len(), reference.cases.len(), "{name}: every request completes");

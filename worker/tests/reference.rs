@@ -46,7 +46,7 @@ fn generator(name: &str, dtype: WeightDType) -> Generator<Cpu> {
 
 fn request(id: u64, case: &Case) -> SeqRequest {
     let params = SamplingParams { max_tokens: case.greedy_ids.len(), logprobs: Some(8), prompt_logprobs: Some(8), ..SamplingParams::default() };
-    SeqRequest { id, prompt: case.prompt_ids.clone(), params }
+    SeqRequest { id, prompt: case.prompt_ids.clone(), params, cache_salt: None }
 }
 
 /// Every reference alternative must be among ours with a logprob within `tol`.
@@ -196,6 +196,7 @@ fn chunked_prefill_equals_whole_prefill() {
                 sample: last.then_some(&params),
                 prompt_logprobs: None,
                 keep_history: None,
+                history: &[],
                 embed: None,
             };
             sampled = engine.step(&[step]).expect("step").remove(0).sampled;

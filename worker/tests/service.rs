@@ -61,6 +61,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
                     prompt_logprobs: None,
                     keep_history: None,
                     embed: 0,
+                    history: vec![],
                 }
             })
             .collect();
@@ -91,6 +92,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
             prompt_logprobs: None,
             keep_history: None,
             embed: 0,
+            history: vec![],
         }],
         released: vec![],
     };

@@ -137,6 +137,7 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
                     prompt_logprobs,
                     keep_history: None,
                     embed: 0,
+                    history: vec![],
                 }
             })
             .collect();
@@ -235,6 +236,7 @@ async fn a_killed_rank_fails_its_peers_step_within_seconds() {
         prompt_logprobs: None,
         keep_history: None,
         embed: 0,
+        history: vec![],
     };
     let req = pb::StepRequest { epoch: cluster.epoch, sequences: vec![seq], released: vec![] };
     let pending = tokio::spawn(async move { rank0.step(req).await });

@@ -26,7 +26,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Start a local cluster in the foreground.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Stream a completion from a running cluster.
     Generate(GenerateArgs),
     /// Print the served model, workers, replicas and load.
@@ -96,6 +96,9 @@ struct UpArgs {
     /// Leave a worker that dies dead instead of starting it again.
     #[arg(long)]
     no_restart: bool,
+    /// More coordinator flags, after `--` (e.g. `-- --no-prefix-caching --max-num-seqs 32`).
+    #[arg(last = true)]
+    coordinator_args: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,7 +123,7 @@ struct StatusArgs {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
-        Cmd::Up(a) => up(a),
+        Cmd::Up(a) => up(*a),
         Cmd::Generate(a) => tokio::runtime::Runtime::new()?.block_on(generate(a)),
         Cmd::Status(a) => tokio::runtime::Runtime::new()?.block_on(status(a)),
         Cmd::Plan(a) => tokio::runtime::Runtime::new()?.block_on(plan(a)),
@@ -272,7 +275,8 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         .args(["--grpc-addr", &a.grpc_addr, "--http-addr", &a.http_addr])
         .args(["--load-format", &a.load_format, "--dtype", &a.dtype, "--quantization", &a.quantization])
         .args(["--kv-blocks", &a.kv_blocks.to_string()])
-        .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()]);
+        .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()])
+        .args(&a.coordinator_args);
     let lines = spawn(&mut children, "coordinator", &mut coordinator, 2)?;
     // Same first lines as the coordinator's, so scripts can find the APIs: bound, and ready
     // once `/health` (or gRPC health) says so.
@@ -398,6 +402,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         request_id: String::new(),
         prompt: Some(pb::generate_request::Prompt::Text(a.prompt)),
         sampling: Some(pb::SamplingParams { max_tokens: Some(a.max_tokens), temperature: a.temperature, ..Default::default() }),
+        cache_salt: None,
     };
     let mut stream = c.generate(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
     let mut out = std::io::stdout().lock();
@@ -407,6 +412,11 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
     writeln!(out)?;
     Ok(())
+}
+
+/// A prefix cache's hit rate in tokens, or `-` before any lookup.
+fn hit_rate(hits: u64, queries: u64) -> String {
+    if queries == 0 { "-".into() } else { format!("{:.1}%", 100.0 * hits as f64 / queries as f64) }
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
@@ -431,6 +441,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             .map(|w| serde_json::json!({
                 "id": w.id, "address": w.address, "pid": w.pid, "restarts": w.restarts, "memory_bytes": w.memory_bytes, "state": w.state, "replica": w.replica, "ranks": w.ranks,
                 "running": w.running, "waiting": w.waiting, "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
+                "prefix_cache_queries": w.prefix_cache_queries, "prefix_cache_hits": w.prefix_cache_hits,
             }))
             .collect();
         let v = serde_json::json!({
@@ -448,12 +459,12 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             println!("placing  {}", cluster.no_capacity);
         }
         println!(
-            "{:<16} {:<22} {:>8} {:>8} {:>10} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
-            "WORKER", "ADDRESS", "PID", "RESTARTS", "MEMORY GB", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS"
+            "{:<16} {:<22} {:>8} {:>8} {:>10} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13} {:>12}",
+            "WORKER", "ADDRESS", "PID", "RESTARTS", "MEMORY GB", "STATE", "REPLICA", "RANKS", "RUNNING", "WAITING", "KV BLOCKS", "PREFIX HITS"
         );
         for w in &cluster.workers {
             println!(
-                "{:<16} {:<22} {:>8} {:>8} {:>10.2} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13}",
+                "{:<16} {:<22} {:>8} {:>8} {:>10.2} {:<11} {:>7}  {:<22} {:>7} {:>7} {:>13} {:>12}",
                 w.id,
                 w.address,
                 w.pid,
@@ -464,7 +475,8 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 w.ranks,
                 w.running,
                 w.waiting,
-                format!("{}/{}", w.kv_blocks_used, w.kv_blocks_total)
+                format!("{}/{}", w.kv_blocks_used, w.kv_blocks_total),
+                hit_rate(w.prefix_cache_hits, w.prefix_cache_queries)
             );
         }
     }

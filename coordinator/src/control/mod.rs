@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
 use crate::replica::{ReplicaDown, WorkerCallError};
+use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::SchedulerConfig;
 
 mod handle;
@@ -32,7 +33,7 @@ use handle::{Reply, Request};
 
 pub use placing::worker_health;
 use placing::{Change, NewReplica, Outcome, Serving, Target, connect, gpu_ordinal, health_of};
-pub use pool::{LiveReplica, Pool};
+pub use pool::{LiveReplica, Policy, Pool, Routing};
 
 /// What the controller places.
 #[derive(Debug, Clone)]
@@ -45,6 +46,8 @@ pub struct ControlConfig {
     /// How the workers keep and load the weights, and the KV cache they allocate.
     pub sizing: Sizing,
     pub sched: SchedulerConfig,
+    /// Names the blocks the replicas' prefix caches hold.
+    pub prefix: PrefixHasher,
     /// This coordinator's id (for leadership).
     pub id: String,
     /// The membership's lease TTL: a serving worker whose card vanishes is given up only when
@@ -119,7 +122,7 @@ async fn run(
     let mut c = Controller {
         epoch: stored.as_ref().map_or(0, |p| p.epoch),
         previous: stored.map(|p| p.replicas).unwrap_or_default(),
-        serving: Serving { sched: cfg.sched, metrics, down: down_tx },
+        serving: Serving { sched: cfg.sched, prefix: cfg.prefix.clone(), metrics, down: down_tx },
         cfg,
         membership: membership.clone(),
         leadership,
@@ -749,7 +752,8 @@ mod tests {
                 kv_blocks: 16,
                 block_size: 16,
             },
-            sched: SchedulerConfig { num_blocks: 16, block_size: 16, max_num_seqs: 4, max_batch_tokens: 64, max_queue: 4 },
+            sched: SchedulerConfig { num_blocks: 16, block_size: 16, max_num_seqs: 4, max_batch_tokens: 64, max_queue: 4, prefix_caching: true },
+            prefix: cluster::kv_cache::PrefixHasher::new("mix-bench", 16),
             id: "c1".into(),
             lease_ttl: Duration::from_secs(1),
         };

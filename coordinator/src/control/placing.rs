@@ -15,7 +15,8 @@ use super::LiveReplica;
 use crate::metrics::Metrics;
 use crate::planner::{Plan, ReplicaPlan};
 use crate::replica::{ReplicaDown, ReplicaHandle, WorkerCallError};
-use cluster::scheduler::SchedulerConfig;
+use cluster::kv_cache::PrefixHasher;
+use cluster::scheduler::{Scheduler, SchedulerConfig};
 
 pub(super) type WorkerClient = wpb::worker_client::WorkerClient<tonic::transport::Channel>;
 
@@ -40,6 +41,7 @@ pub(super) struct NewReplica {
 #[derive(Clone)]
 pub(super) struct Serving {
     pub sched: SchedulerConfig,
+    pub prefix: PrefixHasher,
     pub metrics: Arc<Metrics>,
     pub down: mpsc::UnboundedSender<ReplicaDown>,
 }
@@ -171,8 +173,8 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
     if !failed.is_empty() {
         return Err((failed, message));
     }
-    let Serving { sched, metrics, down } = serving;
-    let handle = ReplicaHandle::spawn(replica, clients, assignments.clone(), plan.layout.driver(), sched, metrics, down);
+    let Serving { sched, prefix, metrics, down } = serving;
+    let handle = ReplicaHandle::spawn(replica, clients, assignments.clone(), plan.layout.driver(), Scheduler::new(sched, prefix), metrics, down);
     tracing::info!(workers = ?plan.workers, layout = ?plan.layout, epoch = assignments[0].epoch, "replica serving");
     Ok(LiveReplica { handle, plan, addresses: workers.into_iter().map(|w| w.address).collect() })
 }

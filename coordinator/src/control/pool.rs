@@ -1,8 +1,35 @@
 //! The replicas serving in the current placement epoch, as the controller publishes them to
 //! the frontends (a `watch` of [`Pool`]).
 
+use cluster::kv_cache::BlockHash;
+
 use crate::planner::ReplicaPlan;
 use crate::replica::ReplicaHandle;
+
+/// How requests are spread over replicas (the coordinator's `--routing` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct Routing {
+    /// Where a request goes: `cache-aware` (where its longest cached prefix lives, within the
+    /// load slack) or `least-loaded`.
+    #[arg(long = "routing", value_enum, default_value_t = Policy::CacheAware)]
+    pub policy: Policy,
+    /// Cache-aware routing sends a request only to replicas with at most this many more
+    /// active requests than the least-loaded one.
+    #[arg(long = "routing-load-slack", default_value_t = 8)]
+    pub load_slack: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    CacheAware,
+    LeastLoaded,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing { policy: Policy::CacheAware, load_slack: 8 }
+    }
+}
 
 /// A replica serving now.
 #[derive(Clone)]
@@ -26,8 +53,21 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The least-loaded replica whose task still runs.
-    pub(crate) fn pick(&self) -> Option<&ReplicaHandle> {
-        self.replicas.iter().map(|r| &r.handle).filter(|h| h.is_alive()).min_by_key(|h| h.active())
+    /// The replica a request whose context's full blocks hash to `prefix` goes to, among
+    /// those whose task still runs. Least-loaded: fewest active requests. Cache-aware: among
+    /// the replicas within `load_slack` active requests of the least-loaded, the one holding
+    /// the most of `prefix`'s leading blocks, then the least loaded. The score is exact: the
+    /// replicas publish the hashes of the blocks they hold.
+    pub(crate) fn pick(&self, prefix: &[BlockHash], routing: Routing) -> Option<&ReplicaHandle> {
+        let live = || self.replicas.iter().map(|r| &r.handle).filter(|h| h.is_alive());
+        let least = live().map(ReplicaHandle::active).min()?;
+        if routing.policy == Policy::LeastLoaded || prefix.is_empty() {
+            return live().min_by_key(|h| h.active());
+        }
+        live()
+            .filter(|h| h.active() <= least + routing.load_slack)
+            .map(|h| (h.cached_prefix(prefix), h))
+            .min_by_key(|(cached, h)| (std::cmp::Reverse(*cached), h.active()))
+            .map(|(_, h)| h)
     }
 }

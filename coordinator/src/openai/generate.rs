@@ -71,6 +71,8 @@ struct Sampling {
     min_tokens: Option<u32>,
     ignore_eos: Option<bool>,
     n: Option<u32>,
+    /// vLLM's: prefix cache hits only among requests of the same salt.
+    cache_salt: Option<String>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -184,6 +186,7 @@ fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Opt
         min_tokens: s.min_tokens,
         ignore_eos: s.ignore_eos.unwrap_or(false),
         embed: None,
+        cache_salt: s.cache_salt.clone(),
     }
 }
 
@@ -218,6 +221,7 @@ struct Collected {
     tokens: Vec<TokenLogprobs>,
     finish: &'static str,
     prompt_logprobs: Vec<TokenLogprobs>,
+    cached_tokens: usize,
 }
 
 async fn collect(mut g: Generation) -> Result<Collected, FrontendError> {
@@ -237,7 +241,7 @@ async fn collect(mut g: Generation) -> Result<Collected, FrontendError> {
             Chunk::Embedding(_) => finish = "stop",
         }
     }
-    Ok(Collected { prompt: g.prompt.clone(), text, tokens, finish, prompt_logprobs })
+    Ok(Collected { prompt: g.prompt.clone(), text, tokens, finish, prompt_logprobs, cached_tokens: g.cached_tokens() })
 }
 
 /// Every choice collected, in order; the first error ends them all (the others are
@@ -256,9 +260,16 @@ async fn collect_all(choices: Vec<Generation>) -> Result<Vec<Collected>, ApiErro
     Ok(out.into_iter().flatten().collect())
 }
 
-/// Usage of a request: its prompt counted once, the tokens of every choice.
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// Usage of a request: its prompt counted once, the tokens of every choice; `cached`: the
+/// prompt tokens found in the prefix cache (the fewest any choice found: the prompt counted
+/// once, its prefill counted once).
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+fn cached_of(collected: &[Collected]) -> usize {
+    collected.iter().map(|c| c.cached_tokens).min().unwrap_or(0)
 }
 
 /// The `logprobs` object of a completion: its tokens, or with `echo` (`prompt` set: the
@@ -310,14 +321,16 @@ fn stream(
     let (n, prompt_tokens) = (choices.len(), choices.first().map_or(0, |g| g.prompt.len()));
     let (chunks_tx, mut chunks) = mpsc::channel(64);
     let mut tasks = JoinSet::new();
+    let cached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
     for (i, mut g) in choices.into_iter().enumerate() {
-        let chunks_tx = chunks_tx.clone();
+        let (chunks_tx, cached) = (chunks_tx.clone(), cached.clone());
         tasks.spawn(async move {
             while let Some(c) = g.next().await {
                 if chunks_tx.send((i, Some(c))).await.is_err() {
                     return; // the stream ended: dropping the generation aborts it
                 }
             }
+            cached.fetch_min(g.cached_tokens(), std::sync::atomic::Ordering::Relaxed);
             let _ = chunks_tx.send((i, None)).await;
         });
     }
@@ -351,7 +364,8 @@ fn stream(
             }
         }
         if let Some(usage_chunk) = usage_chunk.filter(|_| !failed) {
-            let _ = tx.send(Ok(Event::default().data(usage_chunk(usage(prompt_tokens, completion_tokens)).to_string()))).await;
+            let cached = cached.load(std::sync::atomic::Ordering::Relaxed).min(prompt_tokens);
+            let _ = tx.send(Ok(Event::default().data(usage_chunk(usage(prompt_tokens, completion_tokens, cached)).to_string()))).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     });
@@ -443,7 +457,7 @@ pub(super) async fn completions(
     let completion_tokens = collected.iter().map(|c| c.tokens.len()).sum();
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": created, "model": model, "choices": out,
-        "usage": usage(collected[0].prompt.len(), completion_tokens),
+        "usage": usage(collected[0].prompt.len(), completion_tokens, cached_of(&collected)),
     }))
     .into_response())
 }
@@ -533,7 +547,7 @@ async fn chat_reply(
     let completion_tokens = collected.iter().map(|c| c.tokens.len()).sum();
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": model, "choices": out,
-        "usage": usage(collected[0].prompt.len(), completion_tokens),
+        "usage": usage(collected[0].prompt.len(), completion_tokens, cached_of(&collected)),
     }))
     .into_response())
 }

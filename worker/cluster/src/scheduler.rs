@@ -7,11 +7,18 @@
 //! needs a block and none is free, the newest sequence is preempted: its blocks are freed and
 //! it is re-queued at the front with the tokens generated so far, to be recomputed. Sampling
 //! is keyed by (seed, position), so a recomputed sequence continues with the same tokens.
+//!
+//! With prefix caching, a sequence joining the batch takes the cached blocks its context
+//! starts with and prefills from the first block not cached (never its last token: it needs
+//! logits); the blocks it fills are cached in turn. A request whose next block another running
+//! sequence is computing waits for it (requests behind it go ahead), so identical prompts,
+//! `n` choices among them, prefill once. Blocks are cached by content, so a hit changes no
+//! token: the kernels are batch- and chunk-invariant.
 
 use std::collections::VecDeque;
 
 use crate::embedding::Pooling;
-use crate::kv_cache::BlockAllocator;
+use crate::kv_cache::{BlockHash, BlockPool, CacheEvent, PrefixHasher};
 use crate::sampling::{SamplingParams, TokenLogprobs};
 
 /// Limits of one replica's scheduler.
@@ -25,6 +32,8 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Most requests waiting; beyond it `add` refuses.
     pub max_queue: usize,
+    /// Reuse the KV blocks of prompts' common prefixes.
+    pub prefix_caching: bool,
 }
 
 impl SchedulerConfig {
@@ -47,6 +56,8 @@ pub struct SeqRequest {
     pub id: u64,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// Requests share cached blocks only with requests of the same salt.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug)]
@@ -57,6 +68,11 @@ struct Seq {
     /// Tokens of `prompt ++ generated` in the KV cache.
     cached: usize,
     blocks: Vec<u32>,
+    /// The hash chain's root (the salt's) and the hashes of the context's full blocks known.
+    root: BlockHash,
+    hashes: Vec<BlockHash>,
+    /// Joined the batch with cached blocks and has not run a chunk since.
+    resumed: bool,
 }
 
 impl Seq {
@@ -72,6 +88,21 @@ impl Seq {
 
     fn token_at(&self, i: usize) -> u32 {
         if i < self.req.prompt.len() { self.req.prompt[i] } else { self.generated[i - self.req.prompt.len()] }
+    }
+
+    /// Hashes the context's full blocks not hashed yet.
+    fn hash_blocks(&mut self, hasher: &PrefixHasher) {
+        let bs = hasher.block_size();
+        let (from, to) = (self.hashes.len() * bs, self.context() / bs * bs);
+        if to > from {
+            let tokens: Vec<u32> = (from..to).map(|i| self.token_at(i)).collect();
+            hasher.extend(&self.root, &mut self.hashes, &tokens);
+        }
+    }
+
+    /// Its first chunk must hold its whole prompt (to score it, or to pool over it).
+    fn whole_prompt(&self) -> bool {
+        (self.req.params.prompt_logprobs.is_some() || self.req.params.embed == Some(Pooling::Mean)) && self.generated.is_empty()
     }
 }
 
@@ -90,6 +121,9 @@ pub struct PlannedSeq {
     pub keep_history: Option<usize>,
     /// On an embedding request's last chunk: pool its hidden states so.
     pub embed: Option<Pooling>,
+    /// With `keep_history`, on the first chunk of a sequence that joined with cached blocks:
+    /// the tokens before `start_pos` (the history starts afresh from them).
+    pub history: Vec<u32>,
 }
 
 /// What a step returned for one planned sequence.
@@ -127,9 +161,20 @@ pub enum AdmitError {
     TooLong(usize, usize),
 }
 
+/// Prefix cache counters, in prompt tokens (vLLM's `prefix_cache_queries` and `_hits`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Context tokens of the sequences that joined the batch.
+    pub queries: u64,
+    /// Those found in the cache.
+    pub hits: u64,
+}
+
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    alloc: BlockAllocator,
+    hasher: PrefixHasher,
+    pool: BlockPool,
+    prefix: PrefixStats,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     /// Sequences with kept tokens that ended ([`Scheduler::take_released`]).
@@ -137,8 +182,22 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig) -> Self {
-        Scheduler { cfg, alloc: BlockAllocator::new(cfg.num_blocks, cfg.block_size), waiting: VecDeque::new(), running: Vec::new(), released: Vec::new() }
+    /// A scheduler whose cached blocks `hasher` names (its block size must be the config's).
+    pub fn new(cfg: SchedulerConfig, hasher: PrefixHasher) -> Self {
+        assert_eq!(hasher.block_size(), cfg.block_size, "the prefix hasher hashes blocks of the cache's size");
+        Scheduler {
+            cfg,
+            hasher,
+            pool: BlockPool::new(cfg.num_blocks, cfg.block_size, cfg.prefix_caching),
+            prefix: PrefixStats::default(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            released: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -149,9 +208,23 @@ impl Scheduler {
         self.running.len()
     }
 
-    /// KV cache blocks in use.
+    /// KV cache blocks some sequence references.
     pub fn used_blocks(&self) -> usize {
-        self.cfg.num_blocks - self.alloc.num_free()
+        self.pool.num_used()
+    }
+
+    /// KV cache blocks cached under their hash (referenced or not).
+    pub fn cached_blocks(&self) -> usize {
+        self.pool.num_cached()
+    }
+
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.prefix
+    }
+
+    /// Blocks cached or evicted since the last call.
+    pub fn take_cache_events(&mut self) -> Vec<CacheEvent> {
+        self.pool.take_events()
     }
 
     pub fn has_work(&self) -> bool {
@@ -167,7 +240,8 @@ impl Scheduler {
         if total > capacity {
             return Err(AdmitError::TooLong(total, capacity));
         }
-        self.waiting.push_back(Seq { req, generated: Vec::new(), cached: 0, blocks: Vec::new() });
+        let root = self.hasher.root(req.cache_salt.as_deref());
+        self.waiting.push_back(Seq { req, generated: Vec::new(), cached: 0, blocks: Vec::new(), root, hashes: Vec::new(), resumed: false });
         Ok(())
     }
 
@@ -200,7 +274,7 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            match Self::plan_chunk(&mut self.alloc, s, &mut budget, plan.is_empty()) {
+            match Self::plan_chunk(&mut self.pool, s, &mut budget, plan.is_empty()) {
                 Some(p) => {
                     plan.push(p);
                     i += 1;
@@ -214,35 +288,70 @@ impl Scheduler {
                 break;
             }
             if !plan.iter().any(|p| p.id == s.req.id)
-                && let Some(p) = Self::plan_chunk(&mut self.alloc, s, &mut budget, plan.is_empty())
+                && let Some(p) = Self::plan_chunk(&mut self.pool, s, &mut budget, plan.is_empty())
             {
                 plan.push(p);
             }
         }
-        // 3. Admit waiting requests while sequences, budget and blocks allow.
+        // 3. Admit waiting requests while sequences, budget and blocks allow, in order but for
+        //    those that wait for a block another sequence is computing.
+        let mut waiting_for_prefix = Vec::new();
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(mut s) = self.waiting.pop_front() else { break };
-            match Self::plan_chunk(&mut self.alloc, &mut s, &mut budget, plan.is_empty()) {
+            let Some(hit) = self.reuse_prefix(&mut s) else {
+                waiting_for_prefix.push(s);
+                continue;
+            };
+            match Self::plan_chunk(&mut self.pool, &mut s, &mut budget, plan.is_empty()) {
                 Some(p) => {
+                    self.prefix.queries += s.context() as u64;
+                    self.prefix.hits += hit as u64;
                     plan.push(p);
                     self.running.push(s);
                 }
                 None => {
+                    self.pool.release(&mut s.blocks);
+                    (s.cached, s.resumed) = (0, false);
                     self.waiting.push_front(s);
                     break;
                 }
             }
         }
+        for s in waiting_for_prefix.into_iter().rev() {
+            self.waiting.push_front(s);
+        }
         (!plan.is_empty()).then_some(plan)
+    }
+
+    /// Gives a sequence joining the batch the cached blocks its context starts with: the
+    /// tokens found, or `None` if it must wait for a block a running sequence is computing.
+    fn reuse_prefix(&mut self, s: &mut Seq) -> Option<usize> {
+        if !self.cfg.prefix_caching {
+            return Some(0);
+        }
+        s.hash_blocks(&self.hasher);
+        if s.whole_prompt() {
+            return Some(0);
+        }
+        let bs = self.cfg.block_size;
+        let usable = &s.hashes[..s.context().saturating_sub(1) / bs];
+        let hit = self.pool.cached_prefix(usable);
+        if let Some(next) = usable.get(hit)
+            && self.running.iter().any(|r| r.hashes.get(hit) == Some(next) && r.cached < (hit + 1) * bs)
+        {
+            return None;
+        }
+        self.pool.share(&mut s.blocks, &usable[..hit]);
+        (s.cached, s.resumed) = (hit * bs, hit > 0);
+        Some(hit * bs)
     }
 
     /// The next chunk of `s` within `budget`, reserving its blocks; `None` if blocks or
     /// budget are short. A prompt with prompt logprobs goes in one chunk (over the budget
     /// only when it is alone in the step).
-    fn plan_chunk(alloc: &mut BlockAllocator, s: &mut Seq, budget: &mut usize, alone: bool) -> Option<PlannedSeq> {
+    fn plan_chunk(pool: &mut BlockPool, s: &mut Seq, budget: &mut usize, alone: bool) -> Option<PlannedSeq> {
         let to_feed = s.to_feed();
-        let params = &s.req.params;
-        let whole = (params.prompt_logprobs.is_some() || params.embed == Some(Pooling::Mean)) && s.cached == 0 && s.generated.is_empty();
+        let whole = s.whole_prompt() && s.cached == 0;
         let n = match (whole, to_feed <= *budget) {
             (true, true) => to_feed,
             (true, false) if alone => to_feed,
@@ -252,8 +361,11 @@ impl Scheduler {
         if n == 0 {
             return None;
         }
-        alloc.reserve(&mut s.blocks, s.cached + n).ok()?;
+        pool.reserve(&mut s.blocks, s.cached + n).ok()?;
         *budget = budget.saturating_sub(n);
+        let keep_history = s.req.params.penalties.active().then_some(s.req.params.prompt_len);
+        let history = if keep_history.is_some() && s.resumed { (0..s.cached).map(|i| s.token_at(i)).collect() } else { Vec::new() };
+        s.resumed = false;
         Some(PlannedSeq {
             id: s.req.id,
             tokens: (s.cached..s.cached + n).map(|i| s.token_at(i)).collect(),
@@ -261,14 +373,15 @@ impl Scheduler {
             block_table: s.blocks.clone(),
             sample: (n == to_feed && s.req.params.embed.is_none()).then(|| s.req.params.clone()),
             prompt_logprobs: if whole { s.req.params.prompt_logprobs } else { None },
-            keep_history: s.req.params.penalties.active().then_some(s.req.params.prompt_len),
+            keep_history,
             embed: s.req.params.embed.filter(|_| n == to_feed),
+            history,
         })
     }
 
     /// Frees a sequence that ended: its blocks, and its tokens where they are kept.
     fn release(&mut self, s: &mut Seq) {
-        self.alloc.release(&mut s.blocks);
+        self.pool.release(&mut s.blocks);
         if s.req.params.penalties.active() {
             self.released.push(s.req.id);
         }
@@ -282,8 +395,8 @@ impl Scheduler {
     fn preempt(&mut self, i: usize) {
         let mut s = self.running.remove(i);
         tracing::debug!(id = s.req.id, "preempted: recomputing later");
-        self.alloc.release(&mut s.blocks);
-        s.cached = 0;
+        self.pool.release(&mut s.blocks);
+        (s.cached, s.resumed) = (0, false);
         self.waiting.push_front(s);
     }
 
@@ -294,6 +407,13 @@ impl Scheduler {
             let Some(i) = self.running.iter().position(|s| s.req.id == p.id) else { continue };
             let s = &mut self.running[i];
             s.cached = p.start_pos + p.tokens.len();
+            if self.cfg.prefix_caching {
+                s.hash_blocks(&self.hasher);
+                let filled = p.start_pos / self.cfg.block_size..s.cached / self.cfg.block_size;
+                for (&block, &hash) in s.blocks[filled.clone()].iter().zip(&s.hashes[filled]) {
+                    self.pool.register(block, hash);
+                }
+            }
             if !prompt_logprobs.is_empty() {
                 events.push(Event::PromptLogprobs { id: p.id, logprobs: prompt_logprobs });
             }
@@ -328,12 +448,16 @@ mod tests {
     use super::*;
 
     fn cfg(num_blocks: usize, max_batch_tokens: usize) -> SchedulerConfig {
-        SchedulerConfig { num_blocks, block_size: 4, max_num_seqs: 8, max_batch_tokens, max_queue: 4 }
+        SchedulerConfig { num_blocks, block_size: 4, max_num_seqs: 8, max_batch_tokens, max_queue: 4, prefix_caching: true }
+    }
+
+    fn sched(cfg: SchedulerConfig) -> Scheduler {
+        Scheduler::new(cfg, PrefixHasher::new("test", cfg.block_size))
     }
 
     fn req(id: u64, prompt_len: usize, max_tokens: usize) -> SeqRequest {
         let params = SamplingParams { max_tokens, ..SamplingParams::default() };
-        SeqRequest { id, prompt: (0..prompt_len as u32).map(|t| 10 + t).collect(), params }
+        SeqRequest { id, prompt: (0..prompt_len as u32).map(|t| 10 + t).collect(), params, cache_salt: None }
     }
 
     /// A stand-in model whose next token depends only on the position, like seeded sampling.
@@ -361,7 +485,7 @@ mod tests {
 
     #[test]
     fn long_prompts_prefill_in_chunks_under_the_token_budget() {
-        let mut s = Scheduler::new(cfg(64, 8));
+        let mut s = sched(cfg(64, 8));
         s.add(req(1, 20, 2)).unwrap();
         let mut chunks = Vec::new();
         let mut events = Vec::new();
@@ -376,7 +500,7 @@ mod tests {
 
     #[test]
     fn requests_join_and_leave_at_step_boundaries() {
-        let mut s = Scheduler::new(cfg(64, 64));
+        let mut s = sched(cfg(64, 64));
         s.add(req(1, 3, 4)).unwrap();
         let plan = s.schedule().unwrap();
         run(&mut s, &plan);
@@ -390,7 +514,7 @@ mod tests {
 
     #[test]
     fn abort_frees_blocks_at_once() {
-        let mut s = Scheduler::new(cfg(64, 64));
+        let mut s = sched(cfg(64, 64));
         s.add(req(1, 9, 10)).unwrap();
         let plan = s.schedule().unwrap();
         run(&mut s, &plan);
@@ -406,7 +530,7 @@ mod tests {
         // Alone, each request gets the tokens of positions prompt_len.. .
         let mut alone = Vec::new();
         for id in [1, 2] {
-            let mut s = Scheduler::new(cfg(64, 64));
+            let mut s = sched(cfg(64, 64));
             s.add(req(id, 6, 8)).unwrap();
             let mut events = Vec::new();
             while let Some(plan) = s.schedule() {
@@ -415,7 +539,7 @@ mod tests {
             alone.push(tokens_of(&events, id));
         }
         // Five blocks of 4 tokens cannot hold two sequences of 6 + 8.
-        let mut s = Scheduler::new(cfg(5, 64));
+        let mut s = sched(cfg(5, 64));
         s.add(req(1, 6, 8)).unwrap();
         s.add(req(2, 6, 8)).unwrap();
         let mut events = Vec::new();
@@ -438,7 +562,7 @@ mod tests {
             r.params.prompt_len = 3;
             r
         };
-        let mut s = Scheduler::new(cfg(64, 64));
+        let mut s = sched(cfg(64, 64));
         s.add(penalized(1, 2)).unwrap();
         s.add(penalized(2, 5)).unwrap();
         s.add(req(3, 3, 2)).unwrap();
@@ -457,7 +581,7 @@ mod tests {
 
     #[test]
     fn an_embedding_request_prefills_and_ends_with_its_embedding() {
-        let mut s = Scheduler::new(cfg(64, 8));
+        let mut s = sched(cfg(64, 8));
         let mut r = req(1, 20, 1);
         r.params.embed = Some(Pooling::Last);
         s.add(r).unwrap();
@@ -480,14 +604,130 @@ mod tests {
         assert_eq!(s.used_blocks(), 0);
     }
 
+    fn drain(s: &mut Scheduler) -> (Vec<Vec<PlannedSeq>>, Vec<Event>) {
+        let (mut plans, mut events) = (Vec::new(), Vec::new());
+        while let Some(plan) = s.schedule() {
+            events.extend(run(s, &plan));
+            plans.push(plan);
+        }
+        (plans, events)
+    }
+
+    fn with_prompt(id: u64, prompt: &[u32], max_tokens: usize) -> SeqRequest {
+        SeqRequest { id, prompt: prompt.to_vec(), params: SamplingParams { max_tokens, ..SamplingParams::default() }, cache_salt: None }
+    }
+
+    #[test]
+    fn a_cached_prefix_is_shared_and_skips_its_prefill() {
+        let prompt: Vec<u32> = (0..10).collect();
+        let mut s = sched(cfg(64, 64));
+        s.add(with_prompt(1, &prompt, 3)).unwrap();
+        let (first, _) = drain(&mut s);
+        assert_eq!(s.used_blocks(), 0);
+        assert_eq!(s.cached_blocks(), 3, "the blocks filled by 10 prompt + 2 generated tokens");
+        // The same prompt again: two blocks are cached (the third holds its last token, which
+        // must be fed to get logits). A longer one shares the same two.
+        let mut longer = prompt.clone();
+        longer.extend([50, 51, 52]);
+        s.add(with_prompt(2, &prompt, 3)).unwrap();
+        s.add(with_prompt(3, &longer, 3)).unwrap();
+        let plan = s.schedule().unwrap();
+        assert_eq!(plan.iter().map(|p| (p.id, p.start_pos, p.tokens.len())).collect::<Vec<_>>(), vec![(2, 8, 2), (3, 8, 5)]);
+        assert_eq!(plan[0].block_table[..2], first[0][0].block_table[..2]);
+        assert_eq!(plan[1].block_table[..2], first[0][0].block_table[..2]);
+        assert_eq!(s.prefix_stats(), PrefixStats { queries: 10 + 10 + 13, hits: 16 });
+        let mut events = run(&mut s, &plan);
+        events.extend(drain(&mut s).1);
+        assert_eq!(tokens_of(&events, 2), vec![70, 77, 84]);
+        assert_eq!(s.used_blocks(), 0, "every reference returned");
+        // A different salt shares nothing.
+        let mut salted = with_prompt(4, &prompt, 1);
+        salted.cache_salt = Some("tenant".into());
+        s.add(salted).unwrap();
+        assert_eq!(s.schedule().unwrap()[0].start_pos, 0);
+    }
+
+    #[test]
+    fn identical_prompts_prefill_once_and_those_behind_go_ahead() {
+        let prompt: Vec<u32> = (0..12).collect();
+        let mut s = sched(cfg(64, 64));
+        s.add(with_prompt(1, &prompt, 2)).unwrap();
+        s.add(with_prompt(2, &prompt, 2)).unwrap();
+        s.add(with_prompt(3, &[7, 7, 7, 7, 7], 2)).unwrap();
+        let plan = s.schedule().unwrap();
+        assert_eq!(plan.iter().map(|p| (p.id, p.start_pos)).collect::<Vec<_>>(), vec![(1, 0), (3, 0)], "2 waits for 1's blocks");
+        run(&mut s, &plan);
+        let plan = s.schedule().unwrap();
+        assert_eq!(plan.iter().map(|p| (p.id, p.start_pos, p.tokens.len())).collect::<Vec<_>>(), vec![(1, 12, 1), (3, 5, 1), (2, 8, 4)]);
+        run(&mut s, &plan);
+        drain(&mut s);
+        assert_eq!(s.used_blocks(), 0);
+    }
+
+    #[test]
+    fn without_prefix_caching_every_prompt_is_prefilled() {
+        let prompt: Vec<u32> = (0..12).collect();
+        let mut s = sched(SchedulerConfig { prefix_caching: false, ..cfg(64, 64) });
+        s.add(with_prompt(1, &prompt, 2)).unwrap();
+        s.add(with_prompt(2, &prompt, 2)).unwrap();
+        assert_eq!(s.schedule().unwrap().iter().map(|p| p.start_pos).collect::<Vec<_>>(), vec![0, 0]);
+        drain(&mut s);
+        s.add(with_prompt(3, &prompt, 2)).unwrap();
+        assert_eq!(s.schedule().unwrap()[0].start_pos, 0);
+        assert_eq!((s.cached_blocks(), s.prefix_stats().hits), (0, 0));
+    }
+
+    #[test]
+    fn cached_blocks_give_way_under_memory_pressure_and_no_request_is_lost() {
+        // Eight blocks of 4; each request needs 3 (8 prompt + 4 generated tokens), each
+        // prompt is different, and they share a first block.
+        let mut s = sched(cfg(8, 64));
+        let mut expected = Vec::new();
+        for id in 0..4u64 {
+            let prompt: Vec<u32> = (0..4).chain((0..4).map(|t| 100 * (id as u32 + 1) + t)).collect();
+            s.add(with_prompt(id, &prompt, 4)).unwrap();
+            expected.push((8..12).map(|p| (p * 7 % 100) as u32).collect::<Vec<_>>());
+        }
+        let (_, mut events) = drain(&mut s);
+        for id in 4..8u64 {
+            s.add(with_prompt(id, &[id as u32; 9], 3)).unwrap();
+        }
+        events.extend(drain(&mut s).1);
+        for id in 0..4 {
+            assert_eq!(tokens_of(&events, id), expected[id as usize]);
+        }
+        for id in 4..8 {
+            assert_eq!(tokens_of(&events, id).len(), 3);
+        }
+        assert_eq!(s.used_blocks(), 0);
+        assert!(s.take_cache_events().iter().any(|e| matches!(e, CacheEvent::Evicted(_))));
+        assert!(s.cached_blocks() <= 8);
+    }
+
+    #[test]
+    fn a_penalized_sequence_joining_with_cached_blocks_sends_its_history() {
+        let prompt: Vec<u32> = (0..9).collect();
+        let mut s = sched(cfg(64, 64));
+        s.add(with_prompt(1, &prompt, 1)).unwrap();
+        drain(&mut s);
+        let mut r = with_prompt(2, &prompt, 2);
+        r.params.penalties.repetition = 1.2;
+        r.params.prompt_len = 9;
+        s.add(r).unwrap();
+        let plan = s.schedule().unwrap();
+        assert_eq!((plan[0].start_pos, plan[0].history.clone(), plan[0].keep_history), (8, prompt[..8].to_vec(), Some(9)));
+        run(&mut s, &plan);
+        assert!(s.schedule().unwrap()[0].history.is_empty(), "only the first chunk carries it");
+    }
+
     #[test]
     fn the_queue_is_bounded_and_oversized_requests_are_refused() {
-        let mut s = Scheduler::new(cfg(8, 64));
+        let mut s = sched(cfg(8, 64));
         for id in 0..4 {
             s.add(req(id, 2, 2)).unwrap();
         }
         assert_eq!(s.add(req(9, 2, 2)), Err(AdmitError::QueueFull(4)));
-        let mut s = Scheduler::new(cfg(8, 64));
+        let mut s = sched(cfg(8, 64));
         assert_eq!(s.add(req(1, 30, 3)), Err(AdmitError::TooLong(33, 32)));
     }
 }

@@ -18,7 +18,7 @@ pub fn decode_tokens_per_s<B: Backend>(g: &mut Generator<B>, batch: usize, promp
     for i in 0..batch {
         let prompt = (0..prompt_len).map(|_| (splitmix64(&mut state) % (vocab - 3) + 3) as u32).collect();
         let params = SamplingParams { max_tokens: steps + 2, ..SamplingParams::default() };
-        g.add(SeqRequest { id: i as u64, prompt, params })?;
+        g.add(SeqRequest { id: i as u64, prompt, params, cache_salt: None })?;
     }
     let mut prefilled = 0;
     while prefilled < batch && g.has_work() {
@@ -91,7 +91,7 @@ pub fn prefill_tokens_per_s<B: Backend>(g: &mut Generator<B>, len: usize, rounds
     for round in 0..rounds.max(1) {
         let prompt: Vec<u32> = (0..len).map(|t| (3 + (t * 7 + round) % 1000) as u32).collect();
         let params = SamplingParams { max_tokens: 1, ..SamplingParams::default() };
-        g.add(SeqRequest { id: (1 << 40) + round as u64, prompt, params })?;
+        g.add(SeqRequest { id: (1 << 40) + round as u64, prompt, params, cache_salt: None })?;
         let started = Instant::now();
         while g.has_work() && !g.step()?.iter().any(|e| matches!(e, Event::Token { .. })) {}
         best = best.min(started.elapsed().as_secs_f64());
