@@ -91,3 +91,9 @@ fn official_python_clients_work_on_a_sharded_replica() {
 fn official_python_clients_embed_with_an_embedding_model() {
     python_clients_against("mistral-embed-tiny", &["--workers", "2", "--tp", "2"], &["test_embeddings.py"]);
 }
+
+/// The embedding model in two pipeline stages: the last stage pools.
+#[test]
+fn official_python_clients_embed_over_pipeline_stages() {
+    python_clients_against("mistral-embed-tiny", &["--workers", "2", "--pp", "2"], &["test_embeddings.py"]);
+}
