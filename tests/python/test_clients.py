@@ -416,6 +416,12 @@ def test_grpc_standard_health_and_reflection():
     assert "tramontane.v1.Inference" in names
 
 
+def test_liveness_and_readiness_endpoints_for_probes():
+    base = os.environ["TRAMONTANE_HTTP"].rsplit("/v1", 1)[0]
+    assert urllib.request.urlopen(base + "/livez").status == 200
+    assert urllib.request.urlopen(base + "/health").status == 200
+
+
 def test_oversized_body_is_a_400_naming_the_limit():
     base = os.environ["TRAMONTANE_HTTP"]
     body = json.dumps({"prompt": "a" * (3 << 20)}).encode()

@@ -112,6 +112,27 @@ async fn a_coordinator_refuses_a_model_that_does_not_fit_before_any_worker_loads
     assert_untouched(&worker).await;
 }
 
+/// `tramctl plan --model` runs the planner on the checkpoint's config alone: the same refusal
+/// with no process started, and the placement (each rank's share) where it fits.
+#[test]
+fn tramctl_plan_sizes_hardware_without_a_cluster() {
+    let model = big_model();
+    let plan_on = |extra: &[&str]| {
+        let mut cmd = Command::new(binary("tramctl"));
+        cmd.args(["plan", "--model", &model.path().display().to_string(), "--workers", "2", "--memory-gb", "12", "--load-format", "dummy"]).args(extra);
+        cmd.output().expect("runs")
+    };
+    let refused = plan_on(&[]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains(&expected_refusal(model.path(), 2)), "{stderr}");
+    let fits = plan_on(&["--tp", "2"]);
+    assert!(fits.status.success(), "{}", String::from_utf8_lossy(&fits.stderr));
+    let table = String::from_utf8_lossy(&fits.stdout);
+    let ranks: Vec<&str> = table.lines().filter(|l| l.contains("tp 2 ep 1 pp 1")).collect();
+    assert_eq!(ranks.len(), 2, "{table}");
+}
+
 #[tokio::test]
 async fn tramctl_up_refuses_it_too_and_splits_the_host_memory_among_its_workers() {
     let model = big_model();

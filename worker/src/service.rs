@@ -505,7 +505,11 @@ pub async fn serve(
         shutdown
     };
     let incoming = crate::process::nodelay_incoming(listener);
+    // The standard gRPC health service (Kubernetes' gRPC probes): SERVING while the worker
+    // answers; whether it holds a shard is the coordinator's business (its Health RPC).
+    let (_health, health_service) = tonic_health::server::health_reporter();
     let server = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     // A graceful close waits for the coordinator to drop its connection; it gets a moment

@@ -28,6 +28,12 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
     let worker = WorkerProcess::start();
     let mut client = WorkerClient::connect(worker.url()).await.expect("connects");
 
+    // The standard gRPC health service (Kubernetes' probes) answers SERVING from the start.
+    let channel = tonic::transport::Endpoint::from_shared(worker.url()).expect("a URL").connect().await.expect("connects");
+    let mut probe = tonic_health::pb::health_client::HealthClient::new(channel);
+    let health = probe.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health").into_inner();
+    assert_eq!(health.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+
     // Nothing loaded yet.
     let err = client.step(pb::StepRequest { epoch: 0, sequences: vec![], released: vec![] }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");

@@ -32,9 +32,30 @@ enum Cmd {
     /// Print the served model, workers, replicas and load.
     Status(StatusArgs),
     /// Print the placement the current workers would get, with each rank's memory.
-    Plan(AdminArgs),
+    Plan(Box<PlanArgs>),
     /// Move a worker's sequences to other replicas, then release it (it exits).
     Drain(DrainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Plan here instead, without a cluster: this checkpoint directory's config.json (no
+    /// weight is read) on `--workers` workers offering `--memory-gb` each.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// With `--model`: the workers (e.g. GPUs).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// With `--model`: the memory each worker offers for weights and KV cache, in GB (a GPU's
+    /// memory less what CUDA and NCCL keep; 0 = unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    memory_gb: f64,
+    #[command(flatten)]
+    layout: cluster::layout::Layout,
+    #[command(flatten)]
+    sizing: coordinator::planner::Sizing,
 }
 
 #[derive(Debug, clap::Args)]
@@ -126,7 +147,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up(a) => up(*a),
         Cmd::Generate(a) => tokio::runtime::Runtime::new()?.block_on(generate(a)),
         Cmd::Status(a) => tokio::runtime::Runtime::new()?.block_on(status(a)),
-        Cmd::Plan(a) => tokio::runtime::Runtime::new()?.block_on(plan(a)),
+        Cmd::Plan(a) if a.model.is_some() => plan_offline(&a),
+        Cmd::Plan(a) => tokio::runtime::Runtime::new()?.block_on(plan(a.admin)),
         Cmd::Drain(a) => tokio::runtime::Runtime::new()?.block_on(drain(a)),
     }
 }
@@ -137,14 +159,39 @@ async fn admin(addr: &str) -> anyhow::Result<pb::admin_client::AdminClient<tonic
 
 async fn plan(a: AdminArgs) -> anyhow::Result<()> {
     let plan = admin(&a.grpc_addr).await?.plan(pb::PlanRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    print_plan(plan.replicas.iter().map(|r| (r.layout.clone(), r.workers.iter().map(|w| (w.clone(), r.weight_bytes, r.kv_cache_bytes)).collect())));
+    Ok(())
+}
+
+/// Each replica's layout and ranks (worker, weight bytes, KV cache bytes) as a table.
+fn print_plan(replicas: impl Iterator<Item = (String, Vec<(String, u64, u64)>)>) {
     let gb = |b: u64| b as f64 / 1e9;
     println!("{:<8} {:<16} {:<6} {:<24} {:>12} {:>12} {:>12}", "REPLICA", "LAYOUT", "RANK", "WORKER", "WEIGHTS GB", "KV GB", "TOTAL GB");
-    for (i, r) in plan.replicas.iter().enumerate() {
-        for (rank, w) in r.workers.iter().enumerate() {
-            let (wb, kv) = (r.weight_bytes, r.kv_cache_bytes);
-            println!("{i:<8} {:<16} {rank:<6} {w:<24} {:>12.3} {:>12.3} {:>12.3}", r.layout, gb(wb), gb(kv), gb(wb + kv));
+    for (i, (layout, ranks)) in replicas.enumerate() {
+        for (rank, (w, wb, kv)) in ranks.into_iter().enumerate() {
+            println!("{i:<8} {layout:<16} {rank:<6} {w:<24} {:>12.3} {:>12.3} {:>12.3}", gb(wb), gb(kv), gb(wb + kv));
         }
     }
+}
+
+/// `tramctl plan --model`: the placement the planner would make on such workers, with what
+/// each rank holds, or why nothing fits.
+fn plan_offline(a: &PlanArgs) -> anyhow::Result<()> {
+    use coordinator::planner;
+    let dir = a.model.as_ref().expect("--model given");
+    let config = cluster::ModelConfig::from_file(&dir.join("config.json"))?;
+    let memory_bytes = (a.memory_gb * 1e9) as u64;
+    let cards: Vec<_> = (0..a.workers)
+        .map(|i| cluster::membership::WorkerCard { id: format!("worker-{i}"), memory_bytes, ..cluster::membership::WorkerCard::default() })
+        .collect();
+    let replicas = planner::plan(&config, &a.layout, &a.sizing, &cards, &[]).map_err(anyhow::Error::msg)?;
+    print_plan(replicas.iter().map(|r| {
+        let ranks = r.workers.iter().enumerate().map(|(rank, w)| {
+            let (weights, kv) = planner::rank_need(&config, &r.layout, rank, &a.sizing);
+            (w.clone(), weights, kv)
+        });
+        (format!("tp {} ep {} pp {}", r.layout.tp, r.layout.ep, r.layout.pp), ranks.collect())
+    }));
     Ok(())
 }
 

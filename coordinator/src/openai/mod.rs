@@ -34,6 +34,7 @@ pub fn router(frontend: Frontend, timeout: std::time::Duration) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/health", get(health))
+        .route("/livez", get(live))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(Api { frontend, timeout })
@@ -178,6 +179,12 @@ async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
 async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
     let text = frontend.metrics.render(frontend.gauges());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// Liveness: the process answers (a standby, or a leader still loading, is alive and not
+/// ready).
+async fn live() -> StatusCode {
+    StatusCode::OK
 }
 
 async fn health(State(Api { frontend, .. }): State<Api>) -> StatusCode {

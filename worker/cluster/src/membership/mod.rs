@@ -38,7 +38,7 @@ pub struct EtcdArgs {
 }
 
 /// What a worker registers: who it is and what it can hold.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerCard {
     pub id: String,
     /// Worker API address (`host:port`).
