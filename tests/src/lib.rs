@@ -254,6 +254,7 @@ impl Drop for Etcd {
     }
 }
 
+pub mod kube;
 pub mod net;
 
 /// A coordinator over fixed worker processes started here (no etcd).
