@@ -231,6 +231,22 @@ impl Cluster {
         self.create(&w, &app, &fresh);
     }
 
+    /// A node lost under pod `name`: its process killed (SIGKILL, no `preStop`), the pod
+    /// gone from its Services; its controller makes it again elsewhere.
+    pub fn lose(&mut self, name: &str) {
+        let i = self.pods.iter().position(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"));
+        let mut pod = self.pods.remove(i);
+        if let Some(mut c) = pod.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&pod.host.ns));
+        self.write_hosts();
+        let w = self.workloads().into_iter().find(|w| w["spec"]["selector"]["matchLabels"]["app"] == pod.app.as_str()).expect("its workload");
+        let fresh = if w["kind"] == "StatefulSet" { name.to_owned() } else { self.fresh_name(w["metadata"]["name"].as_str().expect("a name")) };
+        self.create(&w, &pod.app, &fresh);
+    }
+
     /// A Deployment pod's name: the Deployment's and a serial number.
     fn fresh_name(&mut self, deployment: &str) -> String {
         self.serial += 1;
