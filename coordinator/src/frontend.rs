@@ -294,17 +294,18 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Puts the request (what remains of it) on the least-loaded live replica: `Ok(false)`
-    /// while none serves, an error once the request was aborted.
+    /// Puts the request (what remains of it) on the replica routing picks: `Ok(false)` while
+    /// none serves, an error once the request was aborted.
     fn try_submit(&mut self) -> Result<bool, FrontendError> {
+        let prompt: Vec<u32> = self.prompt.iter().chain(&self.generated).copied().collect();
+        let served = &self.frontend.served;
+        // Hashed before taking the lock every submission shares.
+        let prefix = served.prefix.as_ref().map(|h| h.hashes(self.cache_salt.as_deref(), &prompt)).unwrap_or_default();
         let mut running = self.frontend.running.lock().unwrap_or_else(|p| p.into_inner());
         let Some(slot) = running.get_mut(&self.request_id) else {
             return Err(FrontendError::Unavailable("the request was aborted".into()));
         };
         let pool = self.frontend.pool();
-        let prompt: Vec<u32> = self.prompt.iter().chain(&self.generated).copied().collect();
-        let served = &self.frontend.served;
-        let prefix = served.prefix.as_ref().map(|h| h.hashes(self.cache_salt.as_deref(), &prompt)).unwrap_or_default();
         let Some(handle) = pool.pick(&prefix, served.routing) else { return Ok(false) };
         let id = self.frontend.next_internal_id();
         let mut params = self.params.clone();

@@ -235,6 +235,9 @@ struct ReplicaTask {
 impl ReplicaTask {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         loop {
+            if self.stopped {
+                return;
+            }
             if !self.scheduler.has_work() {
                 match rx.recv().await {
                     Some(cmd) => self.handle(cmd).await,
@@ -266,6 +269,11 @@ impl ReplicaTask {
                 self.hand_back("the replica was retired by a new placement");
                 self.stopped = true;
                 let _ = reply.send(());
+            }
+            Command::Submit(_, prefix, events) if self.stopped => {
+                self.index().remove_pending(&prefix);
+                self.active.fetch_sub(1, Ordering::Relaxed);
+                let _ = events.send(ReplicaEvent::Failed("the replica has stopped".into()));
             }
             Command::Submit(req, prefix, events) => {
                 let id = req.id;
@@ -383,9 +391,18 @@ impl ReplicaTask {
     }
 
     async fn advance(&mut self, epoch: u64) -> Result<(), WorkerCallError> {
+        let mut kept = true;
         for (rank, (worker, assignment)) in self.ranks.iter().zip(&self.assignments).enumerate() {
             let request = pb::LoadAssignmentRequest { epoch, ..assignment.clone() };
-            worker.clone().load_assignment(request).await.map_err(|status| WorkerCallError::Refused { rank, status })?;
+            let loaded = worker.clone().load_assignment(request).await.map_err(|status| WorkerCallError::Refused { rank, status })?;
+            kept &= loaded.into_inner().kept;
+        }
+        if !kept {
+            // A rank loaded its shard anew (its process was restarted while the replica was
+            // idle): its KV cache is empty. Nothing that was in it may be used again.
+            tracing::warn!(replica = self.id, "a rank of the replica reloaded: its KV cache is gone");
+            self.hand_back("a worker of the replica lost its KV cache");
+            self.scheduler.forget_cached();
         }
         self.epoch = epoch;
         Ok(())

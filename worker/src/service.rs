@@ -145,7 +145,7 @@ impl<B: Backend> WorkerState<B> {
             && *assigned == same
         {
             self.epoch = req.epoch;
-            return Ok(loaded(engine));
+            return Ok(pb::LoadAssignmentResponse { kept: true, ..loaded(engine) });
         }
         let unknown = |field: &str, v: i32| ServiceError::InvalidArgument(format!("`{field}`: unknown value {v} (a newer coordinator?)"));
         let dtype = pb::WeightDtype::try_from(req.dtype).map_err(|_| unknown("dtype", req.dtype))?.into();
@@ -342,6 +342,7 @@ fn loaded<B: Backend>(engine: &Engine<B>) -> pb::LoadAssignmentResponse {
         architecture: c.architecture.hf_name().to_owned(),
         vocab_size: c.vocab_size as u32,
         max_context: c.max_position_embeddings as u32,
+        kept: false,
     }
 }
 

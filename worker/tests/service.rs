@@ -41,6 +41,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
 
     let loaded = client.load_assignment(load_request(3)).await.expect("loads").into_inner();
     assert_eq!(loaded.architecture, "MixtralForCausalLM");
+    assert!(!loaded.kept, "a first load starts with an empty KV cache");
     let health = client.health(pb::HealthRequest {}).await.expect("health").into_inner();
     assert_eq!((health.epoch, health.kv_blocks), (3, 64));
 
@@ -110,6 +111,9 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
     let err = client.load_assignment(load_request(2)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     client.step(one(3)).await.expect("the current epoch still serves");
+    // The same assignment in a newer epoch keeps the shard and its KV cache (a coordinator's
+    // prefix cache may go on naming its blocks); it says so.
+    assert!(client.load_assignment(load_request(3)).await.expect("loads").into_inner().kept);
 
     // Bad input is INVALID_ARGUMENT, and the worker keeps serving.
     let mut bad = one(3);

@@ -59,15 +59,16 @@ impl Pool {
     /// the most of `prefix`'s leading blocks, then the least loaded. The score is exact: the
     /// replicas publish the hashes of the blocks they hold.
     pub(crate) fn pick(&self, prefix: &[BlockHash], routing: Routing) -> Option<&ReplicaHandle> {
-        let live = || self.replicas.iter().map(|r| &r.handle).filter(|h| h.is_alive());
-        let least = live().map(ReplicaHandle::active).min()?;
+        // One reading of each replica's load: the choice is made on a consistent snapshot.
+        let live: Vec<(&ReplicaHandle, usize)> = self.replicas.iter().map(|r| &r.handle).filter(|h| h.is_alive()).map(|h| (h, h.active())).collect();
+        let least = live.iter().map(|&(_, active)| active).min()?;
         if routing.policy == Policy::LeastLoaded || prefix.is_empty() {
-            return live().min_by_key(|h| h.active());
+            return live.into_iter().min_by_key(|&(_, active)| active).map(|(h, _)| h);
         }
-        live()
-            .filter(|h| h.active() <= least + routing.load_slack)
-            .map(|h| (h.cached_prefix(prefix), h))
-            .min_by_key(|(cached, h)| (std::cmp::Reverse(*cached), h.active()))
-            .map(|(_, h)| h)
+        live.into_iter()
+            .filter(|&(_, active)| active <= least + routing.load_slack)
+            .map(|(h, active)| (h.cached_prefix(prefix), active, h))
+            .min_by_key(|&(cached, active, _)| (std::cmp::Reverse(cached), active))
+            .map(|(_, _, h)| h)
     }
 }

@@ -215,6 +215,16 @@ impl BlockPool {
         }
     }
 
+    /// Forgets the contents of every cached block no sequence references: they become free.
+    pub fn forget_cached(&mut self) {
+        while let Some((_, b)) = self.evictable.pop_first() {
+            let h = self.hash_of[b as usize].take().expect("evictable blocks are cached");
+            self.cached.remove(&h);
+            self.events.push(CacheEvent::Evicted(h));
+            self.free.push(b);
+        }
+    }
+
     /// The changes to the cached set since the last call.
     pub fn take_events(&mut self) -> Vec<CacheEvent> {
         std::mem::take(&mut self.events)
@@ -294,6 +304,25 @@ mod tests {
         assert_eq!(pool.take_events(), vec![CacheEvent::Evicted(hashes[1])]);
         assert_eq!(pool.cached_prefix(&hashes), 1);
         pool.release(&mut c);
+        assert_eq!(pool.num_used(), 0);
+    }
+
+    #[test]
+    fn forgetting_the_cache_frees_unreferenced_blocks_and_keeps_referenced_ones() {
+        let h = PrefixHasher::new("m", 2);
+        let hashes = h.hashes(None, &[1, 2, 3, 4]);
+        let mut pool = BlockPool::new(4, 2, true);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        pool.reserve(&mut a, 2).unwrap();
+        pool.reserve(&mut b, 2).unwrap();
+        pool.register(a[0], hashes[0]);
+        pool.register(b[0], hashes[1]);
+        pool.release(&mut a);
+        pool.take_events();
+        pool.forget_cached();
+        assert_eq!(pool.take_events(), vec![CacheEvent::Evicted(hashes[0])]);
+        assert_eq!((pool.cached_prefix(&hashes), pool.num_cached(), pool.num_available()), (0, 1, 3));
+        pool.release(&mut b);
         assert_eq!(pool.num_used(), 0);
     }
 

@@ -222,6 +222,12 @@ impl Scheduler {
         self.prefix
     }
 
+    /// Forgets every cached block no sequence references (the workers' KV cache lost their
+    /// contents).
+    pub fn forget_cached(&mut self) {
+        self.pool.forget_cached();
+    }
+
     /// Blocks cached or evicted since the last call.
     pub fn take_cache_events(&mut self) -> Vec<CacheEvent> {
         self.pool.take_events()
