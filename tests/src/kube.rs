@@ -247,6 +247,18 @@ impl Cluster {
         self.create(&w, &pod.app, &fresh);
     }
 
+    /// Pod `name`'s container hangs (SIGSTOP): it answers nothing, not even its probes.
+    pub fn freeze(&mut self, name: &str) {
+        let pod = self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"));
+        let pid = pod.child.as_ref().expect("a running container").id();
+        let _ = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
+    }
+
+    /// How many times pod `name`'s container was restarted.
+    pub fn restarts(&self, name: &str) -> u32 {
+        self.pods.iter().find(|p| p.name == name).map_or(0, |p| p.restarts)
+    }
+
     /// A Deployment pod's name: the Deployment's and a serial number.
     fn fresh_name(&mut self, deployment: &str) -> String {
         self.serial += 1;

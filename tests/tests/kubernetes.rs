@@ -3,7 +3,8 @@
 //! probes gating its Service and restarting it, `preStop` and grace periods on deletion),
 //! then operated as an operator does while 16 streams run: workers scaled 3 → 5 → 2, the
 //! leading coordinator's pod deleted, every worker rolled one at a time, a worker's node
-//! lost (killed, no drain), an etcd member evicted. No request fails and every output equals its undisturbed run. The autoscaler's
+//! lost (killed, no drain), a worker hung until its liveness probe restarts it, an etcd member
+//! evicted. No request fails and every output equals its undisturbed run. The autoscaler's
 //! rule is evaluated on the live /metrics: more workers under the load, fewer after it.
 //! Root only (network namespaces, mounts).
 
@@ -128,6 +129,11 @@ async fn an_operator_runs_the_cpu_tiny_overlay() {
     under_load(&mut c, &undisturbed, "a worker's node lost (SIGKILL, no drain), the pod made again", |c| {
         c.lose("worker-1");
         c.wait("the worker back", Duration::from_secs(120), Cluster::all_ready);
+    })
+    .await;
+    under_load(&mut c, &undisturbed, "a worker hung (SIGSTOP), restarted by its liveness probe", |c| {
+        c.freeze("worker-0");
+        c.wait("the liveness probe restarts it", Duration::from_secs(120), |c| c.restarts("worker-0") > 0 && c.all_ready());
     })
     .await;
     under_load(&mut c, &undisturbed, "etcd member evicted", |c| {
