@@ -59,30 +59,57 @@ pub struct ReplicaDown {
 
 type Reply<T> = tokio::sync::oneshot::Sender<T>;
 
-/// The blocks a replica's prefix cache holds, and those of the prompts it is running.
+/// The blocks a replica's prefix cache holds, and those of the prompts it is running: shared
+/// by the replica's task (which writes it) and the frontends (which route with it).
 #[derive(Debug, Default)]
-struct PrefixIndex {
+struct PrefixIndex(Mutex<IndexedBlocks>);
+
+#[derive(Debug, Default)]
+struct IndexedBlocks {
     cached: HashSet<BlockHash>,
     /// Prompts' block hashes, counted by the requests that hold them.
     pending: HashMap<BlockHash, usize>,
 }
 
 impl PrefixIndex {
-    fn add_pending(&mut self, hashes: &[BlockHash]) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IndexedBlocks> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add_pending(&self, hashes: &[BlockHash]) {
+        let mut i = self.lock();
         for h in hashes {
-            *self.pending.entry(*h).or_default() += 1;
+            *i.pending.entry(*h).or_default() += 1;
         }
     }
 
-    fn remove_pending(&mut self, hashes: &[BlockHash]) {
+    fn remove_pending(&self, hashes: &[BlockHash]) {
+        let mut i = self.lock();
         for h in hashes {
-            if let Some(n) = self.pending.get_mut(h) {
+            if let Some(n) = i.pending.get_mut(h) {
                 *n -= 1;
                 if *n == 0 {
-                    self.pending.remove(h);
+                    i.pending.remove(h);
                 }
             }
         }
+    }
+
+    /// Mirrors the prefix cache's changes.
+    fn apply(&self, events: Vec<CacheEvent>) {
+        let mut i = self.lock();
+        for e in events {
+            match e {
+                CacheEvent::Stored(h) => i.cached.insert(h),
+                CacheEvent::Evicted(h) => i.cached.remove(&h),
+            };
+        }
+    }
+
+    /// How many of `hashes`' leading blocks are cached or being computed.
+    fn leading(&self, hashes: &[BlockHash]) -> usize {
+        let i = self.lock();
+        hashes.iter().take_while(|h| i.cached.contains(*h) || i.pending.contains_key(*h)).count()
     }
 }
 
@@ -107,7 +134,7 @@ pub struct ReplicaHandle {
     /// Requests submitted and not yet finished (for least-loaded routing).
     active: Arc<AtomicUsize>,
     /// The blocks its prefix cache holds or its requests compute (for cache-aware routing).
-    prefix: Arc<Mutex<PrefixIndex>>,
+    prefix: Arc<PrefixIndex>,
 }
 
 impl ReplicaHandle {
@@ -126,7 +153,7 @@ impl ReplicaHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: scheduler.config().num_blocks, ..Default::default() });
         let active = Arc::new(AtomicUsize::new(0));
-        let prefix = Arc::new(Mutex::new(PrefixIndex::default()));
+        let prefix = Arc::new(PrefixIndex::default());
         let epoch = assignments.first().map_or(0, |a| a.epoch);
         let task = ReplicaTask {
             id,
@@ -176,17 +203,13 @@ impl ReplicaHandle {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         self.active.fetch_add(1, Ordering::Relaxed);
         // Known to routing at once, before the task takes it in.
-        self.index().add_pending(&prefix);
+        self.prefix.add_pending(&prefix);
         if let Err(mpsc::error::SendError(Command::Submit(_, prefix, _))) = self.tx.send(Command::Submit(Box::new(req), prefix, events_tx.clone())) {
-            self.index().remove_pending(&prefix);
+            self.prefix.remove_pending(&prefix);
             self.active.fetch_sub(1, Ordering::Relaxed);
             let _ = events_tx.send(ReplicaEvent::Failed("the replica has stopped".into()));
         }
         events_rx
-    }
-
-    fn index(&self) -> std::sync::MutexGuard<'_, PrefixIndex> {
-        self.prefix.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn abort(&self, id: u64) {
@@ -203,8 +226,7 @@ impl ReplicaHandle {
 
     /// How many of `hashes`' leading blocks its prefix cache holds or its requests compute.
     pub fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
-        let index = self.index();
-        hashes.iter().take_while(|h| index.cached.contains(*h) || index.pending.contains_key(*h)).count()
+        self.prefix.leading(hashes)
     }
 }
 
@@ -219,7 +241,7 @@ struct ReplicaTask {
     driver: usize,
     epoch: u64,
     scheduler: Scheduler,
-    prefix_index: Arc<Mutex<PrefixIndex>>,
+    prefix_index: Arc<PrefixIndex>,
     /// Each request's prompt block hashes (pending in the index until it finishes).
     prefixes: HashMap<u64, Vec<BlockHash>>,
     /// The scheduler's prefix cache counters as last published.
@@ -271,7 +293,7 @@ impl ReplicaTask {
                 let _ = reply.send(());
             }
             Command::Submit(_, prefix, events) if self.stopped => {
-                self.index().remove_pending(&prefix);
+                self.prefix_index.remove_pending(&prefix);
                 self.active.fetch_sub(1, Ordering::Relaxed);
                 let _ = events.send(ReplicaEvent::Failed("the replica has stopped".into()));
             }
@@ -284,7 +306,7 @@ impl ReplicaTask {
                         self.queued.insert(id, std::time::Instant::now());
                     }
                     Err(e) => {
-                        self.index().remove_pending(&prefix);
+                        self.prefix_index.remove_pending(&prefix);
                         self.active.fetch_sub(1, Ordering::Relaxed);
                         let _ = events.send(ReplicaEvent::Rejected(e.to_string()));
                     }
@@ -309,24 +331,14 @@ impl ReplicaTask {
             self.active.fetch_sub(1, Ordering::Relaxed);
         }
         if let Some(prefix) = self.prefixes.remove(&id) {
-            self.index().remove_pending(&prefix);
+            self.prefix_index.remove_pending(&prefix);
         }
-    }
-
-    fn index(&self) -> std::sync::MutexGuard<'_, PrefixIndex> {
-        self.prefix_index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn publish_stats(&mut self) {
         let events = self.scheduler.take_cache_events();
         if !events.is_empty() {
-            let mut index = self.index();
-            for e in events {
-                match e {
-                    CacheEvent::Stored(h) => index.cached.insert(h),
-                    CacheEvent::Evicted(h) => index.cached.remove(&h),
-                };
-            }
+            self.prefix_index.apply(events);
         }
         let prefix = self.scheduler.prefix_stats();
         self.metrics.prefix_cache(prefix.queries - self.prefix.queries, prefix.hits - self.prefix.hits);

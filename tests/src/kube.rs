@@ -225,10 +225,8 @@ impl Cluster {
     /// one for a Deployment).
     pub fn delete(&mut self, name: &str) {
         let app = self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}")).app.clone();
-        let w = self.workloads().into_iter().find(|w| w["spec"]["selector"]["matchLabels"]["app"] == app.as_str()).expect("its workload");
         self.delete_all(&[name.to_owned()]);
-        let fresh = if w["kind"] == "StatefulSet" { name.to_owned() } else { self.fresh_name(w["metadata"]["name"].as_str().expect("a name")) };
-        self.create(&w, &app, &fresh);
+        self.replace(&app, name);
     }
 
     /// A node lost under pod `name`: its process killed (SIGKILL, no `preStop`), the pod
@@ -236,15 +234,18 @@ impl Cluster {
     pub fn lose(&mut self, name: &str) {
         let i = self.pods.iter().position(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"));
         let mut pod = self.pods.remove(i);
-        if let Some(mut c) = pod.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        pod.kill();
         let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&pod.host.ns));
         self.write_hosts();
-        let w = self.workloads().into_iter().find(|w| w["spec"]["selector"]["matchLabels"]["app"] == pod.app.as_str()).expect("its workload");
+        self.replace(&pod.app, name);
+    }
+
+    /// What the controller of `app`'s pods does when pod `name` is gone: a StatefulSet makes
+    /// it again under its name, a Deployment makes a fresh one.
+    fn replace(&mut self, app: &str, name: &str) {
+        let w = self.workloads().into_iter().find(|w| w["spec"]["selector"]["matchLabels"]["app"] == app).expect("its workload");
         let fresh = if w["kind"] == "StatefulSet" { name.to_owned() } else { self.fresh_name(w["metadata"]["name"].as_str().expect("a name")) };
-        self.create(&w, &pod.app, &fresh);
+        self.create(&w, app, &fresh);
     }
 
     /// Pod `name`'s container hangs (SIGSTOP): it answers nothing, not even its probes.
@@ -362,10 +363,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for p in &mut self.pods {
-            if let Some(mut c) = p.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            p.kill();
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&p.host.ns));
         }
     }
@@ -424,6 +422,21 @@ impl Pod {
         self.last.clear();
     }
 
+    /// Kills the container's process (SIGKILL) and reaps it.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The container started again in the same pod.
+    fn restart(&mut self) {
+        self.kill();
+        self.restarts += 1;
+        self.run();
+    }
+
     /// Runs the probes that are due; true if readiness changed.
     fn probe(&mut self) -> bool {
         let was = self.ready;
@@ -431,8 +444,7 @@ impl Pod {
             && let Ok(Some(_)) = c.try_wait()
         {
             // The container exited: restarted (restartPolicy Always).
-            self.restarts += 1;
-            self.run();
+            self.restart();
             return was;
         }
         let kinds: &[&'static str] = if self.started { &["livenessProbe", "readinessProbe"] } else { &["startupProbe"] };
@@ -455,12 +467,7 @@ impl Pod {
                 "readinessProbe" => self.ready = ok || (self.ready && *failures < probe.failures),
                 _ if *failures >= probe.failures => {
                     eprintln!("replay: {} failed its {kind} {} times: restarting it", self.name, probe.failures);
-                    if let Some(mut c) = self.child.take() {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                    }
-                    self.restarts += 1;
-                    self.run();
+                    self.restart();
                     return was;
                 }
                 _ => {}

@@ -62,11 +62,17 @@ struct Args {
     launch: Option<String>,
 }
 
-async fn scrape(http: &str) -> anyhow::Result<HashMap<String, f64>> {
+/// The response (head and body) to `GET path` on the HTTP API at `http`.
+async fn get(http: &str, path: &str) -> std::io::Result<String> {
     let mut s = tokio::net::TcpStream::connect(http).await?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").as_bytes()).await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+async fn scrape(http: &str) -> anyhow::Result<HashMap<String, f64>> {
+    let body = get(http, "/metrics").await?;
     Ok(body
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -275,14 +281,7 @@ impl Launched {
     async fn ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
-            let health = async {
-                let mut s = tokio::net::TcpStream::connect(&self.http).await?;
-                s.write_all(b"GET /health HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").await?;
-                let mut head = String::new();
-                s.read_to_string(&mut head).await?;
-                Ok::<_, std::io::Error>(head)
-            };
-            if health.await.is_ok_and(|head| head.starts_with("HTTP/1.1 200")) {
+            if get(&self.http, "/health").await.is_ok_and(|head| head.starts_with("HTTP/1.1 200")) {
                 return Ok(());
             }
             anyhow::ensure!(Instant::now() < deadline, "the cluster was not ready within 10 minutes");

@@ -169,16 +169,7 @@ impl BlockPool {
             return Err(Error::OutOfBlocks { needed, free: self.num_available() });
         }
         for _ in 0..needed {
-            let b = match self.free.pop() {
-                Some(b) => b,
-                None => {
-                    let (_, b) = self.evictable.pop_first().expect("counted as available");
-                    let h = self.hash_of[b as usize].take().expect("evictable blocks are cached");
-                    self.cached.remove(&h);
-                    self.events.push(CacheEvent::Evicted(h));
-                    b
-                }
-            };
+            let b = self.free.pop().or_else(|| self.evict_oldest()).expect("counted as available");
             self.refs[b as usize] = 1;
             table.push(b);
         }
@@ -217,12 +208,18 @@ impl BlockPool {
 
     /// Forgets the contents of every cached block no sequence references: they become free.
     pub fn forget_cached(&mut self) {
-        while let Some((_, b)) = self.evictable.pop_first() {
-            let h = self.hash_of[b as usize].take().expect("evictable blocks are cached");
-            self.cached.remove(&h);
-            self.events.push(CacheEvent::Evicted(h));
+        while let Some(b) = self.evict_oldest() {
             self.free.push(b);
         }
+    }
+
+    /// The least recently released cached block nobody references, its contents forgotten.
+    fn evict_oldest(&mut self) -> Option<u32> {
+        let (_, b) = self.evictable.pop_first()?;
+        let h = self.hash_of[b as usize].take().expect("evictable blocks are cached");
+        self.cached.remove(&h);
+        self.events.push(CacheEvent::Evicted(h));
+        Some(b)
     }
 
     /// The changes to the cached set since the last call.

@@ -316,9 +316,7 @@ impl Scheduler {
                     self.running.push(s);
                 }
                 None => {
-                    self.pool.release(&mut s.blocks);
-                    (s.cached, s.resumed) = (0, false);
-                    self.waiting.push_front(s);
+                    self.requeue(s);
                     break;
                 }
             }
@@ -399,8 +397,14 @@ impl Scheduler {
     }
 
     fn preempt(&mut self, i: usize) {
-        let mut s = self.running.remove(i);
+        let s = self.running.remove(i);
         tracing::debug!(id = s.req.id, "preempted: recomputing later");
+        self.requeue(s);
+    }
+
+    /// Puts a sequence back at the head of the queue with no blocks: it is computed again
+    /// (from whatever of it is still cached) when it joins a batch.
+    fn requeue(&mut self, mut s: Seq) {
         self.pool.release(&mut s.blocks);
         (s.cached, s.resumed) = (0, false);
         self.waiting.push_front(s);
