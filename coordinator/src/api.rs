@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use cluster::constraint::Constraint;
 use cluster::layout::Layout;
 use cluster::{TokenLogprobs, Tokenizer};
 use proto::tramontane::v1 as pb;
@@ -24,6 +25,7 @@ impl From<FrontendError> for Status {
             FrontendError::Unavailable(_) => Status::unavailable(msg),
             FrontendError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             FrontendError::ShuttingDown(_) => Status::unavailable(msg),
+            FrontendError::Internal(_) => Status::internal(msg),
         }
     }
 }
@@ -74,9 +76,26 @@ fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
-fn raw_request(req: &pb::GenerateRequest) -> RawRequest {
+/// The request's constraint: its JSON schema parsed, and `json_object` only when true.
+fn constraint(c: &pb::generate_request::Constraint) -> Result<Option<(&'static str, Constraint)>, RequestError> {
+    use pb::generate_request::Constraint as C;
+    Ok(match c {
+        C::JsonSchema(text) => {
+            let schema = serde_json::from_str(text).map_err(|e| RequestError::Grammar { field: "json_schema", reason: format!("not JSON: {e}") })?;
+            Some(("json_schema", Constraint::JsonSchema(schema)))
+        }
+        C::JsonObject(true) => Some(("json_object", Constraint::JsonObject)),
+        C::JsonObject(false) => None,
+        C::Regex(rx) => Some(("regex", Constraint::Regex(rx.clone()))),
+        C::Choice(c) if c.choices.is_empty() => return Err(RequestError::Empty("choice")),
+        C::Choice(c) => Some(("choice", Constraint::Choice(c.choices.clone()))),
+        C::Lark(lark) => Some(("lark", Constraint::Lark(lark.clone()))),
+    })
+}
+
+fn raw_request(req: &pb::GenerateRequest) -> Result<RawRequest, RequestError> {
     let s = req.sampling.clone().unwrap_or_default();
-    RawRequest {
+    Ok(RawRequest {
         prompt: req.prompt.as_ref().map(|p| match p {
             pb::generate_request::Prompt::Text(t) => PromptInput::Text(t.clone()),
             pb::generate_request::Prompt::TokenIds(ids) => PromptInput::TokenIds(ids.ids.clone()),
@@ -100,7 +119,8 @@ fn raw_request(req: &pb::GenerateRequest) -> RawRequest {
         ignore_eos: s.ignore_eos,
         embed: None,
         cache_salt: req.cache_salt.clone(),
-    }
+        constraint: req.constraint.as_ref().map(constraint).transpose()?.flatten(),
+    })
 }
 
 fn position(tok: &Tokenizer, t: &TokenLogprobs) -> pb::PositionLogprobs {
@@ -125,7 +145,7 @@ impl pb::inference_server::Inference for InferenceService {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let timeout = grpc_timeout(request.metadata()).unwrap_or(self.default_timeout);
         let req = request.into_inner();
-        let mut generation = self.frontend.start(Some(req.request_id.clone()), raw_request(&req), timeout)?;
+        let mut generation = self.frontend.start(Some(req.request_id.clone()), raw_request(&req)?, timeout)?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let request_id = generation.request_id.clone();

@@ -80,6 +80,9 @@ pub enum FrontendError {
     /// when its shutdown timeout passes ends with this.
     #[error("{0}")]
     ShuttingDown(String),
+    /// The request failed where it ran and cannot be retried (its output constraint failed).
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// One step's worth of a generation, for a client.
@@ -391,6 +394,7 @@ impl Generation {
                 Some(ReplicaEvent::Token(..)) if self.score_only => return Ok(Chunk::End(Finish::Length)),
                 Some(ReplicaEvent::Token(token, finish)) => return Ok(self.token(token, finish)),
                 Some(ReplicaEvent::Rejected(m)) => return Err(FrontendError::QueueFull(m)),
+                Some(ReplicaEvent::Error(m)) => return Err(FrontendError::Internal(m)),
             }
         }
     }

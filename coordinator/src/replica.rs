@@ -38,6 +38,8 @@ pub enum ReplicaEvent {
     Failed(String),
     /// The queue was full.
     Rejected(String),
+    /// The request cannot go on anywhere (its output constraint failed); its last event.
+    Error(String),
 }
 
 /// Load figures of a replica, refreshed every step.
@@ -375,6 +377,7 @@ impl ReplicaTask {
                         sampled: r.sampled.map(from_pb),
                         prompt_logprobs: r.prompt_logprobs.into_iter().map(from_pb).collect(),
                         embedding: (!r.embedding.is_empty()).then_some(r.embedding),
+                        error: r.error,
                     })
                     .collect();
                 for event in self.scheduler.complete(&plan, results) {
@@ -460,6 +463,7 @@ impl ReplicaTask {
             Event::PromptLogprobs { id, logprobs } => (id, ReplicaEvent::PromptLogprobs(logprobs), false),
             Event::Token { id, token, finished } => (id, ReplicaEvent::Token(token, finished), finished.is_some()),
             Event::Embedding { id, embedding } => (id, ReplicaEvent::Embedding(embedding), true),
+            Event::Error { id, message } => (id, ReplicaEvent::Error(message), true),
         };
         let sent = self.clients.get(&id).is_some_and(|tx| tx.send(event).is_ok());
         if done || !sent {
@@ -511,6 +515,7 @@ fn to_pb(p: &PlannedSeq) -> pb::SequenceStep {
         prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
         keep_history: p.keep_history.map(|n| n as u32),
         history: p.history.clone(),
+        grammar: p.grammar.as_deref().map(str::to_owned),
         embed: match p.embed {
             None => pb::Pooling::None,
             Some(Pooling::Last) => pb::Pooling::Last,

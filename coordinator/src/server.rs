@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cluster::constraint::Grammars;
 use cluster::layout::Layout;
 use cluster::membership::{EtcdMembership, Membership, MemoryMembership, WorkerCard};
 use cluster::{ModelConfig, Tokenizer};
@@ -161,9 +162,20 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
             max_context: config.max_position_embeddings,
             eos_token_ids: config.eos_token_ids.clone(),
             lm_head: config.lm_head,
+            grammars: grammars(&cfg.model, &config),
         },
     };
     Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics), control, fatal })
+}
+
+/// The grammar compiler of the model's tokenizer; without one, constrained requests are
+/// refused with the reason.
+fn grammars(dir: &std::path::Path, config: &cluster::ModelConfig) -> Result<Grammars, String> {
+    let eos = config.eos_token_ids.first().copied().unwrap_or(2);
+    Grammars::from_tokenizer_file(&dir.join("tokenizer.json"), config.vocab_size, eos).map_err(|e| {
+        tracing::warn!(error = %e, "output constraints are unavailable");
+        e.to_string()
+    })
 }
 
 /// Registers the workers of a fixed cluster once every one has answered its first Health

@@ -1,6 +1,7 @@
 //! Raw client requests (gRPC or HTTP) become [`ValidRequest`]s here; nothing past this point
 //! sees an unchecked request. Every error names the field and its limit.
 
+use cluster::constraint::{Constraint, Grammars};
 use cluster::embedding::Pooling;
 use cluster::sampling::{ParamError, Penalties};
 use cluster::{SamplingParams, Tokenizer};
@@ -20,6 +21,8 @@ pub struct ModelLimits {
     /// Whether the model has a language-model head (an embedding model has none: it only
     /// embeds).
     pub lm_head: bool,
+    /// Compiles output constraints against the model's tokenizer (`Err`: why it cannot).
+    pub grammars: Result<Grammars, String>,
 }
 
 /// A prompt as a client sends it.
@@ -58,6 +61,8 @@ pub struct RawRequest {
     pub embed: Option<Pooling>,
     /// Shares cached KV blocks only with requests of the same salt.
     pub cache_salt: Option<String>,
+    /// What the output must match, and the request field that asked for it.
+    pub constraint: Option<(&'static str, Constraint)>,
 }
 
 /// A checked, tokenized generation request.
@@ -112,6 +117,8 @@ pub enum RequestError {
     Model { got: String, served: String },
     #[error("`{field}` is not supported by this server (got {got}); leave it out")]
     Unsupported { field: String, got: String },
+    #[error("`{field}`: {reason}")]
+    Grammar { field: &'static str, reason: String },
 }
 
 impl RequestError {
@@ -128,7 +135,8 @@ impl RequestError {
             RequestError::Shape { field, .. }
             | RequestError::TokenId { field, .. }
             | RequestError::Untokenizable { field, .. }
-            | RequestError::Combination { field, .. } => field,
+            | RequestError::Combination { field, .. }
+            | RequestError::Grammar { field, .. } => field,
             RequestError::Messages(_) => "messages",
             RequestError::Stop => "stop",
             RequestError::Context { .. } | RequestError::ScoreOnly => "max_tokens",
@@ -186,6 +194,23 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
     }
     let mut logit_bias = req.logit_bias;
     logit_bias.sort_by_key(|&(t, _)| t);
+    let grammar = match &req.constraint {
+        None => None,
+        Some((field, constraint)) => {
+            // The grammar says where the output ends.
+            if req.ignore_eos {
+                return Err(RequestError::Combination { field: "ignore_eos", with: field });
+            }
+            if req.min_tokens.is_some_and(|n| n > 0) {
+                return Err(RequestError::Combination { field: "min_tokens", with: field });
+            }
+            if score_only || embeds {
+                return Err(RequestError::Combination { field, with: "max_tokens: 0" });
+            }
+            let grammars = limits.grammars.as_ref().map_err(|reason| RequestError::Grammar { field, reason: reason.clone() })?;
+            Some(grammars.check(&constraint.grammar()).map_err(|e| RequestError::Grammar { field, reason: e.to_string() })?)
+        }
+    };
     let params = SamplingParams {
         temperature: req.temperature.unwrap_or(1.0),
         top_k: req.top_k.unwrap_or(0) as usize,
@@ -204,6 +229,7 @@ pub fn check(req: RawRequest, tok: &Tokenizer, limits: &ModelLimits, fresh_seed:
         min_tokens: req.min_tokens.unwrap_or(0) as usize,
         prompt_len: prompt.len(),
         embed: req.embed,
+        grammar,
     };
     params.validate(limits.vocab_size)?;
     let generated = if score_only || embeds { 0 } else { max_tokens };

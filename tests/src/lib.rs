@@ -330,6 +330,7 @@ pub mod client {
             // request; EOS ignored, so every stream runs its whole length.
             sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), repetition_penalty: Some(1.3), ignore_eos: true, ..Default::default() }),
             cache_salt: None,
+            constraint: None,
         };
         let mut ids = Vec::new();
         let mut stream = match client.generate(req).await {

@@ -24,6 +24,7 @@ fn request(prompt: pb::generate_request::Prompt, max_tokens: u32) -> pb::Generat
         prompt: Some(prompt),
         sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), logprobs: Some(2), ..Default::default() }),
         cache_salt: None,
+        constraint: None,
     }
 }
 
@@ -141,6 +142,7 @@ async fn abort_and_disconnect_free_blocks_and_bad_input_is_refused() {
         prompt: Some(pb::generate_request::Prompt::Text("The tramontane".into())),
         sampling: Some(pb::SamplingParams { max_tokens: Some(900), ..Default::default() }),
         cache_salt: None,
+        constraint: None,
     };
     // Abort by id.
     let mut stream = c.generate(long("a")).await.expect("starts").into_inner();
@@ -260,6 +262,7 @@ async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies(
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![1, 2, 3] })),
         sampling: Some(pb::SamplingParams { max_tokens: Some(300), ..Default::default() }),
         cache_salt: None,
+        constraint: None,
     };
     let (undisturbed, ..) = generate(&mut c, long()).await.expect("generates");
     let mut stream = c.generate(long()).await.expect("starts").into_inner();

@@ -27,6 +27,7 @@ async fn generate(c: &mut InferenceClient<Channel>, prompt: &[u32], sampling: &p
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt.to_vec() })),
         sampling: Some(sampling.clone()),
         cache_salt: salt.map(str::to_owned),
+        constraint: None,
     };
     let mut stream = c.generate(req).await.expect("starts").into_inner();
     let (mut out, mut cached) = (Output { ids: Vec::new(), logprobs: Vec::new() }, None);
@@ -103,6 +104,7 @@ async fn a_request_goes_where_its_prefix_is_cached() {
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt(5) })),
         sampling: Some(pb::SamplingParams { max_tokens: Some(900), ignore_eos: true, ..Default::default() }),
         cache_salt: None,
+        constraint: None,
     };
     let mut busy = c.clone();
     let mut stream = busy.generate(long).await.expect("starts").into_inner();

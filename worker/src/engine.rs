@@ -3,10 +3,11 @@
 //! or the local [`Generator`](crate::Generator)); the engine checks and executes.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::backend::{AttentionMeta, Backend, DType, KvShape, SeqAttention};
 use crate::config::ModelConfig;
+use crate::constraints::Constraints;
 use crate::embedding::{Pooling, pool};
 use crate::error::{BadRequest, EngineError, Result};
 use crate::kv_cache::slot;
@@ -83,6 +84,9 @@ pub struct SeqStep<'a> {
     /// Return the sequence's embedding, pooled from this chunk's final hidden states (`Mean`
     /// needs the whole prompt in one chunk).
     pub embed: Option<Pooling>,
+    /// With `keep_history`, on a chunk that starts the kept tokens afresh: the grammar
+    /// (llguidance's, serialized) the sequence's output is held to from here on.
+    pub grammar: Option<&'a str>,
 }
 
 /// What a step produced for one sequence.
@@ -93,6 +97,8 @@ pub struct SeqOutput {
     pub prompt_logprobs: Vec<TokenLogprobs>,
     /// The pooled, L2-normalised embedding, when asked for.
     pub embedding: Option<Vec<f32>>,
+    /// Why nothing was sampled for a constrained sequence (its grammar failed).
+    pub error: Option<String>,
 }
 
 pub struct Engine<B: Backend> {
@@ -101,15 +107,19 @@ pub struct Engine<B: Backend> {
     caches: Vec<B::KvCache>,
     cache: CacheConfig,
     weight_bytes: usize,
-    /// The tokens of the sequences whose penalties need them, until released.
+    /// The tokens of the sequences whose penalties or constraints need them, until released.
     histories: HashMap<u64, TokenHistory>,
+    /// The output constraints of the sequences the driver rank samples.
+    constraints: Constraints,
 }
 
 impl<B: Backend> Engine<B> {
     /// Loads the checkpoint in `dir` (`config.json` + safetensors), or dummy weights.
     pub fn load(backend: B, dir: &Path, options: &EngineOptions) -> Result<Self> {
         let (config, source) = open_model(dir, options.load_format)?;
-        Self::from_source(backend, &config, &source, options, Parallel::single())
+        let mut engine = Self::from_source(backend, &config, &source, options, Parallel::single())?;
+        engine.set_tokenizer(dir.join("tokenizer.json"));
+        Ok(engine)
     }
 
     /// Loads this rank's share of the model (all of it for [`Parallel::single`]): only the
@@ -130,7 +140,15 @@ impl<B: Backend> Engine<B> {
         };
         let caches = model.layers.iter().map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
         let weight_bytes = loader.loaded_bytes.get();
-        Ok(Engine { backend, model, caches, cache: options.cache, weight_bytes, histories: HashMap::new() })
+        let constraints = Constraints::new(None, config.vocab_size, config.eos_token_ids.first().copied().unwrap_or(2));
+        Ok(Engine { backend, model, caches, cache: options.cache, weight_bytes, histories: HashMap::new(), constraints })
+    }
+
+    /// The checkpoint's `tokenizer.json`, which output constraints are compiled against (read
+    /// when the first constrained sequence comes).
+    pub fn set_tokenizer(&mut self, path: PathBuf) {
+        let eos = self.model.config.eos_token_ids.first().copied().unwrap_or(2);
+        self.constraints = Constraints::new(Some(path), self.model.config.vocab_size, eos);
     }
 
     pub fn parallel(&self) -> &Parallel {
@@ -155,6 +173,7 @@ impl<B: Backend> Engine<B> {
         for id in ids {
             self.histories.remove(id);
         }
+        self.constraints.release(ids);
     }
 
     /// Runs one batched forward over every sequence's new tokens and samples where asked.
@@ -199,6 +218,9 @@ impl<B: Backend> Engine<B> {
             if s.keep_history.is_some() && (if fresh { s.history.len() != s.start_pos } else { kept != Some(s.start_pos) }) {
                 return Err(BadRequest::History { seq: s.id, start_pos: s.start_pos, kept }.into());
             }
+            if s.grammar.is_some() && (s.keep_history.is_none() || !fresh) {
+                return Err(BadRequest::Grammar(s.id).into());
+            }
             let token_start = tokens.len();
             tokens.extend_from_slice(s.tokens);
             for p in s.start_pos..context_len {
@@ -217,6 +239,7 @@ impl<B: Backend> Engine<B> {
             }
             meta.seqs.push(SeqAttention { token_start, num_tokens: s.tokens.len(), context_len, block_table: s.block_table.to_vec() });
         }
+        let driver = self.model.par.is_driver();
         for s in seqs {
             if let Some(prompt_len) = s.keep_history {
                 let history = self.histories.entry(s.id).or_default();
@@ -225,38 +248,69 @@ impl<B: Backend> Engine<B> {
                     history.extend(s.history, prompt_len);
                 }
                 history.extend(s.tokens, prompt_len);
+                if driver {
+                    self.constraints.record(s.id, s.grammar, s.history, s.tokens, s.start_pos, prompt_len);
+                }
             }
         }
         let mut choices = Vec::with_capacity(logit_rows.len());
+        // (choice, sequence) of the rows whose constraint masks them.
+        let mut masked = Vec::new();
         for s in seqs {
             let position = s.start_pos + s.tokens.len();
             let last = match s.sample {
-                Some(params) => RowChoice::Sample { params, position, history: self.histories.get(&s.id) },
+                Some(params) => RowChoice::Sample { params, position, history: self.histories.get(&s.id), allowed: None },
                 None => RowChoice::Skip,
             };
             if let Some(top_n) = s.prompt_logprobs {
                 choices.extend(s.tokens[1..].iter().map(|&token| RowChoice::Score { token, top_n }));
-                choices.push(last);
-            } else if s.sample.is_some() {
+            }
+            if s.prompt_logprobs.is_some() || s.sample.is_some() {
+                if s.sample.is_some() && driver && self.constraints.is_constrained(s.id) {
+                    masked.push((choices.len(), s.id));
+                }
                 choices.push(last);
             }
         }
-        let (backend, model, caches) = (&self.backend, &self.model, &mut self.caches);
+        let (backend, model, caches, constraints) = (&self.backend, &self.model, &mut self.caches, &mut self.constraints);
         let hidden_size = model.config.hidden_size;
-        let (chosen, hidden) = backend.execute(|| -> Result<(Vec<Option<TokenLogprobs>>, Vec<f32>)> {
-            // With no row wanted, the layers still run for their KV cache writes.
-            let rows = Rows { logits: &logit_rows, hidden: &hidden_rows };
-            match model.forward(backend, &tokens, &meta, caches, &rows)? {
-                Some(heads) if model.par.is_driver() => {
-                    let chosen = match &heads.logits {
-                        Some(logits) => backend.choose(logits, &choices)?,
-                        None => Vec::new(),
-                    };
-                    let hidden = heads.hidden.as_ref().map(|h| backend.to_host(h)).transpose()?.unwrap_or_default();
-                    Ok((chosen, hidden))
+        let mut errors = HashMap::new();
+        let (chosen, hidden) = std::thread::scope(|scope| {
+            // The masks depend only on tokens the step already has: they are computed while
+            // the layers run.
+            let ids: Vec<u64> = masked.iter().map(|&(_, id)| id).collect();
+            let masks = (!ids.is_empty()).then(|| scope.spawn(move || constraints.masks(&ids)));
+            backend.execute(|| -> Result<(Vec<Option<TokenLogprobs>>, Vec<f32>)> {
+                // With no row wanted, the layers still run for their KV cache writes.
+                let rows = Rows { logits: &logit_rows, hidden: &hidden_rows };
+                let heads = model.forward(backend, &tokens, &meta, caches, &rows)?;
+                let masks = match masks {
+                    Some(handle) => handle.join().map_err(|_| EngineError::Backend("computing the constraints' masks panicked".into()))?,
+                    None => Vec::new(),
+                };
+                let mut choices = choices.clone();
+                for (&(row, id), mask) in masked.iter().zip(&masks) {
+                    match (mask, &mut choices[row]) {
+                        (Ok(mask), RowChoice::Sample { allowed, .. }) => *allowed = Some(mask),
+                        (Err(e), choice) => {
+                            *choice = RowChoice::Skip;
+                            errors.insert(id, e.clone());
+                        }
+                        _ => {}
+                    }
                 }
-                _ => Ok((Vec::new(), Vec::new())),
-            }
+                match heads {
+                    Some(heads) if model.par.is_driver() => {
+                        let chosen = match &heads.logits {
+                            Some(logits) => backend.choose(logits, &choices)?,
+                            None => Vec::new(),
+                        };
+                        let hidden = heads.hidden.as_ref().map(|h| backend.to_host(h)).transpose()?.unwrap_or_default();
+                        Ok((chosen, hidden))
+                    }
+                    _ => Ok((Vec::new(), Vec::new())),
+                }
+            })
         })?;
         if !model.par.is_driver() {
             return Ok(vec![SeqOutput::default(); seqs.len()]);
@@ -283,6 +337,7 @@ impl<B: Backend> Engine<B> {
             if s.prompt_logprobs.is_some() || s.sample.is_some() {
                 o.sampled = next_row()?;
             }
+            o.error = errors.remove(&s.id);
             out.push(o);
         }
         Ok(out)

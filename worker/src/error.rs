@@ -66,6 +66,8 @@ pub enum BadRequest {
     PooledChunk(u64),
     #[error("block {block} is outside the cache ({blocks} blocks)")]
     Block { block: u32, blocks: usize },
+    #[error("sequence {0}: a grammar comes with `keep_history` on the chunk that starts its kept tokens")]
+    Grammar(u64),
     #[error("sequence {seq} continues at position {start_pos}, but its token history holds {kept:?} tokens")]
     History { seq: u64, start_pos: usize, kept: Option<usize> },
 }

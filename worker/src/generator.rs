@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use crate::backend::Backend;
 use crate::engine::{Engine, SeqStep};
-use crate::error::{BadRequest, Result};
+use crate::error::{BadRequest, EngineError, Result};
 use crate::kv_cache::PrefixHasher;
 use crate::sampling::TokenLogprobs;
 use crate::scheduler::{Event, Finish, PrefixStats, Scheduler, SchedulerConfig, SeqRequest, SeqResult};
@@ -128,6 +128,7 @@ impl<B: Backend> Generator<B> {
                 keep_history: p.keep_history,
                 history: &p.history,
                 embed: p.embed,
+                grammar: p.grammar.as_deref(),
             })
             .collect();
         self.engine.release(&self.scheduler.take_released());
@@ -135,7 +136,12 @@ impl<B: Backend> Generator<B> {
         let results = plan
             .iter()
             .zip(outputs)
-            .map(|(p, out)| SeqResult { sampled: out.sampled.filter(|_| p.sample.is_some()), prompt_logprobs: out.prompt_logprobs, embedding: out.embedding })
+            .map(|(p, out)| SeqResult {
+                sampled: out.sampled.filter(|_| p.sample.is_some()),
+                prompt_logprobs: out.prompt_logprobs,
+                embedding: out.embedding,
+                error: out.error,
+            })
             .collect();
         let events = self.scheduler.complete(&plan, results);
         for event in &events {
@@ -150,6 +156,7 @@ impl<B: Backend> Generator<B> {
                         self.finished.push(Completion { embedding: Some(embedding.clone()), ..r.done });
                     }
                 }
+                Event::Error { id, message } => return Err(EngineError::Backend(format!("request {id}: {message}"))),
                 Event::Token { id, token, finished } => {
                     let Some(r) = self.running.get_mut(id) else { continue };
                     r.done.tokens.push(token.token);

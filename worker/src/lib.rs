@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod comm;
+pub mod constraints;
 pub mod engine;
 pub mod error;
 pub mod generator;

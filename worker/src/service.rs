@@ -168,7 +168,8 @@ impl<B: Backend> WorkerState<B> {
         layout.validate(&config).map_err(EngineError::from)?;
         self.unload("a new assignment replaces it");
         let par = if world == 1 { Parallel::single() } else { Parallel::new(layout, self.connect(req, world)?).map_err(EngineError::from)? };
-        let engine = Engine::from_source(self.backend.clone(), &config, &source, &options, par)?;
+        let mut engine = Engine::from_source(self.backend.clone(), &config, &source, &options, par)?;
+        engine.set_tokenizer(PathBuf::from(&req.model_path).join("tokenizer.json"));
         let response = loaded(&engine);
         self.engine = Some(engine);
         self.assigned = Some(same);
@@ -239,6 +240,7 @@ impl<B: Backend> WorkerState<B> {
                     Ok(pb::Pooling::Mean) => Some(Pooling::Mean),
                     _ => None,
                 },
+                grammar: s.grammar.as_deref(),
             })
             .collect();
         let started = std::time::Instant::now();
@@ -265,6 +267,7 @@ impl<B: Backend> WorkerState<B> {
                 sampled: o.sampled.map(to_pb),
                 prompt_logprobs: o.prompt_logprobs.into_iter().map(to_pb).collect(),
                 embedding: o.embedding.unwrap_or_default(),
+                error: o.error,
             })
             .collect();
         Ok(pb::StepResponse { results, compute_micros })
@@ -366,6 +369,8 @@ fn sampling_params(p: &pb::Sampling, vocab: usize) -> Result<SamplingParams, Ser
         min_tokens: p.min_tokens as usize,
         prompt_len: p.prompt_len as usize,
         embed: None,
+        // The grammar comes with the chunk that starts the kept tokens (`SequenceStep`).
+        grammar: None,
     };
     params.validate(vocab).map_err(|e| EngineError::from(BadRequest::from(e)))?;
     Ok(params)
@@ -551,6 +556,7 @@ mod tests {
             keep_history: None,
             embed: 0,
             history: vec![],
+            grammar: None,
         };
         pb::StepRequest { epoch, sequences: vec![seq], released: vec![] }
     }

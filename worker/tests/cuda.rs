@@ -199,12 +199,12 @@ fn choosing_tokens_on_the_gpu_matches_the_host() {
     // A biased row is chosen on the host: token 77 loses its lead.
     let biased = SamplingParams { logit_bias: vec![(77, -50.0)], ..greedy.clone() };
     let choices = [
-        RowChoice::Sample { params: &greedy, position: 3, history: None },
-        RowChoice::Sample { params: &greedy, position: 4, history: None },
+        RowChoice::Sample { params: &greedy, position: 3, history: None, allowed: None },
+        RowChoice::Sample { params: &greedy, position: 4, history: None, allowed: None },
         RowChoice::Score { token: 12_345, top_n: 20 },
         RowChoice::Skip,
     ];
-    let adjusted = [RowChoice::Skip, RowChoice::Sample { params: &biased, position: 4, history: None }, RowChoice::Skip, RowChoice::Skip];
+    let adjusted = [RowChoice::Skip, RowChoice::Sample { params: &biased, position: 4, history: None, allowed: None }, RowChoice::Skip, RowChoice::Skip];
     assert_eq!(g.choose(&lg, &adjusted).unwrap()[1].as_ref().unwrap().token, 78);
     let ours = g.choose(&lg, &choices).unwrap();
     let host: Vec<_> = logits.chunks_exact(vocab).zip(&choices).map(|(row, c)| worker::sampling::choose(row, c)).collect();
@@ -226,7 +226,7 @@ fn choosing_tokens_on_the_gpu_matches_the_host() {
     let lg = g.upload_activations(logits.clone(), rows, small_vocab).unwrap();
     for (temperature, top_k, top_p) in [(1.0f32, 0usize, 1.0f32), (0.8, 40, 1.0), (1.2, 0, 0.9), (0.9, 50, 0.7)] {
         let params = SamplingParams { temperature, top_k, top_p, seed: 7, logprobs: Some(3), ..SamplingParams::default() };
-        let choices: Vec<_> = (0..rows).map(|position| RowChoice::Sample { params: &params, position, history: None }).collect();
+        let choices: Vec<_> = (0..rows).map(|position| RowChoice::Sample { params: &params, position, history: None, allowed: None }).collect();
         let ours = g.choose(&lg, &choices).unwrap();
         let differ = logits
             .chunks_exact(small_vocab)
@@ -247,7 +247,7 @@ fn choosing_tokens_on_the_gpu_matches_the_host() {
     let lg = g.upload_activations(rows, draws, small).unwrap();
     for (temperature, top_k, top_p) in [(1.0f32, 0usize, 1.0f32), (0.7, 10, 1.0), (1.3, 0, 0.6), (1.0, 20, 0.5)] {
         let params = SamplingParams { temperature, top_k, top_p, seed: 99, ..SamplingParams::default() };
-        let choices: Vec<_> = (0..draws).map(|position| RowChoice::Sample { params: &params, position, history: None }).collect();
+        let choices: Vec<_> = (0..draws).map(|position| RowChoice::Sample { params: &params, position, history: None, allowed: None }).collect();
         let got = g.choose(&lg, &choices).unwrap();
         let again = g.choose(&lg, &choices).unwrap();
         let mut counts = vec![0f64; small];

@@ -63,6 +63,7 @@ fn a_mistral_model_embeds_as_transformers_does() {
             keep_history: None,
             history: &[],
             embed: Some(pooling),
+            grammar: None,
         })
         .collect();
     let out = engine.step(&steps).expect("step");
@@ -88,6 +89,7 @@ fn a_mistral_model_embeds_as_transformers_does() {
         keep_history: None,
         history: &[],
         embed,
+        grammar: None,
     };
     engine.step(&[chunk(head, 0, None)]).expect("first chunk");
     let out = engine.step(&[chunk(tail, 10, Some(Pooling::Last))]).expect("second chunk");

@@ -198,6 +198,7 @@ fn chunked_prefill_equals_whole_prefill() {
                 keep_history: None,
                 history: &[],
                 embed: None,
+                grammar: None,
             };
             sampled = engine.step(&[step]).expect("step").remove(0).sampled;
             pos += chunk.len();

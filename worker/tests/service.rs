@@ -69,6 +69,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
                     keep_history: None,
                     embed: 0,
                     history: vec![],
+                    grammar: None,
                 }
             })
             .collect();
@@ -100,6 +101,7 @@ async fn a_worker_process_reproduces_the_reference_and_fences_epochs() {
             keep_history: None,
             embed: 0,
             history: vec![],
+            grammar: None,
         }],
         released: vec![],
     };

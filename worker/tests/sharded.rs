@@ -137,6 +137,7 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
                     prompt_logprobs,
                     keep_history: None,
                     embed: 0,
+                    grammar: None,
                     history: vec![],
                 }
             })
@@ -236,6 +237,7 @@ async fn a_killed_rank_fails_its_peers_step_within_seconds() {
         prompt_logprobs: None,
         keep_history: None,
         embed: 0,
+        grammar: None,
         history: vec![],
     };
     let req = pb::StepRequest { epoch: cluster.epoch, sequences: vec![seq], released: vec![] };

@@ -112,6 +112,7 @@ async fn timed_generate(
         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
         sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), ..Default::default() }),
         cache_salt: None,
+        constraint: None,
     };
     let sent = Instant::now();
     let mut stream = client.generate(req).await?.into_inner();

@@ -450,6 +450,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         prompt: Some(pb::generate_request::Prompt::Text(a.prompt)),
         sampling: Some(pb::SamplingParams { max_tokens: Some(a.max_tokens), temperature: a.temperature, ..Default::default() }),
         cache_salt: None,
+        constraint: None,
     };
     let mut stream = c.generate(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
     let mut out = std::io::stdout().lock();

@@ -16,10 +16,11 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{Api, ApiError, check_model, now};
+use super::{Api, ApiError, check_model, now, structured};
 use crate::chat::Message;
 use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
 use crate::validate::{PromptInput, RawRequest, RequestError};
+use cluster::constraint::Constraint;
 
 /// Most choices one request may ask for (`n`).
 pub const MAX_CHOICES: u32 = 16;
@@ -73,6 +74,10 @@ struct Sampling {
     n: Option<u32>,
     /// vLLM's: prefix cache hits only among requests of the same salt.
     cache_salt: Option<String>,
+    /// OpenAI's and Mistral's structured output ([`structured::response_format`]).
+    response_format: Option<Value>,
+    /// vLLM's structured output ([`structured::structured_outputs`]).
+    structured_outputs: Option<Value>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -90,7 +95,6 @@ fn neutral(field: &str, v: &Value) -> bool {
         "best_of" => v.as_u64() == Some(1),
         "safe_prompt" => v.as_bool() == Some(false),
         "metadata" => v.as_object().is_some_and(serde_json::Map::is_empty),
-        "response_format" => v.get("type").and_then(Value::as_str) == Some("text"),
         // Without tools there is nothing to call, whatever the choice.
         "tools" => v.as_array().is_some_and(Vec::is_empty),
         "tool_choice" => matches!(v.as_str(), Some("auto" | "none")),
@@ -162,8 +166,20 @@ fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Option<u32>, prompt_logprobs: Option<u32>) -> RawRequest {
-    RawRequest {
+/// The request's output constraint, from `response_format` or `structured_outputs`.
+fn constraint(s: &Sampling) -> Result<Option<(&'static str, Constraint)>, RequestError> {
+    let format = s.response_format.as_ref().filter(|v| !v.is_null());
+    let outputs = s.structured_outputs.as_ref().filter(|v| !v.is_null());
+    Ok(match (format, outputs) {
+        (Some(_), Some(_)) => return Err(RequestError::Combination { field: "structured_outputs", with: "response_format" }),
+        (Some(f), None) => structured::response_format(f)?.map(|c| ("response_format", c)),
+        (None, Some(o)) => Some(("structured_outputs", structured::structured_outputs(o)?)),
+        (None, None) => None,
+    })
+}
+
+fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Option<u32>, prompt_logprobs: Option<u32>) -> Result<RawRequest, RequestError> {
+    Ok(RawRequest {
         prompt: Some(prompt),
         temperature: s.temperature,
         top_p: s.top_p,
@@ -187,7 +203,8 @@ fn raw(s: &Sampling, prompt: PromptInput, max_tokens: Option<u32>, logprobs: Opt
         ignore_eos: s.ignore_eos.unwrap_or(false),
         embed: None,
         cache_salt: s.cache_salt.clone(),
-    }
+        constraint: constraint(s)?,
+    })
 }
 
 /// Starts a request's `n` choices, each a generation of its own: choice `i` draws with the
@@ -411,7 +428,7 @@ pub(super) async fn completions(
     // `max_tokens: 0` it is all that runs.
     let score_only = req.echo && req.sampling.max_tokens == Some(0);
     let prompt_logprobs = if req.echo { req.logprobs.or(score_only.then_some(0)) } else { None };
-    let raw = raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs.filter(|_| !score_only), prompt_logprobs);
+    let raw = raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs.filter(|_| !score_only), prompt_logprobs)?;
     let choices = start_choices(&frontend, &req.sampling, raw, timeout)?;
     let (id, model, created) = (format!("cmpl-{}", choices[0].request_id), frontend.served.name.clone(), now());
     let as_ids = req.return_tokens_as_token_ids;
@@ -505,7 +522,7 @@ async fn chat_reply(
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
 ) -> Result<Response, ApiError> {
-    let choices = start_choices(&frontend, sampling, raw(sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None), timeout)?;
+    let choices = start_choices(&frontend, sampling, raw(sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None)?, timeout)?;
     let (id, model, created) = (format!("chatcmpl-{}", choices[0].request_id), frontend.served.name.clone(), now());
     let served = frontend.served.clone();
     let chat_logprobs = move |tokens: &[TokenLogprobs]| {

@@ -19,6 +19,7 @@ use crate::validate::RequestError;
 
 mod embeddings;
 mod generate;
+mod structured;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
@@ -58,6 +59,7 @@ impl From<FrontendError> for ApiError {
             FrontendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             FrontendError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             FrontendError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            FrontendError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string(), None)
     }

@@ -6,6 +6,7 @@
 //! (`process`).
 
 pub mod config;
+pub mod constraint;
 pub mod device;
 pub mod embedding;
 pub mod error;

@@ -124,6 +124,9 @@ pub struct PlannedSeq {
     /// With `keep_history`, on the first chunk of a sequence that joined with cached blocks:
     /// the tokens before `start_pos` (the history starts afresh from them).
     pub history: Vec<u32>,
+    /// With `keep_history`, on the chunk that starts the kept tokens afresh: the sequence's
+    /// grammar (`SamplingParams::grammar`).
+    pub grammar: Option<std::sync::Arc<str>>,
 }
 
 /// What a step returned for one planned sequence.
@@ -132,6 +135,8 @@ pub struct SeqResult {
     pub sampled: Option<TokenLogprobs>,
     pub prompt_logprobs: Vec<TokenLogprobs>,
     pub embedding: Option<Vec<f32>>,
+    /// The sequence's constraint failed: nothing was sampled.
+    pub error: Option<String>,
 }
 
 /// What happened to a request in a step.
@@ -150,6 +155,11 @@ pub enum Event {
     Embedding {
         id: u64,
         embedding: Vec<f32>,
+    },
+    /// The request cannot go on (its output constraint failed); it has ended.
+    Error {
+        id: u64,
+        message: String,
     },
 }
 
@@ -367,8 +377,9 @@ impl Scheduler {
         }
         pool.reserve(&mut s.blocks, s.cached + n).ok()?;
         *budget = budget.saturating_sub(n);
-        let keep_history = s.req.params.penalties.active().then_some(s.req.params.prompt_len);
-        let history = if keep_history.is_some() && s.resumed { (0..s.cached).map(|i| s.token_at(i)).collect() } else { Vec::new() };
+        let keep_history = s.req.params.keeps_history().then_some(s.req.params.prompt_len);
+        let history: Vec<u32> = if keep_history.is_some() && s.resumed { (0..s.cached).map(|i| s.token_at(i)).collect() } else { Vec::new() };
+        let fresh = s.cached == 0 || !history.is_empty();
         s.resumed = false;
         Some(PlannedSeq {
             id: s.req.id,
@@ -380,13 +391,14 @@ impl Scheduler {
             keep_history,
             embed: s.req.params.embed.filter(|_| n == to_feed),
             history,
+            grammar: s.req.params.grammar.clone().filter(|_| fresh),
         })
     }
 
     /// Frees a sequence that ended: its blocks, and its tokens where they are kept.
     fn release(&mut self, s: &mut Seq) {
         self.pool.release(&mut s.blocks);
-        if s.req.params.penalties.active() {
+        if s.req.params.keeps_history() {
             self.released.push(s.req.id);
         }
     }
@@ -413,8 +425,14 @@ impl Scheduler {
     /// Applies a step's results (in plan order) and returns what clients must hear.
     pub fn complete(&mut self, plan: &[PlannedSeq], results: Vec<SeqResult>) -> Vec<Event> {
         let mut events = Vec::new();
-        for (p, SeqResult { sampled, prompt_logprobs, embedding }) in plan.iter().zip(results) {
+        for (p, SeqResult { sampled, prompt_logprobs, embedding, error }) in plan.iter().zip(results) {
             let Some(i) = self.running.iter().position(|s| s.req.id == p.id) else { continue };
+            if let Some(message) = error {
+                events.push(Event::Error { id: p.id, message });
+                let mut s = self.running.remove(i);
+                self.release(&mut s);
+                continue;
+            }
             let s = &mut self.running[i];
             s.cached = p.start_pos + p.tokens.len();
             if self.cfg.prefix_caching {

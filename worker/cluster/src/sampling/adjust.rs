@@ -1,4 +1,5 @@
-//! Changes to a row of logits before a token is chosen, in vLLM's order: the logit bias and
+//! Changes to a row of logits before a token is chosen, in vLLM's order: the output
+//! constraint's mask (tokens it does not allow cannot be chosen), the logit bias and
 //! min_tokens (stop tokens masked until that many are generated), then the penalties on
 //! tokens already in the sequence — repetition (HF/vLLM: a positive logit divided by it, a
 //! negative one multiplied, for every token of the prompt and the output), then frequency
@@ -70,8 +71,8 @@ impl TokenHistory {
 }
 
 /// Whether the logits of a token chosen at `position` are adjusted at all.
-pub(super) fn adjusts(params: &SamplingParams, position: usize, history: Option<&TokenHistory>) -> bool {
-    !params.logit_bias.is_empty() || masks_stops(params, position) || (params.penalties.active() && history.is_some())
+pub(super) fn adjusts(params: &SamplingParams, position: usize, history: Option<&TokenHistory>, allowed: Option<&[u32]>) -> bool {
+    allowed.is_some() || !params.logit_bias.is_empty() || masks_stops(params, position) || (params.penalties.active() && history.is_some())
 }
 
 /// min_tokens: fewer than that many tokens generated before `position`.
@@ -80,12 +81,19 @@ fn masks_stops(params: &SamplingParams, position: usize) -> bool {
 }
 
 /// The logits a token at `position` is chosen from, or `None` where they are the model's own.
-pub(super) fn adjust(logits: &[f32], params: &SamplingParams, position: usize, history: Option<&TokenHistory>) -> Option<Vec<f32>> {
-    if !adjusts(params, position, history) {
+pub(super) fn adjust(logits: &[f32], params: &SamplingParams, position: usize, history: Option<&TokenHistory>, allowed: Option<&[u32]>) -> Option<Vec<f32>> {
+    if !adjusts(params, position, history, allowed) {
         return None;
     }
     let mut row = logits.to_vec();
     let vocab = row.len();
+    if let Some(allowed) = allowed {
+        for (t, l) in row.iter_mut().enumerate() {
+            if !crate::constraint::allows(allowed, t as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
     for &(token, bias) in &params.logit_bias {
         if let Some(l) = row.get_mut(token as usize) {
             *l += bias;
@@ -123,13 +131,13 @@ mod tests {
     fn the_bias_and_min_tokens_change_the_choice_not_the_logprobs() {
         let logits = [3.0, 1.0, 0.5, 2.0];
         let biased = SamplingParams { logit_bias: vec![(2, 5.0)], ..greedy() };
-        let t = sample(&logits, &biased, 2, None);
+        let t = sample(&logits, &biased, 2, None, None);
         assert_eq!(t.token, 2);
         // The logprob is the model's own, not the biased distribution's.
         assert_eq!(t.logprob, super::super::log_softmax(&logits)[2]);
         // Token 0 stops the sequence: masked until two tokens are generated (positions 2, 3).
         let min = SamplingParams { stop_token_ids: vec![0], min_tokens: 2, ..greedy() };
-        assert_eq!([2, 3, 4].map(|pos| sample(&logits, &min, pos, None).token), [3, 3, 0]);
+        assert_eq!([2, 3, 4].map(|pos| sample(&logits, &min, pos, None, None).token), [3, 3, 0]);
     }
 
     #[test]
@@ -141,12 +149,26 @@ mod tests {
         assert_eq!(h.len(), 5);
         let logits = [1.0, 2.0, -1.0, 4.0];
         let p = |presence, frequency, repetition| SamplingParams { penalties: Penalties { presence, frequency, repetition }, ..greedy() };
-        assert_eq!(adjust(&logits, &p(0.5, 0.0, 1.0), 5, Some(&h)).unwrap(), vec![1.0, 2.0, -1.5, 3.5]);
-        assert_eq!(adjust(&logits, &p(0.0, 0.25, 1.0), 5, Some(&h)).unwrap(), vec![1.0, 2.0, -1.25, 3.5]);
+        assert_eq!(adjust(&logits, &p(0.5, 0.0, 1.0), 5, Some(&h), None).unwrap(), vec![1.0, 2.0, -1.5, 3.5]);
+        assert_eq!(adjust(&logits, &p(0.0, 0.25, 1.0), 5, Some(&h), None).unwrap(), vec![1.0, 2.0, -1.25, 3.5]);
         // Repetition covers the prompt too: positive logits divided, negative multiplied.
-        assert_eq!(adjust(&logits, &p(0.0, 0.0, 2.0), 5, Some(&h)).unwrap(), vec![1.0, 1.0, -2.0, 2.0]);
-        assert!(adjust(&logits, &greedy(), 5, Some(&h)).is_none(), "nothing to adjust: the model's logits");
+        assert_eq!(adjust(&logits, &p(0.0, 0.0, 2.0), 5, Some(&h), None).unwrap(), vec![1.0, 1.0, -2.0, 2.0]);
+        assert!(adjust(&logits, &greedy(), 5, Some(&h), None).is_none(), "nothing to adjust: the model's logits");
         // Penalties need the history; without it (nothing kept) the row is the model's.
-        assert!(adjust(&logits, &p(0.5, 0.0, 1.0), 5, None).is_none());
+        assert!(adjust(&logits, &p(0.5, 0.0, 1.0), 5, None, None).is_none());
+    }
+
+    #[test]
+    fn a_constraint_mask_leaves_only_its_tokens() {
+        let logits = [1.0, 2.0, -1.0, 4.0];
+        // Tokens 0 and 2 allowed: greedy takes 0, a draw never takes 1 or 3.
+        let allowed = [0b0101];
+        assert_eq!(adjust(&logits, &greedy(), 5, None, Some(&allowed)).unwrap(), vec![1.0, f32::NEG_INFINITY, -1.0, f32::NEG_INFINITY]);
+        let t = sample(&logits, &greedy(), 2, None, Some(&allowed));
+        assert_eq!(t.token, 0);
+        for pos in 0..64 {
+            let drawn = sample(&logits, &SamplingParams { temperature: 1.0, seed: 9, ..greedy() }, pos, None, Some(&allowed)).token;
+            assert!(drawn == 0 || drawn == 2);
+        }
     }
 }

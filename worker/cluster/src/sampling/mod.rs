@@ -39,6 +39,17 @@ pub struct SamplingParams {
     /// An embedding request: the prompt's final hidden states pooled are the answer, and
     /// nothing is generated.
     pub embed: Option<Pooling>,
+    /// The grammar the output is held to ([`crate::constraint`], serialized as the workers
+    /// receive it: once per start of the sequence's kept tokens, not with every step).
+    pub grammar: Option<std::sync::Arc<str>>,
+}
+
+impl SamplingParams {
+    /// Whether the workers keep the sequence's tokens: its penalties or its grammar need
+    /// them.
+    pub fn keeps_history(&self) -> bool {
+        self.penalties.active() || self.grammar.is_some()
+    }
 }
 
 /// Most alternatives a request may ask for per position.
@@ -60,6 +71,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             prompt_len: 0,
             embed: None,
+            grammar: None,
         }
     }
 }
@@ -246,8 +258,8 @@ pub fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
 
 /// Chooses the next token. `position` is the index the token will take in its sequence;
 /// with the seed it keys the random draw.
-pub fn sample(logits: &[f32], params: &SamplingParams, position: usize, history: Option<&TokenHistory>) -> TokenLogprobs {
-    let adjusted = adjust::adjust(logits, params, position, history);
+pub fn sample(logits: &[f32], params: &SamplingParams, position: usize, history: Option<&TokenHistory>, allowed: Option<&[u32]>) -> TokenLogprobs {
+    let adjusted = adjust::adjust(logits, params, position, history, allowed);
     let row = adjusted.as_deref().unwrap_or(logits);
     let token = if params.temperature == 0.0 { top_n(row, 1)[0].0 } else { draw(row, params, uniform(params.seed, position)) };
     token_logprobs(logits, token, params.logprobs.unwrap_or(0))
@@ -266,16 +278,18 @@ pub enum RowChoice<'a> {
     Skip,
     /// The logprob of a known `token` (the next prompt token) with `top_n` alternatives.
     Score { token: u32, top_n: usize },
-    /// A token chosen by `params`; `position` is the index it takes in its sequence, and
-    /// `history` the sequence's tokens before it where its penalties need them.
-    Sample { params: &'a SamplingParams, position: usize, history: Option<&'a TokenHistory> },
+    /// A token chosen by `params`; `position` is the index it takes in its sequence,
+    /// `history` the sequence's tokens before it where its penalties need them, and `allowed`
+    /// the tokens its output constraint allows (a bit each, see
+    /// [`crate::constraint::Matcher::mask`]) where it has one.
+    Sample { params: &'a SamplingParams, position: usize, history: Option<&'a TokenHistory>, allowed: Option<&'a [u32]> },
 }
 
 impl RowChoice<'_> {
     /// Whether the row's logits are changed before the choice ([`adjust`]).
     pub fn adjusts(&self) -> bool {
         match *self {
-            RowChoice::Sample { params, position, history } => adjust::adjusts(params, position, history),
+            RowChoice::Sample { params, position, history, allowed } => adjust::adjusts(params, position, history, allowed),
             _ => false,
         }
     }
@@ -286,7 +300,7 @@ pub fn choose(logits: &[f32], choice: &RowChoice<'_>) -> Option<TokenLogprobs> {
     match *choice {
         RowChoice::Skip => None,
         RowChoice::Score { token, top_n } => Some(token_logprobs(logits, token, top_n)),
-        RowChoice::Sample { params, position, history } => Some(sample(logits, params, position, history)),
+        RowChoice::Sample { params, position, history, allowed } => Some(sample(logits, params, position, history, allowed)),
     }
 }
 
@@ -346,7 +360,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax_and_reports_logprobs() {
         let logits = [0.0, 3.0, 1.0, 3.0];
-        let s = sample(&logits, &params(0.0, 0, 1.0, 0), 5, None);
+        let s = sample(&logits, &params(0.0, 0, 1.0, 0), 5, None, None);
         assert_eq!(s.token, 1, "ties go to the lowest id");
         let lp = log_softmax(&logits);
         assert!((s.logprob - lp[1]).abs() < 1e-7);
@@ -361,8 +375,8 @@ mod tests {
         let p = params(1.0, 0, 1.0, 42);
         let mut counts = [0usize; 4];
         for pos in 0..8000 {
-            let a = sample(&logits, &p, pos, None).token;
-            assert_eq!(a, sample(&logits, &p, pos, None).token);
+            let a = sample(&logits, &p, pos, None, None).token;
+            assert_eq!(a, sample(&logits, &p, pos, None, None).token);
             counts[a as usize] += 1;
         }
         // Expected 1/8, 2/8, 5/8 of 8000 = 1000, 2000, 5000.
@@ -370,8 +384,8 @@ mod tests {
         for (got, want) in counts.iter().zip([1000.0, 2000.0, 5000.0]) {
             assert!((*got as f64 - want).abs() < 0.06 * want, "{counts:?}");
         }
-        let other: Vec<u32> = (0..64).map(|pos| sample(&logits, &params(1.0, 0, 1.0, 43), pos, None).token).collect();
-        let same: Vec<u32> = (0..64).map(|pos| sample(&logits, &p, pos, None).token).collect();
+        let other: Vec<u32> = (0..64).map(|pos| sample(&logits, &params(1.0, 0, 1.0, 43), pos, None, None).token).collect();
+        let same: Vec<u32> = (0..64).map(|pos| sample(&logits, &p, pos, None, None).token).collect();
         assert_ne!(other, same, "another seed draws another stream");
     }
 
@@ -379,10 +393,10 @@ mod tests {
     fn top_k_and_top_p_restrict_the_candidates() {
         let logits = [1.0f32, 2.0, 3.0, 4.0];
         for pos in 0..500 {
-            let t = sample(&logits, &params(1.0, 2, 1.0, 7), pos, None).token;
+            let t = sample(&logits, &params(1.0, 2, 1.0, 7), pos, None, None).token;
             assert!(t == 3 || t == 2);
             // p(3) = 0.64, p(2) = 0.24: top_p 0.5 keeps only token 3.
-            assert_eq!(sample(&logits, &params(1.0, 0, 0.5, 7), pos, None).token, 3);
+            assert_eq!(sample(&logits, &params(1.0, 0, 0.5, 7), pos, None, None).token, 3);
         }
     }
 
