@@ -11,16 +11,49 @@ use minijinja::{Environment, Error, ErrorKind, context};
 #[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
+    /// `null` (an assistant's turn that only calls tools) reads as empty.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
     /// Mistral's assistant prefix: the last message, an assistant's, whose text the reply
     /// continues (the prompt ends with it, not with the end of the turn).
     #[serde(default)]
     pub prefix: bool,
+    /// An assistant's calls of the request's tools.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool message's answer to this call.
+    pub tool_call_id: Option<String>,
+    /// A tool message's function name (OpenAI's; Mistral's v3 prompt does not carry it).
+    pub name: Option<String>,
+}
+
+/// A call of a tool, in a conversation's history (OpenAI's and Mistral's shape).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionCall,
+    /// Streaming clients echo the delta's index back.
+    pub index: Option<u32>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text (OpenAI) or a JSON object (Mistral's SDK may send either).
+    pub arguments: serde_json::Value,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>, T: Default + serde::Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(<Option<T> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
 }
 
 impl Message {
     pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into(), prefix: false }
+        Message { role: role.into(), content: content.into(), prefix: false, tool_calls: Vec::new(), tool_call_id: None, name: None }
     }
 }
 
@@ -76,6 +109,9 @@ impl ChatTemplate {
     /// text of an assistant prefix, if the last message is one). Errors are messages for the
     /// client (HTTP 400).
     pub fn render(&self, messages: &[Message]) -> Result<String, String> {
+        if let Some(i) = messages.iter().position(|m| !m.tool_calls.is_empty() || m.role == "tool") {
+            return Err(format!("`messages[{i}]`: tool calls and results need a tokenizer with Mistral's tool tokens ([TOOL_CALLS]); this model's has none"));
+        }
         if let Some(i) = messages.iter().position(|m| m.prefix)
             && (i + 1 != messages.len() || messages[i].role != "assistant")
         {
@@ -146,7 +182,8 @@ mod tests {
         let m = msgs(&[("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")]);
         assert_eq!(ChatTemplate::MistralInstruct.render(&m).unwrap(), "<s>[INST] Be brief.\n\nHi [/INST] Hello</s>[INST] Bye [/INST]");
         assert!(ChatTemplate::MistralInstruct.render(&msgs(&[("user", "a"), ("assistant", "b")])).is_err());
-        assert!(ChatTemplate::MistralInstruct.render(&msgs(&[("tool", "a")])).unwrap_err().contains("role"));
+        assert!(ChatTemplate::MistralInstruct.render(&msgs(&[("tool", "a")])).unwrap_err().contains("[TOOL_CALLS]"));
+        assert!(ChatTemplate::MistralInstruct.render(&msgs(&[("critic", "a")])).unwrap_err().contains("role"));
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct Served {
     /// Names the replicas' cached blocks (`None` without prefix caching).
     pub prefix: Option<PrefixHasher>,
     pub routing: Routing,
+    /// The tokenizer's tool-calling control tokens (`None`: it has none; tools are refused).
+    pub tool_tokens: Option<crate::tools::ToolTokens>,
 }
 
 impl Served {

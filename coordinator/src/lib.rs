@@ -10,4 +10,5 @@ pub mod openai;
 pub mod planner;
 pub mod replica;
 pub mod server;
+pub mod tools;
 pub mod validate;

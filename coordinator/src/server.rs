@@ -149,7 +149,9 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         });
     }
     let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let tool_tokens = crate::tools::ToolTokens::of(&tokenizer);
     let served = Served {
+        tool_tokens,
         name,
         architecture: config.architecture.hf_name().to_owned(),
         tokenizer,

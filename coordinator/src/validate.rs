@@ -119,6 +119,8 @@ pub enum RequestError {
     Unsupported { field: String, got: String },
     #[error("`{field}`: {reason}")]
     Grammar { field: &'static str, reason: String },
+    #[error("`tools`: this model's tokenizer has no tool-calling tokens ([AVAILABLE_TOOLS], [TOOL_CALLS]): it cannot be offered tools")]
+    NoTools,
 }
 
 impl RequestError {
@@ -144,6 +146,7 @@ impl RequestError {
             RequestError::Model { .. } | RequestError::NoFim | RequestError::EmbeddingsOnly => "model",
             RequestError::Dimensions { .. } => "dimensions",
             RequestError::Unsupported { field, .. } => field,
+            RequestError::NoTools => "tools",
         }
     }
 }

@@ -39,7 +39,7 @@ fn generate_stubs(python: &Path, out: &Path) {
 }
 
 /// The test files for a generating model: both SDKs, every field, embeddings' shape.
-const GENERATING: [&str; 4] = ["test_clients.py", "test_mistral.py", "test_fields.py", "test_embeddings.py"];
+const GENERATING: [&str; 5] = ["test_clients.py", "test_mistral.py", "test_fields.py", "test_embeddings.py", "test_structured.py"];
 
 /// One cluster at a time: the tests share the virtualenv and the stubs they make, and the
 /// machine's cores.
@@ -83,6 +83,12 @@ fn official_python_clients_work_end_to_end() {
 #[test]
 fn official_python_clients_work_on_a_sharded_replica() {
     python_clients_against("mixtral-v3-tiny", &["--workers", "2", "--tp", "2"], &GENERATING);
+}
+
+/// Structured output and tool calls on Mixtral's experts split over two workers (EP 2).
+#[test]
+fn official_python_clients_constrain_output_on_an_expert_parallel_replica() {
+    python_clients_against("mixtral-v3-tiny", &["--workers", "2", "--ep", "2"], &["test_structured.py"]);
 }
 
 /// An embedding model (`MistralModel`, no lm_head) sharded TP 2: its embeddings against

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use super::{Api, ApiError, check_model, now, structured};
 use crate::chat::Message;
 use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
+use crate::tools::{self, Tool, ToolChoice};
 use crate::validate::{PromptInput, RawRequest, RequestError};
 use cluster::constraint::Constraint;
 
@@ -127,8 +128,18 @@ pub(super) struct ChatRequest {
     /// Mistral's `safe_prompt`: the guardrail system prompt goes first ([`with_guardrail`]).
     #[serde(default)]
     safe_prompt: bool,
+    /// Functions the model may call ([`tools`]).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    tools: Vec<Tool>,
+    tool_choice: Option<Value>,
+    /// More than one call in a turn (the default).
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The system prompt Mistral's API prepends for `safe_prompt: true`
@@ -326,12 +337,13 @@ fn completion_offsets(tok: &Tokenizer, prompt: &[u32], echoed: Option<usize>, co
 type SseStream = Sse<tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>>;
 
 /// Streams a request's choices as SSE, each token of any choice as it comes:
-/// `chunk(choice, delta_text, tokens, finish)` builds each payload; with `usage` (the request's
+/// `chunk(choice, delta_text, tokens, finish)` builds each payload (`None`: nothing to send
+/// yet, a tool call being written); with `usage` (the request's
 /// `stream_options.include_usage`) a last payload, `usage(usage_object)`, has no choices; then
 /// `[DONE]`. An error ends the stream with an error event (the other choices are aborted).
 fn stream(
     choices: Vec<Generation>,
-    mut chunk: impl FnMut(usize, &str, &[TokenLogprobs], Option<&str>) -> Value + Send + 'static,
+    mut chunk: impl FnMut(usize, &str, &[TokenLogprobs], Option<&str>) -> Option<Value> + Send + 'static,
     usage_chunk: Option<impl FnOnce(Value) -> Value + Send + 'static>,
 ) -> SseStream {
     let (tx, rx) = mpsc::channel(64);
@@ -370,9 +382,10 @@ fn stream(
                 Some(Ok(Chunk::End(finish))) => chunk(i, "", &[], Some(finish_name(finish))),
                 Some(Err(e)) => {
                     failed = true;
-                    json!({"error": {"message": e.to_string(), "type": "server_error"}})
+                    Some(json!({"error": {"message": e.to_string(), "type": "server_error"}}))
                 }
             };
+            let Some(payload) = payload else { continue };
             if tx.send(Ok(Event::default().data(payload.to_string()))).await.is_err() {
                 return;
             }
@@ -449,7 +462,7 @@ pub(super) async fn completions(
             if with_usage {
                 c["usage"] = Value::Null;
             }
-            c
+            Some(c)
         };
         return Ok(stream(choices, chunk, last).into_response());
     }
@@ -491,10 +504,34 @@ pub(super) async fn chat_completions(
     if req.safe_prompt {
         req.messages = with_guardrail(std::mem::take(&mut req.messages));
     }
-    let ids = frontend.served.chat_prompt(&req.messages)?;
+    let choice = ToolChoice::parse(req.tool_choice.as_ref())?;
+    let uses_tools = !req.tools.is_empty() || req.messages.iter().any(|m| !m.tool_calls.is_empty() || m.role == "tool");
+    let (ids, calls) = match (uses_tools, frontend.served.tool_tokens) {
+        (false, _) => {
+            if choice != ToolChoice::Auto && choice != ToolChoice::None {
+                return Err(RequestError::Combination { field: "tool_choice", with: "no `tools`" }.into());
+            }
+            (frontend.served.chat_prompt(&req.messages)?, None)
+        }
+        (true, None) => return Err(RequestError::NoTools.into()),
+        (true, Some(t)) => {
+            tools::check_tools(&req.tools)?;
+            let ids = tools::encode(&t, &frontend.served.tokenizer, &req.messages, &req.tools)?;
+            let parallel = req.parallel_tool_calls.unwrap_or(true);
+            let grammar = if req.tools.is_empty() { None } else { tools::grammar(&t, &req.tools, &choice, parallel)? };
+            (ids, Some(ToolCalls { token: t.calls, grammar }))
+        }
+    };
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    chat_reply(Api { frontend, timeout }, &req.sampling, ids, max_tokens, logprobs).await
+    chat_reply(Api { frontend, timeout }, &req.sampling, ids, max_tokens, logprobs, calls).await
+}
+
+/// A chat request's tools: the token the model's calls start with, and the grammar of its
+/// answer under `tool_choice`.
+struct ToolCalls {
+    token: u32,
+    grammar: Option<Constraint>,
 }
 
 /// `/v1/fim/completions`: Mistral's fill-in-the-middle (Codestral's API), answered as a chat
@@ -511,18 +548,29 @@ pub(super) async fn fim_completions(State(api): State<Api>, body: Result<Json<Fi
     let Json(req) = body?;
     check_sampling(&api.frontend, &req.sampling)?;
     let ids = api.frontend.served.fim_prompt(&req.prompt, req.suffix.as_deref().unwrap_or_default())?;
-    chat_reply(api, &req.sampling, ids, req.sampling.max_tokens, None).await
+    chat_reply(api, &req.sampling, ids, req.sampling.max_tokens, None, None).await
 }
 
-/// A chat completion's answer (JSON or SSE) to the prompt `ids`.
+/// A chat completion's answer (JSON or SSE) to the prompt `ids`; with `calls`, an answer that
+/// starts with the calls token is a list of tool calls (`tool_calls`, finish reason
+/// `tool_calls`), streamed once whole.
 async fn chat_reply(
     Api { frontend, timeout }: Api,
     sampling: &Sampling,
     ids: Vec<u32>,
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
+    calls: Option<ToolCalls>,
 ) -> Result<Response, ApiError> {
-    let choices = start_choices(&frontend, sampling, raw(sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None)?, timeout)?;
+    let mut raw = raw(sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None)?;
+    let calls_token = calls.as_ref().map(|c| c.token);
+    if let Some(grammar) = calls.and_then(|c| c.grammar) {
+        if raw.constraint.is_some() {
+            return Err(RequestError::Combination { field: "response_format", with: "tools" }.into());
+        }
+        raw.constraint = Some(("tool_choice", grammar));
+    }
+    let choices = start_choices(&frontend, sampling, raw, timeout)?;
     let (id, model, created) = (format!("chatcmpl-{}", choices[0].request_id), frontend.served.name.clone(), now());
     let served = frontend.served.clone();
     let chat_logprobs = move |tokens: &[TokenLogprobs]| {
@@ -538,17 +586,40 @@ async fn chat_reply(
         let last = usage_chunk(sampling, head.clone());
         let with_usage = last.is_some();
         let mut first = vec![true; choices.len()];
+        // Per choice, the text of the tool calls it is writing (held back until they end).
+        let mut writing: Vec<Option<String>> = vec![None; choices.len()];
+        let mut call_logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); choices.len()];
         let chunk = move |i: usize, text: &str, tokens: &[TokenLogprobs], finish: Option<&str>| {
+            let starts_calls = first[i] && calls_token.is_some_and(|t| tokens.first().is_some_and(|tl| tl.token == t));
             let mut delta = json!({"content": text});
+            if starts_calls {
+                writing[i] = Some(String::new());
+            }
+            let mut lps = tokens.to_vec();
+            let mut finish = finish.map(str::to_owned);
+            if let Some(buffer) = writing[i].as_mut() {
+                buffer.push_str(text);
+                call_logprobs[i].extend_from_slice(tokens);
+                finish.as_ref()?;
+                let buffer = writing[i].take().unwrap_or_default();
+                lps = std::mem::take(&mut call_logprobs[i]);
+                delta = match tools::parse_calls(&buffer) {
+                    Some(calls) => {
+                        finish = finish.map(|f| if f == "stop" { "tool_calls".to_owned() } else { f });
+                        json!({"content": null, "tool_calls": calls})
+                    }
+                    None => json!({"content": buffer}),
+                };
+            }
             if std::mem::take(&mut first[i]) {
                 delta["role"] = json!("assistant");
             }
             let mut c = head.clone();
-            c["choices"] = json!([{"index": i, "delta": delta, "logprobs": want_logprobs.then(|| chat_logprobs(tokens)), "finish_reason": finish}]);
+            c["choices"] = json!([{"index": i, "delta": delta, "logprobs": want_logprobs.then(|| chat_logprobs(&lps)), "finish_reason": finish}]);
             if with_usage {
                 c["usage"] = Value::Null;
             }
-            c
+            Some(c)
         };
         return Ok(stream(choices, chunk, last).into_response());
     }
@@ -557,8 +628,12 @@ async fn chat_reply(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            json!({"index": i, "message": {"role": "assistant", "content": c.text},
-                   "logprobs": want_logprobs.then(|| chat_logprobs(&c.tokens)), "finish_reason": c.finish})
+            let called = calls_token.filter(|&t| c.tokens.first().is_some_and(|tl| tl.token == t)).and_then(|_| tools::parse_calls(&c.text));
+            let (message, finish) = match called {
+                Some(calls) => (json!({"role": "assistant", "content": null, "tool_calls": calls}), if c.finish == "stop" { "tool_calls" } else { c.finish }),
+                None => (json!({"role": "assistant", "content": c.text}), c.finish),
+            };
+            json!({"index": i, "message": message, "logprobs": want_logprobs.then(|| chat_logprobs(&c.tokens)), "finish_reason": finish})
         })
         .collect();
     let completion_tokens = collected.iter().map(|c| c.tokens.len()).sum();

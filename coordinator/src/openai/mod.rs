@@ -171,7 +171,7 @@ async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
     let s = &frontend.served;
     // OpenAI's fields, vLLM's `max_model_len`, and the card Mistral's SDK reads (`type`,
     // `capabilities`, `max_context_length`).
-    let capabilities = json!({"completion_chat": s.limits.lm_head, "completion_fim": s.limits.lm_head && s.tokenizer.has_fim(), "function_calling": false, "fine_tuning": false, "vision": false});
+    let capabilities = json!({"completion_chat": s.limits.lm_head, "completion_fim": s.limits.lm_head && s.tokenizer.has_fim(), "function_calling": s.limits.lm_head && s.tool_tokens.is_some(), "fine_tuning": false, "vision": false});
     Json(json!({"object": "list", "data": [{
         "id": s.name, "object": "model", "created": now(), "owned_by": "tramontane", "max_model_len": s.limits.max_context,
         "type": "base", "capabilities": capabilities, "max_context_length": s.limits.max_context,

@@ -55,7 +55,7 @@ impl Constraint {
 /// between items, `": "` after keys, no other whitespace. A model cannot then fill its output
 /// with whitespace that the grammar would allow forever. A schema's own `x-guidance` options
 /// (llguidance's) win.
-fn json_layout(mut schema: Value) -> Value {
+pub fn json_layout(mut schema: Value) -> Value {
     if let Value::Object(map) = &mut schema {
         let layout = serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
         let options = map.entry("x-guidance").or_insert_with(|| serde_json::json!({}));

@@ -51,6 +51,11 @@ impl Tokenizer {
         Ok(Some(out))
     }
 
+    /// The id of a token by its text (a control token's, say `[TOOL_CALLS]`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// Whether the tokenizer has the fill-in-the-middle control tokens.
     pub fn has_fim(&self) -> bool {
         ["[SUFFIX]", "[PREFIX]"].iter().all(|t| self.inner.token_to_id(t).is_some())
