@@ -17,7 +17,7 @@ from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
 HERE = pathlib.Path(__file__).parent
-TESTS = (HERE / "test_clients.py").read_text() + (HERE / "test_mistral.py").read_text()
+TESTS = "".join((HERE / f).read_text() for f in ["test_clients.py", "test_mistral.py", "test_structured.py"])
 
 # Honoured fields, each with the test that shows its effect (or, for `user`, that it is the
 # client's own metadata and changes nothing).
@@ -48,6 +48,10 @@ HONOURED = {
         "max_completion_tokens": "test_chat_logprobs_and_its_token_limit",
         "logprobs": "test_chat_logprobs_and_its_token_limit",
         "top_logprobs": "test_chat_logprobs_and_its_token_limit",
+        "response_format": "test_json_schemas_hold_through_the_openai_sdk",
+        "tools": "test_required_tool_calls_are_valid_calls_through_the_openai_sdk",
+        "tool_choice": "test_required_tool_calls_are_valid_calls_through_the_openai_sdk",
+        "parallel_tool_calls": "test_a_tool_round_trip",
     },
     "mistral chat": COMMON | {
         "messages": "test_chat_answers_as_the_openai_api_does",
@@ -58,6 +62,10 @@ HONOURED = {
         "top_k": "test_top_k_1_is_greedy",
         "logprobs": "test_chat_logprobs_and_its_token_limit",
         "top_logprobs": "test_chat_logprobs_and_its_token_limit",
+        "response_format": "test_json_schemas_hold_through_the_mistral_sdk_streamed_or_not",
+        "tools": "test_any_and_named_tool_calls_through_the_mistral_sdk",
+        "tool_choice": "test_any_and_named_tool_calls_through_the_mistral_sdk",
+        "parallel_tool_calls": "test_any_and_named_tool_calls_through_the_mistral_sdk",
     },
     "mistral fim": COMMON | {
         "prompt": "test_fim_fills_the_middle_or_is_refused",

@@ -217,15 +217,27 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("t={peer}"), "--heartbeat-interval", "10", "--election-timeout", "100"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.log()).expect("etcd's log file"))
             .spawn()
             .expect("etcd starts");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        // Generous: on a loaded two-core machine a debug test run can keep etcd from its
+        // first fsyncs for seconds.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !self.healthy() {
-            assert!(std::time::Instant::now() < deadline, "etcd did not become healthy");
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let log = || std::fs::read_to_string(self.log()).unwrap_or_default();
+            if let Some(status) = exited {
+                panic!("etcd exited ({status}) before it became healthy:\n{}", log());
+            }
+            assert!(std::time::Instant::now() < deadline, "etcd did not become healthy within 60 s:\n{}", log());
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+    }
+
+    /// etcd's standard error (the latest run's).
+    fn log(&self) -> PathBuf {
+        self.data.with_extension("log")
     }
 
     fn healthy(&self) -> bool {
@@ -251,6 +263,7 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.data);
+        let _ = std::fs::remove_file(self.log());
     }
 }
 

@@ -379,6 +379,7 @@ async fn a_gpu_worker_process_serves_the_reference() {
                     keep_history: None,
                     embed: 0,
                     history: vec![],
+                    grammar: None,
                 }
             })
             .collect();

@@ -163,18 +163,23 @@ impl std::fmt::Debug for Matcher {
 impl Matcher {
     /// Advances over tokens the sequence produced.
     pub fn consume(&mut self, tokens: &[u32]) -> Result<(), ConstraintError> {
-        self.0.consume_tokens(tokens).map_err(|e| ConstraintError::Matcher(e.to_string()))
+        self.0.consume_tokens(tokens).map_err(matcher_error)
     }
 
     /// The tokens allowed next, one bit each (bit `t % 32` of word `t / 32`): EOS alone once the
     /// grammar is complete and cannot go on; EOS among others wherever it may end.
     pub fn mask(&mut self) -> Result<Vec<u32>, ConstraintError> {
-        let mask = self.0.compute_mask_or_eos().map_err(|e| ConstraintError::Matcher(e.to_string()))?;
+        let mask = self.0.compute_mask_or_eos().map_err(matcher_error)?;
         if mask.is_zero() {
             return Err(ConstraintError::Matcher("no token can continue the output".into()));
         }
         Ok(mask.as_slice().to_vec())
     }
+}
+
+/// llguidance's error, its first line (the rest dumps the parser's state).
+fn matcher_error(e: anyhow::Error) -> ConstraintError {
+    ConstraintError::Matcher(e.to_string().lines().next().unwrap_or_default().to_owned())
 }
 
 /// Whether bit `token` of a [`Matcher::mask`] is set.

@@ -13,11 +13,23 @@ use worker::scheduler::{Event, SeqRequest};
 /// Decode tokens/s of `batch` sequences with random `prompt_len`-token prompts: prefill (in
 /// as many steps as the scheduler's token budget takes) and one warm-up step untimed, then `steps` greedy steps timed (tokens summed over the batch).
 pub fn decode_tokens_per_s<B: Backend>(g: &mut Generator<B>, batch: usize, prompt_len: usize, steps: usize) -> Result<f64> {
+    constrained_decode_tokens_per_s(g, batch, prompt_len, steps, None)
+}
+
+/// [`decode_tokens_per_s`] with every sequence's output held to `grammar` (llguidance's,
+/// serialized), which must allow `steps + 2` tokens.
+pub fn constrained_decode_tokens_per_s<B: Backend>(
+    g: &mut Generator<B>,
+    batch: usize,
+    prompt_len: usize,
+    steps: usize,
+    grammar: Option<std::sync::Arc<str>>,
+) -> Result<f64> {
     let vocab = g.engine.config().vocab_size as u64;
     let mut state = 0x5EED + batch as u64;
     for i in 0..batch {
         let prompt = (0..prompt_len).map(|_| (splitmix64(&mut state) % (vocab - 3) + 3) as u32).collect();
-        let params = SamplingParams { max_tokens: steps + 2, ..SamplingParams::default() };
+        let params = SamplingParams { max_tokens: steps + 2, grammar: grammar.clone(), prompt_len, ..SamplingParams::default() };
         g.add(SeqRequest { id: i as u64, prompt, params, cache_salt: None })?;
     }
     let mut prefilled = 0;
