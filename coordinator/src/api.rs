@@ -10,6 +10,7 @@ use proto::tramontane::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Auth, AuthError, Caller};
 use crate::control::{ControlError, ControlHandle};
 use crate::frontend::{Chunk, Frontend, FrontendError, MAX_EMBED_INPUTS};
 use crate::validate::{PromptInput, RawRequest, RequestError};
@@ -28,6 +29,39 @@ impl From<FrontendError> for Status {
             FrontendError::Internal(_) => Status::internal(msg),
         }
     }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        let msg = e.to_string();
+        match e {
+            AuthError::Missing | AuthError::Invalid => Status::unauthenticated(msg),
+            AuthError::NotAdmin(_) => Status::permission_denied(msg),
+            AuthError::Limited { retry_after, .. } => {
+                let mut status = Status::resource_exhausted(msg);
+                if let Ok(v) = retry_after.as_secs().max(1).to_string().parse() {
+                    status.metadata_mut().insert("retry-after", v);
+                }
+                status
+            }
+        }
+    }
+}
+
+/// A gRPC interceptor that checks the `authorization` metadata (`Bearer KEY`) against the
+/// API keys (`admin`: a key marked admin) and hands the caller to the service in the
+/// request's extensions.
+pub fn authorizer(auth: Auth, admin: bool) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut req: Request<()>| {
+        let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let caller: Caller = auth.authenticate(header, admin)?;
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
+fn caller<T>(req: &Request<T>) -> Caller {
+    req.extensions().get::<Caller>().cloned().flatten()
 }
 
 impl From<RequestError> for Status {
@@ -144,8 +178,11 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let timeout = grpc_timeout(request.metadata()).unwrap_or(self.default_timeout);
+        let caller = caller(&request);
+        self.frontend.auth.admit(&caller)?;
         let req = request.into_inner();
         let mut generation = self.frontend.start(Some(req.request_id.clone()), raw_request(&req)?, timeout)?;
+        let auth = self.frontend.auth.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let request_id = generation.request_id.clone();
@@ -182,6 +219,9 @@ impl pb::inference_server::Inference for InferenceService {
                         }),
                     },
                 });
+                if let Ok(pb::GenerateResponse { usage: Some(u), .. }) = &msg {
+                    auth.record(&caller, u.prompt_tokens as usize, u.cached_tokens as usize, u.completion_tokens as usize);
+                }
                 if tx.send(msg).await.is_err() {
                     break; // the client went away: dropping the generation aborts it
                 }
@@ -209,6 +249,8 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
         let timeout = grpc_timeout(request.metadata()).unwrap_or(self.default_timeout);
+        let caller = caller(&request);
+        self.frontend.auth.admit(&caller)?;
         let req = request.into_inner();
         let inputs: Vec<PromptInput> =
             req.texts.into_iter().map(PromptInput::Text).chain(req.token_ids.into_iter().map(|t| PromptInput::TokenIds(t.ids))).collect();
@@ -216,6 +258,7 @@ impl pb::inference_server::Inference for InferenceService {
             return Err(RequestError::Shape { field: "texts", expected: "1 to 256 inputs (texts and token_ids together)" }.into());
         }
         let (vectors, tokens) = self.frontend.embed(inputs, timeout).await?;
+        self.frontend.auth.record(&caller, tokens, 0, 0);
         Ok(Response::new(pb::EmbedResponse {
             embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
             usage: Some(pb::Usage { prompt_tokens: tokens as u32, completion_tokens: 0, cached_tokens: 0 }),
@@ -305,6 +348,23 @@ impl pb::admin_server::Admin for AdminService {
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
         self.control.drain(request.into_inner().worker_id).await?;
         Ok(Response::new(pb::DrainResponse {}))
+    }
+
+    async fn usage(&self, _: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
+        let keys = self
+            .frontend
+            .auth
+            .usage()
+            .into_iter()
+            .map(|(key, u)| pb::KeyUsage {
+                key,
+                requests: u.requests,
+                prompt_tokens: u.prompt_tokens,
+                cached_tokens: u.cached_tokens,
+                completion_tokens: u.completion_tokens,
+            })
+            .collect();
+        Ok(Response::new(pb::UsageResponse { keys }))
     }
 
     async fn plan(&self, _: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {

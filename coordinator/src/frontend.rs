@@ -109,6 +109,8 @@ type Running = Arc<Mutex<HashMap<String, Option<(ReplicaHandle, u64)>>>>;
 #[derive(Clone)]
 pub struct Frontend {
     pub served: Arc<Served>,
+    /// API keys, their limits and usage.
+    pub auth: crate::auth::Auth,
     pub pool: watch::Receiver<Arc<Pool>>,
     pub metrics: Arc<Metrics>,
     next_id: Arc<AtomicU64>,
@@ -120,9 +122,10 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    pub fn new(served: Served, pool: watch::Receiver<Arc<Pool>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(served: Served, pool: watch::Receiver<Arc<Pool>>, metrics: Arc<Metrics>, auth: crate::auth::Auth) -> Self {
         Frontend {
             served: Arc::new(served),
+            auth,
             pool,
             metrics,
             next_id: Arc::new(AtomicU64::new(1)),

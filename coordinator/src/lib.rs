@@ -2,6 +2,7 @@
 //! per-replica drivers over the scheduler (`cluster::scheduler`).
 
 pub mod api;
+pub mod auth;
 pub mod chat;
 pub mod control;
 pub mod frontend;

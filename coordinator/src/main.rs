@@ -44,6 +44,11 @@ struct Args {
     /// Seconds a request may take when it sets no deadline (gRPC `grpc-timeout`).
     #[arg(long, env = "TRAMONTANE_REQUEST_TIMEOUT", default_value_t = 600)]
     request_timeout_secs: u64,
+    /// API keys, one per line: `NAME KEY [rpm=N] [tpm=N] [admin]` (requests and tokens per
+    /// minute; `admin` may call the Admin API). Without it every request is served. Read
+    /// again on SIGHUP.
+    #[arg(long, env = "TRAMONTANE_API_KEYS")]
+    api_keys: Option<PathBuf>,
     /// On SIGTERM or Ctrl-C: seconds the requests in flight may take to finish (new ones are
     /// refused with 503 / UNAVAILABLE meanwhile); any still running then ends with an error.
     #[arg(long, env = "TRAMONTANE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
@@ -68,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         cluster: args.membership.cluster,
         lease_ttl: std::time::Duration::from_secs(args.membership.lease_ttl_secs),
         id: String::new(),
+        api_keys: args.api_keys,
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;

@@ -157,6 +157,29 @@ impl Metrics {
     }
 }
 
+/// Per-key usage counters in the Prometheus text format (names of keys, never secrets).
+pub fn key_usage(usage: &[(String, crate::auth::KeyUsage)]) -> String {
+    use std::fmt::Write;
+    if usage.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let families = [
+        ("tramontane:key_requests_total", "Requests admitted, by API key."),
+        ("tramontane:key_prompt_tokens_total", "Prompt tokens of answered requests, by API key."),
+        ("tramontane:key_cached_tokens_total", "Prompt tokens found in the prefix cache, by API key."),
+        ("tramontane:key_completion_tokens_total", "Tokens generated for answered requests, by API key."),
+    ];
+    for (i, (name, help)) in families.into_iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (key, u) in usage {
+            let value = [u.requests, u.prompt_tokens, u.cached_tokens, u.completion_tokens][i];
+            let _ = writeln!(out, "{name}{{key=\"{}\"}} {value}", key.replace('\\', "\\\\").replace('"', "\\\""));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub lease_ttl: Duration,
     /// This coordinator's id (leadership on etcd).
     pub id: String,
+    /// API keys (`--api-keys`); `None`: every request is served.
+    pub api_keys: Option<PathBuf>,
 }
 
 /// Each replica scheduler's limits (the coordinator's flags of these names).
@@ -167,7 +169,11 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
             grammars: grammars(&cfg.model, &config),
         },
     };
-    Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics), control, fatal })
+    let auth = match &cfg.api_keys {
+        Some(path) => crate::auth::Auth::from_file(path)?,
+        None => crate::auth::Auth::open(),
+    };
+    Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics, auth), control, fatal })
 }
 
 /// The grammar compiler of the model's tokenizer; without one, constrained requests are
@@ -270,14 +276,23 @@ pub async fn serve(
     // while a placement serves (as HTTP `/health`), NOT_SERVING before, between and after.
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(follow_readiness(frontend.clone(), health.clone()));
+    if frontend.auth.enabled() {
+        tokio::spawn(reload_keys_on_sighup(frontend.auth.clone()));
+    }
     let reflection = || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET);
     let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InferenceServer::new(InferenceService::new(frontend.clone(), request_timeout)))
-        .add_service(proto::tramontane::v1::admin_server::AdminServer::new(AdminService::new(frontend.clone(), control.clone())))
+        .add_service(InferenceServer::with_interceptor(
+            InferenceService::new(frontend.clone(), request_timeout),
+            crate::api::authorizer(frontend.auth.clone(), false),
+        ))
+        .add_service(proto::tramontane::v1::admin_server::AdminServer::with_interceptor(
+            AdminService::new(frontend.clone(), control.clone()),
+            crate::api::authorizer(frontend.auth.clone(), true),
+        ))
         .serve_with_incoming_shutdown(incoming, closed.clone().cancelled_owned());
     let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -343,6 +358,18 @@ async fn follow_readiness(frontend: Frontend, health: tonic_health::server::Heal
         health.set_service_status(<InferenceServer<InferenceService> as tonic::server::NamedService>::NAME, status).await;
         if frontend.stopping() || pool.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Reads the API key file again on every SIGHUP (requests in flight go on; a file that
+/// cannot be read keeps the keys in force).
+async fn reload_keys_on_sighup(auth: crate::auth::Auth) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        match auth.reload() {
+            Ok(n) => tracing::info!(keys = n, "SIGHUP: API keys read again"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: the API key file cannot be read; the keys in force stay"),
         }
     }
 }

@@ -47,6 +47,11 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `files` of tests/python/ against `tramctl up` serving `fixture` with `layout` flags.
 fn python_clients_against(fixture_name: &str, layout: &[&str], files: &[&str]) {
+    python_clients_with(fixture_name, layout, &[], files);
+}
+
+/// [`python_clients_against`] with `env` (name, value) for the tests too.
+fn python_clients_with(fixture_name: &str, layout: &[&str], env: &[(&str, String)], files: &[&str]) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let python = python_env();
     let stubs = target_dir().join("py-stubs");
@@ -69,7 +74,28 @@ fn python_clients_against(fixture_name: &str, layout: &[&str], files: &[&str]) {
         .env("TRAMONTANE_HTTP", format!("http://{http}/v1"))
         .env("TRAMONTANE_GRPC", &coordinator.addr)
         .env("TRAMONTANE_STUBS", &stubs)
-        .env("TRAMONTANE_REFERENCE", model.join("reference.json")));
+        .env("TRAMONTANE_REFERENCE", model.join("reference.json"))
+        .env("TRAMONTANE_TRAMCTL", tests::binary("tramctl"))
+        .envs(env.iter().map(|(k, v)| (k, v))));
+}
+
+/// API keys: a coordinator started with `tramctl up --api-keys FILE` (a key per line, with
+/// limits and an admin key), the SDKs and gRPC with no key, a wrong key and each key.
+#[test]
+fn official_python_clients_with_api_keys() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let keys = dir.path().join("keys");
+    std::fs::write(
+        &keys,
+        "# name key [rpm=N] [tpm=N] [admin]\n\
+         alice sk-alice-0000000000000001\n\
+         bob sk-bob-00000000000000000002 rpm=3\n\
+         carol sk-carol-000000000000003 tpm=120\n\
+         ops sk-ops-00000000000000000004 admin\n",
+    )
+    .expect("the key file");
+    let path = keys.display().to_string();
+    python_clients_with("mistral-v1-tiny", &["--workers", "1", "--api-keys", &path], &[("TRAMONTANE_API_KEYS", path.clone())], &["test_keys.py"]);
 }
 
 /// Two replicas of one worker each, a v1 tokenizer (no FIM tokens).

@@ -6,7 +6,9 @@
 //! - `tramctl status` prints the served model, the workers (with process ids), the placement
 //!   epoch, the load and why nothing is placed when the model does not fit; `tramctl plan`
 //!   the placement the current workers would get, with the largest rank's memory (or why
-//!   none fits); `tramctl drain WORKER_ID` moves a worker's sequences away and releases it.
+//!   none fits); `tramctl drain WORKER_ID` moves a worker's sequences away and releases it;
+//!   `tramctl usage` the tokens each API key used. With API keys, each sends `--api-key` (env
+//!   `TRAMONTANE_API_KEY`; an admin key for the Admin API).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -35,6 +37,8 @@ enum Cmd {
     Plan(Box<PlanArgs>),
     /// Move a worker's sequences to other replicas, then release it (it exits).
     Drain(DrainArgs),
+    /// Print each API key's requests and tokens since the coordinator started.
+    Usage(AdminArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,6 +66,37 @@ struct PlanArgs {
 struct AdminArgs {
     #[arg(long, env = "TRAMONTANE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: String,
+    #[command(flatten)]
+    key: KeyArg,
+}
+
+/// The API key calls carry, where the coordinator requires one.
+#[derive(Debug, Clone, clap::Args)]
+struct KeyArg {
+    #[arg(long = "api-key", env = "TRAMONTANE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+/// Adds `authorization: Bearer KEY` to every call.
+#[derive(Clone)]
+struct WithKey(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for WithKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Channel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WithKey>;
+
+/// A channel to the coordinator at `addr` whose calls carry `key`.
+async fn channel(addr: &str, key: &KeyArg) -> anyhow::Result<Channel> {
+    let value = key.api_key.as_ref().map(|k| format!("Bearer {k}").parse()).transpose().context("--api-key: not a header value")?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await.with_context(|| format!("connecting to {addr}"))?;
+    Ok(tonic::service::interceptor::InterceptedService::new(channel, WithKey(value)))
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +152,10 @@ struct UpArgs {
     /// Leave a worker that dies dead instead of starting it again.
     #[arg(long)]
     no_restart: bool,
+    /// API keys the coordinator requires (`NAME KEY [rpm=N] [tpm=N] [admin]` per line; read
+    /// again on SIGHUP to the coordinator).
+    #[arg(long)]
+    api_keys: Option<PathBuf>,
     /// More coordinator flags, after `--` (e.g. `-- --no-prefix-caching --max-num-seqs 32`).
     #[arg(last = true)]
     coordinator_args: Vec<String>,
@@ -127,6 +166,8 @@ struct GenerateArgs {
     prompt: String,
     #[arg(long, env = "TRAMONTANE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: String,
+    #[command(flatten)]
+    key: KeyArg,
     #[arg(long, default_value_t = 32)]
     max_tokens: u32,
     #[arg(long, default_value_t = 0.0)]
@@ -137,6 +178,8 @@ struct GenerateArgs {
 struct StatusArgs {
     #[arg(long, env = "TRAMONTANE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: String,
+    #[command(flatten)]
+    key: KeyArg,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -150,15 +193,25 @@ fn main() -> anyhow::Result<()> {
         Cmd::Plan(a) if a.model.is_some() => plan_offline(&a),
         Cmd::Plan(a) => tokio::runtime::Runtime::new()?.block_on(plan(a.admin)),
         Cmd::Drain(a) => tokio::runtime::Runtime::new()?.block_on(drain(a)),
+        Cmd::Usage(a) => tokio::runtime::Runtime::new()?.block_on(usage(a)),
     }
 }
 
-async fn admin(addr: &str) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
-    pb::admin_client::AdminClient::connect(format!("http://{addr}")).await.with_context(|| format!("connecting to {addr}"))
+async fn admin(a: &AdminArgs) -> anyhow::Result<pb::admin_client::AdminClient<Channel>> {
+    Ok(pb::admin_client::AdminClient::new(channel(&a.grpc_addr, &a.key).await?))
+}
+
+async fn usage(a: AdminArgs) -> anyhow::Result<()> {
+    let usage = admin(&a).await?.usage(pb::UsageRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    println!("{:<24} {:>10} {:>14} {:>14} {:>18}", "KEY", "REQUESTS", "PROMPT TOKENS", "CACHED TOKENS", "COMPLETION TOKENS");
+    for k in &usage.keys {
+        println!("{:<24} {:>10} {:>14} {:>14} {:>18}", k.key, k.requests, k.prompt_tokens, k.cached_tokens, k.completion_tokens);
+    }
+    Ok(())
 }
 
 async fn plan(a: AdminArgs) -> anyhow::Result<()> {
-    let plan = admin(&a.grpc_addr).await?.plan(pb::PlanRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    let plan = admin(&a).await?.plan(pb::PlanRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
     print_plan(plan.replicas.iter().map(|r| (r.layout.clone(), r.workers.iter().map(|w| (w.clone(), r.weight_bytes, r.kv_cache_bytes)).collect())));
     Ok(())
 }
@@ -198,7 +251,7 @@ fn plan_offline(a: &PlanArgs) -> anyhow::Result<()> {
 async fn drain(a: DrainArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let request = pb::DrainRequest { worker_id: a.worker_id.clone() };
-    admin(&a.admin.grpc_addr).await?.drain(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    admin(&a.admin).await?.drain(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("drained {}: its sequences moved and it was released in {:.2} s", a.worker_id, started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -323,6 +376,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         .args(["--load-format", &a.load_format, "--dtype", &a.dtype, "--quantization", &a.quantization])
         .args(["--kv-blocks", &a.kv_blocks.to_string()])
         .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()])
+        .args(a.api_keys.iter().flat_map(|k| ["--api-keys".to_owned(), k.display().to_string()]))
         .args(&a.coordinator_args);
     let lines = spawn(&mut children, "coordinator", &mut coordinator, 2)?;
     // Same first lines as the coordinator's, so scripts can find the APIs: bound, and ready
@@ -439,12 +493,8 @@ fn supervise(children: &mut Children, workers: &mut Vec<Supervised>, no_restart:
     Ok(())
 }
 
-async fn client(addr: &str) -> anyhow::Result<pb::inference_client::InferenceClient<tonic::transport::Channel>> {
-    pb::inference_client::InferenceClient::connect(format!("http://{addr}")).await.with_context(|| format!("connecting to {addr}"))
-}
-
 async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let mut c = client(&a.grpc_addr).await?;
+    let mut c = pb::inference_client::InferenceClient::new(channel(&a.grpc_addr, &a.key).await?);
     let req = pb::GenerateRequest {
         request_id: String::new(),
         prompt: Some(pb::generate_request::Prompt::Text(a.prompt)),
@@ -468,10 +518,7 @@ fn hit_rate(hits: u64, queries: u64) -> String {
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.grpc_addr))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", a.grpc_addr))?;
+    let channel = channel(&a.grpc_addr, &a.key).await?;
     let info = pb::inference_client::InferenceClient::new(channel.clone())
         .model_info(pb::ModelInfoRequest {})
         .await

@@ -45,6 +45,7 @@ pub(super) struct EmbeddingRequest {
 
 pub(super) async fn embeddings(
     State(Api { frontend, timeout }): State<Api>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     body: Result<Json<EmbeddingRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
@@ -70,6 +71,7 @@ pub(super) async fn embeddings(
         return Err(RequestError::Shape { field: "input", expected: "1 to 256 texts or token-id lists" }.into());
     }
     let (vectors, tokens) = frontend.embed(inputs, timeout).await?;
+    frontend.auth.record(&caller, tokens, 0, 0);
     let width = vectors.first().map_or(0, Vec::len);
     if req.dimensions.is_some_and(|d| d != width) {
         return Err(RequestError::Dimensions { width }.into());

@@ -3,12 +3,11 @@
 
 use std::convert::Infallible;
 
-use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use cluster::scheduler::Finish;
 use cluster::{TokenLogprobs, Tokenizer};
 use serde::Deserialize;
@@ -17,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{Api, ApiError, check_model, now, structured};
+use crate::auth::Caller;
 use crate::chat::Message;
 use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
 use crate::tools::{self, Tool, ToolChoice};
@@ -282,10 +282,27 @@ async fn collect_all(choices: Vec<Generation>) -> Result<Vec<Collected>, ApiErro
     }
     let mut out: Vec<Option<Collected>> = (0..n).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
-        let (i, collected) = joined.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None))?;
+        let (i, collected) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
         out[i] = Some(collected?);
     }
     Ok(out.into_iter().flatten().collect())
+}
+
+/// Where a request's usage is counted: its caller's key.
+pub(super) struct Account {
+    auth: crate::auth::Auth,
+    caller: Caller,
+}
+
+impl Account {
+    pub(super) fn new(frontend: &Frontend, caller: Caller) -> Self {
+        Account { auth: frontend.auth.clone(), caller }
+    }
+
+    /// Counts what the response reports: prompt (once), cached and completion tokens.
+    pub(super) fn record(&self, prompt: usize, cached: usize, completion: usize) {
+        self.auth.record(&self.caller, prompt, cached, completion);
+    }
 }
 
 /// Usage of a request: its prompt counted once, the tokens of every choice; `cached`: the
@@ -340,9 +357,11 @@ type SseStream = Sse<tokio_stream::wrappers::ReceiverStream<Result<Event, Infall
 /// `chunk(choice, delta_text, tokens, finish)` builds each payload (`None`: nothing to send
 /// yet, a tool call being written); with `usage` (the request's
 /// `stream_options.include_usage`) a last payload, `usage(usage_object)`, has no choices; then
-/// `[DONE]`. An error ends the stream with an error event (the other choices are aborted).
+/// `[DONE]`. An error ends the stream with an error event (the other choices are aborted);
+/// a stream that ended whole is counted to its caller (`account`).
 fn stream(
     choices: Vec<Generation>,
+    account: Account,
     mut chunk: impl FnMut(usize, &str, &[TokenLogprobs], Option<&str>) -> Option<Value> + Send + 'static,
     usage_chunk: Option<impl FnOnce(Value) -> Value + Send + 'static>,
 ) -> SseStream {
@@ -393,8 +412,11 @@ fn stream(
                 break;
             }
         }
+        let cached = cached.load(std::sync::atomic::Ordering::Relaxed).min(prompt_tokens);
+        if !failed {
+            account.record(prompt_tokens, cached, completion_tokens);
+        }
         if let Some(usage_chunk) = usage_chunk.filter(|_| !failed) {
-            let cached = cached.load(std::sync::atomic::Ordering::Relaxed).min(prompt_tokens);
             let _ = tx.send(Ok(Event::default().data(usage_chunk(usage(prompt_tokens, completion_tokens, cached)).to_string()))).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
@@ -415,8 +437,10 @@ fn usage_chunk(s: &Sampling, head: Value) -> Option<impl FnOnce(Value) -> Value 
 
 pub(super) async fn completions(
     State(Api { frontend, timeout }): State<Api>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let account = Account::new(&frontend, caller);
     let Json(req) = body?;
     check_sampling(&frontend, &req.sampling)?;
     let prompt = match (req.prompt, &req.suffix) {
@@ -464,7 +488,7 @@ pub(super) async fn completions(
             }
             Some(c)
         };
-        return Ok(stream(choices, chunk, last).into_response());
+        return Ok(stream(choices, account, chunk, last).into_response());
     }
     let collected = collect_all(choices).await?;
     let tok = &frontend.served.tokenizer;
@@ -485,6 +509,7 @@ pub(super) async fn completions(
         out.push(json!({"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish}));
     }
     let completion_tokens = collected.iter().map(|c| c.tokens.len()).sum();
+    account.record(collected[0].prompt.len(), cached_of(&collected), completion_tokens);
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": created, "model": model, "choices": out,
         "usage": usage(collected[0].prompt.len(), completion_tokens, cached_of(&collected)),
@@ -494,6 +519,7 @@ pub(super) async fn completions(
 
 pub(super) async fn chat_completions(
     State(Api { frontend, timeout }): State<Api>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(mut req) = body?;
@@ -524,7 +550,8 @@ pub(super) async fn chat_completions(
     };
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    chat_reply(Api { frontend, timeout }, &req.sampling, ids, max_tokens, logprobs, calls).await
+    let account = Account::new(&frontend, caller);
+    chat_reply(Api { frontend, timeout }, account, &req.sampling, ids, max_tokens, logprobs, calls).await
 }
 
 /// A chat request's tools: the token the model's calls start with, and the grammar of its
@@ -544,11 +571,16 @@ pub(super) struct FimRequest {
     sampling: Sampling,
 }
 
-pub(super) async fn fim_completions(State(api): State<Api>, body: Result<Json<FimRequest>, JsonRejection>) -> Result<Response, ApiError> {
+pub(super) async fn fim_completions(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<FimRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(req) = body?;
     check_sampling(&api.frontend, &req.sampling)?;
     let ids = api.frontend.served.fim_prompt(&req.prompt, req.suffix.as_deref().unwrap_or_default())?;
-    chat_reply(api, &req.sampling, ids, req.sampling.max_tokens, None, None).await
+    let account = Account::new(&api.frontend, caller);
+    chat_reply(api, account, &req.sampling, ids, req.sampling.max_tokens, None, None).await
 }
 
 /// A chat completion's answer (JSON or SSE) to the prompt `ids`; with `calls`, an answer that
@@ -556,6 +588,7 @@ pub(super) async fn fim_completions(State(api): State<Api>, body: Result<Json<Fi
 /// `tool_calls`), streamed once whole.
 async fn chat_reply(
     Api { frontend, timeout }: Api,
+    account: Account,
     sampling: &Sampling,
     ids: Vec<u32>,
     max_tokens: Option<u32>,
@@ -621,7 +654,7 @@ async fn chat_reply(
             }
             Some(c)
         };
-        return Ok(stream(choices, chunk, last).into_response());
+        return Ok(stream(choices, account, chunk, last).into_response());
     }
     let collected = collect_all(choices).await?;
     let out: Vec<Value> = collected
@@ -637,6 +670,7 @@ async fn chat_reply(
         })
         .collect();
     let completion_tokens = collected.iter().map(|c| c.tokens.len()).sum();
+    account.record(collected[0].prompt.len(), cached_of(&collected), completion_tokens);
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": model, "choices": out,
         "usage": usage(collected[0].prompt.len(), completion_tokens, cached_of(&collected)),

@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::AuthError;
 use crate::chat::Message;
 use crate::frontend::{Frontend, FrontendError};
 use crate::validate::RequestError;
@@ -24,9 +25,11 @@ mod structured;
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
 
-/// The routes, over a frontend; every request must finish within `timeout`.
+/// The routes, over a frontend; every request must finish within `timeout`. With API keys,
+/// every route but the probes' and `/metrics` needs one ([`authorize`]).
 pub fn router(frontend: Frontend, timeout: std::time::Duration) -> Router {
-    Router::new()
+    let api = Api { frontend, timeout };
+    let keyed = Router::new()
         .route("/v1/completions", post(generate::completions))
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/fim/completions", post(generate::fim_completions))
@@ -34,11 +37,27 @@ pub fn router(frontend: Frontend, timeout: std::time::Duration) -> Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), authorize));
+    Router::new()
+        .merge(keyed)
         .route("/health", get(health))
         .route("/livez", get(live))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Api { frontend, timeout })
+        .with_state(api)
+}
+
+/// The request's caller (`Authorization: Bearer KEY`), admitted under its key's limits where
+/// the route generates or embeds; the handlers find it in the request's extensions.
+async fn authorize(State(api): State<Api>, mut req: axum::extract::Request, next: axum::middleware::Next) -> Result<Response, ApiError> {
+    let auth = &api.frontend.auth;
+    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let caller = auth.authenticate(header, false)?;
+    if req.method() == axum::http::Method::POST && req.uri().path().starts_with("/v1/") {
+        auth.admit(&caller)?;
+    }
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
 }
 
 #[derive(Clone)]
@@ -48,7 +67,28 @@ struct Api {
 }
 
 /// An HTTP error as OpenAI clients expect it: status, message, and the request field at fault.
-pub struct ApiError(StatusCode, String, Option<String>);
+pub struct ApiError(StatusCode, String, Option<String>, RetryAfter);
+
+impl ApiError {
+    fn internal(message: String) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, message, None, RetryAfter::default())
+    }
+}
+
+/// Seconds a client should wait before trying again (429 and 503 answers).
+#[derive(Default)]
+struct RetryAfter(Option<u64>);
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let (status, retry) = match &e {
+            AuthError::Missing | AuthError::Invalid => (StatusCode::UNAUTHORIZED, None),
+            AuthError::NotAdmin(_) => (StatusCode::FORBIDDEN, None),
+            AuthError::Limited { retry_after, .. } => (StatusCode::TOO_MANY_REQUESTS, Some(retry_after.as_secs().max(1))),
+        };
+        ApiError(status, e.to_string(), None, RetryAfter(retry))
+    }
+}
 
 impl From<FrontendError> for ApiError {
     fn from(e: FrontendError) -> Self {
@@ -61,20 +101,20 @@ impl From<FrontendError> for ApiError {
             FrontendError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
             FrontendError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, e.to_string(), None)
+        ApiError(status, e.to_string(), None, RetryAfter::default())
     }
 }
 
 impl From<RequestError> for ApiError {
     fn from(e: RequestError) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, e.to_string(), Some(e.field().to_owned()))
+        ApiError(StatusCode::BAD_REQUEST, e.to_string(), Some(e.field().to_owned()), RetryAfter::default())
     }
 }
 
 /// The tokenizer failing on ids the model produced or was given: the server's fault.
 impl From<cluster::Error> for ApiError {
     fn from(e: cluster::Error) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None, RetryAfter::default())
     }
 }
 
@@ -84,19 +124,27 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::BytesRejection(_) => format!("the request body must be <= {MAX_BODY_BYTES} bytes"),
             other => format!("invalid JSON body: {}", other.body_text()),
         };
-        ApiError(StatusCode::BAD_REQUEST, msg, None)
+        ApiError(StatusCode::BAD_REQUEST, msg, None, RetryAfter::default())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let kind = if self.0 == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
+        let kind = match self.0 {
+            StatusCode::BAD_REQUEST => "invalid_request_error",
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "authentication_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            _ => "server_error",
+        };
         let body = json!({"error": {"message": self.1, "type": kind, "param": self.2, "code": self.0.as_u16()}});
-        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+        match (self.0, self.3.0) {
+            // A key's limit: when its minute frees a slot.
+            (_, Some(secs)) => (self.0, [(axum::http::header::RETRY_AFTER, secs.to_string())], Json(body)).into_response(),
             // Load balancers and clients try again (elsewhere) after a second.
-            return (self.0, [(axum::http::header::RETRY_AFTER, "1")], Json(body)).into_response();
+            (StatusCode::SERVICE_UNAVAILABLE, None) => (self.0, [(axum::http::header::RETRY_AFTER, "1".to_owned())], Json(body)).into_response(),
+            (StatusCode::UNAUTHORIZED, None) => (self.0, [(axum::http::header::WWW_AUTHENTICATE, "Bearer".to_owned())], Json(body)).into_response(),
+            _ => (self.0, Json(body)).into_response(),
         }
-        (self.0, Json(body)).into_response()
     }
 }
 
@@ -179,7 +227,8 @@ async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
 }
 
 async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
-    let text = frontend.metrics.render(frontend.gauges());
+    let mut text = frontend.metrics.render(frontend.gauges());
+    text.push_str(&crate::metrics::key_usage(&frontend.auth.usage()));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
