@@ -11,5 +11,6 @@ pub mod openai;
 pub mod planner;
 pub mod replica;
 pub mod server;
+pub mod tls;
 pub mod tools;
 pub mod validate;

@@ -49,6 +49,8 @@ struct Args {
     /// again on SIGHUP.
     #[arg(long, env = "TRAMONTANE_API_KEYS")]
     api_keys: Option<PathBuf>,
+    #[command(flatten)]
+    tls: coordinator::tls::TlsArgs,
     /// On SIGTERM or Ctrl-C: seconds the requests in flight may take to finish (new ones are
     /// refused with 503 / UNAVAILABLE meanwhile); any still running then ends with an error.
     #[arg(long, env = "TRAMONTANE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
@@ -76,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         api_keys: args.api_keys,
     };
     tokio::runtime::Runtime::new()?.block_on(async {
+        let tls = coordinator::tls::ServerTls::load(&args.tls)?;
         let listener = tokio::net::TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
         let http = tokio::net::TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "coordinator".into());
@@ -88,6 +91,6 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(grpc = %addr, http = %http_addr, "coordinator serving");
         let shutdown = cluster::process::shutdown_on_signal();
         let timeouts = Timeouts { request: cfg.request_timeout, shutdown: std::time::Duration::from_secs(args.shutdown_timeout) };
-        serve(listener, http, prepared, timeouts, shutdown).await
+        serve(listener, http, tls, prepared, timeouts, shutdown).await
     })
 }

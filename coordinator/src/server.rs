@@ -263,6 +263,7 @@ pub struct Timeouts {
 pub async fn serve(
     grpc: tokio::net::TcpListener,
     http: tokio::net::TcpListener,
+    tls: Option<crate::tls::ServerTls>,
     prepared: Prepared,
     timeouts: Timeouts,
     shutdown: CancellationToken,
@@ -281,7 +282,11 @@ pub async fn serve(
     }
     let reflection = || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET);
     let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.grpc())?;
+    }
+    let grpc_server = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -294,12 +299,22 @@ pub async fn serve(
             crate::api::authorizer(frontend.auth.clone(), true),
         ))
         .serve_with_incoming_shutdown(incoming, closed.clone().cancelled_owned());
-    let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+    let router = crate::openai::router(frontend.clone(), request_timeout);
+    let http_closed = closed.clone().cancelled_owned();
+    let http_server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match &tls {
+        None => {
+            let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
+            Box::pin(std::future::IntoFuture::into_future(axum::serve(http, router).with_graceful_shutdown(http_closed)))
         }
-    });
-    let http_server = axum::serve(http, crate::openai::router(frontend.clone(), request_timeout)).with_graceful_shutdown(closed.clone().cancelled_owned());
+        Some(tls) => {
+            let http = crate::tls::TlsListener::new(http, tls)?;
+            Box::pin(std::future::IntoFuture::into_future(axum::serve(http, router).with_graceful_shutdown(http_closed)))
+        }
+    };
     let drain = async {
         shutdown.cancelled().await;
         frontend.stop_accepting();

@@ -1,6 +1,8 @@
 """API keys through the official SDKs, gRPC and `tramctl`, against `tramctl up --api-keys FILE`
 (started by tests/tests/python_clients.rs, which passes the file as TRAMONTANE_API_KEYS and the
-`tramctl` binary as TRAMONTANE_TRAMCTL; see test_clients.py for the rest).
+`tramctl` binary as TRAMONTANE_TRAMCTL; see test_clients.py for the rest). With
+TRAMONTANE_TLS_CA the client APIs serve over TLS: every client here trusts that CA, and
+plain-text clients are refused.
 
 Each refusal and each acceptance: no key and a wrong key (401 / UNAUTHENTICATED), the probes
 and /metrics open, the Admin API for an admin key only (PERMISSION_DENIED otherwise), a key's
@@ -9,10 +11,12 @@ per-key usage equal to the sum of what the responses reported, and the file read
 SIGHUP while a stream runs.
 """
 
+import http.client
 import json
 import os
 import pathlib
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,9 +24,9 @@ import urllib.error
 import urllib.request
 
 import grpc
+import httpx2 as httpx
 import openai
 import pytest
-from http_api import post
 from mistralai.client import Mistral
 
 sys.path.insert(0, os.environ["TRAMONTANE_STUBS"])
@@ -33,24 +37,58 @@ KEYS_FILE = pathlib.Path(os.environ["TRAMONTANE_API_KEYS"])
 KEYS = {line.split()[0]: line.split()[1] for line in KEYS_FILE.read_text().splitlines() if line.strip() and not line.startswith("#")}
 HTTP = os.environ["TRAMONTANE_HTTP"]
 ROOT = HTTP.removesuffix("/v1")
+CA = os.environ.get("TRAMONTANE_TLS_CA")
+SSL = ssl.create_default_context(cafile=CA) if CA else None
+TRAMCTL = [os.environ["TRAMONTANE_TRAMCTL"]]
+ADDR = ["--grpc-addr", os.environ["TRAMONTANE_GRPC"], *(["--tls-ca", CA] if CA else [])]
 
 
 def oai(key):
-    return openai.OpenAI(base_url=HTTP, api_key=key, max_retries=0)
+    return openai.OpenAI(base_url=HTTP, api_key=key, max_retries=0, http_client=httpx.Client(verify=SSL) if CA else None)
+
+
+def mistral(key):
+    return Mistral(api_key=key, server_url=ROOT, client=httpx.Client(verify=SSL) if CA else None)
+
+
+def grpc_channel(tls=bool(CA)):
+    if not tls:
+        return grpc.insecure_channel(os.environ["TRAMONTANE_GRPC"])
+    return grpc.secure_channel(os.environ["TRAMONTANE_GRPC"], grpc.ssl_channel_credentials(root_certificates=pathlib.Path(CA).read_bytes()))
 
 
 def grpc_call(method, request, key=None):
-    channel = grpc.insecure_channel(os.environ["TRAMONTANE_GRPC"])
+    channel = grpc_channel()
     metadata = [("authorization", f"Bearer {key}")] if key else []
     return method(pb_grpc.InferenceStub(channel), pb_grpc.AdminStub(channel))(request, metadata=metadata)
 
 
-def get(path):
+def request(path, body=None, root=ROOT):
+    """GET (or POST `body` as JSON) without a key: (status, text)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(root + path, data=data, headers={"content-type": "application/json"})
     try:
-        with urllib.request.urlopen(ROOT + path) as r:
+        with urllib.request.urlopen(req, context=SSL) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def get(path):
+    return request(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def served():
+    """The model is served (over TLS the harness leaves this wait to the tests)."""
+    for _ in range(3000):
+        try:
+            if get("/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        threading.Event().wait(0.1)
+    raise AssertionError("the cluster did not become ready")
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +98,13 @@ def model():
 
 def test_no_key_and_a_wrong_key_are_refused_and_probes_stay_open(model):
     # No key (the SDK will not send none: a plain request), then a wrong one.
-    status, answer = post("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2})
-    assert status == 401 and "Authorization: Bearer" in answer["error"]["message"]
+    status, answer = request("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2})
+    assert status == 401 and "Authorization: Bearer" in json.loads(answer)["error"]["message"]
     with pytest.raises(openai.AuthenticationError) as e:
         oai("sk-not-a-key-000000000000").completions.create(model=model, prompt="hi", max_tokens=2)
     assert e.value.status_code == 401 and "not valid" in str(e.value)
     with pytest.raises(Exception) as e:
-        Mistral(api_key="sk-not-a-key-000000000000", server_url=ROOT).chat.complete(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        mistral("sk-not-a-key-000000000000").chat.complete(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert "401" in str(e.value)
     for key in [None, "sk-not-a-key-000000000000"]:
         with pytest.raises(grpc.RpcError) as e:
@@ -79,7 +117,7 @@ def test_no_key_and_a_wrong_key_are_refused_and_probes_stay_open(model):
 
 def test_a_key_is_served_by_both_sdks_and_grpc(model):
     assert oai(KEYS["alice"]).completions.create(model=model, prompt="hi", max_tokens=2).usage.completion_tokens == 2
-    m = Mistral(api_key=KEYS["alice"], server_url=ROOT).chat.complete(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    m = mistral(KEYS["alice"]).chat.complete(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert m.usage.completion_tokens == 2
     assert grpc_call(lambda i, a: i.ModelInfo, pb.ModelInfoRequest(), KEYS["alice"]).model == model
 
@@ -89,11 +127,9 @@ def test_the_admin_api_needs_an_admin_key():
         grpc_call(lambda i, a: a.ClusterStatus, pb.ClusterStatusRequest(), KEYS["alice"])
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "admin" in e.value.details()
     assert grpc_call(lambda i, a: a.ClusterStatus, pb.ClusterStatusRequest(), KEYS["ops"]).workers
-    tramctl = os.environ["TRAMONTANE_TRAMCTL"]
-    addr = ["--grpc-addr", os.environ["TRAMONTANE_GRPC"]]
-    refused = subprocess.run([tramctl, "status", *addr], capture_output=True, text=True)
+    refused = subprocess.run([*TRAMCTL, "status", *ADDR], capture_output=True, text=True)
     assert refused.returncode != 0 and "API key" in refused.stderr
-    status = subprocess.run([tramctl, "status", *addr, "--api-key", KEYS["ops"]], capture_output=True, text=True, check=True)
+    status = subprocess.run([*TRAMCTL, "status", *ADDR, "--api-key", KEYS["ops"]], capture_output=True, text=True, check=True)
     assert "WORKER" in status.stdout
 
 
@@ -148,7 +184,7 @@ def test_usage_per_key_equals_what_the_responses_reported(model):
     add(u.prompt_tokens, u.prompt_tokens_details.cached_tokens, u.completion_tokens)
     last = [c for c in client.chat.completions.create(model=model, messages=chat, max_tokens=7, stream=True, stream_options={"include_usage": True})][-1]
     add(last.usage.prompt_tokens, last.usage.prompt_tokens_details.cached_tokens, last.usage.completion_tokens)
-    m = Mistral(api_key=key, server_url=ROOT).chat.complete(model=model, messages=chat, max_tokens=4)
+    m = mistral(key).chat.complete(model=model, messages=chat, max_tokens=4)
     add(m.usage.prompt_tokens, 0, m.usage.completion_tokens)
     final = [r for r in grpc_call(lambda i, a: i.Generate, pb.GenerateRequest(text="The wind", sampling=pb.SamplingParams(max_tokens=5)), key) if r.HasField("usage")][-1]
     add(final.usage.prompt_tokens, final.usage.cached_tokens, final.usage.completion_tokens)
@@ -160,8 +196,7 @@ def test_usage_per_key_equals_what_the_responses_reported(model):
     metrics = get("/metrics")[1]
     assert f'tramontane:key_completion_tokens_total{{key="alice"}} {after[3]}' in metrics
     assert KEYS["alice"] not in metrics
-    table = subprocess.run([os.environ["TRAMONTANE_TRAMCTL"], "usage", "--grpc-addr", os.environ["TRAMONTANE_GRPC"], "--api-key", KEYS["ops"]],
-                           capture_output=True, text=True, check=True).stdout
+    table = subprocess.run([*TRAMCTL, "usage", *ADDR, "--api-key", KEYS["ops"]], capture_output=True, text=True, check=True).stdout
     row = next(line.split() for line in table.splitlines() if line.startswith("alice"))
     assert [int(x) for x in row[1:]] == list(after)
 
@@ -204,3 +239,16 @@ def test_sighup_reads_the_key_file_again_without_dropping_a_stream(model):
     finally:
         KEYS_FILE.write_text(original)
         os.kill(coordinator_pid(), signal.SIGHUP)
+
+
+def test_plain_text_clients_are_refused_over_tls(model):
+    if not CA:
+        pytest.skip("the client APIs serve plain text here")
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        request("/health", root=ROOT.replace("https://", "http://"))
+    with pytest.raises(grpc.RpcError) as e:
+        pb_grpc.InferenceStub(grpc_channel(tls=False)).ModelInfo(pb.ModelInfoRequest(), metadata=[("authorization", f"Bearer {KEYS['alice']}")], timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    # A TLS client that does not trust the CA is refused too.
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=HTTP, api_key=KEYS["alice"], max_retries=0).models.list()

@@ -65,13 +65,17 @@ fn python_clients_with(fixture_name: &str, layout: &[&str], env: &[(&str, String
     let mut coordinator = Server::start("tramctl", &args);
     let line = coordinator.next_line();
     let http = line.strip_prefix("http listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}")).to_owned();
-    // The APIs are up at once; the model is served once the workers loaded it.
-    tests::wait_ready(&http, std::time::Duration::from_secs(300));
+    // The APIs are up at once; the model is served once the workers loaded it (over TLS,
+    // the tests wait for it themselves).
+    let tls = env.iter().any(|(k, _)| *k == "TRAMONTANE_TLS_CA");
+    if !tls {
+        tests::wait_ready(&http, std::time::Duration::from_secs(300));
+    }
 
     run(Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .args(files.iter().map(|f| repo_root().join("tests/python").join(f)))
-        .env("TRAMONTANE_HTTP", format!("http://{http}/v1"))
+        .env("TRAMONTANE_HTTP", format!("{}://{http}/v1", if tls { "https" } else { "http" }))
         .env("TRAMONTANE_GRPC", &coordinator.addr)
         .env("TRAMONTANE_STUBS", &stubs)
         .env("TRAMONTANE_REFERENCE", model.join("reference.json"))
@@ -79,11 +83,14 @@ fn python_clients_with(fixture_name: &str, layout: &[&str], env: &[(&str, String
         .envs(env.iter().map(|(k, v)| (k, v))));
 }
 
-/// API keys: a coordinator started with `tramctl up --api-keys FILE` (a key per line, with
-/// limits and an admin key), the SDKs and gRPC with no key, a wrong key and each key.
+/// API keys over TLS: a coordinator started with `tramctl up --api-keys FILE --tls-cert C
+/// --tls-key K` (a key per line, with limits and an admin key; a certificate for 127.0.0.1
+/// signed by a CA made here), the SDKs and gRPC trusting that CA with no key, a wrong key and
+/// each key, and plain-text clients refused.
 #[test]
-fn official_python_clients_with_api_keys() {
+fn official_python_clients_with_api_keys_over_tls() {
     let dir = tempfile::tempdir().expect("a temporary directory");
+    let (ca, cert, key) = test_certificates(dir.path());
     let keys = dir.path().join("keys");
     std::fs::write(
         &keys,
@@ -95,7 +102,31 @@ fn official_python_clients_with_api_keys() {
     )
     .expect("the key file");
     let path = keys.display().to_string();
-    python_clients_with("mistral-v1-tiny", &["--workers", "1", "--api-keys", &path], &[("TRAMONTANE_API_KEYS", path.clone())], &["test_keys.py"]);
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    python_clients_with(
+        "mistral-v1-tiny",
+        &["--workers", "1", "--api-keys", &path, "--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca.display().to_string()],
+        &[("TRAMONTANE_API_KEYS", path.clone()), ("TRAMONTANE_TLS_CA", ca.display().to_string())],
+        &["test_keys.py"],
+    );
+}
+
+/// A CA, and a server certificate for 127.0.0.1 and localhost it signed, as PEM files in
+/// `dir`: (CA, certificate, key).
+fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tramontane test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("the CA certificate");
+    let key = rcgen::KeyPair::generate().expect("a server key");
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).expect("server parameters");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("the server certificate");
+    let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&paths.0, ca.pem()).expect("ca.pem");
+    std::fs::write(&paths.1, cert.pem()).expect("cert.pem");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("key.pem");
+    paths
 }
 
 /// Two replicas of one worker each, a v1 tokenizer (no FIM tokens).

@@ -70,11 +70,14 @@ struct AdminArgs {
     key: KeyArg,
 }
 
-/// The API key calls carry, where the coordinator requires one.
+/// How calls reach a coordinator that requires API keys or serves over TLS.
 #[derive(Debug, Clone, clap::Args)]
 struct KeyArg {
     #[arg(long = "api-key", env = "TRAMONTANE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Connect over TLS, trusting this CA certificate (PEM).
+    #[arg(long, env = "TRAMONTANE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 /// Adds `authorization: Bearer KEY` to every call.
@@ -92,11 +95,19 @@ impl tonic::service::Interceptor for WithKey {
 
 type Channel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WithKey>;
 
-/// A channel to the coordinator at `addr` whose calls carry `key`.
+/// A channel to the coordinator at `addr` whose calls carry `key` (over TLS with a CA).
 async fn channel(addr: &str, key: &KeyArg) -> anyhow::Result<Channel> {
     let value = key.api_key.as_ref().map(|k| format!("Bearer {k}").parse()).transpose().context("--api-key: not a header value")?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await.with_context(|| format!("connecting to {addr}"))?;
+    let channel = endpoint(addr, key.tls_ca.as_deref())?.connect().await.with_context(|| format!("connecting to {addr}"))?;
     Ok(tonic::service::interceptor::InterceptedService::new(channel, WithKey(value)))
+}
+
+/// The coordinator's gRPC endpoint, over TLS when a CA is given.
+fn endpoint(addr: &str, ca: Option<&std::path::Path>) -> anyhow::Result<tonic::transport::Endpoint> {
+    let Some(ca) = ca else { return Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?) };
+    let pem = std::fs::read(ca).with_context(|| format!("--tls-ca {}", ca.display()))?;
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    Ok(tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?)
 }
 
 #[derive(Debug, clap::Args)]
@@ -156,6 +167,15 @@ struct UpArgs {
     /// again on SIGHUP to the coordinator).
     #[arg(long)]
     api_keys: Option<PathBuf>,
+    /// Serve the client APIs over TLS with this certificate chain and key (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA tramctl trusts when it checks the coordinator's health over TLS (default: the
+    /// certificate itself, for a self-signed one).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
     /// More coordinator flags, after `--` (e.g. `-- --no-prefix-caching --max-num-seqs 32`).
     #[arg(last = true)]
     coordinator_args: Vec<String>,
@@ -377,6 +397,8 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         .args(["--kv-blocks", &a.kv_blocks.to_string()])
         .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()])
         .args(a.api_keys.iter().flat_map(|k| ["--api-keys".to_owned(), k.display().to_string()]))
+        .args(a.tls_cert.iter().flat_map(|c| ["--tls-cert".to_owned(), c.display().to_string()]))
+        .args(a.tls_key.iter().flat_map(|k| ["--tls-key".to_owned(), k.display().to_string()]))
         .args(&a.coordinator_args);
     let lines = spawn(&mut children, "coordinator", &mut coordinator, 2)?;
     // Same first lines as the coordinator's, so scripts can find the APIs: bound, and ready
@@ -398,7 +420,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
             if ready {
                 continue;
             }
-            if serving(&grpc).await {
+            if serving(&grpc, a.tls_ca.as_deref().or(a.tls_cert.as_deref())).await {
                 ready = true;
                 eprintln!("tramctl: serving ({} s after the start)", started.elapsed().as_secs());
             } else if started.elapsed() >= next_note {
@@ -409,11 +431,12 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Whether the coordinator at `grpc` reports SERVING on the standard gRPC health service.
-async fn serving(grpc: &str) -> bool {
+/// Whether the coordinator at `grpc` reports SERVING on the standard gRPC health service
+/// (over TLS, trusting `ca`, when given).
+async fn serving(grpc: &str, ca: Option<&std::path::Path>) -> bool {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).ok()?.connect().await.ok()?;
+        let channel = endpoint(grpc, ca).ok()?.connect().await.ok()?;
         let mut c = HealthClient::new(channel);
         c.check(HealthCheckRequest { service: String::new() }).await.ok().map(|r| r.into_inner().status)
     };
