@@ -47,7 +47,8 @@ pub struct FunctionCall {
     pub arguments: serde_json::Value,
 }
 
-fn null_as_empty<'de, D: serde::Deserializer<'de>, T: Default + serde::Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+/// A field given as `null` reads as its empty value.
+pub(crate) fn null_as_empty<'de, D: serde::Deserializer<'de>, T: Default + serde::Deserialize<'de>>(d: D) -> Result<T, D::Error> {
     Ok(<Option<T> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
 }
 

@@ -179,8 +179,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
 /// The grammar compiler of the model's tokenizer; without one, constrained requests are
 /// refused with the reason.
 fn grammars(dir: &std::path::Path, config: &cluster::ModelConfig) -> Result<Grammars, String> {
-    let eos = config.eos_token_ids.first().copied().unwrap_or(2);
-    Grammars::from_tokenizer_file(&dir.join("tokenizer.json"), config.vocab_size, eos).map_err(|e| {
+    Grammars::for_model(&dir.join("tokenizer.json"), config).map_err(|e| {
         tracing::warn!(error = %e, "output constraints are unavailable");
         e.to_string()
     })

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use cluster::ModelConfig;
 use cluster::constraint::{ConstraintError, Grammars, Matcher};
 
 /// One constrained sequence.
@@ -26,18 +27,23 @@ struct SeqConstraint {
 
 /// The constraints of the sequences a driver rank samples.
 pub struct Constraints {
-    /// The checkpoint's `tokenizer.json` and the model's vocabulary and EOS.
+    /// The checkpoint's `tokenizer.json`, and the model the grammars are compiled for.
     tokenizer: Option<PathBuf>,
-    vocab_size: usize,
-    eos: u32,
+    config: ModelConfig,
     /// Built from `tokenizer` when the first constrained sequence needs it.
     grammars: Option<Result<Grammars, ConstraintError>>,
     seqs: HashMap<u64, SeqConstraint>,
 }
 
 impl Constraints {
-    pub fn new(tokenizer: Option<PathBuf>, vocab_size: usize, eos: u32) -> Self {
-        Constraints { tokenizer, vocab_size, eos, grammars: None, seqs: HashMap::new() }
+    pub fn new(config: &ModelConfig) -> Self {
+        Constraints { tokenizer: None, config: config.clone(), grammars: None, seqs: HashMap::new() }
+    }
+
+    /// The checkpoint's `tokenizer.json` (read when the first constrained sequence comes).
+    pub fn set_tokenizer(&mut self, path: PathBuf) {
+        self.tokenizer = Some(path);
+        self.grammars = None;
     }
 
     /// Records a chunk of sequence `id`: `tokens` at `start_pos`, output from `prompt_len` on.
@@ -102,7 +108,7 @@ impl Constraints {
 
     fn load(&self) -> Result<Grammars, ConstraintError> {
         let path = self.tokenizer.as_ref().ok_or_else(|| ConstraintError::Unavailable("the worker has no tokenizer.json for this model".into()))?;
-        Grammars::from_tokenizer_file(path, self.vocab_size, self.eos)
+        Grammars::for_model(path, &self.config)
     }
 }
 
@@ -111,8 +117,10 @@ mod tests {
     use super::*;
 
     fn constraints() -> Constraints {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral-v3-tiny/tokenizer.json");
-        Constraints::new(Some(dir), 32768, 2)
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral-v3-tiny");
+        let mut c = Constraints::new(&ModelConfig::from_file(&dir.join("config.json")).unwrap());
+        c.set_tokenizer(dir.join("tokenizer.json"));
+        c
     }
 
     fn grammar(rx: &str) -> String {

@@ -140,15 +140,13 @@ impl<B: Backend> Engine<B> {
         };
         let caches = model.layers.iter().map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
         let weight_bytes = loader.loaded_bytes.get();
-        let constraints = Constraints::new(None, config.vocab_size, config.eos_token_ids.first().copied().unwrap_or(2));
-        Ok(Engine { backend, model, caches, cache: options.cache, weight_bytes, histories: HashMap::new(), constraints })
+        Ok(Engine { backend, model, caches, cache: options.cache, weight_bytes, histories: HashMap::new(), constraints: Constraints::new(config) })
     }
 
     /// The checkpoint's `tokenizer.json`, which output constraints are compiled against (read
     /// when the first constrained sequence comes).
     pub fn set_tokenizer(&mut self, path: PathBuf) {
-        let eos = self.model.config.eos_token_ids.first().copied().unwrap_or(2);
-        self.constraints = Constraints::new(Some(path), self.model.config.vocab_size, eos);
+        self.constraints.set_tokenizer(path);
     }
 
     pub fn parallel(&self) -> &Parallel {

@@ -129,17 +129,13 @@ pub(super) struct ChatRequest {
     #[serde(default)]
     safe_prompt: bool,
     /// Functions the model may call ([`tools`]).
-    #[serde(default, deserialize_with = "null_as_empty")]
+    #[serde(default, deserialize_with = "crate::chat::null_as_empty")]
     tools: Vec<Tool>,
     tool_choice: Option<Value>,
     /// More than one call in a turn (the default).
     parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
-}
-
-fn null_as_empty<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The system prompt Mistral's API prepends for `safe_prompt: true`

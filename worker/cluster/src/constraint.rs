@@ -105,6 +105,12 @@ impl Grammars {
         Self::from_tokenizer_json(&json, vocab_size, eos)
     }
 
+    /// For `config`'s model: its logits' width, and its first EOS (Mistral's `</s>`, 2, when
+    /// the config names none).
+    pub fn for_model(tokenizer: &Path, config: &crate::ModelConfig) -> Result<Self, ConstraintError> {
+        Self::from_tokenizer_file(tokenizer, config.vocab_size, config.eos_token_ids.first().copied().unwrap_or(2))
+    }
+
     pub fn from_tokenizer_json(json: &Value, vocab_size: usize, eos: u32) -> Result<Self, ConstraintError> {
         let unavailable = |e: anyhow::Error| ConstraintError::Unavailable(e.to_string());
         let mut tokens = token_bytes_from_tokenizer_json(json).map_err(unavailable)?;

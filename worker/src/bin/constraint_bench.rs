@@ -51,8 +51,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = ModelConfig::parse(worker::config::MIX_BENCH, "mix-bench".as_ref())?;
+    let grammars = Grammars::for_model(&args.tokenizer, &config)?;
     let eos = config.eos_token_ids.first().copied().unwrap_or(2);
-    let grammars = Grammars::from_tokenizer_file(&args.tokenizer, config.vocab_size, eos)?;
     let grammar = grammars.check(&Constraint::JsonSchema(schema()).grammar())?;
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let options =
