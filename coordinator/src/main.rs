@@ -51,6 +51,8 @@ struct Args {
     api_keys: Option<PathBuf>,
     #[command(flatten)]
     tls: coordinator::tls::TlsArgs,
+    #[command(flatten)]
+    cluster_tls: cluster::tls::ClusterTlsArgs,
     /// On SIGTERM or Ctrl-C: seconds the requests in flight may take to finish (new ones are
     /// refused with 503 / UNAVAILABLE meanwhile); any still running then ends with an error.
     #[arg(long, env = "TRAMONTANE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
@@ -76,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         lease_ttl: std::time::Duration::from_secs(args.membership.lease_ttl_secs),
         id: String::new(),
         api_keys: args.api_keys,
+        cluster_tls: cluster::tls::ClusterTls::load(&args.cluster_tls)?,
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let tls = coordinator::tls::ServerTls::load(&args.tls)?;

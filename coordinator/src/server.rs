@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub id: String,
     /// API keys (`--api-keys`); `None`: every request is served.
     pub api_keys: Option<PathBuf>,
+    /// Mutual TLS inside the cluster (the workers' API and etcd); `None`: plain text.
+    pub cluster_tls: Option<cluster::tls::ClusterTls>,
 }
 
 /// Each replica scheduler's limits (the coordinator's flags of these names).
@@ -125,7 +127,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
             );
             m.clone()
         }
-        None => Arc::new(EtcdMembership::connect(&cfg.etcd, &cfg.cluster, cfg.lease_ttl).await?),
+        None => Arc::new(EtcdMembership::connect(&cfg.etcd, &cfg.cluster, cfg.lease_ttl, cfg.cluster_tls.as_ref()).await?),
     };
     let control_cfg = ControlConfig {
         model: cfg.model.clone(),
@@ -136,6 +138,7 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
         prefix: prefix_hasher(&config, &cfg.sizing),
         id: cfg.id.clone(),
         lease_ttl: cfg.lease_ttl,
+        dialer: control::Dialer::new(cfg.cluster_tls.clone()),
     };
     let (pool_tx, pool_rx) = watch::channel(Arc::new(Pool::default()));
     // Sent only when this coordinator can never serve; every sender dropped unsent means never.
@@ -144,8 +147,9 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
     if let Some(m) = fixed {
         // The API serves at once (not ready) while the workers are found and loaded.
         let (workers, control, pool) = (cfg.workers.clone(), control.clone(), pool_rx.clone());
+        let dialer = control::Dialer::new(cfg.cluster_tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = enrol(&m, &workers, &control, pool).await {
+            if let Err(e) = enrol(&m, &workers, &dialer, &control, pool).await {
                 let _ = fatal_tx.send(e).await;
             }
         });
@@ -189,11 +193,17 @@ fn grammars(dir: &std::path::Path, config: &cluster::ModelConfig) -> Result<Gram
 /// (with its memory and pid: the planner sizes placements by what each offers), all at
 /// once so the first placement sees them all; then an error if that placement cannot be
 /// made (the set of workers is fixed, so it never could).
-async fn enrol(m: &MemoryMembership, workers: &[String], control: &ControlHandle, mut pool: watch::Receiver<Arc<Pool>>) -> anyhow::Result<()> {
+async fn enrol(
+    m: &MemoryMembership,
+    workers: &[String],
+    dialer: &control::Dialer,
+    control: &ControlHandle,
+    mut pool: watch::Receiver<Arc<Pool>>,
+) -> anyhow::Result<()> {
     let mut cards = Vec::new();
     for (i, address) in workers.iter().enumerate() {
         let id = format!("worker-{i}");
-        let health = first_health(&id, address).await;
+        let health = first_health(dialer, &id, address).await;
         if health.memory_bytes == 0 {
             tracing::warn!(worker = %id, %address, "the worker does not report its memory: placing as if it held anything");
         }
@@ -230,11 +240,11 @@ async fn enrol(m: &MemoryMembership, workers: &[String], control: &ControlHandle
 
 /// The worker's first Health answer, retried until it comes (the worker may not listen yet);
 /// a line is logged while waiting.
-async fn first_health(id: &str, address: &str) -> proto::tramontane::worker::v1::HealthResponse {
+async fn first_health(dialer: &control::Dialer, id: &str, address: &str) -> proto::tramontane::worker::v1::HealthResponse {
     let started = tokio::time::Instant::now();
     let mut next_log = Duration::from_secs(2);
     loop {
-        if let Some(health) = control::worker_health(address, Duration::from_secs(2)).await {
+        if let Some(health) = dialer.health(address, Duration::from_secs(2)).await {
             return health;
         }
         let waited = started.elapsed();

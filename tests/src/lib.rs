@@ -175,6 +175,9 @@ pub struct Etcd {
     peer_port: u16,
     /// The host it runs on (see [`net`]); `None`: this one, on loopback.
     host: Option<net::Host>,
+    /// Client TLS with client-certificate auth: (CA, certificate, key) files, and the plain
+    /// port its health is read on.
+    tls: Option<(::cluster::tls::ClusterTlsArgs, u16)>,
 }
 
 impl Etcd {
@@ -188,7 +191,16 @@ impl Etcd {
     /// for processes that start before etcd answers.
     pub fn unstarted() -> Self {
         let data = std::env::temp_dir().join(format!("tramontane-etcd-{}-{}", std::process::id(), free_port()));
-        Etcd { child: None, data, client_port: free_port(), peer_port: free_port(), host: None }
+        Etcd { child: None, data, client_port: free_port(), peer_port: free_port(), host: None, tls: None }
+    }
+
+    /// A started etcd whose clients must present a certificate the CA of `files` signed
+    /// (`https://` URL; `files` name etcd's own certificate, for 127.0.0.1).
+    pub fn with_client_certificates(files: ::cluster::tls::ClusterTlsArgs) -> Self {
+        let mut etcd = Etcd::unstarted();
+        etcd.tls = Some((files, free_port()));
+        etcd.resume();
+        etcd
     }
 
     /// A started etcd on a host of its own.
@@ -204,7 +216,7 @@ impl Etcd {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.ip(), self.client_port)
+        format!("{}://{}:{}", if self.tls.is_some() { "https" } else { "http" }, self.ip(), self.client_port)
     }
 
     /// Starts it again (after `stop`) on the same ports and data.
@@ -216,6 +228,20 @@ impl Etcd {
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("t={peer}"), "--heartbeat-interval", "10", "--election-timeout", "100"])
+            .args(self.tls.iter().flat_map(|(files, metrics)| {
+                let path = |p: &Option<PathBuf>| p.as_ref().expect("every file").display().to_string();
+                [
+                    "--client-cert-auth".to_owned(),
+                    "--trusted-ca-file".to_owned(),
+                    path(&files.cluster_ca),
+                    "--cert-file".to_owned(),
+                    path(&files.cluster_cert),
+                    "--key-file".to_owned(),
+                    path(&files.cluster_key),
+                    "--listen-metrics-urls".to_owned(),
+                    format!("http://{}:{metrics}", self.ip()),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.log()).expect("etcd's log file"))
             .spawn()
@@ -242,7 +268,8 @@ impl Etcd {
 
     fn healthy(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect((self.ip(), self.client_port)) else { return false };
+        let port = self.tls.as_ref().map_or(self.client_port, |(_, metrics)| *metrics);
+        let Ok(mut s) = std::net::TcpStream::connect((self.ip(), port)) else { return false };
         let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
         let _ = write!(s, "GET /health HTTP/1.0\r\n\r\n");
         let mut body = String::new();

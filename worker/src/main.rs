@@ -23,7 +23,7 @@ enum Command {
     /// Generate a completion locally and stream it to stdout.
     Generate(GenerateArgs),
     /// Serve the worker API to a coordinator.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +61,13 @@ struct ServeArgs {
     /// Where the engine runs: cpu, cuda or cuda:N (builds with the `cuda` feature).
     #[arg(long, env = "TRAMONTANE_DEVICE", default_value = "cpu")]
     device: Device,
+    #[command(flatten)]
+    cluster_tls: cluster::tls::ClusterTlsArgs,
+    /// Also serve the standard gRPC health service alone, in plain text, here: for probes
+    /// that cannot present a certificate (Kubernetes' gRPC probes) when the worker API is
+    /// mutual TLS.
+    #[arg(long, env = "TRAMONTANE_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,17 +115,18 @@ fn main() -> anyhow::Result<()> {
             Device::Cpu => generate(Cpu, args),
             Device::Cuda(n) => generate(cuda(n)?, args),
         },
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let tls = cluster::tls::ClusterTls::load(&args.cluster_tls)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         let comm_addr = args.comm_listen.unwrap_or_else(|| std::net::SocketAddr::new(addr.ip(), 0));
-        let comm_listener = worker::comm::CommListener::bind(comm_addr).with_context(|| format!("binding {comm_addr}"))?;
+        let comm_listener = worker::comm::CommListener::bind(comm_addr).with_context(|| format!("binding {comm_addr}"))?.with_tls(tls.clone());
         tracing::info!(addr = %comm_listener.local_addr()?, "communicator listening");
         let timeout = std::time::Duration::from_secs(args.comm_timeout_secs);
         let comm = worker::service::CommSetup {
@@ -127,6 +135,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             advertise_host: args.advertise_host.clone(),
         };
         let shutdown = worker::process::shutdown_on_signal();
+        if let Some(addr) = args.health_listen {
+            let probes = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr} (--health-listen)"))?;
+            tracing::info!(addr = %probes.local_addr()?, "health service listening (plain text)");
+            tokio::spawn(worker::service::serve_health(probes, shutdown.clone()));
+        }
         let handle = match args.device {
             Device::Cpu => {
                 let memory = budget(args.memory_bytes, "host", worker::process::host_memory);
@@ -146,7 +159,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, device = %args.device, "worker listening");
         // Registered until SIGTERM: then the lease is revoked at once, so the leader moves this
         // worker's sequences now rather than when the lease would expire.
-        let registration = if args.membership.etcd.is_empty() { None } else { Some(register(&args, addr, handle.offer()).await?) };
+        let registration = if args.membership.etcd.is_empty() { None } else { Some(register(&args, tls.as_ref(), addr, handle.offer()).await?) };
         let released = registration.map(|lease| {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -157,7 +170,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             })
         });
         let stopping = shutdown.clone();
-        let served = worker::service::serve(listener, handle, shutdown).await.map_err(|e| anyhow::anyhow!(e));
+        let served = worker::service::serve(listener, tls.as_ref(), handle, shutdown).await.map_err(|e| anyhow::anyhow!(e));
         if let Some(released) = released {
             if stopping.is_cancelled() {
                 let _ = released.await;
@@ -171,10 +184,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Registers this worker's card, with what it `offer`s, on etcd (waiting for etcd with capped
 /// backoff, never exiting for an outage); a lost lease is registered again, the model kept.
-async fn register(args: &ServeArgs, addr: std::net::SocketAddr, offer: worker::service::Offer) -> anyhow::Result<worker::membership::Lease> {
+async fn register(
+    args: &ServeArgs,
+    tls: Option<&cluster::tls::ClusterTls>,
+    addr: std::net::SocketAddr,
+    offer: worker::service::Offer,
+) -> anyhow::Result<worker::membership::Lease> {
     use worker::membership::{EtcdMembership, Membership, WorkerCard};
     let ttl = std::time::Duration::from_secs(args.membership.lease_ttl_secs);
-    let membership = EtcdMembership::connect(&args.membership.etcd, &args.membership.cluster, ttl).await.context("connecting to etcd")?;
+    let membership = EtcdMembership::connect(&args.membership.etcd, &args.membership.cluster, ttl, tls).await.context("connecting to etcd")?;
     let host = std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())

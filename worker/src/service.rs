@@ -496,6 +496,7 @@ impl pb::worker_server::Worker for EngineHandle {
 /// releases the worker; peers of sharded replicas link through `comm`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<&cluster::tls::ClusterTls>,
     handle: EngineHandle,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -514,7 +515,12 @@ pub async fn serve(
     // The standard gRPC health service (Kubernetes' gRPC probes): SERVING while the worker
     // answers; whether it holds a shard is the coordinator's business (its Health RPC).
     let (_health, health_service) = tonic_health::server::health_reporter();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        // Mutual TLS: only a coordinator with a certificate of the cluster CA reaches the API.
+        builder = builder.tls_config(tls.grpc_server())?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
@@ -529,6 +535,19 @@ pub async fn serve(
         () = grace => tracing::info!("the coordinator keeps its connection open; closing it"),
     }
     Ok(())
+}
+
+/// The standard gRPC health service alone (SERVING while the process runs), for probes that
+/// cannot present the cluster's certificate.
+pub async fn serve_health(listener: tokio::net::TcpListener, shutdown: tokio_util::sync::CancellationToken) {
+    let (_health, health_service) = tonic_health::server::health_reporter();
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(crate::process::nodelay_incoming(listener), shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "the health service stopped");
+    }
 }
 
 #[cfg(test)]

@@ -176,6 +176,15 @@ struct UpArgs {
     /// certificate itself, for a self-signed one).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// The cluster's certificates, given to every process: mutual TLS between the coordinator,
+    /// the workers, their links and etcd (whose endpoints are then `https://`).
+    #[command(flatten)]
+    cluster_tls: cluster::tls::ClusterTlsArgs,
+    /// TLS everywhere with a throwaway CA made now: the cluster's links (mutual TLS) and, but
+    /// for `--tls-cert`, the client APIs, with a certificate for localhost and 127.0.0.1. The
+    /// CA's path is printed for clients to trust; it is deleted when tramctl stops.
+    #[arg(long, conflicts_with = "cluster_ca")]
+    tls: bool,
     /// More coordinator flags, after `--` (e.g. `-- --no-prefix-caching --max-num-seqs 32`).
     #[arg(last = true)]
     coordinator_args: Vec<String>,
@@ -341,6 +350,8 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
     let world = a.tp * a.ep * a.pp;
     anyhow::ensure!(world >= 1 && a.workers.is_multiple_of(world), "`--workers` {} must be a multiple of tp x ep x pp = {world}", a.workers);
     let model = a.model.clone().unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/mistral-v1-tiny")));
+    // With --tls: the throwaway CA's directory, kept as long as the cluster runs.
+    let (_ca_dir, cluster_tls, client_tls) = throwaway_ca(&a)?;
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
     let etcd = a.etcd.join(",");
@@ -371,6 +382,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         };
         let mut args: Vec<String> = vec!["serve".into(), "--device".into(), device.to_string()];
         args.extend(membership.iter().map(|s| s.to_string()));
+        args.extend(cluster_tls.to_args());
         if let Some(bytes) = share {
             args.extend(["--memory-bytes".into(), bytes.to_string()]);
         }
@@ -397,8 +409,9 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         .args(["--kv-blocks", &a.kv_blocks.to_string()])
         .args(["--tp", &a.tp.to_string(), "--ep", &a.ep.to_string(), "--pp", &a.pp.to_string()])
         .args(a.api_keys.iter().flat_map(|k| ["--api-keys".to_owned(), k.display().to_string()]))
-        .args(a.tls_cert.iter().flat_map(|c| ["--tls-cert".to_owned(), c.display().to_string()]))
-        .args(a.tls_key.iter().flat_map(|k| ["--tls-key".to_owned(), k.display().to_string()]))
+        .args(client_tls.0.iter().flat_map(|c| ["--tls-cert".to_owned(), c.display().to_string()]))
+        .args(client_tls.1.iter().flat_map(|k| ["--tls-key".to_owned(), k.display().to_string()]))
+        .args(cluster_tls.to_args())
         .args(&a.coordinator_args);
     let lines = spawn(&mut children, "coordinator", &mut coordinator, 2)?;
     // Same first lines as the coordinator's, so scripts can find the APIs: bound, and ready
@@ -420,7 +433,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
             if ready {
                 continue;
             }
-            if serving(&grpc, a.tls_ca.as_deref().or(a.tls_cert.as_deref())).await {
+            if serving(&grpc, client_tls.2.as_deref()).await {
                 ready = true;
                 eprintln!("tramctl: serving ({} s after the start)", started.elapsed().as_secs());
             } else if started.elapsed() >= next_note {
@@ -429,6 +442,43 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The client APIs' certificate, key and the CA that checks them.
+type ClientTls = (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>);
+
+/// The cluster's certificates and the client APIs' TLS of `tramctl up`: as given, or with
+/// `--tls` from a CA made now in a temporary directory (returned: it lives as long as the
+/// cluster).
+fn throwaway_ca(a: &UpArgs) -> anyhow::Result<(Option<tempfile::TempDir>, cluster::tls::ClusterTlsArgs, ClientTls)> {
+    let given: ClientTls = (a.tls_cert.clone(), a.tls_key.clone(), a.tls_ca.clone().or_else(|| a.tls_cert.clone()));
+    if !a.tls {
+        return Ok((None, a.cluster_tls.clone(), given));
+    }
+    let dir = tempfile::Builder::new().prefix("tramontane-ca-").tempdir()?;
+    let ca = cluster::tls::Authority::new("Tramontane throwaway cluster CA")?;
+    let mut hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    for addr in [&a.grpc_addr, &a.http_addr] {
+        if let Some((host, _)) = addr.rsplit_once(':') {
+            let host = host.trim_matches(['[', ']']).to_owned();
+            if !hosts.contains(&host) && host != "0.0.0.0" && host != "::" {
+                hosts.push(host);
+            }
+        }
+    }
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let cluster_tls = ca.write(dir.path(), "cluster", &hosts)?;
+    let client = match given.0 {
+        Some(_) => given,
+        None => (cluster_tls.cluster_cert.clone(), cluster_tls.cluster_key.clone(), cluster_tls.cluster_ca.clone()),
+    };
+    let ca_path = dir.path().join("ca.pem");
+    eprintln!(
+        "tramctl: TLS everywhere with a throwaway CA: {} (clients trust it: `tramctl --tls-ca`, SSL_CERT_FILE, grpc's root certificates)",
+        ca_path.display()
+    );
+    println!("cluster CA {}", ca_path.display());
+    Ok((Some(dir), cluster_tls, client))
 }
 
 /// Whether the coordinator at `grpc` reports SERVING on the standard gRPC health service

@@ -11,7 +11,7 @@
 
 use cluster::membership::MembershipError;
 
-use super::{Controller, Report, health_of};
+use super::{Controller, Report};
 
 impl Controller {
     /// While the leadership lease may have lapsed, reads every known worker's placement epoch
@@ -28,9 +28,9 @@ impl Controller {
         }
         targets.sort();
         targets.dedup();
-        let reports = self.reports.clone();
+        let (reports, dialer) = (self.reports.clone(), self.cfg.dialer.clone());
         tokio::spawn(async move {
-            let epochs = health_of(targets).await.into_iter().map(|(id, health)| (id, health.map(|h| h.epoch))).collect();
+            let epochs = dialer.health_of(targets).await.into_iter().map(|(id, health)| (id, health.map(|h| h.epoch))).collect();
             let _ = reports.send(Report::Epochs(epochs));
         });
     }

@@ -31,8 +31,8 @@ mod pool;
 pub use handle::{ClusterView, ControlError, ControlHandle, PlannedReplica, WorkerView};
 use handle::{Reply, Request};
 
-pub use placing::worker_health;
-use placing::{Change, NewReplica, Outcome, Serving, Target, connect, gpu_ordinal, health_of};
+pub use placing::Dialer;
+use placing::{Change, NewReplica, Outcome, Serving, Target, gpu_ordinal};
 pub use pool::{LiveReplica, Policy, Pool, Routing};
 
 /// What the controller places.
@@ -50,6 +50,8 @@ pub struct ControlConfig {
     pub prefix: PrefixHasher,
     /// This coordinator's id (for leadership).
     pub id: String,
+    /// How the workers' API is reached (plain text or mutual TLS).
+    pub dialer: Dialer,
     /// The membership's lease TTL: a serving worker whose card vanishes is given up only when
     /// it has not registered again within [`gone_grace`] of it.
     pub lease_ttl: Duration,
@@ -122,7 +124,7 @@ async fn run(
     let mut c = Controller {
         epoch: stored.as_ref().map_or(0, |p| p.epoch),
         previous: stored.map(|p| p.replicas).unwrap_or_default(),
-        serving: Serving { sched: cfg.sched, prefix: cfg.prefix.clone(), metrics, down: down_tx },
+        serving: Serving { sched: cfg.sched, prefix: cfg.prefix.clone(), metrics, down: down_tx, dialer: cfg.dialer.clone() },
         cfg,
         membership: membership.clone(),
         leadership,
@@ -521,8 +523,9 @@ impl Controller {
                 continue;
             }
             let Some(address) = address.or_else(|| self.cards.get(&id).map(|c| c.address.clone())) else { continue };
+            let dialer = self.cfg.dialer.clone();
             tokio::spawn(async move {
-                let call = async { connect(&address).await?.fence(wpb::FenceRequest { epoch }).await.map_err(WorkerCallError::Failed) };
+                let call = async { dialer.connect(&address).await?.fence(wpb::FenceRequest { epoch }).await.map_err(WorkerCallError::Failed) };
                 match tokio::time::timeout(Duration::from_secs(5), call).await {
                     Ok(Ok(_)) => tracing::info!(worker = %id, %address, epoch, "fenced a worker the placement no longer uses"),
                     Ok(Err(e)) => tracing::info!(worker = %id, %address, epoch, error = %e, "could not fence a worker"),
@@ -574,9 +577,9 @@ impl Controller {
         // Its steps may have been refused for a newer leader's epoch.
         self.read_epochs_if_lapsed();
         let workers = r.plan.workers.iter().cloned().zip(r.addresses.iter().cloned().map(Some)).collect();
-        let reports = self.reports.clone();
+        let (reports, dialer) = (self.reports.clone(), self.cfg.dialer.clone());
         tokio::spawn(async move {
-            let silent = health_of(workers).await.into_iter().filter(|(_, health)| health.is_none()).map(|(id, _)| id).collect();
+            let silent = dialer.health_of(workers).await.into_iter().filter(|(_, health)| health.is_none()).map(|(id, _)| id).collect();
             let _ = reports.send(Report::Unhealthy(silent));
         });
     }
@@ -588,9 +591,9 @@ impl Controller {
         }
         self.probing = true;
         let targets: Vec<(String, Option<String>)> = self.suspects.iter().map(|id| (id.clone(), self.cards.get(id).map(|c| c.address.clone()))).collect();
-        let reports = self.reports.clone();
+        let (reports, dialer) = (self.reports.clone(), self.cfg.dialer.clone());
         tokio::spawn(async move {
-            let _ = reports.send(Report::Probed(health_of(targets).await));
+            let _ = reports.send(Report::Probed(dialer.health_of(targets).await));
         });
     }
 
@@ -629,9 +632,10 @@ impl Controller {
             let waiters = self.draining.remove(&id).unwrap_or_default();
             let address = self.cards.remove(&id).map(|c| c.address);
             let epoch = self.epoch;
+            let dialer = self.cfg.dialer.clone();
             tokio::spawn(async move {
                 let result = match address {
-                    Some(address) => match connect(&address).await {
+                    Some(address) => match dialer.connect(&address).await {
                         Ok(mut c) => c.release(wpb::ReleaseRequest { epoch }).await.map(drop).map_err(|s| s.message().to_owned()),
                         Err(e) => Err(e.to_string()),
                     },
@@ -753,6 +757,7 @@ mod tests {
                 block_size: 16,
             },
             sched: SchedulerConfig { num_blocks: 16, block_size: 16, max_num_seqs: 4, max_batch_tokens: 64, max_queue: 4, prefix_caching: true },
+            dialer: Dialer::default(),
             prefix: cluster::kv_cache::PrefixHasher::new("mix-bench", 16),
             id: "c1".into(),
             lease_ttl: Duration::from_secs(1),

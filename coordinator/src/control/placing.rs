@@ -17,6 +17,7 @@ use crate::planner::{Plan, ReplicaPlan};
 use crate::replica::{ReplicaDown, ReplicaHandle, WorkerCallError};
 use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::{Scheduler, SchedulerConfig};
+use cluster::tls::ClusterTls;
 
 pub(super) type WorkerClient = wpb::worker_client::WorkerClient<tonic::transport::Channel>;
 
@@ -44,6 +45,7 @@ pub(super) struct Serving {
     pub prefix: PrefixHasher,
     pub metrics: Arc<Metrics>,
     pub down: mpsc::UnboundedSender<ReplicaDown>,
+    pub dialer: Dialer,
 }
 
 /// One placement change.
@@ -130,7 +132,7 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
     let mut peers = Vec::new();
     for w in &workers {
         let fail = |e: &dyn std::fmt::Display| (vec![w.id.clone()], format!("worker {} ({}): {e}", w.id, w.address));
-        let mut client = connect(&w.address).await.map_err(|e| fail(&e))?;
+        let mut client = serving.dialer.connect(&w.address).await.map_err(|e| fail(&e))?;
         if sharded {
             let health = client.health(wpb::HealthRequest {}).await.map_err(|s| fail(&s.message()))?;
             peers.push(health.into_inner().comm_address);
@@ -173,48 +175,67 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
     if !failed.is_empty() {
         return Err((failed, message));
     }
-    let Serving { sched, prefix, metrics, down } = serving;
+    let Serving { sched, prefix, metrics, down, .. } = serving;
     let handle = ReplicaHandle::spawn(replica, clients, assignments.clone(), plan.layout.driver(), Scheduler::new(sched, prefix), metrics, down);
     tracing::info!(workers = ?plan.workers, layout = ?plan.layout, epoch = assignments[0].epoch, "replica serving");
     Ok(LiveReplica { handle, plan, addresses: workers.into_iter().map(|w| w.address).collect() })
 }
 
-pub(super) async fn connect(addr: &str) -> Result<WorkerClient, WorkerCallError> {
-    let unreachable = |source| WorkerCallError::Unreachable { addr: addr.to_owned(), source };
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(unreachable)?.connect_timeout(Duration::from_secs(2));
-    let channel = endpoint.connect().await.map_err(unreachable)?;
-    Ok(WorkerClient::new(channel).max_decoding_message_size(64 << 20))
+/// How the coordinator reaches its workers' API: plain text, or mutual TLS with the cluster's
+/// certificate (the worker checks it is signed by the cluster CA, and the coordinator the
+/// worker's).
+#[derive(Debug, Clone, Default)]
+pub struct Dialer {
+    tls: Option<ClusterTls>,
 }
 
-/// The worker's Health answer, if it gives one within `limit`.
-pub async fn worker_health(addr: &str, limit: Duration) -> Option<wpb::HealthResponse> {
-    let check = async {
-        let mut c = connect(addr).await.ok()?;
-        c.health(wpb::HealthRequest {}).await.ok().map(tonic::Response::into_inner)
-    };
-    tokio::time::timeout(limit, check).await.ok().flatten()
-}
-
-/// The Health answers of `workers` (id, and address where known), read all at once: None for
-/// one that gave none within a second, or has no address.
-pub(super) async fn health_of(workers: Vec<(String, Option<String>)>) -> Vec<(String, Option<wpb::HealthResponse>)> {
-    let reads: Vec<_> = workers
-        .into_iter()
-        .map(|(id, address)| {
-            tokio::spawn(async move {
-                let health = match address {
-                    Some(a) => worker_health(&a, Duration::from_secs(1)).await,
-                    None => None,
-                };
-                (id, health)
-            })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for read in reads {
-        answers.extend(read.await.ok());
+impl Dialer {
+    pub fn new(tls: Option<ClusterTls>) -> Self {
+        Dialer { tls }
     }
-    answers
+
+    pub(super) async fn connect(&self, addr: &str) -> Result<WorkerClient, WorkerCallError> {
+        let unreachable = |source| WorkerCallError::Unreachable { addr: addr.to_owned(), source };
+        let url = format!("{}://{addr}", ClusterTls::scheme(self.tls.as_ref()));
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url).map_err(unreachable)?.connect_timeout(Duration::from_secs(2));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.grpc_client()).map_err(unreachable)?;
+        }
+        let channel = endpoint.connect().await.map_err(unreachable)?;
+        Ok(WorkerClient::new(channel).max_decoding_message_size(64 << 20))
+    }
+
+    /// The worker's Health answer, if it gives one within `limit`.
+    pub async fn health(&self, addr: &str, limit: Duration) -> Option<wpb::HealthResponse> {
+        let check = async {
+            let mut c = self.connect(addr).await.ok()?;
+            c.health(wpb::HealthRequest {}).await.ok().map(tonic::Response::into_inner)
+        };
+        tokio::time::timeout(limit, check).await.ok().flatten()
+    }
+
+    /// The Health answers of `workers` (id, and address where known), read all at once: None for
+    /// one that gave none within a second, or has no address.
+    pub(super) async fn health_of(&self, workers: Vec<(String, Option<String>)>) -> Vec<(String, Option<wpb::HealthResponse>)> {
+        let reads: Vec<_> = workers
+            .into_iter()
+            .map(|(id, address)| {
+                let dialer = self.clone();
+                tokio::spawn(async move {
+                    let health = match address {
+                        Some(a) => dialer.health(&a, Duration::from_secs(1)).await,
+                        None => None,
+                    };
+                    (id, health)
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for read in reads {
+            answers.extend(read.await.ok());
+        }
+        answers
+    }
 }
 
 /// The GPU a worker card names (`cuda:N`), if any.

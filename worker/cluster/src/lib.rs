@@ -17,6 +17,7 @@ pub mod precision;
 pub mod process;
 pub mod sampling;
 pub mod scheduler;
+pub mod tls;
 pub mod tokenizer;
 
 pub use config::{Architecture, ModelConfig};

@@ -7,9 +7,11 @@
 //! code guarantees it: every rank runs the same layers over the same step). Results are
 //! bit-identical on every rank: reductions sum contributions in rank order.
 
+pub mod frame;
 #[cfg(feature = "_cuda")]
 mod nccl;
 mod tcp;
+mod tls;
 
 #[cfg(feature = "_cuda")]
 pub use nccl::{NcclComm, nccl_unique_id};

@@ -10,23 +10,32 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use super::{Comm, CommError, check_parts, sub_members};
+use cluster::tls::ClusterTls;
+
+use super::{Comm, CommError, check_parts, frame, sub_members, tls};
 
 const MAGIC: u32 = 0x5452_4d43; // "TRMC"
 /// How long a connecting rank waits between attempts while its peer is not listening yet.
 const RETRY: Duration = Duration::from_millis(20);
 
 /// The socket a worker accepts its peers' links on; bound once, reused by every assignment.
+/// With the cluster's TLS, every link it accepts or dials is mutual TLS.
 #[derive(Debug)]
 pub struct CommListener {
     listener: TcpListener,
+    tls: Option<ClusterTls>,
 }
 
 impl CommListener {
     pub fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        Ok(CommListener { listener })
+        Ok(CommListener { listener, tls: None })
+    }
+
+    /// Links over mutual TLS with the cluster CA (`None`: plain TCP).
+    pub fn with_tls(self, tls: Option<ClusterTls>) -> Self {
+        CommListener { tls, ..self }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -34,12 +43,18 @@ impl CommListener {
     }
 }
 
+/// An established link's stream: the socket, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(TcpStream, Box<tokio_rustls::TlsStream<tokio::net::TcpStream>>),
+}
+
 /// One established link to a peer.
-#[derive(Debug)]
 struct Link {
     addr: String,
+    /// The socket, to close the link from any thread.
     stream: TcpStream,
-    reader: Mutex<TcpStream>,
+    reader: Mutex<Box<dyn Read + Send>>,
     /// `None` once the mesh is closing.
     writer: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -49,7 +64,6 @@ struct Link {
     received: AtomicU64,
 }
 
-#[derive(Debug)]
 struct Mesh {
     rank: usize,
     /// Indexed by global rank; `None` for this rank.
@@ -71,6 +85,12 @@ impl Drop for Mesh {
             }
             let _ = link.stream.shutdown(std::net::Shutdown::Both);
         }
+    }
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("rank", &self.rank).field("links", &self.links.len()).finish_non_exhaustive()
     }
 }
 
@@ -103,9 +123,10 @@ impl TcpComm {
             return Err(CommError::Setup(format!("rank {rank} is outside a world of {world}")));
         }
         let deadline = Instant::now() + options.setup_timeout;
-        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        let mut streams: Vec<Option<Stream>> = (0..world).map(|_| None).collect();
+        let tls = listener.tls.as_ref();
         let (lower, higher) = std::thread::scope(|s| {
-            let dialer = s.spawn(|| (0..rank).map(|peer| dial(&peers[peer], peer, epoch, rank, world, deadline)).collect::<Result<Vec<_>, _>>());
+            let dialer = s.spawn(|| (0..rank).map(|peer| dial(tls, &peers[peer], peer, epoch, rank, world, deadline)).collect::<Result<Vec<_>, _>>());
             let accepted = accept_all(listener, epoch, rank, world, deadline);
             let dialed = dialer.join().unwrap_or_else(|_| Err(CommError::Setup("the dialing thread panicked".into())));
             (dialed, accepted)
@@ -156,13 +177,7 @@ impl TcpComm {
 
     fn send_to(&self, member: usize, data: &[f32]) -> Result<(), CommError> {
         let link = self.link(member);
-        let seq = link.sent.fetch_add(1, Ordering::Relaxed);
-        let mut frame = Vec::with_capacity(16 + data.len() * 4);
-        frame.extend_from_slice(&seq.to_le_bytes());
-        frame.extend_from_slice(&((data.len() * 4) as u64).to_le_bytes());
-        for v in data {
-            frame.extend_from_slice(&v.to_le_bytes());
-        }
+        let frame = frame::encode(link.sent.fetch_add(1, Ordering::Relaxed), data);
         let writer = link.writer.lock().unwrap_or_else(|e| e.into_inner());
         let sent = writer.as_ref().map(|w| w.send(frame));
         match sent {
@@ -174,7 +189,6 @@ impl TcpComm {
     fn recv_from(&self, member: usize) -> Result<Vec<f32>, CommError> {
         let link = self.link(member);
         let mut stream = link.reader.lock().unwrap_or_else(|e| e.into_inner());
-        let mut header = [0u8; 16];
         let timeout = self.mesh.timeout;
         let describe = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
@@ -183,16 +197,11 @@ impl TcpComm {
             std::io::ErrorKind::UnexpectedEof => "the peer closed the connection (its process ended)".to_owned(),
             _ => format!("connection failed: {e}"),
         };
-        stream.read_exact(&mut header).map_err(|e| self.peer_error(member, describe(e)))?;
-        let seq = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
-        let bytes = u64::from_le_bytes(header[8..].try_into().expect("8 bytes")) as usize;
         let expected = link.received.fetch_add(1, Ordering::Relaxed);
-        if seq != expected || !bytes.is_multiple_of(4) {
-            return Err(self.peer_error(member, format!("out of step: frame {seq} of {bytes} bytes, expected frame {expected}")));
-        }
-        let mut payload = vec![0u8; bytes];
-        stream.read_exact(&mut payload).map_err(|e| self.peer_error(member, describe(e)))?;
-        Ok(payload.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+        frame::read(&mut *stream, expected).map_err(|e| match e {
+            frame::FrameError::Io(e) => self.peer_error(member, describe(e)),
+            out_of_step => self.peer_error(member, out_of_step.to_string()),
+        })
     }
 
     fn others(&self) -> impl Iterator<Item = usize> + '_ {
@@ -210,13 +219,22 @@ impl TcpComm {
 }
 
 impl Link {
-    fn new(stream: TcpStream, addr: String, timeout: Duration) -> Result<Link, CommError> {
+    fn new(stream: Stream, addr: String, timeout: Duration) -> Result<Link, CommError> {
         let setup = |e: std::io::Error| CommError::Setup(format!("link to {addr}: {e}"));
-        stream.set_nodelay(true).map_err(setup)?;
-        stream.set_read_timeout(Some(timeout)).map_err(setup)?;
-        stream.set_write_timeout(Some(timeout)).map_err(setup)?;
-        let reader = stream.try_clone().map_err(setup)?;
-        let write_half = stream.try_clone().map_err(setup)?;
+        let (socket, reader, write_half): (TcpStream, Box<dyn Read + Send>, Box<dyn Write + Send>) = match stream {
+            Stream::Plain(socket) => {
+                socket.set_nodelay(true).map_err(setup)?;
+                socket.set_read_timeout(Some(timeout)).map_err(setup)?;
+                socket.set_write_timeout(Some(timeout)).map_err(setup)?;
+                let (reader, writer) = (socket.try_clone().map_err(setup)?, socket.try_clone().map_err(setup)?);
+                (socket, Box::new(reader), Box::new(writer))
+            }
+            Stream::Tls(socket, tls) => {
+                socket.set_nodelay(true).map_err(setup)?;
+                let (reader, writer) = tls::split(*tls, timeout);
+                (socket, Box::new(reader), Box::new(writer))
+            }
+        };
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let thread = std::thread::Builder::new()
             .name("comm-writer".into())
@@ -231,7 +249,7 @@ impl Link {
             .map_err(setup)?;
         Ok(Link {
             addr,
-            stream,
+            stream: socket,
             reader: Mutex::new(reader),
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
@@ -251,10 +269,10 @@ fn handshake(epoch: u64, rank: usize, world: usize) -> [u8; 20] {
 }
 
 /// Connects to lower rank `peer` at `addr`, retrying until it accepts us for `epoch`.
-fn dial(addr: &str, peer: usize, epoch: u64, rank: usize, world: usize, deadline: Instant) -> Result<TcpStream, CommError> {
+fn dial(tls: Option<&ClusterTls>, addr: &str, peer: usize, epoch: u64, rank: usize, world: usize, deadline: Instant) -> Result<Stream, CommError> {
     let mut last = String::from("no attempt");
     while Instant::now() < deadline {
-        match try_dial(addr, epoch, rank, world) {
+        match try_dial(tls, addr, epoch, rank, world) {
             Ok(Some(stream)) => return Ok(stream),
             Ok(None) => last = "refused our epoch or world size".into(),
             Err(e) => last = e.to_string(),
@@ -264,7 +282,7 @@ fn dial(addr: &str, peer: usize, epoch: u64, rank: usize, world: usize, deadline
     Err(CommError::Setup(format!("rank {rank} could not link to rank {peer} at {addr} for epoch {epoch}: {last}")))
 }
 
-fn try_dial(addr: &str, epoch: u64, rank: usize, world: usize) -> std::io::Result<Option<TcpStream>> {
+fn try_dial(tls: Option<&ClusterTls>, addr: &str, epoch: u64, rank: usize, world: usize) -> std::io::Result<Option<Stream>> {
     let target = match addr.parse::<SocketAddr>() {
         Ok(a) => a,
         Err(_) => std::net::ToSocketAddrs::to_socket_addrs(addr)?
@@ -272,16 +290,21 @@ fn try_dial(addr: &str, epoch: u64, rank: usize, world: usize) -> std::io::Resul
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} does not resolve")))?,
     };
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+    if let Some(tls) = tls {
+        // The socket stays non-blocking: the TLS stream on the links' runtime shares it.
+        let (secured, ack) = tls::dial(tls, &stream, handshake(epoch, rank, world))?;
+        return Ok((ack == 1).then_some(Stream::Tls(stream, Box::new(secured))));
+    }
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.write_all(&handshake(epoch, rank, world))?;
     let mut ack = [0u8; 1];
     stream.read_exact(&mut ack)?;
-    Ok((ack[0] == 1).then_some(stream))
+    Ok((ack[0] == 1).then_some(Stream::Plain(stream)))
 }
 
 /// Accepts the links of every rank above `rank`.
-fn accept_all(listener: &CommListener, epoch: u64, rank: usize, world: usize, deadline: Instant) -> Result<Vec<(usize, TcpStream)>, CommError> {
-    let mut got: Vec<(usize, TcpStream)> = Vec::new();
+fn accept_all(listener: &CommListener, epoch: u64, rank: usize, world: usize, deadline: Instant) -> Result<Vec<(usize, Stream)>, CommError> {
+    let mut got: Vec<(usize, Stream)> = Vec::new();
     while got.len() < world - rank - 1 {
         if Instant::now() >= deadline {
             let missing: Vec<usize> = (rank + 1..world).filter(|r| !got.iter().any(|(p, _)| p == r)).collect();
@@ -295,19 +318,25 @@ fn accept_all(listener: &CommListener, epoch: u64, rank: usize, world: usize, de
             }
             Err(e) => return Err(CommError::Setup(format!("accepting links: {e}"))),
         };
-        // A connection that fails its handshake (another epoch, a stray client) is dropped.
-        if let Ok(Some(peer)) = check_handshake(&stream, epoch, rank, world, &got) {
-            got.push((peer, stream));
+        // A connection that fails its handshake (no certificate of the cluster's, another
+        // epoch, a stray client) is dropped.
+        let linked: Vec<usize> = got.iter().map(|(p, _)| *p).collect();
+        let judge = move |h: &[u8; 20]| judge(h, epoch, rank, world, &linked);
+        let accepted = match &listener.tls {
+            Some(tls) => tls::accept(tls, &stream, judge).map(|a| a.map(|(peer, secured)| (peer, Stream::Tls(stream, Box::new(secured))))),
+            None => plain_handshake(&stream, judge).map(|peer| peer.map(|p| (p, Stream::Plain(stream)))),
+        };
+        match accepted {
+            Ok(Some(link)) => got.push(link),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "a link's handshake failed"),
         }
     }
     Ok(got)
 }
 
-fn check_handshake(mut stream: &TcpStream, epoch: u64, rank: usize, world: usize, got: &[(usize, TcpStream)]) -> std::io::Result<Option<usize>> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut h = [0u8; 20];
-    stream.read_exact(&mut h)?;
+/// The peer a link's hello names, if it is one this rank waits for in `epoch`.
+fn judge(h: &[u8; 20], epoch: u64, rank: usize, world: usize, linked: &[usize]) -> Option<usize> {
     let field = |r: std::ops::Range<usize>| {
         u64::from_le_bytes({
             let mut b = [0u8; 8];
@@ -316,14 +345,18 @@ fn check_handshake(mut stream: &TcpStream, epoch: u64, rank: usize, world: usize
         })
     };
     let peer = field(12..16) as usize;
-    let ok = field(0..4) == MAGIC as u64
-        && field(4..12) == epoch
-        && field(16..20) as usize == world
-        && peer > rank
-        && peer < world
-        && !got.iter().any(|(p, _)| *p == peer);
-    stream.write_all(&[ok as u8])?;
-    Ok(ok.then_some(peer))
+    let ok = field(0..4) == MAGIC as u64 && field(4..12) == epoch && field(16..20) as usize == world && peer > rank && peer < world && !linked.contains(&peer);
+    ok.then_some(peer)
+}
+
+fn plain_handshake(mut stream: &TcpStream, judge: impl FnOnce(&[u8; 20]) -> Option<usize>) -> std::io::Result<Option<usize>> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut h = [0u8; 20];
+    stream.read_exact(&mut h)?;
+    let peer = judge(&h);
+    stream.write_all(&[peer.is_some() as u8])?;
+    Ok(peer)
 }
 
 impl Comm for TcpComm {
@@ -432,7 +465,17 @@ mod tests {
 
     /// Runs `f(comm)` on `world` ranks, each on its own thread with its own listener.
     fn run<R: Send>(world: usize, f: impl Fn(TcpComm) -> R + Sync) -> Vec<R> {
-        let listeners: Vec<CommListener> = (0..world).map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
+        run_with(world, |_| None, f)
+    }
+
+    /// The cluster TLS of a process with a certificate of `ca`.
+    fn member(ca: &cluster::tls::Authority) -> Option<ClusterTls> {
+        let node = ca.issue("rank", &[]).unwrap();
+        Some(ClusterTls::from_pem(ca.ca_pem().into(), node.cert_pem.into(), node.key_pem.into()).unwrap())
+    }
+
+    fn run_with<R: Send>(world: usize, tls: impl Fn(usize) -> Option<ClusterTls>, f: impl Fn(TcpComm) -> R + Sync) -> Vec<R> {
+        let listeners: Vec<CommListener> = (0..world).map(|r| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap().with_tls(tls(r))).collect();
         let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = listeners
@@ -449,7 +492,39 @@ mod tests {
 
     #[test]
     fn collectives_agree_on_every_rank() {
-        let out = run(3, |c| {
+        collectives_agree(run(3, collectives));
+    }
+
+    /// The same collectives over mutual TLS give the same results.
+    #[test]
+    fn collectives_agree_over_mutual_tls() {
+        let ca = cluster::tls::Authority::new("cluster").unwrap();
+        collectives_agree(run_with(3, |_| member(&ca), collectives));
+    }
+
+    /// A process whose certificate another CA signed links to no rank, and no rank to it.
+    #[test]
+    fn a_peer_without_the_cluster_certificate_cannot_join_the_mesh() {
+        let (ca, rogue) = (cluster::tls::Authority::new("cluster").unwrap(), cluster::tls::Authority::new("self-signed").unwrap());
+        let short = TcpOptions { timeout: Duration::from_secs(1), setup_timeout: Duration::from_millis(1500) };
+        for (rogue_rank, tls) in [(1, Some(&rogue)), (1, None), (0, Some(&rogue))] {
+            let l0 = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap().with_tls(if rogue_rank == 0 { tls.and_then(member) } else { member(&ca) });
+            let l1 = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap().with_tls(if rogue_rank == 1 { tls.and_then(member) } else { member(&ca) });
+            let peers = vec![l0.local_addr().unwrap().to_string(), l1.local_addr().unwrap().to_string()];
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| TcpComm::connect(&l0, 1, 0, &peers, short).map(drop));
+                let b = s.spawn(|| TcpComm::connect(&l1, 1, 1, &peers, short).map(drop));
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            assert!(matches!(a, Err(CommError::Setup(ref m)) if m.contains("ranks [1] did not link")), "rogue rank {rogue_rank}: {a:?}");
+            assert!(matches!(b, Err(CommError::Setup(ref m)) if m.contains("could not link to rank 0")), "rogue rank {rogue_rank}: {b:?}");
+        }
+    }
+
+    type Collected = (Vec<f32>, Vec<f32>, Vec<Vec<f32>>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+    fn collectives(c: TcpComm) -> Collected {
+        {
             let r = c.rank() as f32;
             let mut sum = vec![r, 10.0 * r, 0.1];
             c.all_reduce_sum(&mut sum).unwrap();
@@ -468,7 +543,10 @@ mod tests {
             let mut s = vec![r];
             sub.as_ref().unwrap().all_reduce_sum(&mut s).unwrap();
             (sum, gathered, got, b, p2p, s)
-        });
+        }
+    }
+
+    fn collectives_agree(out: Vec<Collected>) {
         for (rank, (sum, gathered, got, b, p2p, s)) in out.into_iter().enumerate() {
             assert_eq!(sum, vec![3.0, 30.0, 0.1 + 0.1 + 0.1]);
             assert_eq!(gathered, vec![0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::tls::ClusterTls;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -58,12 +59,20 @@ enum Ended {
 }
 
 impl EtcdMembership {
-    /// Connects to the etcd `endpoints` for cluster `cluster`; leases last `ttl`.
-    pub async fn connect(endpoints: &[String], cluster: &str, ttl: Duration) -> Result<Self, MembershipError> {
+    /// Connects to the etcd `endpoints` for cluster `cluster`; leases last `ttl`. With `tls`,
+    /// over TLS presenting the cluster certificate (`https://` endpoints; a bare `host:port` is
+    /// taken as one).
+    pub async fn connect(endpoints: &[String], cluster: &str, ttl: Duration, tls: Option<&ClusterTls>) -> Result<Self, MembershipError> {
         if cluster.is_empty() || cluster.contains('/') {
             return Err(MembershipError::Invalid(format!("cluster name {cluster:?} must be non-empty, without '/'")));
         }
-        let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(2));
+        let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(2));
+        if let Some(tls) = tls {
+            if let Some(plain) = endpoints.iter().find(|e| e.starts_with("http://")) {
+                return Err(MembershipError::Invalid(format!("etcd endpoint {plain}: the cluster CA is given, so etcd is reached over TLS (https://)")));
+            }
+            options = options.with_tls(tls.etcd());
+        }
         let client = Client::connect(endpoints, Some(options)).await.map_err(store)?;
         Ok(EtcdMembership { client, endpoints: endpoints.to_vec(), prefix: format!("/tramontane/{cluster}/"), ttl })
     }
