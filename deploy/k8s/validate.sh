@@ -12,7 +12,7 @@ if [ ! -x "$venv/bin/kubernetes-validate" ]; then
 fi
 rendered=$(mktemp -d)
 trap 'rm -rf "$rendered"' EXIT
-for overlay in cpu-tiny mixtral-8x7b mistral-large; do
+for overlay in cpu-tiny cpu-tiny-tls mixtral-8x7b mistral-large; do
   kubectl kustomize "$overlay" > "$rendered/$overlay.yaml"
   "$venv/bin/kubernetes-validate" --strict --quiet "$rendered/$overlay.yaml"
   echo "deploy/k8s/$overlay: $(grep -c '^kind:' "$rendered/$overlay.yaml") objects valid (Kubernetes 1.37, strict)"
