@@ -1,7 +1,9 @@
 //! Sharding benchmark: for each layout, starts fresh `worker serve` processes (siblings of
 //! this binary), loads a dummy model sharded over them (TCP communicator, same machine), and
 //! prints each rank's peak resident memory and weight bytes, and the time per decode step.
-//! Each worker gets `cores / ranks` threads, so layouts share the machine fairly.
+//! Each worker gets `cores / ranks` threads, so layouts share the machine fairly. With `--tls`
+//! each layout runs again right after, with the cluster's mutual TLS (worker API and links;
+//! a CA made here), and its row gives the ratio of its step time to plain text's.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -31,7 +33,13 @@ struct Args {
     config: Option<PathBuf>,
     #[arg(long, default_value = "f32")]
     dtype: worker::WeightDType,
+    /// Also run each layout over mutual TLS.
+    #[arg(long)]
+    tls: bool,
 }
+
+/// The workers' cluster certificate files and the bench's own TLS (the same certificate).
+type Tls = (cluster::tls::ClusterTlsArgs, cluster::tls::ClusterTls);
 
 struct Worker {
     child: Child,
@@ -45,10 +53,11 @@ impl Drop for Worker {
     }
 }
 
-async fn start_worker(threads: usize) -> anyhow::Result<Worker> {
+async fn start_worker(threads: usize, tls: Option<&Tls>) -> anyhow::Result<Worker> {
     let exe = std::env::current_exe()?.with_file_name("worker");
     let mut child = Command::new(&exe)
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(tls.map(|(files, _)| files.to_args()).unwrap_or_default())
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -58,7 +67,11 @@ async fn start_worker(threads: usize) -> anyhow::Result<Worker> {
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
     let addr = line.trim().strip_prefix("listening on ").context("worker address")?.to_owned();
-    let client = WorkerClient::connect(format!("http://{addr}")).await?.max_decoding_message_size(256 << 20);
+    let channel = match tls {
+        Some((_, tls)) => Channel::from_shared(format!("https://{addr}"))?.tls_config(tls.grpc_client())?.connect().await?,
+        None => Channel::from_shared(format!("http://{addr}"))?.connect().await?,
+    };
+    let client = WorkerClient::new(channel).max_decoding_message_size(256 << 20);
     Ok(Worker { child, client })
 }
 
@@ -83,14 +96,14 @@ struct Row {
     step_ms: Vec<(usize, f64)>,
 }
 
-async fn run_layout(args: &Args, model: &str, spec: &str) -> anyhow::Result<Row> {
+async fn run_layout(args: &Args, model: &str, spec: &str, tls: Option<&Tls>) -> anyhow::Result<Row> {
     let dims: Vec<u32> = spec.split('x').map(str::parse).collect::<Result<_, _>>().with_context(|| format!("layout {spec:?}"))?;
     let [tp, ep, pp] = dims[..] else { anyhow::bail!("layout {spec:?} is not TPxEPxPP") };
     let world = (tp * ep * pp) as usize;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut workers = Vec::new();
     for _ in 0..world {
-        workers.push(start_worker((cores / world).max(1)).await?);
+        workers.push(start_worker((cores / world).max(1), tls).await?);
     }
     let peers: Vec<String> = on_all(&workers, |_, mut c| async move { c.health(pb::HealthRequest {}).await.map(|h| h.into_inner().comm_address) }).await?;
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
@@ -151,7 +164,7 @@ async fn run_layout(args: &Args, model: &str, spec: &str) -> anyhow::Result<Row>
         step_ms.push((batch, elapsed * 1e3 / args.steps as f64));
     }
     Ok(Row {
-        layout: format!("tp {tp} ep {ep} pp {pp}"),
+        layout: format!("tp {tp} ep {ep} pp {pp}{}", if tls.is_some() { ", mutual TLS" } else { "" }),
         load_s,
         peak_rss: health.iter().map(|h| h.peak_rss_bytes).collect(),
         weights: health.iter().map(|h| h.weight_bytes).collect(),
@@ -169,28 +182,43 @@ async fn main() -> anyhow::Result<()> {
         None => worker::config::MIX_BENCH.to_owned(),
     };
     std::fs::write(dir.join("config.json"), config)?;
-    let mut rows = Vec::new();
+    let tls = if args.tls {
+        let ca = cluster::tls::Authority::new("shard-bench CA")?;
+        let files = ca.write(&dir, "bench", &[])?;
+        let own = cluster::tls::ClusterTls::load(&files)?.context("every file written")?;
+        Some((files, own))
+    } else {
+        None
+    };
+    let mut rows: Vec<(Row, Option<usize>)> = Vec::new();
     for spec in &args.layouts {
         eprintln!("layout {spec}...");
-        let row = run_layout(&args, &dir.display().to_string(), spec).await;
-        rows.push(row?);
+        let plain = rows.len();
+        rows.push((run_layout(&args, &dir.display().to_string(), spec, None).await?, None));
+        if let Some(tls) = &tls {
+            eprintln!("layout {spec} over mutual TLS...");
+            rows.push((run_layout(&args, &dir.display().to_string(), spec, Some(tls)).await?, Some(plain)));
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!();
     println!("shard-bench: dummy {} weights, ranks are processes on one machine linked over TCP loopback", args.dtype);
     print!("| layout | load s | peak RSS per rank (GiB) | weights per rank (GiB) |");
-    for (b, _) in &rows[0].step_ms {
+    for (b, _) in &rows[0].0.step_ms {
         print!(" ms/step b={b} |");
     }
     println!();
-    println!("|---|---|---|---|{}", "---|".repeat(rows[0].step_ms.len()));
-    for r in &rows {
+    println!("|---|---|---|---|{}", "---|".repeat(rows[0].0.step_ms.len()));
+    for (r, plain) in &rows {
         let rss: Vec<String> = r.peak_rss.iter().map(|&b| format!("{:.2}", gib(b))).collect();
         let w: Vec<String> = r.weights.iter().map(|&b| format!("{:.2}", gib(b))).collect();
         print!("| {} | {:.1} | {} | {} |", r.layout, r.load_s, rss.join(" / "), w.join(" / "));
-        for (_, ms) in &r.step_ms {
-            print!(" {ms:.1} |");
+        for (i, (_, ms)) in r.step_ms.iter().enumerate() {
+            match plain {
+                Some(p) => print!(" {ms:.1} ({:.2}× plain) |", ms / rows[*p].0.step_ms[i].1),
+                None => print!(" {ms:.1} |"),
+            }
         }
         println!();
     }
