@@ -42,6 +42,34 @@ pub struct Served {
 }
 
 impl Served {
+    /// The model in `dir` (its `config.json` read as `config`, its tokenizer) as a coordinator
+    /// serves it: named after the directory, its chat template, tool-calling tokens, limits and
+    /// grammar compiler (without one, constrained requests are refused with the reason); mean
+    /// pooling, the default routing and no prefix caching, which the caller may change.
+    pub fn load(dir: &std::path::Path, config: &cluster::ModelConfig, tokenizer: Tokenizer) -> Result<Served, String> {
+        let grammars = cluster::constraint::Grammars::for_model(&dir.join("tokenizer.json"), config).map_err(|e| {
+            tracing::warn!(error = %e, "output constraints are unavailable");
+            e.to_string()
+        });
+        Ok(Served {
+            name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+            architecture: config.architecture.hf_name().to_owned(),
+            tool_tokens: crate::tools::ToolTokens::of(&tokenizer),
+            chat_template: ChatTemplate::load(dir)?,
+            pooling: Pooling::default(),
+            prefix: None,
+            routing: Routing::default(),
+            limits: ModelLimits {
+                vocab_size: config.vocab_size,
+                max_context: config.max_position_embeddings,
+                eos_token_ids: config.eos_token_ids.clone(),
+                lm_head: config.lm_head,
+                grammars,
+            },
+            tokenizer,
+        })
+    }
+
     /// The prompt ids of a conversation: the chat template's text, tokenized without adding
     /// special tokens (the template writes its own).
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, RequestError> {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cluster::constraint::Grammars;
 use cluster::layout::Layout;
 use cluster::membership::{EtcdMembership, Membership, MemoryMembership, WorkerCard};
 use cluster::{ModelConfig, Tokenizer};
@@ -14,13 +13,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{AdminService, InferenceService};
-use crate::chat::ChatTemplate;
 use crate::control::{self, ControlConfig, ControlHandle};
 use crate::control::{Pool, Routing};
 use crate::frontend::{Frontend, Served};
 use crate::metrics::Metrics;
 use crate::planner::Sizing;
-use crate::validate::ModelLimits;
 use cluster::embedding::Pooling;
 use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::SchedulerConfig;
@@ -154,39 +151,17 @@ pub async fn prepare(cfg: &ServeConfig) -> anyhow::Result<Prepared> {
             }
         });
     }
-    let name = cfg.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    let tool_tokens = crate::tools::ToolTokens::of(&tokenizer);
     let served = Served {
-        tool_tokens,
-        name,
-        architecture: config.architecture.hf_name().to_owned(),
-        tokenizer,
-        chat_template: ChatTemplate::load(&cfg.model).map_err(anyhow::Error::msg)?,
         pooling: cfg.pooling,
         prefix: (!cfg.limits.no_prefix_caching).then(|| prefix_hasher(&config, &cfg.sizing)),
         routing: cfg.limits.routing,
-        limits: ModelLimits {
-            vocab_size: config.vocab_size,
-            max_context: config.max_position_embeddings,
-            eos_token_ids: config.eos_token_ids.clone(),
-            lm_head: config.lm_head,
-            grammars: grammars(&cfg.model, &config),
-        },
+        ..Served::load(&cfg.model, &config, tokenizer).map_err(anyhow::Error::msg)?
     };
     let auth = match &cfg.api_keys {
         Some(path) => crate::auth::Auth::from_file(path)?,
         None => crate::auth::Auth::open(),
     };
     Ok(Prepared { frontend: Frontend::new(served, pool_rx, metrics, auth), control, fatal })
-}
-
-/// The grammar compiler of the model's tokenizer; without one, constrained requests are
-/// refused with the reason.
-fn grammars(dir: &std::path::Path, config: &cluster::ModelConfig) -> Result<Grammars, String> {
-    Grammars::for_model(&dir.join("tokenizer.json"), config).map_err(|e| {
-        tracing::warn!(error = %e, "output constraints are unavailable");
-        e.to_string()
-    })
 }
 
 /// Registers the workers of a fixed cluster once every one has answered its first Health

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use super::{Api, ApiError, check_model, now, structured};
 use crate::auth::Caller;
 use crate::chat::Message;
-use crate::frontend::{Chunk, Frontend, FrontendError, Generation};
+use crate::frontend::{Chunk, Frontend, FrontendError, Generation, Served};
 use crate::tools::{self, Tool, ToolChoice};
 use crate::validate::{PromptInput, RawRequest, RequestError};
 use cluster::constraint::Constraint;
@@ -153,8 +153,8 @@ fn with_guardrail(mut messages: Vec<Message>) -> Vec<Message> {
 }
 
 /// Checks of the sampling fields that only HTTP has.
-fn check_sampling(frontend: &Frontend, s: &Sampling) -> Result<(), ApiError> {
-    check_model(frontend, s.model.as_deref())?;
+fn check_sampling(served: &Served, s: &Sampling) -> Result<(), ApiError> {
+    check_model(served, s.model.as_deref())?;
     if s.n.is_some_and(|n| !(1..=MAX_CHOICES).contains(&n)) {
         return Err(RequestError::Shape { field: "n", expected: "in 1..=16" }.into());
     }
@@ -437,31 +437,8 @@ pub(super) async fn completions(
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let account = Account::new(&frontend, caller);
-    let Json(req) = body?;
-    check_sampling(&frontend, &req.sampling)?;
-    let prompt = match (req.prompt, &req.suffix) {
-        (Some(PromptField::Text(t)), Some(suffix)) => PromptInput::TokenIds(frontend.served.fim_prompt(&t, suffix)?),
-        (_, Some(_)) => return Err(RequestError::Shape { field: "suffix", expected: "given with a text `prompt`" }.into()),
-        (prompt, None) => match prompt {
-            None => return Err(RequestError::Required("prompt").into()),
-            Some(PromptField::Text(t)) => PromptInput::Text(t),
-            Some(PromptField::Ids(ids)) => PromptInput::TokenIds(ids),
-            Some(PromptField::Texts(mut v)) if v.len() == 1 => PromptInput::Text(v.remove(0)),
-            Some(PromptField::IdLists(mut v)) if v.len() == 1 => PromptInput::TokenIds(v.remove(0)),
-            Some(_) => return Err(RequestError::Shape { field: "prompt", expected: "one prompt (a string or a list of token ids)" }.into()),
-        },
-    };
-    if req.echo && req.suffix.is_some() {
-        return Err(RequestError::Combination { field: "echo", with: "suffix" }.into());
-    }
-    if req.echo && req.sampling.stream {
-        return Err(RequestError::Combination { field: "echo", with: "stream" }.into());
-    }
-    // Echo with logprobs scores the prompt too (as evaluation harnesses ask); with
-    // `max_tokens: 0` it is all that runs.
-    let score_only = req.echo && req.sampling.max_tokens == Some(0);
-    let prompt_logprobs = if req.echo { req.logprobs.or(score_only.then_some(0)) } else { None };
-    let raw = raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs.filter(|_| !score_only), prompt_logprobs)?;
+    let Json(mut req) = body?;
+    let raw = completion_request(&frontend.served, &mut req)?;
     let choices = start_choices(&frontend, &req.sampling, raw, timeout)?;
     let (id, model, created) = (format!("cmpl-{}", choices[0].request_id), frontend.served.name.clone(), now());
     let as_ids = req.return_tokens_as_token_ids;
@@ -513,13 +490,52 @@ pub(super) async fn completions(
     .into_response())
 }
 
+/// A `/v1/completions` request as its handler reads it before any replica is asked: the
+/// HTTP-only checks, its prompt (`req.prompt` taken; a fill-in-the-middle one tokenized), and
+/// the request its choices start from.
+pub(super) fn completion_request(served: &Served, req: &mut CompletionRequest) -> Result<RawRequest, ApiError> {
+    check_sampling(served, &req.sampling)?;
+    let prompt = match (req.prompt.take(), &req.suffix) {
+        (Some(PromptField::Text(t)), Some(suffix)) => PromptInput::TokenIds(served.fim_prompt(&t, suffix)?),
+        (_, Some(_)) => return Err(RequestError::Shape { field: "suffix", expected: "given with a text `prompt`" }.into()),
+        (prompt, None) => match prompt {
+            None => return Err(RequestError::Required("prompt").into()),
+            Some(PromptField::Text(t)) => PromptInput::Text(t),
+            Some(PromptField::Ids(ids)) => PromptInput::TokenIds(ids),
+            Some(PromptField::Texts(mut v)) if v.len() == 1 => PromptInput::Text(v.remove(0)),
+            Some(PromptField::IdLists(mut v)) if v.len() == 1 => PromptInput::TokenIds(v.remove(0)),
+            Some(_) => return Err(RequestError::Shape { field: "prompt", expected: "one prompt (a string or a list of token ids)" }.into()),
+        },
+    };
+    if req.echo && req.suffix.is_some() {
+        return Err(RequestError::Combination { field: "echo", with: "suffix" }.into());
+    }
+    if req.echo && req.sampling.stream {
+        return Err(RequestError::Combination { field: "echo", with: "stream" }.into());
+    }
+    // Echo with logprobs scores the prompt too (as evaluation harnesses ask); with
+    // `max_tokens: 0` it is all that runs.
+    let score_only = req.echo && req.sampling.max_tokens == Some(0);
+    let prompt_logprobs = if req.echo { req.logprobs.or(score_only.then_some(0)) } else { None };
+    Ok(raw(&req.sampling, prompt, req.sampling.max_tokens, req.logprobs.filter(|_| !score_only), prompt_logprobs)?)
+}
+
 pub(super) async fn chat_completions(
     State(Api { frontend, timeout }): State<Api>,
     Extension(caller): Extension<Caller>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(mut req) = body?;
-    check_sampling(&frontend, &req.sampling)?;
+    let (raw, calls_token) = chat_request(&frontend.served, &mut req)?;
+    let account = Account::new(&frontend, caller);
+    chat_reply(Api { frontend, timeout }, account, &req.sampling, raw, calls_token).await
+}
+
+/// A `/v1/chat/completions` request as its handler reads it before any replica is asked: the
+/// HTTP-only checks, the conversation (with its tools) rendered and tokenized, and the request
+/// its choices start from, with the token the model's tool calls start with.
+pub(super) fn chat_request(served: &Served, req: &mut ChatRequest) -> Result<(RawRequest, Option<u32>), ApiError> {
+    check_sampling(served, &req.sampling)?;
     if req.messages.is_empty() {
         return Err(RequestError::Empty("messages").into());
     }
@@ -528,17 +544,17 @@ pub(super) async fn chat_completions(
     }
     let choice = ToolChoice::parse(req.tool_choice.as_ref())?;
     let uses_tools = !req.tools.is_empty() || req.messages.iter().any(|m| !m.tool_calls.is_empty() || m.role == "tool");
-    let (ids, calls) = match (uses_tools, frontend.served.tool_tokens) {
+    let (ids, calls) = match (uses_tools, served.tool_tokens) {
         (false, _) => {
             if choice != ToolChoice::Auto && choice != ToolChoice::None {
                 return Err(RequestError::Combination { field: "tool_choice", with: "no `tools`" }.into());
             }
-            (frontend.served.chat_prompt(&req.messages)?, None)
+            (served.chat_prompt(&req.messages)?, None)
         }
         (true, None) => return Err(RequestError::NoTools.into()),
         (true, Some(t)) => {
             tools::check_tools(&req.tools)?;
-            let ids = tools::encode(&t, &frontend.served.tokenizer, &req.messages, &req.tools)?;
+            let ids = tools::encode(&t, &served.tokenizer, &req.messages, &req.tools)?;
             let parallel = req.parallel_tool_calls.unwrap_or(true);
             let grammar = if req.tools.is_empty() { None } else { tools::grammar(&t, &req.tools, &choice, parallel)? };
             (ids, Some(ToolCalls { token: t.calls, grammar }))
@@ -546,8 +562,7 @@ pub(super) async fn chat_completions(
     };
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let account = Account::new(&frontend, caller);
-    chat_reply(Api { frontend, timeout }, account, &req.sampling, ids, max_tokens, logprobs, calls).await
+    reply_request(&req.sampling, ids, max_tokens, logprobs, calls)
 }
 
 /// A chat request's tools: the token the model's calls start with, and the grammar of its
@@ -573,24 +588,29 @@ pub(super) async fn fim_completions(
     body: Result<Json<FimRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    check_sampling(&api.frontend, &req.sampling)?;
-    let ids = api.frontend.served.fim_prompt(&req.prompt, req.suffix.as_deref().unwrap_or_default())?;
+    let raw = fim_request(&api.frontend.served, &req)?;
     let account = Account::new(&api.frontend, caller);
-    chat_reply(api, account, &req.sampling, ids, req.sampling.max_tokens, None, None).await
+    chat_reply(api, account, &req.sampling, raw, None).await
 }
 
-/// A chat completion's answer (JSON or SSE) to the prompt `ids`; with `calls`, an answer that
-/// starts with the calls token is a list of tool calls (`tool_calls`, finish reason
-/// `tool_calls`), streamed once whole.
-async fn chat_reply(
-    Api { frontend, timeout }: Api,
-    account: Account,
+/// A `/v1/fim/completions` request as its handler reads it before any replica is asked: the
+/// HTTP-only checks, its prompt tokenized, and the request its choices start from.
+pub(super) fn fim_request(served: &Served, req: &FimRequest) -> Result<RawRequest, ApiError> {
+    check_sampling(served, &req.sampling)?;
+    let ids = served.fim_prompt(&req.prompt, req.suffix.as_deref().unwrap_or_default())?;
+    Ok(reply_request(&req.sampling, ids, req.sampling.max_tokens, None, None)?.0)
+}
+
+/// The request a chat completion's choices start from, for the prompt `ids`; with `calls`, its
+/// answer held to their grammar (refused with another output constraint), and the token the
+/// calls start with.
+fn reply_request(
     sampling: &Sampling,
     ids: Vec<u32>,
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
     calls: Option<ToolCalls>,
-) -> Result<Response, ApiError> {
+) -> Result<(RawRequest, Option<u32>), ApiError> {
     let mut raw = raw(sampling, PromptInput::TokenIds(ids), max_tokens, logprobs, None)?;
     let calls_token = calls.as_ref().map(|c| c.token);
     if let Some(grammar) = calls.and_then(|c| c.grammar) {
@@ -599,6 +619,20 @@ async fn chat_reply(
         }
         raw.constraint = Some(("tool_choice", grammar));
     }
+    Ok((raw, calls_token))
+}
+
+/// A chat completion's answer (JSON or SSE) to the request `raw` ([`reply_request`]); with
+/// `calls_token`, an answer that starts with it is a list of tool calls (`tool_calls`, finish
+/// reason `tool_calls`), streamed once whole.
+async fn chat_reply(
+    Api { frontend, timeout }: Api,
+    account: Account,
+    sampling: &Sampling,
+    raw: RawRequest,
+    calls_token: Option<u32>,
+) -> Result<Response, ApiError> {
+    let want_logprobs = raw.logprobs.is_some();
     let choices = start_choices(&frontend, sampling, raw, timeout)?;
     let (id, model, created) = (format!("chatcmpl-{}", choices[0].request_id), frontend.served.name.clone(), now());
     let served = frontend.served.clone();
@@ -609,7 +643,6 @@ async fn chat_reply(
             "top_logprobs": t.top.iter().map(|&(id, lp)| json!({"token": token_name(tok, id, false), "logprob": lp})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>()})
     };
-    let want_logprobs = logprobs.is_some();
     if sampling.stream {
         let head = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model});
         let last = usage_chunk(sampling, head.clone());

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthError;
 use crate::chat::Message;
-use crate::frontend::{Frontend, FrontendError};
-use crate::validate::RequestError;
+use crate::frontend::{Frontend, FrontendError, Served};
+use crate::validate::{PromptInput, RawRequest, RequestError, ValidRequest};
 
 mod embeddings;
 mod generate;
@@ -153,11 +153,68 @@ fn now() -> u64 {
 }
 
 /// The `model` field, where given, must name the served model.
-fn check_model(frontend: &Frontend, model: Option<&str>) -> Result<(), ApiError> {
-    let served = &frontend.served.name;
+fn check_model(served: &Served, model: Option<&str>) -> Result<(), ApiError> {
+    let served = &served.name;
     match model.filter(|m| !m.is_empty() && *m != served.as_str()) {
         Some(m) => Err(RequestError::Model { got: m.to_owned(), served: served.clone() }.into()),
         None => Ok(()),
+    }
+}
+
+/// The generating and embedding routes, whose request bodies [`check_body`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/chat/completions`.
+    ChatCompletions,
+    /// `/v1/fim/completions`.
+    FimCompletions,
+    /// `/v1/embeddings`.
+    Embeddings,
+}
+
+/// A request body for `route` read and checked as its handler reads and checks it before
+/// any replica is asked: the JSON (axum's `Json`), the checks only HTTP makes, the prompt
+/// (rendered with the chat template or the tools' encoding, tokenized), then
+/// [`crate::validate::check`] as [`Frontend::start`] runs it (once: a request's choices
+/// differ only in their seeds; an embedding request's inputs each, tokenized as
+/// [`Frontend::embed`] tokenizes them). No server, replica or API key takes part. For the fuzz
+/// targets (tests/fuzz): any bytes must come back as requests or a refusal, never a panic.
+pub fn check_body(served: &Served, route: Route, body: &[u8]) -> Result<Vec<ValidRequest>, ApiError> {
+    let check = |raw: RawRequest| crate::validate::check(raw, &served.tokenizer, &served.limits, 0).map_err(ApiError::from);
+    match route {
+        Route::Completions => {
+            let Json(mut req) = Json::from_bytes(body)?;
+            Ok(vec![check(generate::completion_request(served, &mut req)?)?])
+        }
+        Route::ChatCompletions => {
+            let Json(mut req) = Json::from_bytes(body)?;
+            Ok(vec![check(generate::chat_request(served, &mut req)?.0)?])
+        }
+        Route::FimCompletions => {
+            let Json(req) = Json::from_bytes(body)?;
+            Ok(vec![check(generate::fim_request(served, &req)?)?])
+        }
+        Route::Embeddings => {
+            let Json(mut req) = Json::from_bytes(body)?;
+            let (inputs, _) = embeddings::embedding_inputs(served, &mut req)?;
+            let eos = served.limits.eos_token_ids.first().copied();
+            inputs
+                .into_iter()
+                .map(|input| {
+                    let prompt = match input {
+                        PromptInput::Text(t) if !t.is_empty() => {
+                            let mut ids = served.tokenizer.encode(&t, true).map_err(RequestError::untokenizable("input"))?;
+                            ids.extend(eos);
+                            PromptInput::TokenIds(ids)
+                        }
+                        other => other,
+                    };
+                    check(RawRequest { prompt: Some(prompt), embed: Some(served.pooling), ..RawRequest::default() })
+                })
+                .collect()
+        }
     }
 }
 
@@ -192,7 +249,7 @@ struct DetokenizeRequest {
 
 async fn tokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<TokenizeRequest>, JsonRejection>) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
-    check_model(&frontend, req.model.as_deref())?;
+    check_model(&frontend.served, req.model.as_deref())?;
     let s = &frontend.served;
     if req.suffix.is_some() && req.messages.is_some() {
         return Err(RequestError::Combination { field: "suffix", with: "messages" }.into());
@@ -210,7 +267,7 @@ async fn tokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<Tok
 
 async fn detokenize(State(Api { frontend, .. }): State<Api>, body: Result<Json<DetokenizeRequest>, JsonRejection>) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
-    check_model(&frontend, req.model.as_deref())?;
+    check_model(&frontend.served, req.model.as_deref())?;
     let text = frontend.served.detokenize(&req.tokens, req.skip_special_tokens, "tokens")?;
     Ok(Json(json!({"prompt": text})))
 }
@@ -240,4 +297,61 @@ async fn live() -> StatusCode {
 
 async fn health(State(Api { frontend, .. }): State<Api>) -> StatusCode {
     if frontend.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The v3 fixture as the coordinator serves it (as tests/fuzz loads it).
+    fn served() -> Served {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral-v3-tiny");
+        let config = cluster::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let tokenizer = cluster::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        Served::load(&dir, &config, tokenizer).unwrap()
+    }
+
+    /// The seeds of the fuzz target of request bodies (tests/fuzz/corpus/http_bodies, each
+    /// named after its route) are requests the API takes.
+    #[test]
+    fn the_fuzz_seeds_are_valid_requests() {
+        let served = served();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/corpus/http_bodies");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let route = match name.split(['_', '.']).next().unwrap() {
+                "completion" => Route::Completions,
+                "chat" => Route::ChatCompletions,
+                "fim" => Route::FimCompletions,
+                "embeddings" => Route::Embeddings,
+                other => panic!("{name}: no route {other:?}"),
+            };
+            match check_body(&served, route, &std::fs::read(&path).unwrap()) {
+                Ok(requests) => assert!(!requests.is_empty(), "{name}"),
+                Err(ApiError(status, message, ..)) => panic!("{name}: {status} {message}"),
+            }
+            seen += 1;
+        }
+        assert!(seen >= 10, "{seen} seeds in {}", dir.display());
+    }
+
+    #[test]
+    fn a_body_is_refused_as_its_handler_refuses_it() {
+        let served = served();
+        let refused = |route, body: &str| match check_body(&served, route, body.as_bytes()) {
+            Ok(_) => panic!("{body} was taken"),
+            Err(ApiError(status, message, field, _)) => (status, message, field),
+        };
+        let (status, message, _) = refused(Route::ChatCompletions, "{\"messages\": [");
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(message.starts_with("invalid JSON body"), "{message}");
+        let (_, _, field) = refused(Route::Completions, r#"{"prompt": "hi", "n": 17}"#);
+        assert_eq!(field.as_deref(), Some("n"));
+        let (_, _, field) = refused(Route::Completions, r#"{"prompt": "hi", "max_tokens": 1000000}"#);
+        assert_eq!(field.as_deref(), Some("max_tokens"));
+        let (_, _, field) = refused(Route::Embeddings, r#"{"input": []}"#);
+        assert_eq!(field.as_deref(), Some("input"));
+    }
 }
