@@ -333,6 +333,21 @@ impl pb::admin_server::Admin for AdminService {
                 status
             })
             .collect();
+        let experts = self
+            .frontend
+            .pool()
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i, r.plan.layout.ep, r.handle.expert_load()))
+            .filter(|(_, _, load)| !load.tokens.is_empty())
+            .map(|(i, ep, load)| pb::ReplicaExperts {
+                replica: i as u32,
+                ep: ep as u32,
+                imbalance: load.imbalance(ep).unwrap_or(0.0),
+                layers: load.tokens.into_iter().enumerate().map(|(layer, tokens)| pb::ExpertLayer { layer: layer as u32, tokens }).collect(),
+            })
+            .collect();
         let mut layouts: Vec<String> = self.frontend.pool().replicas.iter().map(|r| layout_name(&r.plan.layout)).collect();
         layouts.dedup();
         Ok(Response::new(pb::ClusterStatusResponse {
@@ -342,6 +357,7 @@ impl pb::admin_server::Admin for AdminService {
             workers,
             leader: view.leader,
             no_capacity: self.frontend.pool().no_capacity.clone().unwrap_or_default(),
+            experts,
         }))
     }
 

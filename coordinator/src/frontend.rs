@@ -19,6 +19,7 @@ use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::replica::{ReplicaEvent, ReplicaHandle, ReplicaStats};
 use crate::validate::{self, ModelLimits, PromptInput, RawRequest, RequestError};
 use cluster::embedding::Pooling;
+use cluster::experts::ExpertLoad;
 use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::{Finish, SeqRequest};
 
@@ -285,6 +286,13 @@ impl Frontend {
 
     pub fn stats(&self) -> Vec<ReplicaStats> {
         self.pool().replicas.iter().map(|r| r.handle.stats()).collect()
+    }
+
+    /// The expert load of each serving Mixtral replica: its id, its expert-parallel ranks and
+    /// the tokens its experts ran.
+    pub fn expert_loads(&self) -> Vec<(u64, usize, ExpertLoad)> {
+        let pool = self.pool();
+        pool.replicas.iter().map(|r| (r.handle.id, r.plan.layout.ep, r.handle.expert_load())).filter(|(_, _, load)| !load.tokens.is_empty()).collect()
     }
 
     /// Load figures summed over replicas.

@@ -7,6 +7,8 @@
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use cluster::experts::ExpertLoad;
+
 /// Latency buckets in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Sequences-per-step buckets.
@@ -180,6 +182,37 @@ pub fn key_usage(usage: &[(String, crate::auth::KeyUsage)]) -> String {
     out
 }
 
+/// Each Mixtral replica's expert load in the Prometheus text format: the tokens each expert
+/// ran (a counter by replica id, layer and expert) and the imbalance over its expert-parallel
+/// ranks (see [`ExpertLoad::imbalance`]).
+pub fn expert_load(replicas: &[(u64, usize, ExpertLoad)]) -> String {
+    use std::fmt::Write;
+    if replicas.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let name = "tramontane:expert_tokens_total";
+    let _ = writeln!(out, "# HELP {name} Tokens each Mixtral expert ran, by replica, layer and expert.\n# TYPE {name} counter");
+    for (replica, _, load) in replicas {
+        for (layer, experts) in load.tokens.iter().enumerate() {
+            for (expert, n) in experts.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{replica=\"{replica}\",layer=\"{layer}\",expert=\"{expert}\"}} {n}");
+            }
+        }
+    }
+    let name = "tramontane:expert_parallel_imbalance";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Busiest expert-parallel rank's tokens over the ranks' mean, summed over layers (1 = balanced), by replica.\n# TYPE {name} gauge"
+    );
+    for (replica, ep, load) in replicas {
+        if let Some(imbalance) = load.imbalance(*ep) {
+            let _ = writeln!(out, "{name}{{replica=\"{replica}\",ep=\"{ep}\"}} {imbalance}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +230,18 @@ mod tests {
         assert!(text.contains("tramontane:kv_cache_usage_perc 0.5"));
         assert!(text.contains("tramontane:request_success_total{finished_reason=\"length\"} 1"));
         assert!(text.contains("tramontane:generation_tokens_total 8"));
+    }
+
+    #[test]
+    fn expert_load_renders_counts_and_imbalance() {
+        let mut load = ExpertLoad::new(2, 4);
+        load.add(0, &[3, 1, 0, 0]).unwrap();
+        load.add(1, &[1, 1, 1, 1]).unwrap();
+        let text = expert_load(&[(7, 2, load)]);
+        assert!(text.contains("tramontane:expert_tokens_total{replica=\"7\",layer=\"0\",expert=\"0\"} 3"), "{text}");
+        assert!(text.contains("tramontane:expert_tokens_total{replica=\"7\",layer=\"1\",expert=\"3\"} 1"), "{text}");
+        // Layer 0: ranks (4, 0); layer 1: (2, 2). Max 4 + 2 over mean 2 + 2.
+        assert!(text.contains("tramontane:expert_parallel_imbalance{replica=\"7\",ep=\"2\"} 1.5"), "{text}");
+        assert_eq!(expert_load(&[]), "");
     }
 }

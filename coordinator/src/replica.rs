@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 use crate::metrics::Metrics;
 use cluster::embedding::Pooling;
+use cluster::experts::ExpertLoad;
 use cluster::kv_cache::{BlockHash, CacheEvent};
 use cluster::scheduler::{Event, Finish, PlannedSeq, PrefixStats, Scheduler, SeqRequest, SeqResult};
 
@@ -50,6 +51,14 @@ pub struct ReplicaStats {
     pub used_blocks: usize,
     pub num_blocks: usize,
     pub prefix: PrefixStats,
+}
+
+/// Where a replica reports: the coordinator's metrics, the controller (a step that failed), and
+/// the tokens its ranks' experts ran (empty for a dense model; the replica adds every step's).
+pub struct Reports {
+    pub metrics: Arc<Metrics>,
+    pub down: mpsc::UnboundedSender<ReplicaDown>,
+    pub experts: ExpertLoad,
 }
 
 /// A replica task that stopped because a rank's step failed.
@@ -137,6 +146,8 @@ pub struct ReplicaHandle {
     active: Arc<AtomicUsize>,
     /// The blocks its prefix cache holds or its requests compute (for cache-aware routing).
     prefix: Arc<PrefixIndex>,
+    /// The tokens its experts ran since it started.
+    experts: Arc<Mutex<ExpertLoad>>,
 }
 
 impl ReplicaHandle {
@@ -149,14 +160,14 @@ impl ReplicaHandle {
         assignments: Vec<pb::LoadAssignmentRequest>,
         driver: usize,
         scheduler: Scheduler,
-        metrics: Arc<Metrics>,
-        down: mpsc::UnboundedSender<ReplicaDown>,
+        Reports { metrics, down, experts }: Reports,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(ReplicaStats { num_blocks: scheduler.config().num_blocks, ..Default::default() });
         let active = Arc::new(AtomicUsize::new(0));
         let prefix = Arc::new(PrefixIndex::default());
         let epoch = assignments.first().map_or(0, |a| a.epoch);
+        let experts = Arc::new(Mutex::new(experts));
         let task = ReplicaTask {
             id,
             assignments,
@@ -174,9 +185,10 @@ impl ReplicaHandle {
             stats: stats_tx,
             active: active.clone(),
             metrics,
+            experts: experts.clone(),
         };
         tokio::spawn(task.run(rx));
-        ReplicaHandle { id, tx, stats, active, prefix }
+        ReplicaHandle { id, tx, stats, active, prefix, experts }
     }
 
     /// Whether the task still runs (it stops when a step fails or it is retired).
@@ -222,6 +234,11 @@ impl ReplicaHandle {
         *self.stats.borrow()
     }
 
+    /// The tokens its experts ran since it started (by layer and expert).
+    pub fn expert_load(&self) -> ExpertLoad {
+        self.experts.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -254,6 +271,7 @@ struct ReplicaTask {
     stats: watch::Sender<ReplicaStats>,
     active: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+    experts: Arc<Mutex<ExpertLoad>>,
 }
 
 impl ReplicaTask {
@@ -370,6 +388,7 @@ impl ReplicaTask {
         match self.step_all_ranks(request).await {
             Ok(response) => {
                 let compute_micros = response.compute_micros;
+                self.count_experts(&response.expert_tokens);
                 let results = response
                     .results
                     .into_iter()
@@ -390,6 +409,19 @@ impl ReplicaTask {
                 self.hand_back(&format!("a worker of the replica failed: {}", status.message()));
                 self.stopped = true;
                 let _ = self.down.send(ReplicaDown { replica: self.id, message: status.message().to_owned() });
+            }
+        }
+    }
+
+    /// Adds a step's expert counts (from every rank that reported some) to the replica's load.
+    fn count_experts(&self, counts: &[pb::ExpertTokens]) {
+        if counts.is_empty() {
+            return;
+        }
+        let mut load = self.experts.lock().unwrap_or_else(|p| p.into_inner());
+        for c in counts {
+            if let Err(e) = load.add(c.layer as usize, &c.tokens) {
+                tracing::warn!(replica = self.id, error = %e, "a worker reported expert counts this model does not have");
             }
         }
     }
@@ -424,7 +456,8 @@ impl ReplicaTask {
     }
 
     /// Sends the step to every rank at once (they exchange activations while running it) and
-    /// returns the driver's answer; any rank's failure fails the step.
+    /// returns the driver's answer, with every rank's expert counts; any rank's failure fails
+    /// the step.
     async fn step_all_ranks(&self, request: pb::StepRequest) -> Result<pb::StepResponse, tonic::Status> {
         if self.ranks.len() == 1 {
             return self.ranks[0].clone().step(request).await.map(tonic::Response::into_inner);
@@ -439,10 +472,15 @@ impl ReplicaTask {
             .collect();
         let mut driver = None;
         let mut failed = None;
+        let mut experts = Vec::new();
         for (rank, call) in calls.into_iter().enumerate() {
             match call.await {
-                Ok(Ok(resp)) if rank == self.driver => driver = Some(resp),
-                Ok(Ok(_)) => {}
+                Ok(Ok(mut resp)) => {
+                    experts.append(&mut resp.expert_tokens);
+                    if rank == self.driver {
+                        driver = Some(resp);
+                    }
+                }
                 Ok(Err(status)) => {
                     failed.get_or_insert(tonic::Status::new(status.code(), format!("rank {rank}: {}", status.message())));
                 }
@@ -452,7 +490,7 @@ impl ReplicaTask {
             }
         }
         match (failed, driver) {
-            (None, Some(resp)) => Ok(resp),
+            (None, Some(resp)) => Ok(pb::StepResponse { expert_tokens: experts, ..resp }),
             (Some(status), _) => Err(status),
             (None, None) => Err(tonic::Status::internal("the driver rank returned nothing")),
         }

@@ -1,6 +1,8 @@
 //! A coordinator over two worker processes (two single-worker replicas), driven through its
 //! gRPC API: streamed greedy generations equal the transformers reference, concurrent
-//! streams equal their solo runs, aborting frees KV blocks, bad input is refused.
+//! streams equal their solo runs, aborting frees KV blocks, bad input is refused. A sharded
+//! Mixtral replica counts the tokens each expert ran (status, /metrics, `tramctl status
+//! --experts`).
 
 use pb::inference_client::InferenceClient;
 use proto::tramontane::v1 as pb;
@@ -223,6 +225,44 @@ async fn a_full_queue_answers_resource_exhausted() {
     assert!(refused >= 1, "with room for two, four concurrent requests cannot all be accepted");
 }
 
+/// The replica's ranks counted the tokens each expert ran: in every layer, `top_k` for each
+/// token the steps carried (each prompt, then each generated token but the last, which no
+/// step feeds back); the status, /metrics and `tramctl status --experts` show the same.
+async fn check_expert_load(cluster: &Cluster, reference: &Reference) {
+    let config = ::cluster::ModelConfig::from_file(&fixture("mixtral-v3-tiny").join("config.json")).expect("config");
+    let carried: usize = reference.cases.iter().map(|c| c.prompt_ids.len() + c.greedy_ids.len() - 1).sum();
+    let status = cluster_status(cluster).await;
+    let [experts] = &status.experts[..] else { panic!("one replica's expert load: {:?}", status.experts) };
+    assert_eq!((experts.replica, experts.ep, experts.layers.len()), (0, 2, config.num_hidden_layers));
+    let mut load = ::cluster::experts::ExpertLoad::new(config.num_hidden_layers, config.num_local_experts);
+    for l in &experts.layers {
+        assert_eq!(l.tokens.iter().sum::<u64>(), (carried * config.num_experts_per_tok) as u64, "layer {}: {:?}", l.layer, l.tokens);
+        load.add(l.layer as usize, &l.tokens).expect("a layer of the model");
+    }
+    assert_eq!(Some(experts.imbalance), load.imbalance(2));
+    // /metrics labels a replica by its id (a counter's series is never another replica's).
+    let metrics = tests::http(&cluster.http, "GET", "/metrics", "");
+    let gauge = "tramontane:expert_parallel_imbalance{replica=\"";
+    let line = metrics.lines().find(|l| l.starts_with(gauge)).unwrap_or_else(|| panic!("{gauge} in\n{metrics}"));
+    let id = line[gauge.len()..].split('"').next().expect("a replica id");
+    assert_eq!(line, format!("{gauge}{id}\",ep=\"2\"}} {}", experts.imbalance));
+    for (layer, tokens) in load.tokens.iter().enumerate() {
+        for (expert, n) in tokens.iter().enumerate() {
+            let line = format!("tramontane:expert_tokens_total{{replica=\"{id}\",layer=\"{layer}\",expert=\"{expert}\"}} {n}\n");
+            assert!(metrics.contains(&line), "{line} in\n{metrics}");
+        }
+    }
+    let out = std::process::Command::new(tests::binary("tramctl"))
+        .args(["status", "--experts", "--grpc-addr", &cluster.coordinator.addr])
+        .output()
+        .expect("runs tramctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("replica 0 experts (ep 2): imbalance {:.3}", experts.imbalance)), "{text}");
+    let layer0 = load.tokens[0].iter().map(|n| format!("{n:>9}")).collect::<Vec<_>>().join(" ");
+    assert!(text.contains(&format!("{:>5} {layer0}", 0)), "{text}");
+    eprintln!("{text}");
+}
+
 #[tokio::test]
 async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies() {
     // One replica over four worker processes: tensor parallel 2 x expert parallel 2.
@@ -253,6 +293,7 @@ async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies(
             assert!((a - b).abs() <= 2e-3, "{a} vs {b}");
         }
     }
+    check_expert_load(&cluster, &reference).await;
 
     // kill -9 of one rank while a long generation streams: the replica's other ranks fail
     // their step at once, the coordinator re-places the model on the three survivors and the

@@ -167,6 +167,12 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Forgets the token histories of sequences that ended.
+    /// Tokens each Mixtral expert ran on this rank since the last call, by layer (see
+    /// [`CausalLm::take_expert_tokens`]).
+    pub fn take_expert_tokens(&self) -> Vec<(usize, Vec<u64>)> {
+        self.model.take_expert_tokens()
+    }
+
     pub fn release(&mut self, ids: &[u64]) {
         for id in ids {
             self.histories.remove(id);

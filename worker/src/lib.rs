@@ -15,7 +15,7 @@ pub mod weights;
 
 // What the coordinator shares with the worker lives in `cluster`; the engine reads it under
 // the same paths.
-pub use cluster::{config, embedding, kv_cache, layout, membership, process, sampling, scheduler, tokenizer};
+pub use cluster::{config, embedding, experts, kv_cache, layout, membership, process, sampling, scheduler, tokenizer};
 
 pub use backend::{Backend, Cpu, DType, Device};
 pub use cluster::{Architecture, ModelConfig};

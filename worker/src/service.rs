@@ -255,8 +255,14 @@ impl<B: Backend> WorkerState<B> {
             Err(e) => return Err(e.into()),
         };
         let compute_micros = started.elapsed().as_micros() as u64;
+        // The ranks of a tensor-parallel group run the same tokens: the first one counts them.
+        let counted = engine.take_expert_tokens();
+        let expert_tokens = match engine.parallel().coords.tensor {
+            0 => counted.into_iter().map(|(layer, tokens)| pb::ExpertTokens { layer: layer as u32, tokens }).collect(),
+            _ => Vec::new(),
+        };
         if !engine.parallel().is_driver() {
-            return Ok(pb::StepResponse { results: Vec::new(), compute_micros });
+            return Ok(pb::StepResponse { results: Vec::new(), compute_micros, expert_tokens });
         }
         let results = req
             .sequences
@@ -270,7 +276,7 @@ impl<B: Backend> WorkerState<B> {
                 error: o.error,
             })
             .collect();
-        Ok(pb::StepResponse { results, compute_micros })
+        Ok(pb::StepResponse { results, compute_micros, expert_tokens })
     }
 
     pub fn health(&self) -> pb::HealthResponse {

@@ -1,7 +1,9 @@
 //! Sharded replicas over real worker processes linked by the TCP communicator: every layout
 //! (tensor, expert and pipeline parallel, and their combinations) must reproduce the
 //! transformers reference, prefill and greedy decode, with all four prompts in one batch.
-//! A killed rank makes its peers fail the step within seconds, never hang.
+//! Mixtral's ranks count the tokens each expert ran: every layout counts the same ones, each
+//! layer `top_k` per token. A killed rank makes its peers fail the step within seconds, never
+//! hang.
 
 mod common;
 
@@ -12,6 +14,7 @@ use pb::worker_client::WorkerClient;
 use proto::tramontane::worker::v1 as pb;
 use tonic::Code;
 use tonic::transport::Channel;
+use worker::experts::ExpertLoad;
 
 const TOL: f32 = 2e-3;
 
@@ -78,22 +81,29 @@ impl Cluster {
         join_all(calls).await.into_iter().collect()
     }
 
-    /// Sends one step to every rank and returns the driver's results.
-    async fn step(&self, l: Layout, sequences: Vec<pb::SequenceStep>) -> Result<Vec<pb::SequenceResult>, tonic::Status> {
+    /// Sends one step to every rank and returns the driver's results, with every rank's expert
+    /// counts.
+    async fn step(&self, l: Layout, sequences: Vec<pb::SequenceStep>) -> Result<(Vec<pb::SequenceResult>, Vec<pb::ExpertTokens>), tonic::Status> {
         let world = (l.tp * l.ep * l.pp) as usize;
         let driver = world - (l.tp * l.ep) as usize;
         let calls = (0..world).map(|r| {
             let mut c = self.clients[r].clone();
             let req = pb::StepRequest { epoch: self.epoch, sequences: sequences.clone(), released: vec![] };
-            async move { c.step(req).await.map(|r| r.into_inner().results) }
+            async move { c.step(req).await.map(tonic::Response::into_inner) }
         });
-        let mut out = join_all(calls).await;
-        for (r, res) in out.iter().enumerate() {
+        let mut experts = Vec::new();
+        let mut results = None;
+        for (r, res) in join_all(calls).await.into_iter().enumerate() {
+            let mut res = res?;
             if r != driver {
-                assert!(res.as_ref().map_or(true, Vec::is_empty), "only the driver answers");
+                assert!(res.results.is_empty(), "only the driver answers");
+            }
+            experts.append(&mut res.expert_tokens);
+            if r == driver {
+                results = Some(res.results);
             }
         }
-        out.swap_remove(driver)
+        Ok((results.expect("the driver answered"), experts))
     }
 }
 
@@ -111,9 +121,22 @@ fn greedy() -> Option<pb::Sampling> {
     Some(pb::Sampling { top_p: 1.0, logprobs: 1, ..Default::default() })
 }
 
+/// What a run of the reference cases computed.
+struct Run {
+    /// The worst logprob error.
+    worst: f32,
+    /// The tokens each expert ran, summed over the ranks' counts.
+    experts: ExpertLoad,
+    /// The tokens the steps carried.
+    tokens: u64,
+}
+
 /// All the fixture's prompts in one batch (prefill with prompt logprobs), then greedy
-/// decoding together; returns the worst logprob error.
-async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
+/// decoding together.
+async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> Run {
+    let config = worker::ModelConfig::from_file(&fixture(model).join("config.json")).expect("config");
+    let mut experts = ExpertLoad::new(config.num_hidden_layers, config.num_local_experts);
+    let mut tokens = 0;
     let cases = &reference(model).cases;
     let table = |i: usize| (i as u32 * 4..i as u32 * 4 + 4).collect::<Vec<u32>>();
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
@@ -141,8 +164,12 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
                     history: vec![],
                 }
             })
-            .collect();
-        let results = cluster.step(l, sequences).await.unwrap_or_else(|e| panic!("{model} {l:?}: step {step}: {e:?}"));
+            .collect::<Vec<pb::SequenceStep>>();
+        tokens += sequences.iter().map(|s| s.tokens.len() as u64).sum::<u64>();
+        let (results, counts) = cluster.step(l, sequences).await.unwrap_or_else(|e| panic!("{model} {l:?}: step {step}: {e:?}"));
+        for c in counts {
+            experts.add(c.layer as usize, &c.tokens).unwrap_or_else(|e| panic!("{model} {l:?}: {e}"));
+        }
         assert_eq!(results.len(), cases.len());
         for (i, r) in results.iter().enumerate() {
             let c = &cases[i];
@@ -159,12 +186,35 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> f32 {
         }
     }
     assert!(worst <= TOL, "{model} {l:?}: logprob error {worst} > {TOL}");
-    worst
+    Run { worst, experts, tokens }
+}
+
+/// A Mixtral run's expert counts: each layer ran `num_experts_per_tok` experts per token of
+/// the steps, and every layout of a model counted the same tokens for each expert as its
+/// first layout did (`seen`, by model). Dense models count nothing.
+fn check_expert_counts(model: &str, l: Layout, run: Run, seen: &mut std::collections::HashMap<String, ExpertLoad>) {
+    let config = worker::ModelConfig::from_file(&fixture(model).join("config.json")).expect("config");
+    if config.architecture != worker::Architecture::Mixtral {
+        assert_eq!(run.experts.total(), 0, "{model} {l:?}: a dense model counted experts");
+        return;
+    }
+    for (layer, counts) in run.experts.tokens.iter().enumerate() {
+        let routed: u64 = counts.iter().sum();
+        assert_eq!(routed, run.tokens * config.num_experts_per_tok as u64, "{model} {l:?}: layer {layer} counted {counts:?}");
+    }
+    match seen.get(model) {
+        Some(first) => assert_eq!(&run.experts, first, "{model} {l:?}: the experts ran other tokens than in its first layout"),
+        None => {
+            eprintln!("{model}: tokens per expert, layer 0: {:?}", run.experts.tokens[0]);
+            seen.insert(model.to_owned(), run.experts);
+        }
+    }
 }
 
 #[tokio::test]
 async fn every_layout_reproduces_the_reference() {
     let mut cluster = Cluster::start(4).await;
+    let mut expert_loads = std::collections::HashMap::new();
     let runs: &[(&str, Layout)] = &[
         // Tensor parallel, down to one KV head shared by 4 ranks (tp > num_key_value_heads).
         ("mistral-v1-tiny", layout(2, 1, 1)),
@@ -203,8 +253,10 @@ async fn every_layout_reproduces_the_reference() {
                 assert!(held <= full / l.tp as f64 * 1.05, "{model} {l:?}: a rank holds {held} of {full} bytes");
             }
         }
-        let worst = check_reference(&cluster, model, l).await;
+        let run = check_reference(&cluster, model, l).await;
+        let worst = run.worst;
         eprintln!("{model} tp={} ep={} pp={} {:?}: worst logprob error {worst:.2e}", l.tp, l.ep, l.pp, l.stage_layers);
+        check_expert_counts(model, l, run, &mut expert_loads);
     }
     // Layouts that do not fit the model are refused with the reason.
     for (model, l, what) in [

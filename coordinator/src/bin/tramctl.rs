@@ -4,7 +4,8 @@
 //!   it dead), and the cluster stops on Ctrl-C / SIGTERM or when the coordinator exits.
 //! - `tramctl generate "text"` streams a completion from a running cluster.
 //! - `tramctl status` prints the served model, the workers (with process ids), the placement
-//!   epoch, the load and why nothing is placed when the model does not fit; `tramctl plan`
+//!   epoch, the load and why nothing is placed when the model does not fit (`--experts`:
+//!   Mixtral's tokens per expert and the expert-parallel imbalance); `tramctl plan`
 //!   the placement the current workers would get, with the largest rank's memory (or why
 //!   none fits); `tramctl drain WORKER_ID` moves a worker's sequences away and releases it;
 //!   `tramctl usage` the tokens each API key used. With API keys, each sends `--api-key` (env
@@ -209,9 +210,13 @@ struct StatusArgs {
     grpc_addr: String,
     #[command(flatten)]
     key: KeyArg,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (with each Mixtral replica's expert load).
     #[arg(long)]
     json: bool,
+    /// Also print each Mixtral replica's expert load: the tokens each expert of each layer
+    /// ran, each expert-parallel rank's share, and the imbalance.
+    #[arg(long)]
+    experts: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -617,6 +622,10 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             "no_capacity": cluster.no_capacity,
             "max_context": info.max_context, "running": info.running, "waiting": info.waiting,
             "kv_blocks_used": info.kv_blocks_used, "kv_blocks_total": info.kv_blocks_total, "workers": workers,
+            "experts": cluster.experts.iter().map(|r| serde_json::json!({
+                "replica": r.replica, "ep": r.ep, "imbalance": r.imbalance,
+                "layers": r.layers.iter().map(|l| serde_json::json!({"layer": l.layer, "tokens": l.tokens})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         });
         println!("{v}");
     } else {
@@ -647,6 +656,45 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 hit_rate(w.prefix_cache_hits, w.prefix_cache_queries)
             );
         }
+        if a.experts {
+            print_experts(&cluster.experts);
+        }
     }
     Ok(())
+}
+
+/// Each replica's tokens per expert (a row per layer), each expert-parallel rank's share of
+/// them, and the imbalance.
+fn print_experts(replicas: &[pb::ReplicaExperts]) {
+    if replicas.is_empty() {
+        println!("experts  none (not a Mixtral model, or no replica serves)");
+    }
+    for r in replicas {
+        let experts = r.layers.first().map_or(0, |l| l.tokens.len());
+        let ep = (r.ep as usize).max(1);
+        let imbalance = if r.imbalance > 0.0 { format!("{:.3}", r.imbalance) } else { "- (no tokens yet)".into() };
+        println!("\nreplica {} experts (ep {}): imbalance {imbalance} (busiest rank over the mean; 1 is balanced)", r.replica, r.ep);
+        let mut head = format!("{:>5}", "LAYER");
+        for e in 0..experts {
+            head.push_str(&format!(" {:>9}", format!("E{e}")));
+        }
+        if ep > 1 {
+            for rank in 0..ep {
+                head.push_str(&format!(" {:>9}", format!("RANK {rank}")));
+            }
+        }
+        println!("{head}");
+        for l in &r.layers {
+            let mut row = format!("{:>5}", l.layer);
+            for t in &l.tokens {
+                row.push_str(&format!(" {t:>9}"));
+            }
+            if ep > 1 {
+                for part in (0..ep).map(|rank| cluster::layout::even_part(l.tokens.len(), rank, ep)) {
+                    row.push_str(&format!(" {:>9}", l.tokens[part].iter().sum::<u64>()));
+                }
+            }
+            println!("{row}");
+        }
+    }
 }

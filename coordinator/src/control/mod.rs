@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
 use crate::replica::{ReplicaDown, WorkerCallError};
+use cluster::experts::ExpertLoad;
 use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::SchedulerConfig;
 
@@ -124,7 +125,17 @@ async fn run(
     let mut c = Controller {
         epoch: stored.as_ref().map_or(0, |p| p.epoch),
         previous: stored.map(|p| p.replicas).unwrap_or_default(),
-        serving: Serving { sched: cfg.sched, prefix: cfg.prefix.clone(), metrics, down: down_tx, dialer: cfg.dialer.clone() },
+        serving: Serving {
+            sched: cfg.sched,
+            prefix: cfg.prefix.clone(),
+            metrics,
+            down: down_tx,
+            dialer: cfg.dialer.clone(),
+            experts: match cfg.config.architecture {
+                cluster::Architecture::Mixtral => ExpertLoad::new(cfg.config.num_hidden_layers, cfg.config.num_local_experts),
+                cluster::Architecture::Mistral => ExpertLoad::default(),
+            },
+        },
         cfg,
         membership: membership.clone(),
         leadership,

@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 use super::LiveReplica;
 use crate::metrics::Metrics;
 use crate::planner::{Plan, ReplicaPlan};
-use crate::replica::{ReplicaDown, ReplicaHandle, WorkerCallError};
+use crate::replica::{ReplicaDown, ReplicaHandle, Reports, WorkerCallError};
+use cluster::experts::ExpertLoad;
 use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::{Scheduler, SchedulerConfig};
 use cluster::tls::ClusterTls;
@@ -46,6 +47,8 @@ pub(super) struct Serving {
     pub metrics: Arc<Metrics>,
     pub down: mpsc::UnboundedSender<ReplicaDown>,
     pub dialer: Dialer,
+    /// A replica's expert load before its first step (no layers for a dense model).
+    pub experts: ExpertLoad,
 }
 
 /// One placement change.
@@ -175,8 +178,9 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
     if !failed.is_empty() {
         return Err((failed, message));
     }
-    let Serving { sched, prefix, metrics, down, .. } = serving;
-    let handle = ReplicaHandle::spawn(replica, clients, assignments.clone(), plan.layout.driver(), Scheduler::new(sched, prefix), metrics, down);
+    let Serving { sched, prefix, metrics, down, experts, .. } = serving;
+    let reports = Reports { metrics, down, experts };
+    let handle = ReplicaHandle::spawn(replica, clients, assignments.clone(), plan.layout.driver(), Scheduler::new(sched, prefix), reports);
     tracing::info!(workers = ?plan.workers, layout = ?plan.layout, epoch = assignments[0].epoch, "replica serving");
     Ok(LiveReplica { handle, plan, addresses: workers.into_iter().map(|w| w.address).collect() })
 }

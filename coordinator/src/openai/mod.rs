@@ -286,6 +286,7 @@ async fn models(State(Api { frontend, .. }): State<Api>) -> Json<Value> {
 async fn metrics(State(Api { frontend, .. }): State<Api>) -> impl IntoResponse {
     let mut text = frontend.metrics.render(frontend.gauges());
     text.push_str(&crate::metrics::key_usage(&frontend.auth.usage()));
+    text.push_str(&crate::metrics::expert_load(&frontend.expert_loads()));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

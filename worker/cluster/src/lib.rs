@@ -1,6 +1,6 @@
 //! What the coordinator and the workers share, without the engine: a model's config and sizes
 //! (`config`), its weights' precisions and the bytes a rank keeps (`precision`), devices and
-//! dtypes (`device`), pooled embeddings (`embedding`), a replica's layout (`layout`), sampling parameters and the sampler
+//! dtypes (`device`), pooled embeddings (`embedding`), Mixtral's observed expert load (`experts`), a replica's layout (`layout`), sampling parameters and the sampler
 //! (`sampling`), the scheduler and its KV block allocator (`scheduler`, `kv_cache`), the
 //! tokenizer, etcd membership (`membership`) and the plumbing every server process needs
 //! (`process`).
@@ -10,6 +10,7 @@ pub mod constraint;
 pub mod device;
 pub mod embedding;
 pub mod error;
+pub mod experts;
 pub mod kv_cache;
 pub mod layout;
 pub mod membership;

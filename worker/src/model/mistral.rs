@@ -186,6 +186,17 @@ impl<B: Backend> CausalLm<B> {
         Ok(CausalLm { embed_tokens, layers, norm, lm_head, config: c.clone(), par: par.clone() })
     }
 
+    /// Tokens each expert ran on this rank since the last call, by layer of the model (this
+    /// stage's Mixtral layers; none for a dense model), and starts counting again.
+    pub fn take_expert_tokens(&self) -> Vec<(usize, Vec<u64>)> {
+        let first = self.par.layers(self.config.num_hidden_layers).start;
+        let moe = self.layers.iter().enumerate().filter_map(|(i, layer)| match &layer.feed_forward {
+            FeedForward::SparseMoe(moe) => Some((first + i, moe)),
+            FeedForward::Mlp(_) => None,
+        });
+        moe.map(|(layer, moe)| (layer, moe.experts.take_routed())).collect()
+    }
+
     /// Runs the batch's new tokens through this stage, writing their K/V into `caches` (one
     /// per layer of the stage). The first stage embeds `tokens`; the others receive the
     /// previous stage's activations; all but the last hand theirs on and return `None`. The

@@ -9,6 +9,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::parallel::all_reduce;
 use super::{ColumnParallelLinear, Linear, Loader, RowParallelLinear};
@@ -53,6 +54,8 @@ pub struct ExpertParallel<B: Backend> {
     pub num_experts: usize,
     pub ep: Arc<dyn Comm>,
     pub tp: Arc<dyn Comm>,
+    /// (Token, expert) pairs each owned expert ran since [`Self::take_routed`] last read them.
+    routed: Arc<[AtomicU64]>,
 }
 
 impl<B: Backend> ExpertParallel<B> {
@@ -62,11 +65,26 @@ impl<B: Backend> ExpertParallel<B> {
         let owned = even_part(n, par.coords.expert, par.layout.ep);
         Ok(ExpertParallel {
             experts: owned.clone().map(|e| Expert::load(loader, &format!("{prefix}.{e}"))).collect::<Result<_>>()?,
+            routed: owned.clone().map(|_| AtomicU64::new(0)).collect(),
             owned,
             num_experts: n,
             ep: par.ep.clone(),
             tp: par.tp.clone(),
         })
+    }
+
+    /// Tokens each expert of the model ran on this rank since the last call (0 for the experts
+    /// of other ranks), and starts counting again.
+    pub fn take_routed(&self) -> Vec<u64> {
+        let mut counts = vec![0; self.num_experts];
+        for (count, routed) in counts[self.owned.clone()].iter_mut().zip(self.routed.iter()) {
+            *count = routed.swap(0, Ordering::Relaxed);
+        }
+        counts
+    }
+
+    fn count(&self, expert: usize, tokens: usize) {
+        self.routed[expert].fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
     fn owner(&self, expert: usize) -> usize {
@@ -89,6 +107,7 @@ impl<B: Backend> ExpertParallel<B> {
             if rows[e].is_empty() {
                 continue;
             }
+            self.count(e, rows[e].len());
             let xe = if rows[e].len() == tokens { x.clone() } else { b.gather_rows(x, &rows[e])? };
             outputs.push((e, expert.forward_partial(b, &xe)?));
         }
@@ -113,6 +132,7 @@ impl<B: Backend> ExpertParallel<B> {
             if members[e].is_empty() {
                 continue;
             }
+            self.count(e, members[e].len());
             let x = b.upload_activations(std::mem::take(&mut inputs[e]), members[e].len(), hidden)?;
             let y = b.to_host(&expert.forward_partial(b, &x)?)?;
             for (j, &(src, idx)) in members[e].iter().enumerate() {
