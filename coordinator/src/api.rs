@@ -344,8 +344,14 @@ impl pb::admin_server::Admin for AdminService {
             .map(|(i, ep, load)| pb::ReplicaExperts {
                 replica: i as u32,
                 ep: ep as u32,
-                imbalance: load.imbalance(ep).unwrap_or(0.0),
-                layers: load.tokens.into_iter().enumerate().map(|(layer, tokens)| pb::ExpertLayer { layer: layer as u32, tokens }).collect(),
+                imbalance: load.imbalance().unwrap_or(0.0),
+                layers: load
+                    .tokens
+                    .into_iter()
+                    .zip(load.ranks)
+                    .enumerate()
+                    .map(|(layer, (tokens, ranks))| pb::ExpertLayer { layer: layer as u32, tokens, ranks })
+                    .collect(),
             })
             .collect();
         let mut layouts: Vec<String> = self.frontend.pool().replicas.iter().map(|r| layout_name(&r.plan.layout)).collect();

@@ -206,7 +206,7 @@ pub fn expert_load(replicas: &[(u64, usize, ExpertLoad)]) -> String {
         "# HELP {name} Busiest expert-parallel rank's tokens over the ranks' mean, summed over layers (1 = balanced), by replica.\n# TYPE {name} gauge"
     );
     for (replica, ep, load) in replicas {
-        if let Some(imbalance) = load.imbalance(*ep) {
+        if let Some(imbalance) = load.imbalance() {
             let _ = writeln!(out, "{name}{{replica=\"{replica}\",ep=\"{ep}\"}} {imbalance}");
         }
     }
@@ -234,9 +234,10 @@ mod tests {
 
     #[test]
     fn expert_load_renders_counts_and_imbalance() {
-        let mut load = ExpertLoad::new(2, 4);
-        load.add(0, &[3, 1, 0, 0]).unwrap();
-        load.add(1, &[1, 1, 1, 1]).unwrap();
+        let mut load = ExpertLoad::new(2, 4, 2);
+        load.add(0, 0, &[3, 1, 0, 0]).unwrap();
+        load.add(1, 0, &[1, 1, 0, 0]).unwrap();
+        load.add(1, 1, &[0, 0, 1, 1]).unwrap();
         let text = expert_load(&[(7, 2, load)]);
         assert!(text.contains("tramontane:expert_tokens_total{replica=\"7\",layer=\"0\",expert=\"0\"} 3"), "{text}");
         assert!(text.contains("tramontane:expert_tokens_total{replica=\"7\",layer=\"1\",expert=\"3\"} 1"), "{text}");

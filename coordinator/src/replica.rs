@@ -420,7 +420,7 @@ impl ReplicaTask {
         }
         let mut load = self.experts.lock().unwrap_or_else(|p| p.into_inner());
         for c in counts {
-            if let Err(e) = load.add(c.layer as usize, &c.tokens) {
+            if let Err(e) = load.add(c.layer as usize, c.ep_rank as usize, &c.tokens) {
                 tracing::warn!(replica = self.id, error = %e, "a worker reported expert counts this model does not have");
             }
         }

@@ -234,12 +234,19 @@ async fn check_expert_load(cluster: &Cluster, reference: &Reference) {
     let status = cluster_status(cluster).await;
     let [experts] = &status.experts[..] else { panic!("one replica's expert load: {:?}", status.experts) };
     assert_eq!((experts.replica, experts.ep, experts.layers.len()), (0, 2, config.num_hidden_layers));
-    let mut load = ::cluster::experts::ExpertLoad::new(config.num_hidden_layers, config.num_local_experts);
+    let mut load = ::cluster::experts::ExpertLoad::new(config.num_hidden_layers, config.num_local_experts, 2);
     for l in &experts.layers {
-        assert_eq!(l.tokens.iter().sum::<u64>(), (carried * config.num_experts_per_tok) as u64, "layer {}: {:?}", l.layer, l.tokens);
-        load.add(l.layer as usize, &l.tokens).expect("a layer of the model");
+        let routed = (carried * config.num_experts_per_tok) as u64;
+        assert_eq!(l.tokens.iter().sum::<u64>(), routed, "layer {}: {:?}", l.layer, l.tokens);
+        // No copies: each rank ran its own experts' tokens.
+        for (rank, &ran) in l.ranks.iter().enumerate() {
+            let part = ::cluster::layout::even_part(l.tokens.len(), rank, 2);
+            assert_eq!(ran, l.tokens[part.clone()].iter().sum::<u64>(), "layer {}: {:?} {:?}", l.layer, l.tokens, l.ranks);
+            let mine: Vec<u64> = l.tokens.iter().enumerate().map(|(e, &n)| if part.contains(&e) { n } else { 0 }).collect();
+            load.add(l.layer as usize, rank, &mine).expect("a layer of the model");
+        }
     }
-    assert_eq!(Some(experts.imbalance), load.imbalance(2));
+    assert_eq!(Some(experts.imbalance), load.imbalance());
     // /metrics labels a replica by its id (a counter's series is never another replica's).
     let metrics = tests::http(&cluster.http, "GET", "/metrics", "");
     let gauge = "tramontane:expert_parallel_imbalance{replica=\"";

@@ -106,7 +106,10 @@ pub struct Engine<B: Backend> {
     pub model: CausalLm<B>,
     caches: Vec<B::KvCache>,
     cache: CacheConfig,
+    options: EngineOptions,
+    /// Bytes of the weights loaded with the model, and of the redundant experts' copies.
     weight_bytes: usize,
+    copy_bytes: usize,
     /// The tokens of the sequences whose penalties or constraints need them, until released.
     histories: HashMap<u64, TokenHistory>,
     /// The output constraints of the sequences the driver rank samples.
@@ -140,7 +143,27 @@ impl<B: Backend> Engine<B> {
         };
         let caches = model.layers.iter().map(|_| backend.alloc_kv_cache(shape)).collect::<Result<_>>()?;
         let weight_bytes = loader.loaded_bytes.get();
-        Ok(Engine { backend, model, caches, cache: options.cache, weight_bytes, histories: HashMap::new(), constraints: Constraints::new(config) })
+        Ok(Engine {
+            backend,
+            model,
+            caches,
+            cache: options.cache,
+            options: options.clone(),
+            weight_bytes,
+            copy_bytes: 0,
+            histories: HashMap::new(),
+            constraints: Constraints::new(config),
+        })
+    }
+
+    /// Makes `copies` ((layer, expert, expert-parallel rank)) the model's redundant experts
+    /// (Mixtral): this rank loads the copies it gains from `source` and drops those it loses;
+    /// nothing else is loaded, and the KV cache stays.
+    pub fn set_expert_copies(&mut self, source: &WeightSource, copies: &[(usize, usize, usize)]) -> Result<()> {
+        let (backend, config, par) = (self.backend.clone(), self.model.config.clone(), self.model.par.clone());
+        let loader = Loader::new(&backend, source, &config, self.options.dtype, self.options.quantization, &par);
+        self.copy_bytes = self.model.set_expert_copies(&loader, copies)?;
+        Ok(())
     }
 
     /// The checkpoint's `tokenizer.json`, which output constraints are compiled against (read
@@ -163,7 +186,7 @@ impl<B: Backend> Engine<B> {
 
     /// Bytes of weights this rank holds.
     pub fn weight_bytes(&self) -> usize {
-        self.weight_bytes
+        self.weight_bytes + self.copy_bytes
     }
 
     /// Forgets the token histories of sequences that ended.

@@ -100,6 +100,8 @@ pub struct WorkerState<B: Backend = Cpu> {
     restarts: u32,
     /// A coordinator fenced this worker at `epoch`: older assignments are refused too.
     fenced: bool,
+    /// The loaded assignment's redundant experts.
+    copies: Vec<pb::ExpertCopy>,
 }
 
 impl Default for WorkerState<Cpu> {
@@ -110,7 +112,7 @@ impl Default for WorkerState<Cpu> {
 
 impl<B: Backend> WorkerState<B> {
     pub fn new(backend: B, comm: CommSetup) -> Self {
-        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm, memory_bytes: 0, restarts: 0, fenced: false }
+        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm, memory_bytes: 0, restarts: 0, fenced: false, copies: Vec::new() }
     }
 
     /// The memory this worker offers for weights and KV cache, as Health reports it.
@@ -130,6 +132,7 @@ impl<B: Backend> WorkerState<B> {
             tracing::warn!(why, "unloaded the model");
         }
         self.assigned = None;
+        self.copies.clear();
     }
 
     pub fn epoch(&self) -> u64 {
@@ -140,17 +143,23 @@ impl<B: Backend> WorkerState<B> {
         if (self.engine.is_some() || self.fenced) && req.epoch < self.epoch {
             return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
         }
-        let same = pb::LoadAssignmentRequest { epoch: 0, ..req.clone() };
-        if let (Some(engine), Some(assigned)) = (&self.engine, &self.assigned)
+        let unknown = |field: &str, v: i32| ServiceError::InvalidArgument(format!("`{field}`: unknown value {v} (a newer coordinator?)"));
+        let load_format = pb::LoadFormat::try_from(req.load_format).map_err(|_| unknown("load_format", req.load_format))?.into();
+        let same = pb::LoadAssignmentRequest { epoch: 0, expert_copies: Vec::new(), ..req.clone() };
+        if let (Some(engine), Some(assigned)) = (&mut self.engine, &self.assigned)
             && *assigned == same
         {
+            if req.expert_copies != self.copies {
+                let copies = expert_copies(req, engine.config())?;
+                let (_, source) = open_model(&PathBuf::from(&req.model_path), load_format)?;
+                engine.set_expert_copies(&source, &copies)?;
+                self.copies = req.expert_copies.clone();
+            }
             self.epoch = req.epoch;
             return Ok(pb::LoadAssignmentResponse { kept: true, ..loaded(engine) });
         }
-        let unknown = |field: &str, v: i32| ServiceError::InvalidArgument(format!("`{field}`: unknown value {v} (a newer coordinator?)"));
         let dtype = pb::WeightDtype::try_from(req.dtype).map_err(|_| unknown("dtype", req.dtype))?.into();
         let quantization = pb::Quantization::try_from(req.quantization).map_err(|_| unknown("quantization", req.quantization))?.into();
-        let load_format = pb::LoadFormat::try_from(req.load_format).map_err(|_| unknown("load_format", req.load_format))?.into();
         if req.kv_blocks == 0 || req.block_size == 0 {
             return Err(ServiceError::InvalidArgument("`kv_blocks` and `block_size` must be >= 1".into()));
         }
@@ -166,13 +175,18 @@ impl<B: Backend> WorkerState<B> {
         // then drop the old shard before loading the new one, so two need not fit at once.
         let (config, source) = open_model(&PathBuf::from(&req.model_path), load_format)?;
         layout.validate(&config).map_err(EngineError::from)?;
+        let copies = expert_copies(req, &config)?;
         self.unload("a new assignment replaces it");
         let par = if world == 1 { Parallel::single() } else { Parallel::new(layout, self.connect(req, world)?).map_err(EngineError::from)? };
         let mut engine = Engine::from_source(self.backend.clone(), &config, &source, &options, par)?;
         engine.set_tokenizer(PathBuf::from(&req.model_path).join("tokenizer.json"));
+        if !copies.is_empty() {
+            engine.set_expert_copies(&source, &copies)?;
+        }
         let response = loaded(&engine);
         self.engine = Some(engine);
         self.assigned = Some(same);
+        self.copies = req.expert_copies.clone();
         self.epoch = req.epoch;
         Ok(response)
     }
@@ -257,8 +271,9 @@ impl<B: Backend> WorkerState<B> {
         let compute_micros = started.elapsed().as_micros() as u64;
         // The ranks of a tensor-parallel group run the same tokens: the first one counts them.
         let counted = engine.take_expert_tokens();
-        let expert_tokens = match engine.parallel().coords.tensor {
-            0 => counted.into_iter().map(|(layer, tokens)| pb::ExpertTokens { layer: layer as u32, tokens }).collect(),
+        let coords = engine.parallel().coords;
+        let expert_tokens = match coords.tensor {
+            0 => counted.into_iter().map(|(layer, tokens)| pb::ExpertTokens { layer: layer as u32, tokens, ep_rank: coords.expert as u32 }).collect(),
             _ => Vec::new(),
         };
         if !engine.parallel().is_driver() {
@@ -345,6 +360,29 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// What LoadAssignment answers about the loaded model.
+/// An assignment's redundant experts as (layer, expert, expert-parallel rank), each checked
+/// against the model and the layout: a Mixtral layer and expert, a rank of the expert group
+/// that does not own the expert, no copy twice.
+fn expert_copies(req: &pb::LoadAssignmentRequest, config: &crate::ModelConfig) -> Result<Vec<(usize, usize, usize)>, ServiceError> {
+    let (layers, experts, ep) = (config.num_hidden_layers, config.num_local_experts, req.ep.max(1) as usize);
+    if !req.expert_copies.is_empty() && (config.architecture != cluster::Architecture::Mixtral || ep == 1) {
+        return Err(ServiceError::InvalidArgument("`expert_copies` need a Mixtral model with expert parallelism".into()));
+    }
+    let mut copies = Vec::with_capacity(req.expert_copies.len());
+    for c in &req.expert_copies {
+        let copy = (c.layer as usize, c.expert as usize, c.ep_rank as usize);
+        let owner = (0..ep).find(|&r| cluster::layout::even_part(experts, r, ep).contains(&copy.1));
+        if copy.0 >= layers || copy.1 >= experts || copy.2 >= ep || owner == Some(copy.2) || copies.contains(&copy) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "`expert_copies`: layer {} expert {} on rank {} (the model has {layers} layers of {experts} experts over {ep} ranks; a rank holds an expert once)",
+                copy.0, copy.1, copy.2
+            )));
+        }
+        copies.push(copy);
+    }
+    Ok(copies)
+}
+
 fn loaded<B: Backend>(engine: &Engine<B>) -> pb::LoadAssignmentResponse {
     let c = engine.config();
     pb::LoadAssignmentResponse {

@@ -35,6 +35,10 @@ struct Cluster {
     clients: Vec<WorkerClient<Channel>>,
     comm: Vec<String>,
     epoch: u64,
+    /// The epoch the loaded replica was formed in.
+    formed: u64,
+    /// Redundant experts of the next assignments.
+    copies: Vec<pb::ExpertCopy>,
 }
 
 impl Cluster {
@@ -47,7 +51,7 @@ impl Cluster {
             comm.push(c.health(pb::HealthRequest {}).await.expect("health").into_inner().comm_address);
             clients.push(c);
         }
-        Cluster { workers, clients, comm, epoch: 0 }
+        Cluster { workers, clients, comm, epoch: 0, formed: 0, copies: Vec::new() }
     }
 
     fn request(&self, model: &str, l: Layout, rank: usize) -> pb::LoadAssignmentRequest {
@@ -64,19 +68,27 @@ impl Cluster {
             stage_layers: l.stage_layers.to_vec(),
             rank: rank as u32,
             peers: self.comm[..world].to_vec(),
-            formed: self.epoch,
+            formed: self.formed,
+            expert_copies: self.copies.clone(),
             ..Default::default()
         }
     }
 
     /// Loads `model` with layout `l` on the first ranks, in a new epoch.
     async fn load(&mut self, model: &str, l: Layout) -> Result<(), tonic::Status> {
+        self.formed = self.epoch + 1;
+        self.reassign(model, l).await.map(drop)
+    }
+
+    /// Sends the loaded replica's ranks their assignments again in a new epoch (with the
+    /// current `copies`); whether each kept its model.
+    async fn reassign(&mut self, model: &str, l: Layout) -> Result<Vec<bool>, tonic::Status> {
         self.epoch += 1;
         let world = (l.tp * l.ep * l.pp) as usize;
         let calls = (0..world).map(|r| {
             let mut c = self.clients[r].clone();
             let req = self.request(model, l, r);
-            async move { c.load_assignment(req).await.map(drop) }
+            async move { c.load_assignment(req).await.map(|r| r.into_inner().kept) }
         });
         join_all(calls).await.into_iter().collect()
     }
@@ -129,14 +141,17 @@ struct Run {
     experts: ExpertLoad,
     /// The tokens the steps carried.
     tokens: u64,
+    /// Every step's sampled tokens and logprobs (as bits), and prompt logprobs.
+    outputs: Vec<(u32, u32)>,
 }
 
 /// All the fixture's prompts in one batch (prefill with prompt logprobs), then greedy
 /// decoding together.
 async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> Run {
     let config = worker::ModelConfig::from_file(&fixture(model).join("config.json")).expect("config");
-    let mut experts = ExpertLoad::new(config.num_hidden_layers, config.num_local_experts);
+    let mut experts = ExpertLoad::new(config.num_hidden_layers, config.num_local_experts, l.ep as usize);
     let mut tokens = 0;
+    let mut outputs = Vec::new();
     let cases = &reference(model).cases;
     let table = |i: usize| (i as u32 * 4..i as u32 * 4 + 4).collect::<Vec<u32>>();
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
@@ -168,7 +183,7 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> Run {
         tokens += sequences.iter().map(|s| s.tokens.len() as u64).sum::<u64>();
         let (results, counts) = cluster.step(l, sequences).await.unwrap_or_else(|e| panic!("{model} {l:?}: step {step}: {e:?}"));
         for c in counts {
-            experts.add(c.layer as usize, &c.tokens).unwrap_or_else(|e| panic!("{model} {l:?}: {e}"));
+            experts.add(c.layer as usize, c.ep_rank as usize, &c.tokens).unwrap_or_else(|e| panic!("{model} {l:?}: {e}"));
         }
         assert_eq!(results.len(), cases.len());
         for (i, r) in results.iter().enumerate() {
@@ -176,17 +191,19 @@ async fn check_reference(cluster: &Cluster, model: &str, l: Layout) -> Run {
             let prompt_logprobs = if step == 0 { c.prompt_ids.len() - 1 } else { 0 };
             assert_eq!(r.prompt_logprobs.len(), prompt_logprobs, "{model} {l:?}: case {i} step {step}: prompt logprobs");
             for (p, lp) in r.prompt_logprobs.iter().enumerate() {
+                outputs.push((lp.token_id, lp.logprob.to_bits()));
                 assert_eq!(lp.token_id, c.prompt_ids[p + 1]);
                 worst = worst.max((lp.logprob - c.prompt_logprobs[p + 1].expect("logprob")).abs());
             }
             let s = r.sampled.as_ref().expect("sampled");
+            outputs.push((s.token_id, s.logprob.to_bits()));
             assert_eq!(s.token_id, c.greedy_ids[step], "{model} {l:?}: case {i} greedy token {step}");
             worst = worst.max((s.logprob - c.greedy_logprobs[step]).abs());
             generated[i].push(s.token_id);
         }
     }
     assert!(worst <= TOL, "{model} {l:?}: logprob error {worst} > {TOL}");
-    Run { worst, experts, tokens }
+    Run { worst, experts, tokens, outputs }
 }
 
 /// A Mixtral run's expert counts: each layer ran `num_experts_per_tok` experts per token of
@@ -203,7 +220,7 @@ fn check_expert_counts(model: &str, l: Layout, run: Run, seen: &mut std::collect
         assert_eq!(routed, run.tokens * config.num_experts_per_tok as u64, "{model} {l:?}: layer {layer} counted {counts:?}");
     }
     match seen.get(model) {
-        Some(first) => assert_eq!(&run.experts, first, "{model} {l:?}: the experts ran other tokens than in its first layout"),
+        Some(first) => assert_eq!(run.experts.tokens, first.tokens, "{model} {l:?}: the experts ran other tokens than in its first layout"),
         None => {
             eprintln!("{model}: tokens per expert, layer 0: {:?}", run.experts.tokens[0]);
             seen.insert(model.to_owned(), run.experts);
@@ -268,6 +285,60 @@ async fn every_layout_reproduces_the_reference() {
         let err = cluster.load(model, l).await.expect_err("refused");
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(what), "{}", err.message());
+    }
+}
+
+/// Redundant experts placed from the load a run observed (`place_copies`, as the coordinator
+/// places them), applied in place to a loaded EP-4 replica: the same run gives the same bits,
+/// the experts run the same tokens, the copies take their share and the ranks' imbalance
+/// drops; taking the copies away restores the weights held.
+#[tokio::test]
+async fn redundant_experts_change_no_output_and_take_their_share() {
+    let mut cluster = Cluster::start(4).await;
+    let (model, l) = ("mixtral-v3-tiny", layout(1, 4, 1));
+    cluster.load(model, l).await.expect("loads");
+    let held = |c: &Cluster| {
+        let clients = c.clients.clone();
+        async move {
+            let mut bytes = Vec::new();
+            for mut c in clients {
+                bytes.push(c.health(pb::HealthRequest {}).await.expect("health").into_inner().weight_bytes);
+            }
+            bytes
+        }
+    };
+    let before = held(&cluster).await;
+    let plain = check_reference(&cluster, model, l).await;
+    let copies = worker::experts::place_copies(&plain.experts, 4);
+    assert_eq!(copies.len(), 4 * plain.experts.tokens.len(), "four copies a layer: {copies:?}");
+    cluster.copies = copies.iter().map(|&(layer, expert, rank)| pb::ExpertCopy { layer: layer as u32, expert: expert as u32, ep_rank: rank as u32 }).collect();
+    assert_eq!(cluster.reassign(model, l).await.expect("copies applied"), vec![true; 4], "in place: every rank kept its model");
+    let with_copies = held(&cluster).await;
+    assert!(with_copies.iter().zip(&before).all(|(w, b)| w > b), "every rank holds copies: {with_copies:?} vs {before:?}");
+
+    let balanced = check_reference(&cluster, model, l).await;
+    assert_eq!(balanced.outputs, plain.outputs, "the copies change no token or logprob bit");
+    assert_eq!(balanced.experts.tokens, plain.experts.tokens, "the router chose the same experts");
+    // The ranks ran every token once between them, and not as their own experts' shares.
+    for (layer, (now, was)) in balanced.experts.ranks.iter().zip(&plain.experts.ranks).enumerate() {
+        assert_eq!(now.iter().sum::<u64>(), was.iter().sum::<u64>(), "layer {layer}");
+        assert_ne!(now, was, "layer {layer}: the copies ran some tokens");
+    }
+    let (was, now) = (plain.experts.imbalance().expect("tokens"), balanced.experts.imbalance().expect("tokens"));
+    eprintln!("EP-4 imbalance {was:.3} without copies, {now:.3} with 4 a layer");
+    assert!(now < was, "copies of the hottest experts balance the ranks: {now} vs {was}");
+
+    cluster.copies.clear();
+    assert_eq!(cluster.reassign(model, l).await.expect("copies dropped"), vec![true; 4]);
+    assert_eq!(held(&cluster).await, before, "the copies' weights are dropped");
+    assert_eq!(check_reference(&cluster, model, l).await.outputs, plain.outputs);
+
+    // A copy on the expert's owner, or of an expert the model lacks, is refused.
+    for (expert, ep_rank) in [(0, 0), (8, 1)] {
+        cluster.copies = vec![pb::ExpertCopy { layer: 0, expert, ep_rank }];
+        let err = cluster.reassign(model, l).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("expert_copies"), "{}", err.message());
     }
 }
 

@@ -624,7 +624,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             "kv_blocks_used": info.kv_blocks_used, "kv_blocks_total": info.kv_blocks_total, "workers": workers,
             "experts": cluster.experts.iter().map(|r| serde_json::json!({
                 "replica": r.replica, "ep": r.ep, "imbalance": r.imbalance,
-                "layers": r.layers.iter().map(|l| serde_json::json!({"layer": l.layer, "tokens": l.tokens})).collect::<Vec<_>>(),
+                "layers": r.layers.iter().map(|l| serde_json::json!({"layer": l.layer, "tokens": l.tokens, "ranks": l.ranks})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         println!("{v}");
@@ -690,8 +690,8 @@ fn print_experts(replicas: &[pb::ReplicaExperts]) {
                 row.push_str(&format!(" {t:>9}"));
             }
             if ep > 1 {
-                for part in (0..ep).map(|rank| cluster::layout::even_part(l.tokens.len(), rank, ep)) {
-                    row.push_str(&format!(" {:>9}", l.tokens[part].iter().sum::<u64>()));
+                for n in &l.ranks {
+                    row.push_str(&format!(" {n:>9}"));
                 }
             }
             println!("{row}");

@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
 use crate::replica::{ReplicaDown, WorkerCallError};
-use cluster::experts::ExpertLoad;
 use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::SchedulerConfig;
 
@@ -131,10 +130,7 @@ async fn run(
             metrics,
             down: down_tx,
             dialer: cfg.dialer.clone(),
-            experts: match cfg.config.architecture {
-                cluster::Architecture::Mixtral => ExpertLoad::new(cfg.config.num_hidden_layers, cfg.config.num_local_experts),
-                cluster::Architecture::Mistral => ExpertLoad::default(),
-            },
+            experts: (cfg.config.architecture == cluster::Architecture::Mixtral).then_some((cfg.config.num_hidden_layers, cfg.config.num_local_experts)),
         },
         cfg,
         membership: membership.clone(),

@@ -47,8 +47,8 @@ pub(super) struct Serving {
     pub metrics: Arc<Metrics>,
     pub down: mpsc::UnboundedSender<ReplicaDown>,
     pub dialer: Dialer,
-    /// A replica's expert load before its first step (no layers for a dense model).
-    pub experts: ExpertLoad,
+    /// Mixtral's layers and experts, whose load a replica counts (None: a dense model).
+    pub experts: Option<(usize, usize)>,
 }
 
 /// One placement change.
@@ -179,6 +179,7 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
         return Err((failed, message));
     }
     let Serving { sched, prefix, metrics, down, experts, .. } = serving;
+    let experts = experts.map_or_else(ExpertLoad::default, |(layers, n)| ExpertLoad::new(layers, n, plan.layout.ep));
     let reports = Reports { metrics, down, experts };
     let handle = ReplicaHandle::spawn(replica, clients, assignments.clone(), plan.layout.driver(), Scheduler::new(sched, prefix), reports);
     tracing::info!(workers = ?plan.workers, layout = ?plan.layout, epoch = assignments[0].epoch, "replica serving");

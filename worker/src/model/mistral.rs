@@ -197,6 +197,24 @@ impl<B: Backend> CausalLm<B> {
         moe.map(|(layer, moe)| (layer, moe.experts.take_routed())).collect()
     }
 
+    /// Makes `copies` ((layer, expert, expert-parallel rank): that rank holds a copy of the
+    /// expert too) the redundant experts of this stage's Mixtral layers
+    /// ([`ExpertParallel::set_copies`](super::ExpertParallel::set_copies)); this rank loads its
+    /// new copies with `loader`. Returns the bytes of the copies it holds.
+    pub fn set_expert_copies(&mut self, loader: &Loader<'_, B>, copies: &[(usize, usize, usize)]) -> Result<usize> {
+        let first = self.par.layers(self.config.num_hidden_layers).start;
+        let mut bytes = 0;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            if let FeedForward::SparseMoe(moe) = &mut layer.feed_forward {
+                let l = first + i;
+                let here: Vec<(usize, usize)> = copies.iter().filter(|c| c.0 == l).map(|c| (c.1, c.2)).collect();
+                moe.experts.set_copies(loader, &format!("model.layers.{l}.block_sparse_moe.experts"), &here)?;
+                bytes += moe.experts.copy_bytes();
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Runs the batch's new tokens through this stage, writing their K/V into `caches` (one
     /// per layer of the stage). The first stage embeds `tokens`; the others receive the
     /// previous stage's activations; all but the last hand theirs on and return `None`. The

@@ -6,6 +6,11 @@
 //! its share of the tokens, dispatches every (token, expert) pair to the expert's owner
 //! (`all_to_all_v`), the owners run their experts, the outputs travel back and are combined
 //! with the routing weights in the tokens' order; the shares are then gathered on every rank.
+//!
+//! Redundant experts (EPLB): a hot expert may have copies on other ranks; a rank sends its
+//! (token, expert) pairs to the expert's holders in turn (owner first). A copy computes the
+//! same rows with the same weights, and a token's top-2 outputs add up the same in either
+//! order, so Mixtral's outputs do not change.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -51,10 +56,15 @@ pub struct ExpertParallel<B: Backend> {
     /// Experts `owned`, in order.
     pub experts: Vec<Expert<B>>,
     pub owned: Range<usize>,
+    /// Copies of other ranks' experts that this rank runs too: (expert, its weights, their
+    /// bytes).
+    pub copies: Vec<(usize, Expert<B>, usize)>,
+    /// The ranks holding each expert: its owner, then those with a copy.
+    holders: Vec<Vec<usize>>,
     pub num_experts: usize,
     pub ep: Arc<dyn Comm>,
     pub tp: Arc<dyn Comm>,
-    /// (Token, expert) pairs each owned expert ran since [`Self::take_routed`] last read them.
+    /// (Token, expert) pairs each expert ran here since [`Self::take_routed`] last read them.
     routed: Arc<[AtomicU64]>,
 }
 
@@ -62,34 +72,64 @@ impl<B: Backend> ExpertParallel<B> {
     pub fn load(loader: &Loader<'_, B>, prefix: &str) -> Result<Self> {
         let par = loader.par;
         let n = loader.config.num_local_experts;
-        let owned = even_part(n, par.coords.expert, par.layout.ep);
+        let ep = par.layout.ep;
+        let owned = even_part(n, par.coords.expert, ep);
         Ok(ExpertParallel {
             experts: owned.clone().map(|e| Expert::load(loader, &format!("{prefix}.{e}"))).collect::<Result<_>>()?,
-            routed: owned.clone().map(|_| AtomicU64::new(0)).collect(),
             owned,
+            copies: Vec::new(),
+            holders: (0..n).map(|e| vec![(0..ep).find(|&r| even_part(n, r, ep).contains(&e)).unwrap_or(0)]).collect(),
+            routed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             num_experts: n,
             ep: par.ep.clone(),
             tp: par.tp.clone(),
         })
     }
 
-    /// Tokens each expert of the model ran on this rank since the last call (0 for the experts
-    /// of other ranks), and starts counting again.
-    pub fn take_routed(&self) -> Vec<u64> {
-        let mut counts = vec![0; self.num_experts];
-        for (count, routed) in counts[self.owned.clone()].iter_mut().zip(self.routed.iter()) {
-            *count = routed.swap(0, Ordering::Relaxed);
+    /// Makes `copies` ((expert, rank) pairs: `rank` holds a copy of `expert` too) the layer's
+    /// redundant experts: this rank loads the copies it gains (from `loader`, under `prefix`)
+    /// and drops those it loses; the others stay as they are.
+    pub fn set_copies(&mut self, loader: &Loader<'_, B>, prefix: &str, copies: &[(usize, usize)]) -> Result<()> {
+        let me = loader.par.coords.expert;
+        let mine: Vec<usize> = copies.iter().filter(|&&(_, r)| r == me).map(|&(e, _)| e).collect();
+        let mut kept: Vec<_> = std::mem::take(&mut self.copies).into_iter().filter(|(e, ..)| mine.contains(e)).collect();
+        for &e in &mine {
+            if !kept.iter().any(|(k, ..)| *k == e) {
+                let before = loader.loaded_bytes.get();
+                let expert = Expert::load(loader, &format!("{prefix}.{e}"))?;
+                kept.push((e, expert, loader.loaded_bytes.get() - before));
+            }
         }
-        counts
+        kept.sort_by_key(|(e, ..)| *e);
+        self.copies = kept;
+        for holders in &mut self.holders {
+            holders.truncate(1);
+        }
+        let mut sorted = copies.to_vec();
+        sorted.sort_unstable();
+        for (e, r) in sorted {
+            self.holders[e].push(r);
+        }
+        Ok(())
     }
 
-    fn count(&self, expert: usize, tokens: usize) {
-        self.routed[expert].fetch_add(tokens as u64, Ordering::Relaxed);
+    /// Tokens each expert of the model ran on this rank since the last call (0 for those it
+    /// does not hold), and starts counting again.
+    pub fn take_routed(&self) -> Vec<u64> {
+        self.routed.iter().map(|r| r.swap(0, Ordering::Relaxed)).collect()
     }
 
-    fn owner(&self, expert: usize) -> usize {
-        let ep = self.ep.world();
-        (0..ep).find(|&r| even_part(self.num_experts, r, ep).contains(&expert)).unwrap_or(0)
+    /// Bytes of the copies this rank holds.
+    pub fn copy_bytes(&self) -> usize {
+        self.copies.iter().map(|(.., bytes)| bytes).sum()
+    }
+
+    /// The weights this rank holds for `expert`: its own, or its copy.
+    fn local(&self, expert: usize) -> &Expert<B> {
+        match expert.checked_sub(self.owned.start).and_then(|i| self.experts.get(i)) {
+            Some(own) => own,
+            None => &self.copies.iter().find(|(e, ..)| *e == expert).expect("tokens are sent only to a rank that holds the expert").1,
+        }
     }
 
     /// `sum_j weights[t, j] * expert[chosen[t, j]](x[t])` for every token `t`, all experts local.
@@ -107,7 +147,7 @@ impl<B: Backend> ExpertParallel<B> {
             if rows[e].is_empty() {
                 continue;
             }
-            self.count(e, rows[e].len());
+            self.routed[self.owned.start + e].fetch_add(rows[e].len() as u64, Ordering::Relaxed);
             let xe = if rows[e].len() == tokens { x.clone() } else { b.gather_rows(x, &rows[e])? };
             outputs.push((e, expert.forward_partial(b, &xe)?));
         }
@@ -118,23 +158,23 @@ impl<B: Backend> ExpertParallel<B> {
     /// Runs this rank's experts over the rows other ranks dispatched to it: each received row
     /// is `[expert id, x...]`; the result for each is its partial output row.
     fn serve(&self, b: &B, received: &[Vec<f32>], hidden: usize) -> Result<Vec<Vec<f32>>> {
-        let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.experts.len()];
-        let mut inputs: Vec<Vec<f32>> = vec![Vec::new(); self.experts.len()];
+        let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.num_experts];
+        let mut inputs: Vec<Vec<f32>> = vec![Vec::new(); self.num_experts];
         for (src, data) in received.iter().enumerate() {
             for (idx, rec) in data.chunks_exact(hidden + 1).enumerate() {
-                let e = rec[0] as usize - self.owned.start;
+                let e = rec[0] as usize;
                 members[e].push((src, idx));
                 inputs[e].extend_from_slice(&rec[1..]);
             }
         }
         let mut results: Vec<Vec<f32>> = received.iter().map(|d| vec![0f32; d.len() / (hidden + 1) * hidden]).collect();
-        for (e, expert) in self.experts.iter().enumerate() {
+        for e in 0..self.num_experts {
             if members[e].is_empty() {
                 continue;
             }
-            self.count(e, members[e].len());
+            self.routed[e].fetch_add(members[e].len() as u64, Ordering::Relaxed);
             let x = b.upload_activations(std::mem::take(&mut inputs[e]), members[e].len(), hidden)?;
-            let y = b.to_host(&expert.forward_partial(b, &x)?)?;
+            let y = b.to_host(&self.local(e).forward_partial(b, &x)?)?;
             for (j, &(src, idx)) in members[e].iter().enumerate() {
                 results[src][idx * hidden..(idx + 1) * hidden].copy_from_slice(&y[j * hidden..(j + 1) * hidden]);
             }
@@ -175,13 +215,17 @@ impl<B: Backend> SparseMoeBlock<B> {
         // Route this rank's share and dispatch each (token, expert) pair to the expert's owner.
         let mut sends: Vec<Vec<f32>> = vec![Vec::new(); n];
         let mut plan: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n];
+        // Pairs of each expert sent so far: the next goes to its next holder.
+        let mut turns = vec![0usize; self.experts.num_experts];
         if !share.is_empty() {
             let rows: Vec<u32> = share.clone().map(|r| r as u32).collect();
             let xs = if share.len() == tokens { x.clone() } else { b.gather_rows(x, &rows)? };
             let (chosen, weights) = b.router_top_k(&self.gate.forward(b, &xs)?, k)?;
             let host = b.to_host(&xs)?;
             for (i, (&e, &w)) in chosen.iter().zip(&weights).enumerate() {
-                let (row, owner) = (i / k, self.experts.owner(e as usize));
+                let holders = &self.experts.holders[e as usize];
+                let (row, owner) = (i / k, holders[turns[e as usize] % holders.len()]);
+                turns[e as usize] += 1;
                 sends[owner].push(e as f32);
                 sends[owner].extend_from_slice(&host[row * hidden..(row + 1) * hidden]);
                 plan[owner].push((row, w));
