@@ -339,11 +339,12 @@ impl pb::admin_server::Admin for AdminService {
             .replicas
             .iter()
             .enumerate()
-            .map(|(i, r)| (i, r.plan.layout.ep, r.handle.expert_load()))
-            .filter(|(_, _, load)| !load.tokens.is_empty())
-            .map(|(i, ep, load)| pb::ReplicaExperts {
+            .map(|(i, r)| (i, r.plan.layout.ep, r.plan.copies.len(), r.handle.expert_load()))
+            .filter(|(.., load)| !load.tokens.is_empty())
+            .map(|(i, ep, copies, load)| pb::ReplicaExperts {
                 replica: i as u32,
                 ep: ep as u32,
+                copies: copies as u32,
                 imbalance: load.imbalance().unwrap_or(0.0),
                 layers: load
                     .tokens

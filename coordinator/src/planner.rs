@@ -15,6 +15,19 @@ use serde::{Deserialize, Serialize};
 pub struct ReplicaPlan {
     pub layout: Layout,
     pub workers: Vec<String>,
+    /// Mixtral with expert parallelism: redundant copies of hot experts, (layer, expert,
+    /// expert-parallel rank), placed from the load the replica observed
+    /// (`--redundant-experts`); a new replica starts without.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<(usize, usize, usize)>,
+}
+
+impl ReplicaPlan {
+    /// Whether `other` is this replica on the same workers in the same ranks (its copies
+    /// aside: those change in place).
+    pub fn same_ranks(&self, other: &ReplicaPlan) -> bool {
+        self.layout == other.layout && self.workers == other.workers
+    }
 }
 
 /// The placement of a cluster in an epoch.
@@ -45,6 +58,15 @@ pub struct Sizing {
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// Mixtral with expert parallelism: copies of the hottest experts per layer, placed on
+    /// the least-loaded ranks from the observed load (EPLB); each rank keeps room for
+    /// ⌈N / ep⌉ copies a layer.
+    #[arg(long, env = "TRAMONTANE_REDUNDANT_EXPERTS", default_value_t = 0)]
+    pub redundant_experts: usize,
+    /// How often (seconds) the redundant experts are placed again from the load observed
+    /// since the last time.
+    #[arg(long, default_value_t = 30)]
+    pub rebalance_secs: u64,
 }
 
 impl Sizing {
@@ -62,6 +84,17 @@ pub fn rank_need(c: &ModelConfig, layout: &Layout, rank: usize, s: &Sizing) -> (
         rank_weight_bytes(&ModelConfig { fp8_weights: false, ..c.clone() }, layout, rank, s.dtype, s.quantization)
     } else {
         rank_weight_bytes(c, layout, rank, s.dtype, s.quantization)
+    };
+    // Room for the redundant experts' copies: a rank with one more expert a layer, times the
+    // copies a rank may hold (the router grows too: a little more than needed).
+    let weights = match (s.redundant_experts, c.architecture, layout.ep) {
+        (n, cluster::Architecture::Mixtral, ep) if n > 0 && ep > 1 => {
+            let wider = ModelConfig { num_local_experts: c.num_local_experts + ep, ..c.clone() };
+            let one =
+                rank_weight_bytes(&wider, layout, rank, s.dtype, s.quantization).saturating_sub(rank_weight_bytes(c, layout, rank, s.dtype, s.quantization));
+            weights + one * n.div_ceil(ep) as u64
+        }
+        _ => weights,
     };
     let at = layout.coords(rank);
     let layers = layout.layers(c.num_hidden_layers, at.stage).len();
@@ -120,14 +153,14 @@ fn place(config: &ModelConfig, want: &Layout, sizing: &Sizing, workers: &[Worker
     free.sort_by(|a, b| a.id.cmp(&b.id));
     let world = want.world();
     while let Some(workers) = take_group(config, want, sizing, &mut free) {
-        replicas.push(ReplicaPlan { layout: want.clone(), workers });
+        replicas.push(ReplicaPlan { layout: want.clone(), workers, copies: Vec::new() });
     }
     // Too few (or too small) workers for the wanted layout: the largest layout that fits.
     'outer: while !free.is_empty() {
         for n in (1..=free.len().min(world)).rev() {
             for layout in layouts_of(n, want) {
                 if let Some(workers) = take_group(config, &layout, sizing, &mut free) {
-                    replicas.push(ReplicaPlan { layout, workers });
+                    replicas.push(ReplicaPlan { layout, workers, copies: Vec::new() });
                     continue 'outer;
                 }
             }
@@ -298,8 +331,15 @@ mod tests {
         WorkerCard { id: id.into(), address: format!("{id}:1"), device: "cpu".into(), memory_bytes, version: "t".into(), pid: 0, restarts: 0 }
     }
 
-    const SIZING: Sizing =
-        Sizing { dtype: WeightDType::As(DType::F32), quantization: Quantization::None, load_format: LoadFormat::Safetensors, kv_blocks: 16, block_size: 16 };
+    const SIZING: Sizing = Sizing {
+        dtype: WeightDType::As(DType::F32),
+        quantization: Quantization::None,
+        load_format: LoadFormat::Safetensors,
+        kv_blocks: 16,
+        block_size: 16,
+        redundant_experts: 0,
+        rebalance_secs: 30,
+    };
 
     fn tp(n: usize) -> Layout {
         Layout { tp: n, ..Layout::default() }
@@ -309,7 +349,7 @@ mod tests {
     fn joins_add_replicas_and_keep_the_others_in_place() {
         let c = config();
         let one = plan(&c, &tp(1), &SIZING, &[card("a", 0)], &[]).unwrap();
-        assert_eq!(one, vec![ReplicaPlan { layout: tp(1), workers: vec!["a".into()] }]);
+        assert_eq!(one, vec![ReplicaPlan { layout: tp(1), workers: vec!["a".into()], copies: Vec::new() }]);
         let two = plan(&c, &tp(1), &SIZING, &[card("b", 0), card("a", 0)], &one).unwrap();
         assert_eq!(two[0], one[0], "the existing replica does not move");
         assert_eq!(two[1].workers, vec!["b".to_owned()]);
@@ -325,9 +365,9 @@ mod tests {
         assert!(w2 < w1 && kv2 < kv1, "two ranks hold less each");
         let big = w1 + kv1;
         let both = plan(&c, &tp(2), &SIZING, &[card("a", big), card("b", big)], &[]).unwrap();
-        assert_eq!(both, vec![ReplicaPlan { layout: tp(2), workers: vec!["a".into(), "b".into()] }]);
+        assert_eq!(both, vec![ReplicaPlan { layout: tp(2), workers: vec!["a".into(), "b".into()], copies: Vec::new() }]);
         let survivor = plan(&c, &tp(2), &SIZING, &[card("b", big)], &both).unwrap();
-        assert_eq!(survivor, vec![ReplicaPlan { layout: tp(1), workers: vec!["b".into()] }]);
+        assert_eq!(survivor, vec![ReplicaPlan { layout: tp(1), workers: vec!["b".into()], copies: Vec::new() }]);
         // Too small for the whole model: no capacity, and the message says how much is needed.
         let err = plan(&c, &tp(2), &SIZING, &[card("b", w2 + kv2)], &both).unwrap_err();
         assert!(err.starts_with("no replica fits: each rank of tp 2 × ep 1 × pp 1 needs"), "{err}");
@@ -349,7 +389,7 @@ mod tests {
         let (big, small) = (w + kv, (w + kv) / 2);
         // "a" sorts first and holds no rank: "b" and "c" form the replica; "a" stays idle.
         let p = plan(&c, &tp(2), &SIZING, &[card("a", small), card("b", big), card("c", big)], &[]).unwrap();
-        assert_eq!(p, vec![ReplicaPlan { layout: tp(2), workers: vec!["b".into(), "c".into()] }]);
+        assert_eq!(p, vec![ReplicaPlan { layout: tp(2), workers: vec!["b".into(), "c".into()], copies: Vec::new() }]);
     }
 
     /// Mistral-7B's shape as a bf16 checkpoint.
@@ -364,7 +404,7 @@ mod tests {
         let (h, layers) = (c.hidden_size as u64, c.num_hidden_layers as u64);
         let norms = (2 * layers + 1) * h;
         let params = c.num_parameters() as u64;
-        let bf16 = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, load_format: LoadFormat::Safetensors, kv_blocks: 1024, block_size: 16 };
+        let bf16 = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, kv_blocks: 1024, ..SIZING };
         let (w, kv) = rank_memory(&c, &tp(1), &bf16);
         assert_eq!(w, 2 * (params - norms) + 4 * norms, "bf16 as stored, norms in f32");
         let kv_per_token = layers * 2 * c.num_key_value_heads as u64 * c.head_dim as u64 * 4;
@@ -393,10 +433,26 @@ mod tests {
         assert_eq!(rank_memory(&fp8, &tp(1), &Sizing { load_format: LoadFormat::Dummy, ..bf16 }).0, w);
     }
 
+    /// `--redundant-experts N` sizes every rank of an expert-parallel Mixtral for ⌈N / ep⌉
+    /// more experts a layer (each expert's three matrices, and the router a little wider).
+    #[test]
+    fn redundant_experts_are_sized_on_every_rank() {
+        let c = ModelConfig::parse(cluster::config::MIX_BENCH, "mix-bench".as_ref()).expect("the mix-bench config parses");
+        let s = Sizing { dtype: WeightDType::Auto, load_format: LoadFormat::Dummy, ..SIZING };
+        let ep4 = Layout { tp: 1, ep: 4, pp: 1, stage_layers: Vec::new() };
+        let (plain, _) = rank_memory(&c, &ep4, &s);
+        let (five, _) = rank_memory(&c, &ep4, &Sizing { redundant_experts: 5, ..s });
+        let expert = (3 * c.hidden_size * c.intermediate_size * c.num_hidden_layers * 4) as u64;
+        let router = (4 * c.hidden_size * c.num_hidden_layers * 4) as u64;
+        assert_eq!(five - plain, 2 * (expert + router), "two copies a layer on each of four ranks");
+        // One expert-parallel rank has nothing to copy to.
+        assert_eq!(rank_memory(&c, &tp(1), &Sizing { redundant_experts: 5, ..s }), rank_memory(&c, &tp(1), &s));
+    }
+
     #[test]
     fn a_refusal_gives_the_arithmetic_and_what_would_fit() {
         let c = mistral_7b();
-        let s = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, load_format: LoadFormat::Safetensors, kv_blocks: 1024, block_size: 16 };
+        let s = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, kv_blocks: 1024, ..SIZING };
         let (w, kv) = rank_memory(&c, &tp(1), &s);
         // A worker that holds the int8 weights and the KV cache, not the bf16 ones.
         let int8 = Sizing { quantization: Quantization::Int8, ..s };

@@ -129,8 +129,9 @@ enum Command {
     Submit(Box<SeqRequest>, Vec<BlockHash>, mpsc::UnboundedSender<ReplicaEvent>),
     Abort(u64),
     /// At the next step boundary: send each rank its assignment again with a new epoch (the
-    /// same shard, so nothing reloads) and step in that epoch from then on.
-    Advance(u64, Reply<Result<(), WorkerCallError>>),
+    /// same shard, so nothing reloads; with these redundant experts, which the ranks change in
+    /// place) and step in that epoch from then on.
+    Advance(u64, Vec<pb::ExpertCopy>, Reply<Result<(), WorkerCallError>>),
     /// At the next step boundary: hand every request back (they move to other replicas) and
     /// stop.
     Retire(Reply<()>),
@@ -196,10 +197,12 @@ impl ReplicaHandle {
         !self.tx.is_closed()
     }
 
-    /// Moves the replica to `epoch` at its next step boundary (see [`Command::Advance`]).
-    pub async fn advance(&self, epoch: u64) -> Result<(), WorkerCallError> {
+    /// Moves the replica to `epoch` with redundant experts `copies` ((layer, expert, expert
+    /// rank)) at its next step boundary (see [`Command::Advance`]).
+    pub async fn advance(&self, epoch: u64, copies: &[(usize, usize, usize)]) -> Result<(), WorkerCallError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Command::Advance(epoch, reply)).map_err(|_| WorkerCallError::ReplicaStopped)?;
+        let copies = copies.iter().map(|&(layer, expert, rank)| pb::ExpertCopy { layer: layer as u32, expert: expert as u32, ep_rank: rank as u32 }).collect();
+        self.tx.send(Command::Advance(epoch, copies, reply)).map_err(|_| WorkerCallError::ReplicaStopped)?;
         rx.await.map_err(|_| WorkerCallError::ReplicaStopped)?
     }
 
@@ -304,8 +307,8 @@ impl ReplicaTask {
 
     async fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Advance(epoch, reply) => {
-                let _ = reply.send(self.advance(epoch).await);
+            Command::Advance(epoch, copies, reply) => {
+                let _ = reply.send(self.advance(epoch, copies).await);
             }
             Command::Retire(reply) => {
                 self.hand_back("the replica was retired by a new placement");
@@ -437,9 +440,10 @@ impl ReplicaTask {
         }
     }
 
-    async fn advance(&mut self, epoch: u64) -> Result<(), WorkerCallError> {
+    async fn advance(&mut self, epoch: u64, copies: Vec<pb::ExpertCopy>) -> Result<(), WorkerCallError> {
         let mut kept = true;
-        for (rank, (worker, assignment)) in self.ranks.iter().zip(&self.assignments).enumerate() {
+        for (rank, (worker, assignment)) in self.ranks.iter().zip(&mut self.assignments).enumerate() {
+            assignment.expert_copies = copies.clone();
             let request = pb::LoadAssignmentRequest { epoch, ..assignment.clone() };
             let loaded = worker.clone().load_assignment(request).await.map_err(|status| WorkerCallError::Refused { rank, status })?;
             kept &= loaded.into_inner().kept;

@@ -31,7 +31,10 @@ fn request(prompt: pb::generate_request::Prompt, max_tokens: u32) -> pb::Generat
 }
 
 /// Streams a request to the end; returns (token ids, text, logprobs, finish reason).
-async fn generate(client: &mut InferenceClient<Channel>, req: pb::GenerateRequest) -> Result<(Vec<u32>, String, Vec<f32>, i32), tonic::Status> {
+/// A generation's token ids, text, logprobs and finish reason.
+type Generated = (Vec<u32>, String, Vec<f32>, i32);
+
+async fn generate(client: &mut InferenceClient<Channel>, req: pb::GenerateRequest) -> Result<Generated, tonic::Status> {
     let mut stream = client.generate(req).await?.into_inner();
     let (mut ids, mut text, mut lps, mut finish) = (Vec::new(), String::new(), Vec::new(), 0);
     while let Some(msg) = stream.message().await? {
@@ -225,6 +228,17 @@ async fn a_full_queue_answers_resource_exhausted() {
     assert!(refused >= 1, "with room for two, four concurrent requests cannot all be accepted");
 }
 
+/// Greedy generations of every reference case's prompt, all at once.
+fn reference_cases(c: &InferenceClient<Channel>, reference: &Reference) -> Vec<tokio::task::JoinHandle<Generated>> {
+    let generation = |case: &Case| {
+        let mut c = c.clone();
+        let prompt = pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: case.prompt_ids.clone() });
+        let req = request(prompt, case.greedy_ids.len() as u32);
+        tokio::spawn(async move { generate(&mut c, req).await.expect("generates") })
+    };
+    reference.cases.iter().map(generation).collect()
+}
+
 /// The replica's ranks counted the tokens each expert ran: in every layer, `top_k` for each
 /// token the steps carried (each prompt, then each generated token but the last, which no
 /// step feeds back); the status, /metrics and `tramctl status --experts` show the same.
@@ -249,10 +263,9 @@ async fn check_expert_load(cluster: &Cluster, reference: &Reference) {
     assert_eq!(Some(experts.imbalance), load.imbalance());
     // /metrics labels a replica by its id (a counter's series is never another replica's).
     let metrics = tests::http(&cluster.http, "GET", "/metrics", "");
-    let gauge = "tramontane:expert_parallel_imbalance{replica=\"";
-    let line = metrics.lines().find(|l| l.starts_with(gauge)).unwrap_or_else(|| panic!("{gauge} in\n{metrics}"));
-    let id = line[gauge.len()..].split('"').next().expect("a replica id");
-    assert_eq!(line, format!("{gauge}{id}\",ep=\"2\"}} {}", experts.imbalance));
+    let id = imbalance_replica(cluster).expect("the replica's imbalance is exported");
+    let gauge = format!("tramontane:expert_parallel_imbalance{{replica=\"{id}\",ep=\"2\"}} {}\n", experts.imbalance);
+    assert!(metrics.contains(&gauge), "{gauge} in\n{metrics}");
     for (layer, tokens) in load.tokens.iter().enumerate() {
         for (expert, n) in tokens.iter().enumerate() {
             let line = format!("tramontane:expert_tokens_total{{replica=\"{id}\",layer=\"{layer}\",expert=\"{expert}\"}} {n}\n");
@@ -264,7 +277,7 @@ async fn check_expert_load(cluster: &Cluster, reference: &Reference) {
         .output()
         .expect("runs tramctl");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("replica 0 experts (ep 2): imbalance {:.3}", experts.imbalance)), "{text}");
+    assert!(text.contains(&format!("replica 0 experts (ep 2, 0 redundant copies): imbalance {:.3}", experts.imbalance)), "{text}");
     let layer0 = load.tokens[0].iter().map(|n| format!("{n:>9}")).collect::<Vec<_>>().join(" ");
     assert!(text.contains(&format!("{:>5} {layer0}", 0)), "{text}");
     eprintln!("{text}");
@@ -282,16 +295,7 @@ async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies(
     assert!(status.workers.iter().all(|w| w.replica == 0));
 
     let reference = reference("mixtral-v3-tiny");
-    let tasks: Vec<_> = reference
-        .cases
-        .iter()
-        .map(|case| {
-            let mut c = c.clone();
-            let prompt = pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: case.prompt_ids.clone() });
-            let req = request(prompt, case.greedy_ids.len() as u32);
-            tokio::spawn(async move { generate(&mut c, req).await.expect("generates") })
-        })
-        .collect();
+    let tasks = reference_cases(&c, &reference);
     for (task, case) in tasks.into_iter().zip(&reference.cases) {
         let (ids, _, lps, _) = task.await.expect("joins");
         assert_eq!(ids, case.greedy_ids);
@@ -328,4 +332,54 @@ async fn a_sharded_replica_serves_the_reference_and_fails_fast_when_a_rank_dies(
     assert!(status.epoch > 1, "a new placement");
     assert_eq!(status.workers.iter().filter(|w| w.state == "serving").count(), 3, "{status:?}");
     eprintln!("recovered from a killed rank in {:?}; now {}", killed.elapsed(), status.layout);
+}
+
+/// The id /metrics labels the replica whose expert imbalance it reports with.
+fn imbalance_replica(cluster: &Cluster) -> Option<String> {
+    let metrics = tests::http(&cluster.http, "GET", "/metrics", "");
+    let gauge = "tramontane:expert_parallel_imbalance{replica=\"";
+    let line = metrics.lines().find(|l| l.starts_with(gauge))?;
+    Some(line[gauge.len()..].split('"').next()?.to_owned())
+}
+
+/// `--redundant-experts`: an EP-4 Mixtral replica gets copies of its hottest experts, placed
+/// from the load it observed (every second here) and applied in place (the same replica, in a
+/// newer epoch), and generates the same tokens and logprobs, bit for bit, with them.
+#[tokio::test]
+async fn redundant_experts_are_placed_from_the_observed_load_and_change_no_token() {
+    let cluster = start_with("mixtral-v3-tiny", 4, &["--ep", "4", "--redundant-experts", "4", "--rebalance-secs", "1"]);
+    let c = client(&cluster).await;
+    let reference = reference("mixtral-v3-tiny");
+    let run = || {
+        let tasks = reference_cases(&c, &reference);
+        async move {
+            let mut out = Vec::new();
+            for t in tasks {
+                let (ids, _, lps, _) = t.await.expect("joins");
+                out.push((ids, lps.iter().map(|l| l.to_bits()).collect::<Vec<u32>>()));
+            }
+            out
+        }
+    };
+    let before = run().await;
+    for ((ids, _), case) in before.iter().zip(&reference.cases) {
+        assert_eq!(ids, &case.greedy_ids);
+    }
+    let (epoch, replica) = (cluster_status(&cluster).await.epoch, imbalance_replica(&cluster));
+    assert!(replica.is_some(), "the replica's expert load is exported");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        let status = cluster_status(&cluster).await;
+        if status.experts.first().is_some_and(|e| e.copies > 0) {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "no redundant experts placed within 30 s: {status:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(status.epoch > epoch, "the copies came with a new epoch");
+    assert_eq!(status.experts[0].copies, 4 * status.experts[0].layers.len() as u32, "four copies a layer");
+    assert!(status.workers.iter().all(|w| w.state == "serving" && w.replica == 0), "{status:?}");
+    assert_eq!(imbalance_replica(&cluster), replica, "the same replica, kept: nothing was loaded again");
+    let after = run().await;
+    assert_eq!(after, before, "the same tokens and logprob bits with the copies");
 }

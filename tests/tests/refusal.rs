@@ -37,7 +37,15 @@ fn big_model() -> tempfile::TempDir {
 /// The planner's refusal for `workers` workers offering `MEMORY` each, as the processes must print it.
 fn expected_refusal(model: &Path, workers: usize) -> String {
     let config = ModelConfig::from_file(&model.join("config.json")).expect("config");
-    let sizing = Sizing { dtype: WeightDType::Auto, quantization: Quantization::Auto, load_format: worker::LoadFormat::Dummy, kv_blocks: 1024, block_size: 16 };
+    let sizing = Sizing {
+        dtype: WeightDType::Auto,
+        quantization: Quantization::Auto,
+        load_format: worker::LoadFormat::Dummy,
+        kv_blocks: 1024,
+        block_size: 16,
+        redundant_experts: 0,
+        rebalance_secs: 30,
+    };
     let cards: Vec<WorkerCard> = (0..workers)
         .map(|i| WorkerCard {
             id: format!("worker-{i}"),

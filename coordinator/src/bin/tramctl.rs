@@ -623,7 +623,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             "max_context": info.max_context, "running": info.running, "waiting": info.waiting,
             "kv_blocks_used": info.kv_blocks_used, "kv_blocks_total": info.kv_blocks_total, "workers": workers,
             "experts": cluster.experts.iter().map(|r| serde_json::json!({
-                "replica": r.replica, "ep": r.ep, "imbalance": r.imbalance,
+                "replica": r.replica, "ep": r.ep, "copies": r.copies, "imbalance": r.imbalance,
                 "layers": r.layers.iter().map(|l| serde_json::json!({"layer": l.layer, "tokens": l.tokens, "ranks": l.ranks})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
@@ -673,7 +673,10 @@ fn print_experts(replicas: &[pb::ReplicaExperts]) {
         let experts = r.layers.first().map_or(0, |l| l.tokens.len());
         let ep = (r.ep as usize).max(1);
         let imbalance = if r.imbalance > 0.0 { format!("{:.3}", r.imbalance) } else { "- (no tokens yet)".into() };
-        println!("\nreplica {} experts (ep {}): imbalance {imbalance} (busiest rank over the mean; 1 is balanced)", r.replica, r.ep);
+        println!(
+            "\nreplica {} experts (ep {}, {} redundant copies): imbalance {imbalance} (busiest rank over the mean; 1 is balanced)",
+            r.replica, r.ep, r.copies
+        );
         let mut head = format!("{:>5}", "LAYER");
         for e in 0..experts {
             head.push_str(&format!(" {:>9}", format!("E{e}")));

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::Metrics;
 use crate::planner::{self, Plan, ReplicaPlan, Sizing};
 use crate::replica::{ReplicaDown, WorkerCallError};
+use cluster::experts::{ExpertLoad, place_copies, projected_imbalance};
 use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::SchedulerConfig;
 
@@ -154,6 +155,9 @@ async fn run(
         // former leader cut from etcd may still drive them.
         unfenced: stored_workers,
         vanished: HashMap::new(),
+        rebalanced: HashMap::new(),
+        observed: HashMap::new(),
+        last_rebalance: Instant::now(),
     };
     let mut members = membership.watch_workers();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -189,6 +193,7 @@ async fn run(
                 if c.give_up_vanished() || c.dirty {
                     c.reconcile();
                 }
+                c.rebalance();
             }
         }
     }
@@ -263,6 +268,11 @@ struct Controller {
     /// Workers of live replicas whose cards vanished, and since when: given up after
     /// [`gone_grace`] unless they register again first.
     vanished: HashMap<String, Instant>,
+    /// Redundant experts placed for live replicas (by id) that the next change applies.
+    rebalanced: HashMap<u64, Vec<(usize, usize, usize)>>,
+    /// Each replica's expert load when its copies were last placed, and when that was.
+    observed: HashMap<u64, ExpertLoad>,
+    last_rebalance: Instant,
 }
 
 impl Controller {
@@ -375,11 +385,45 @@ impl Controller {
         self.cards.values().filter(|c| !self.suspects.contains(&c.id) && !self.draining.contains_key(&c.id)).cloned().collect()
     }
 
+    /// The live replicas' plans (with the redundant experts placed for them since).
     fn current(&self) -> Vec<ReplicaPlan> {
         if self.live.is_empty() && self.epoch > 0 {
             return self.previous.clone();
         }
-        self.live.iter().filter(|r| r.handle.is_alive()).map(|r| r.plan.clone()).collect()
+        let plan = |r: &LiveReplica| match self.rebalanced.get(&r.handle.id) {
+            Some(copies) => ReplicaPlan { copies: copies.clone(), ..r.plan.clone() },
+            None => r.plan.clone(),
+        };
+        self.live.iter().filter(|r| r.handle.is_alive()).map(plan).collect()
+    }
+
+    /// Every `--rebalance-secs`, places each expert-parallel Mixtral replica's redundant
+    /// experts again from the load it observed since the last time, and changes them (in
+    /// place, as an epoch change) when that projects a lower imbalance by more than 2 %.
+    fn rebalance(&mut self) {
+        let n = self.cfg.sizing.redundant_experts;
+        let every = Duration::from_secs(self.cfg.sizing.rebalance_secs);
+        if n == 0 || self.placing.is_some() || self.releading || self.last_rebalance.elapsed() < every {
+            return;
+        }
+        self.last_rebalance = Instant::now();
+        let mut changed = false;
+        for r in self.live.iter().filter(|r| r.plan.layout.ep > 1 && r.handle.is_alive()) {
+            let now = r.handle.expert_load();
+            let window = self.observed.get(&r.handle.id).map_or_else(|| now.clone(), |then| now.since(then));
+            self.observed.insert(r.handle.id, now);
+            let copies = place_copies(&window, n);
+            let (Some(new), Some(old)) = (projected_imbalance(&window, &copies), projected_imbalance(&window, &r.plan.copies)) else { continue };
+            if copies != r.plan.copies && new < old * 0.98 {
+                tracing::info!(replica = r.handle.id, observed = %format!("{:.3}", window.imbalance().unwrap_or(1.0)), with_copies = %format!("{new:.3}"), "placing redundant experts again");
+                self.rebalanced.insert(r.handle.id, copies);
+                changed = true;
+            }
+        }
+        self.observed.retain(|id, _| self.live.iter().any(|r| r.handle.id == *id));
+        if changed {
+            self.reconcile();
+        }
     }
 
     fn publish(&self) {
@@ -425,9 +469,19 @@ impl Controller {
             }
         };
         let epoch = store.as_ref().map(|p| p.epoch);
-        let (keep, retire): (Vec<LiveReplica>, Vec<LiveReplica>) = self.live.iter().cloned().partition(|r| wanted.contains(&r.plan) && r.handle.is_alive());
+        // A replica is kept on the same workers in the same ranks; its redundant experts may
+        // change in place.
+        let (keep, retire): (Vec<LiveReplica>, Vec<LiveReplica>) =
+            self.live.iter().cloned().partition(|r| wanted.iter().any(|w| w.same_ranks(&r.plan)) && r.handle.is_alive());
+        let keep: Vec<(LiveReplica, ReplicaPlan)> = keep
+            .into_iter()
+            .filter_map(|r| {
+                let plan = wanted.iter().find(|w| w.same_ranks(&r.plan))?.clone();
+                Some((r, plan))
+            })
+            .collect();
         let mut load = Vec::new();
-        for rp in wanted.iter().filter(|rp| !keep.iter().any(|r| r.plan == **rp)) {
+        for rp in wanted.iter().filter(|rp| !keep.iter().any(|(r, _)| r.plan.same_ranks(rp))) {
             match self.new_replica(rp, epoch.unwrap_or(self.epoch)) {
                 Ok(r) => load.push(r),
                 Err(id) => {
@@ -469,6 +523,8 @@ impl Controller {
             Ok(stored) => {
                 if let Some(epoch) = stored {
                     self.epoch = epoch;
+                    // The kept replicas took the copies placed for them.
+                    self.rebalanced.clear();
                 }
                 for (workers, message) in outcome.failures {
                     tracing::warn!(%message, ?workers, "a replica failed to load");
@@ -560,6 +616,11 @@ impl Controller {
                 rank: rank as u32,
                 peers: Vec::new(),
                 formed: epoch,
+                expert_copies: plan
+                    .copies
+                    .iter()
+                    .map(|&(layer, expert, rank)| wpb::ExpertCopy { layer: layer as u32, expert: expert as u32, ep_rank: rank as u32 })
+                    .collect(),
                 ..Default::default()
             })
             .collect()
@@ -762,6 +823,8 @@ mod tests {
                 load_format: cluster::LoadFormat::Dummy,
                 kv_blocks: 16,
                 block_size: 16,
+                redundant_experts: 0,
+                rebalance_secs: 30,
             },
             sched: SchedulerConfig { num_blocks: 16, block_size: 16, max_num_seqs: 4, max_batch_tokens: 64, max_queue: 4, prefix_caching: true },
             dialer: Dialer::default(),

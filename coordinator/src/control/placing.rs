@@ -58,7 +58,8 @@ pub(super) struct Change {
     /// The plan to store first; None when nothing can be placed (the replicas only retire).
     pub store: Option<Plan>,
     pub load: Vec<NewReplica>,
-    pub keep: Vec<LiveReplica>,
+    /// Replicas kept, each with its plan in the new placement (its copies may change).
+    pub keep: Vec<(LiveReplica, ReplicaPlan)>,
     pub retire: Vec<LiveReplica>,
     pub serving: Serving,
     /// Told the epoch as soon as the plan is stored, before any worker is assigned it.
@@ -104,13 +105,18 @@ impl Change {
         }
         // Kept replicas move to the new epoch at a step boundary; the others retire.
         let epoch = out.stored.as_ref().ok().copied().flatten();
-        for r in self.keep {
+        for (r, plan) in self.keep {
             let moved = match epoch {
-                Some(epoch) => r.handle.advance(epoch).await,
+                Some(epoch) => r.handle.advance(epoch, &plan.copies).await,
                 None => Err(WorkerCallError::NoEpoch),
             };
             match moved {
-                Ok(()) => out.live.push(r),
+                Ok(()) => {
+                    if plan.copies != r.plan.copies {
+                        tracing::info!(workers = ?plan.workers, copies = plan.copies.len(), "redundant experts placed again");
+                    }
+                    out.live.push(LiveReplica { plan, ..r });
+                }
                 Err(message) => {
                     tracing::warn!(%message, "a replica could not move to the new epoch");
                     r.handle.retire().await;

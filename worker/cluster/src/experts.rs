@@ -111,6 +111,29 @@ pub fn place_copies(load: &ExpertLoad, n: usize) -> Vec<(usize, usize, usize)> {
     copies
 }
 
+/// The imbalance `load` would have had with `copies` ((layer, expert, rank)), each holder of
+/// an expert taking an equal share of its tokens; `None` before any token.
+pub fn projected_imbalance(load: &ExpertLoad, copies: &[(usize, usize, usize)]) -> Option<f64> {
+    let (mut max, mut sum, mut ep) = (0f64, 0f64, 1);
+    for (layer, tokens) in load.tokens.iter().enumerate() {
+        ep = load.ranks[layer].len().max(1);
+        let experts = tokens.len();
+        let mut holders: Vec<Vec<usize>> = (0..experts).map(|e| vec![(0..ep).find(|&r| even_part(experts, r, ep).contains(&e)).unwrap_or(0)]).collect();
+        for &(_, e, r) in copies.iter().filter(|c| c.0 == layer) {
+            holders[e].push(r);
+        }
+        let mut ranks = vec![0f64; ep];
+        for (e, h) in holders.iter().enumerate() {
+            for &r in h {
+                ranks[r] += tokens[e] as f64 / h.len() as f64;
+            }
+        }
+        max += ranks.iter().copied().fold(0.0, f64::max);
+        sum += ranks.iter().sum::<f64>();
+    }
+    (sum > 0.0).then(|| max * ep as f64 / sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +203,11 @@ mod tests {
         // 2 (projected 10); then 1 (20) → 1, the other free rank not holding it; rank 0, last,
         // takes the hottest expert it does not hold (2).
         assert_eq!(place_copies(&load, 4), vec![(0, 0, 2), (0, 0, 3), (0, 1, 1), (0, 2, 0)]);
+        assert_eq!(projected_imbalance(&load, &[]), load.imbalance());
+        // With those four, rank 0 projects 40/3 + 10 + 5 tokens (experts 0, 1, 2: shares of
+        // 3, 2 and 2 holders), the most, against a mean of 22.5: from 60 / 22.5.
+        let four = projected_imbalance(&load, &place_copies(&load, 4)).unwrap();
+        assert!((four - (40.0 / 3.0 + 15.0) / 22.5).abs() < 1e-12, "{four}");
         // No tokens, or no other rank: no copies.
         assert!(place_copies(&ExpertLoad::new(2, 8, 4), 4).is_empty());
         assert!(place_copies(&owned(&[&[9, 1]], 1), 2).is_empty());
