@@ -371,8 +371,8 @@ fn expert_copies(req: &pb::LoadAssignmentRequest, config: &crate::ModelConfig) -
     let mut copies = Vec::with_capacity(req.expert_copies.len());
     for c in &req.expert_copies {
         let copy = (c.layer as usize, c.expert as usize, c.ep_rank as usize);
-        let owner = (0..ep).find(|&r| cluster::layout::even_part(experts, r, ep).contains(&copy.1));
-        if copy.0 >= layers || copy.1 >= experts || copy.2 >= ep || owner == Some(copy.2) || copies.contains(&copy) {
+        let owned = copy.1 < experts && cluster::experts::owner(experts, copy.1, ep) == copy.2;
+        if copy.0 >= layers || copy.1 >= experts || copy.2 >= ep || owned || copies.contains(&copy) {
             return Err(ServiceError::InvalidArgument(format!(
                 "`expert_copies`: layer {} expert {} on rank {} (the model has {layers} layers of {experts} experts over {ep} ranks; a rank holds an expert once)",
                 copy.0, copy.1, copy.2

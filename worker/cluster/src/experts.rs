@@ -72,6 +72,22 @@ impl ExpertLoad {
     }
 }
 
+/// The expert-parallel rank (of `ep`) that owns `expert` of `experts`: the one whose
+/// [`even_part`] holds it.
+pub fn owner(experts: usize, expert: usize, ep: usize) -> usize {
+    (0..ep).find(|&r| even_part(experts, r, ep).contains(&expert)).unwrap_or(0)
+}
+
+/// Each of `experts` experts' holders over `ep` ranks: its owner, then the ranks that hold a
+/// copy of it (`copies`: (expert, rank)), in their order.
+pub fn holders(experts: usize, ep: usize, copies: impl IntoIterator<Item = (usize, usize)>) -> Vec<Vec<usize>> {
+    let mut holders: Vec<Vec<usize>> = (0..experts).map(|e| vec![owner(experts, e, ep)]).collect();
+    for (e, r) in copies {
+        holders[e].push(r);
+    }
+    holders
+}
+
 /// Where `n` redundant copies of each layer's experts go, from an observed `load` (EPLB's
 /// greedy rule): in each layer, again and again, the expert with the most tokens per holder
 /// gets a copy on the rank with the least projected load that does not hold it and has a free
@@ -86,7 +102,7 @@ pub fn place_copies(load: &ExpertLoad, n: usize) -> Vec<(usize, usize, usize)> {
             continue;
         }
         let slots = n.div_ceil(ep);
-        let mut holders: Vec<Vec<usize>> = (0..experts).map(|e| vec![(0..ep).find(|&r| even_part(experts, r, ep).contains(&e)).unwrap_or(0)]).collect();
+        let mut holders = holders(experts, ep, []);
         let mut used = vec![0usize; ep];
         let share = |e: usize, holders: &[Vec<usize>]| tokens[e] as f64 / holders[e].len() as f64;
         for _ in 0..n {
@@ -118,10 +134,7 @@ pub fn projected_imbalance(load: &ExpertLoad, copies: &[(usize, usize, usize)]) 
     for (layer, tokens) in load.tokens.iter().enumerate() {
         ep = load.ranks[layer].len().max(1);
         let experts = tokens.len();
-        let mut holders: Vec<Vec<usize>> = (0..experts).map(|e| vec![(0..ep).find(|&r| even_part(experts, r, ep).contains(&e)).unwrap_or(0)]).collect();
-        for &(_, e, r) in copies.iter().filter(|c| c.0 == layer) {
-            holders[e].push(r);
-        }
+        let holders = holders(experts, ep, copies.iter().filter(|c| c.0 == layer).map(|&(_, e, r)| (e, r)));
         let mut ranks = vec![0f64; ep];
         for (e, h) in holders.iter().enumerate() {
             for &r in h {

@@ -21,6 +21,7 @@ use super::{ColumnParallelLinear, Linear, Loader, RowParallelLinear};
 use crate::backend::{Backend, RowsUpdate};
 use crate::comm::Comm;
 use crate::error::Result;
+use crate::experts::holders;
 use crate::layout::even_part;
 
 /// One SwiGLU expert: `w2(silu(w1(x)) * w3(x))`, its hidden units split over `tp` ranks.
@@ -78,7 +79,7 @@ impl<B: Backend> ExpertParallel<B> {
             experts: owned.clone().map(|e| Expert::load(loader, &format!("{prefix}.{e}"))).collect::<Result<_>>()?,
             owned,
             copies: Vec::new(),
-            holders: (0..n).map(|e| vec![(0..ep).find(|&r| even_part(n, r, ep).contains(&e)).unwrap_or(0)]).collect(),
+            holders: holders(n, ep, []),
             routed: (0..n).map(|_| AtomicU64::new(0)).collect(),
             num_experts: n,
             ep: par.ep.clone(),
@@ -102,14 +103,9 @@ impl<B: Backend> ExpertParallel<B> {
         }
         kept.sort_by_key(|(e, ..)| *e);
         self.copies = kept;
-        for holders in &mut self.holders {
-            holders.truncate(1);
-        }
         let mut sorted = copies.to_vec();
         sorted.sort_unstable();
-        for (e, r) in sorted {
-            self.holders[e].push(r);
-        }
+        self.holders = holders(self.num_experts, self.ep.world(), sorted);
         Ok(())
     }
 
