@@ -75,8 +75,9 @@ impl From<ControlError> for Status {
         let msg = e.to_string();
         match e {
             ControlError::Stopped | ControlError::Release { .. } => Status::unavailable(msg),
-            ControlError::Standby | ControlError::NoFit(_) => Status::failed_precondition(msg),
+            ControlError::Standby | ControlError::NoFit(_) | ControlError::Shape { .. } => Status::failed_precondition(msg),
             ControlError::UnknownWorker(_) => Status::not_found(msg),
+            ControlError::BadShape { .. } => Status::invalid_argument(msg),
         }
     }
 }
@@ -295,6 +296,10 @@ impl AdminService {
     }
 }
 
+fn planned(p: crate::control::PlannedReplica) -> pb::PlannedReplica {
+    pb::PlannedReplica { layout: layout_name(&p.plan.layout), workers: p.plan.workers, weight_bytes: p.weight_bytes, kv_cache_bytes: p.kv_bytes }
+}
+
 fn layout_name(l: &Layout) -> String {
     format!("tp {} ep {} pp {}", l.tp, l.ep, l.pp)
 }
@@ -391,16 +396,13 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn plan(&self, _: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {
-        let planned = self.control.plan().await?;
-        let replicas = planned
-            .into_iter()
-            .map(|p| pb::PlannedReplica {
-                layout: layout_name(&p.plan.layout),
-                workers: p.plan.workers,
-                weight_bytes: p.weight_bytes,
-                kv_cache_bytes: p.kv_bytes,
-            })
-            .collect();
+        let replicas = self.control.plan().await?.into_iter().map(planned).collect();
         Ok(Response::new(pb::PlanResponse { replicas }))
+    }
+
+    async fn scale(&self, request: Request<pb::ScaleRequest>) -> Result<Response<pb::ScaleResponse>, Status> {
+        let r = request.into_inner();
+        let scaled = self.control.scale(r.tp as usize, r.ep as usize, r.pp as usize, r.replicas as usize).await?;
+        Ok(Response::new(pb::ScaleResponse { epoch: scaled.epoch, replicas: scaled.replicas.into_iter().map(planned).collect() }))
     }
 }

@@ -51,6 +51,10 @@ pub struct Metrics {
     /// Prompt tokens looked up in the prefix cache as sequences joined a batch, and found.
     prefix_queries: Counter,
     prefix_hits: Counter,
+    /// Replicas whose step failed (their requests moved), and replicas retired by a new
+    /// placement (a drain, a reshape).
+    replica_failures: Counter,
+    replica_retirements: Counter,
     running: Gauge,
     waiting: Gauge,
     used_blocks: Gauge,
@@ -96,6 +100,8 @@ impl Default for Metrics {
             step_tokens: counter("tramontane:step_tokens_total", "New tokens (prompt chunks and decodes) those steps processed."),
             prefix_queries: counter("tramontane:prefix_cache_queries_total", "Context tokens looked up in the prefix cache as sequences joined a batch."),
             prefix_hits: counter("tramontane:prefix_cache_hits_total", "Those tokens found in the prefix cache (their prefill skipped)."),
+            replica_failures: counter("tramontane:replica_failures_total", "Replicas whose step failed (their requests moved to others)."),
+            replica_retirements: counter("tramontane:replica_retirements_total", "Replicas a new placement retired at a step boundary (a drain, a reshape)."),
             running: gauge("tramontane:num_requests_running", "Sequences in running batches."),
             waiting: gauge("tramontane:num_requests_waiting", "Requests waiting to be scheduled."),
             used_blocks: gauge("tramontane:kv_cache_usage_blocks", "KV cache blocks in use."),
@@ -128,6 +134,14 @@ impl Metrics {
     pub fn prefix_cache(&self, queries: u64, hits: u64) {
         self.prefix_queries.increment(queries);
         self.prefix_hits.increment(hits);
+    }
+    /// A replica's step failed.
+    pub fn replica_failed(&self) {
+        self.replica_failures.increment(1);
+    }
+    /// A new placement retired a replica.
+    pub fn replica_retired(&self) {
+        self.replica_retirements.increment(1);
     }
     /// Sequences in one executed step.
     pub fn batch_size(&self, n: usize) {

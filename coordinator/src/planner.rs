@@ -35,6 +35,19 @@ impl ReplicaPlan {
 pub struct Plan {
     pub epoch: u64,
     pub replicas: Vec<ReplicaPlan>,
+    /// The shape an operator scaled the cluster to (`tramctl scale`), which outlives the
+    /// coordinator's flags; None: the flags' layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted: Option<Wanted>,
+}
+
+/// The wanted shape: a replica's layout and how many replicas at most.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wanted {
+    pub layout: Layout,
+    /// At most this many replicas (the other workers stay idle); 0 = as many as fit.
+    #[serde(default)]
+    pub replicas: usize,
 }
 
 /// What every rank must hold: its weights, as the workers keep them, and its KV cache (the
@@ -135,7 +148,22 @@ fn layouts_of(world: usize, want: &Layout) -> Vec<Layout> {
 /// Plans replicas over `workers` (live, not draining). Err says why no replica fits, with
 /// the arithmetic and what would fit.
 pub fn plan(config: &ModelConfig, want: &Layout, sizing: &Sizing, workers: &[WorkerCard], current: &[ReplicaPlan]) -> Result<Vec<ReplicaPlan>, String> {
-    let replicas = place(config, want, sizing, workers, current);
+    plan_wanted(config, &Wanted { layout: want.clone(), replicas: 0 }, sizing, workers, current)
+}
+
+/// [`plan`] of at most `wanted.replicas` replicas (the current ones kept first).
+pub fn plan_wanted(
+    config: &ModelConfig,
+    wanted: &Wanted,
+    sizing: &Sizing,
+    workers: &[WorkerCard],
+    current: &[ReplicaPlan],
+) -> Result<Vec<ReplicaPlan>, String> {
+    let want = &wanted.layout;
+    let mut replicas = place(config, want, sizing, workers, current);
+    if wanted.replicas > 0 {
+        replicas.truncate(wanted.replicas);
+    }
     if replicas.is_empty() {
         return Err(match workers.len() {
             0 => "no capacity remains: no live worker".to_owned(),
@@ -380,6 +408,18 @@ mod tests {
         let p = plan(&c, &tp(2), &SIZING, &[card("a", 0), card("b", 0), card("c", 0)], &[]).unwrap();
         assert_eq!(p.iter().map(|r| r.layout.world()).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(p[1].workers, vec!["c".to_owned()]);
+    }
+
+    #[test]
+    fn at_most_the_wanted_replicas_are_placed_the_kept_ones_first() {
+        let c = config();
+        let four: Vec<WorkerCard> = ["a", "b", "c", "d"].iter().map(|id| card(id, 0)).collect();
+        let all = plan(&c, &tp(2), &SIZING, &four, &[]).unwrap();
+        assert_eq!(all.len(), 2);
+        let one = plan_wanted(&c, &Wanted { layout: tp(2), replicas: 1 }, &SIZING, &four, &all[1..]).unwrap();
+        assert_eq!(one, all[1..].to_vec(), "the kept replica stays, the other workers idle");
+        let wider = plan_wanted(&c, &Wanted { layout: tp(4), replicas: 0 }, &SIZING, &four, &[]).unwrap();
+        assert_eq!(wider, vec![ReplicaPlan { layout: tp(4), workers: vec!["a".into(), "b".into(), "c".into(), "d".into()], copies: Vec::new() }]);
     }
 
     #[test]

@@ -495,8 +495,13 @@ pub mod cluster {
 
     /// [`coordinator_with_http`] on `host` (here, on loopback, without one).
     pub fn coordinator_on(host: Option<&Host>, etcd: &Etcd, extra: &[&str]) -> (Server, String) {
+        coordinator_of(host, etcd, "mistral-v1-tiny", extra)
+    }
+
+    /// [`coordinator_on`] of the fixture `model`.
+    pub fn coordinator_of(host: Option<&Host>, etcd: &Etcd, model: &str, extra: &[&str]) -> (Server, String) {
         let (mut cmd, ip) = on(host, &binary("coordinator"));
-        let (any, url, model) = (format!("{ip}:0"), etcd.url(), fixture("mistral-v1-tiny").display().to_string());
+        let (any, url, model) = (format!("{ip}:0"), etcd.url(), fixture(model).display().to_string());
         cmd.args(["--grpc-addr", &any, "--http-addr", &any, "--model", &model]);
         cmd.args(["--etcd", &url, "--cluster", "t", "--lease-ttl-secs", TTL_SECS, "--kv-blocks", "128", "--max-num-seqs", "4"]).args(extra);
         let mut c = Server::spawn("coordinator", cmd);

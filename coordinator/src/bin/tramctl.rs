@@ -38,6 +38,9 @@ enum Cmd {
     Plan(Box<PlanArgs>),
     /// Move a worker's sequences to other replicas, then release it (it exits).
     Drain(DrainArgs),
+    /// Reshape the cluster while it serves: the replicas' layout (e.g. two TP-2 replicas into
+    /// one TP-4) and how many; the new replicas load beside the old ones, which then retire.
+    Scale(ScaleArgs),
     /// Print each API key's requests and tokens since the coordinator started.
     Usage(AdminArgs),
 }
@@ -61,6 +64,28 @@ struct PlanArgs {
     layout: cluster::layout::Layout,
     #[command(flatten)]
     sizing: coordinator::planner::Sizing,
+}
+
+#[derive(Debug, clap::Args)]
+struct ScaleArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Tensor-parallel ranks of a replica (unset: as now).
+    #[arg(long)]
+    tp: Option<u32>,
+    /// Expert-parallel ranks of a replica (unset: as now).
+    #[arg(long)]
+    ep: Option<u32>,
+    /// Pipeline stages of a replica (unset: as now).
+    #[arg(long)]
+    pp: Option<u32>,
+    /// At most this many replicas (the other workers stay idle); 0 or unset: as many as the
+    /// workers hold.
+    #[arg(long, default_value_t = 0)]
+    replicas: u32,
+    /// Wait until every replica serves in the new layout.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -227,6 +252,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Plan(a) if a.model.is_some() => plan_offline(&a),
         Cmd::Plan(a) => tokio::runtime::Runtime::new()?.block_on(plan(a.admin)),
         Cmd::Drain(a) => tokio::runtime::Runtime::new()?.block_on(drain(a)),
+        Cmd::Scale(a) => tokio::runtime::Runtime::new()?.block_on(scale(a)),
         Cmd::Usage(a) => tokio::runtime::Runtime::new()?.block_on(usage(a)),
     }
 }
@@ -287,6 +313,30 @@ async fn drain(a: DrainArgs) -> anyhow::Result<()> {
     let request = pb::DrainRequest { worker_id: a.worker_id.clone() };
     admin(&a.admin).await?.drain(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("drained {}: its sequences moved and it was released in {:.2} s", a.worker_id, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn scale(a: ScaleArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let request = pb::ScaleRequest { tp: a.tp.unwrap_or(0), ep: a.ep.unwrap_or(0), pp: a.pp.unwrap_or(0), replicas: a.replicas };
+    let mut admin = admin(&a.admin).await?;
+    let scaled = admin.scale(request).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+    println!("placement epoch {}: the new replicas load beside the old ones, which retire once they serve", scaled.epoch);
+    print_plan(scaled.replicas.iter().map(|r| (r.layout.clone(), r.workers.iter().map(|w| (w.clone(), r.weight_bytes, r.kv_cache_bytes)).collect())));
+    if a.wait {
+        let want: Vec<&str> = scaled.replicas.iter().map(|r| r.layout.as_str()).collect();
+        loop {
+            let status = admin.cluster_status(pb::ClusterStatusRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+            let mut serving: Vec<u32> = status.workers.iter().filter(|w| w.state == "serving").map(|w| w.replica).collect();
+            serving.sort_unstable();
+            serving.dedup();
+            if status.layout.split(", ").all(|l| want.contains(&l)) && status.epoch >= scaled.epoch && serving.len() == want.len() {
+                println!("reshaped in {:.2} s: {}", started.elapsed().as_secs_f64(), status.layout);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
     Ok(())
 }
 

@@ -52,12 +52,37 @@ pub enum ControlError {
     /// The planner's refusal: why nothing fits, with the arithmetic and what would.
     #[error("{0}")]
     NoFit(String),
+    /// A shape the workers cannot hold (`tramctl scale`), and why.
+    #[error("cannot scale to {shape}: {why}")]
+    Shape { shape: String, why: String },
+    /// A shape the model cannot take (heads or experts that do not divide), and why.
+    #[error("cannot scale to {shape}: {why}")]
+    BadShape { shape: String, why: String },
+}
+
+/// What `tramctl scale` asks for: the degrees of a replica's layout and the replicas at
+/// most; 0 keeps what is wanted now.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleTo {
+    pub tp: usize,
+    pub ep: usize,
+    pub pp: usize,
+    pub replicas: usize,
+}
+
+/// A reshape the leader stored: the epoch of the new placement and its replicas.
+#[derive(Debug, Clone)]
+pub struct Scaled {
+    pub epoch: u64,
+    pub replicas: Vec<PlannedReplica>,
 }
 
 pub(super) enum Request {
     Drain(String, Reply<Result<(), ControlError>>),
     Status(Reply<ClusterView>),
     Plan(Reply<Result<Vec<PlannedReplica>, ControlError>>),
+    /// Change the wanted shape (a reshape while serving).
+    Scale(ScaleTo, Reply<Result<Scaled, ControlError>>),
     /// Stop leading (the coordinator is exiting): give the leadership lease up.
     Resign(Reply<()>),
 }
@@ -88,6 +113,12 @@ impl ControlHandle {
     /// at once rather than when the lease would expire); waits at most `limit`.
     pub async fn resign(&self, limit: Duration) {
         let _ = tokio::time::timeout(limit, self.ask(Request::Resign)).await;
+    }
+
+    /// Reshapes the cluster to `wanted` while it serves; answers once the new placement is
+    /// stored (its replicas then load beside the old ones, which retire when they serve).
+    pub async fn scale(&self, tp: usize, ep: usize, pp: usize, replicas: usize) -> Result<Scaled, ControlError> {
+        self.ask(|r| Request::Scale(ScaleTo { tp, ep, pp, replicas }, r)).await?
     }
 
     /// The placement the current workers would get.

@@ -18,18 +18,21 @@ use proto::tramontane::worker::v1 as wpb;
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
-use crate::planner::{self, Plan, ReplicaPlan, Sizing};
-use crate::replica::{ReplicaDown, WorkerCallError};
-use cluster::experts::{ExpertLoad, place_copies, projected_imbalance};
+use crate::planner::{self, Plan, ReplicaPlan, Sizing, Wanted};
+use crate::replica::ReplicaDown;
+use cluster::experts::ExpertLoad;
 use cluster::kv_cache::PrefixHasher;
 use cluster::scheduler::SchedulerConfig;
 
+mod calls;
 mod handle;
 mod lapse;
 mod placing;
 mod pool;
+mod rebalance;
+mod scale;
 
-pub use handle::{ClusterView, ControlError, ControlHandle, PlannedReplica, WorkerView};
+pub use handle::{ClusterView, ControlError, ControlHandle, PlannedReplica, ScaleTo, Scaled, WorkerView};
 use handle::{Reply, Request};
 
 pub use placing::Dialer;
@@ -42,7 +45,8 @@ pub struct ControlConfig {
     /// Checkpoint directory, as the workers see it.
     pub model: PathBuf,
     pub config: ModelConfig,
-    /// The wanted layout of a replica.
+    /// The wanted layout of a replica (until an operator scales the cluster: the stored
+    /// plan's wanted shape wins over it).
     pub layout: Layout,
     /// How the workers keep and load the weights, and the KV cache they allocate.
     pub sizing: Sizing,
@@ -112,6 +116,7 @@ async fn run(
                     Request::Status(r) => { let _ = r.send(ClusterView::default()); }
                     Request::Drain(_, r) => { let _ = r.send(Err(ControlError::Standby)); }
                     Request::Plan(r) => { let _ = r.send(Err(ControlError::Standby)); }
+                    Request::Scale(_, r) => { let _ = r.send(Err(ControlError::Standby)); }
                     Request::Resign(r) => { let _ = r.send(()); return Ok(()); }
                 },
             }
@@ -122,7 +127,19 @@ async fn run(
     let (down_tx, mut down_rx) = mpsc::unbounded_channel();
     let (reports, mut reports_rx) = mpsc::unbounded_channel();
     let stored_workers = stored.iter().flat_map(|p| &p.replicas).flat_map(|r| r.workers.iter().map(|id| (id.clone(), None))).collect();
+    let flags = Wanted { layout: cfg.layout.clone(), replicas: 0 };
+    let want = match stored.as_ref().and_then(|p| p.wanted.clone()) {
+        Some(w) => {
+            tracing::info!(layout = ?w.layout, replicas = w.replicas, "the cluster was scaled (tramctl scale): that shape wins over the flags'");
+            w
+        }
+        None => flags.clone(),
+    };
     let mut c = Controller {
+        want,
+        flags,
+        reshaping: false,
+        scale_waiters: Vec::new(),
         epoch: stored.as_ref().map_or(0, |p| p.epoch),
         previous: stored.map(|p| p.replicas).unwrap_or_default(),
         serving: Serving {
@@ -226,6 +243,10 @@ struct Placing {
     handled: HashSet<u64>,
     /// Failures of replicas the loop did not know yet (ones it loads): handled once installed.
     unknown: Vec<ReplicaDown>,
+    /// Whether it reshapes (see [`Controller::reshaping`]).
+    reshape: bool,
+    /// Who waits for its plan to be stored (a reshape's).
+    waiters: Vec<Reply<Result<Scaled, ControlError>>>,
 }
 
 struct Controller {
@@ -273,6 +294,14 @@ struct Controller {
     /// Each replica's expert load when its copies were last placed, and when that was.
     observed: HashMap<u64, ExpertLoad>,
     last_rebalance: Instant,
+    /// The wanted shape (the flags', or what an operator scaled to), and the flags'.
+    want: Wanted,
+    flags: Wanted,
+    /// A reshape is under way: the live replicas of another layout are re-placed, their
+    /// workers loading the new ranks beside the old ones.
+    reshaping: bool,
+    /// Who waits for a reshape's plan to be stored.
+    scale_waiters: Vec<Reply<Result<Scaled, ControlError>>>,
 }
 
 impl Controller {
@@ -315,7 +344,10 @@ impl Controller {
                 self.reconcile();
             }
             Report::Relead(result) => self.relead(result)?,
-            Report::Stored(epoch) => self.stored = self.stored.max(epoch),
+            Report::Stored(epoch) => {
+                self.stored = self.stored.max(epoch);
+                self.answer_scaled(epoch);
+            }
             Report::Epochs(epochs) => self.epochs_read(epochs)?,
         }
         Ok(())
@@ -397,35 +429,6 @@ impl Controller {
         self.live.iter().filter(|r| r.handle.is_alive()).map(plan).collect()
     }
 
-    /// Every `--rebalance-secs`, places each expert-parallel Mixtral replica's redundant
-    /// experts again from the load it observed since the last time, and changes them (in
-    /// place, as an epoch change) when that projects a lower imbalance by more than 2 %.
-    fn rebalance(&mut self) {
-        let n = self.cfg.sizing.redundant_experts;
-        let every = Duration::from_secs(self.cfg.sizing.rebalance_secs);
-        if n == 0 || self.placing.is_some() || self.releading || self.last_rebalance.elapsed() < every {
-            return;
-        }
-        self.last_rebalance = Instant::now();
-        let mut changed = false;
-        for r in self.live.iter().filter(|r| r.plan.layout.ep > 1 && r.handle.is_alive()) {
-            let now = r.handle.expert_load();
-            let window = self.observed.get(&r.handle.id).map_or_else(|| now.clone(), |then| now.since(then));
-            self.observed.insert(r.handle.id, now);
-            let copies = place_copies(&window, n);
-            let (Some(new), Some(old)) = (projected_imbalance(&window, &copies), projected_imbalance(&window, &r.plan.copies)) else { continue };
-            if copies != r.plan.copies && new < old * 0.98 {
-                tracing::info!(replica = r.handle.id, observed = %format!("{:.3}", window.imbalance().unwrap_or(1.0)), with_copies = %format!("{new:.3}"), "placing redundant experts again");
-                self.rebalanced.insert(r.handle.id, copies);
-                changed = true;
-            }
-        }
-        self.observed.retain(|id, _| self.live.iter().any(|r| r.handle.id == *id));
-        if changed {
-            self.reconcile();
-        }
-    }
-
     fn publish(&self) {
         let pool = Pool { epoch: self.epoch, replicas: self.live.clone(), no_capacity: self.no_capacity.clone(), leading: true };
         self.pool.send_replace(Arc::new(pool));
@@ -439,7 +442,7 @@ impl Controller {
             return;
         }
         self.dirty = false;
-        let (store, wanted) = match planner::plan(&self.cfg.config, &self.cfg.layout, &self.cfg.sizing, &self.usable(), &self.current()) {
+        let (store, wanted) = match planner::plan_wanted(&self.cfg.config, &self.want, &self.cfg.sizing, &self.usable(), &self.kept_by_plan()) {
             Ok(wanted) => {
                 let had_no_capacity = self.no_capacity.take().is_some();
                 let live_plans: Vec<ReplicaPlan> = self.live.iter().filter(|r| r.handle.is_alive()).map(|r| r.plan.clone()).collect();
@@ -452,7 +455,7 @@ impl Controller {
                     // Requests wait for the replicas this change loads instead of failing.
                     self.publish();
                 }
-                (Some(Plan { epoch: self.epoch + 1, replicas: wanted.clone() }), wanted)
+                (Some(Plan { epoch: self.epoch + 1, replicas: wanted.clone(), wanted: (self.want != self.flags).then(|| self.want.clone()) }), wanted)
             }
             Err(reason) => {
                 tracing::warn!(%reason, "no replica can be placed");
@@ -491,7 +494,17 @@ impl Controller {
                 }
             }
         }
-        self.placing = Some(Placing { epoch, wanted, loading: load.iter().map(|r| r.plan.clone()).collect(), handled: HashSet::new(), unknown: Vec::new() });
+        let reshape = self.reshaping;
+        let waiters = if reshape { std::mem::take(&mut self.scale_waiters) } else { Vec::new() };
+        self.placing = Some(Placing {
+            epoch,
+            wanted,
+            loading: load.iter().map(|r| r.plan.clone()).collect(),
+            handled: HashSet::new(),
+            unknown: Vec::new(),
+            reshape,
+            waiters,
+        });
         let reports = self.reports.clone();
         let change = Change {
             membership: self.membership.clone(),
@@ -500,6 +513,7 @@ impl Controller {
             load,
             keep,
             retire,
+            reshape,
             serving: self.serving.clone(),
             reports: reports.clone(),
         };
@@ -511,7 +525,13 @@ impl Controller {
 
     /// Installs what a [`Change`] did and publishes the new pool.
     fn placed(&mut self, outcome: Outcome) -> Result<(), MembershipError> {
-        let Some(placing) = self.placing.take() else { return Ok(()) };
+        let Some(mut placing) = self.placing.take() else { return Ok(()) };
+        // Waiters whose plan was not stored wait for the next one.
+        self.scale_waiters.append(&mut placing.waiters);
+        if placing.reshape && outcome.stored.as_ref().is_ok_and(Option::is_some) && outcome.failures.is_empty() {
+            tracing::info!(layout = ?self.want.layout, replicas = outcome.live.len(), "reshaped");
+            self.reshaping = false;
+        }
         match outcome.stored {
             Err(MembershipError::Store(e)) => {
                 tracing::warn!(error = %e, "cannot store the plan; serving the last placement and retrying");
@@ -539,7 +559,7 @@ impl Controller {
                 live.sort_by_key(|r| placing.wanted.iter().position(|w| *w == r.plan));
                 self.live = live;
                 if stored.is_some() {
-                    self.fence(&placing.wanted);
+                    self.fence();
                 }
                 self.publish();
                 self.release_drained();
@@ -562,7 +582,12 @@ impl Controller {
             workers.push(Target { id: id.clone(), address: card.address.clone(), gpu: gpu_ordinal(&card.device) });
         }
         self.next_replica += 1;
-        Ok(NewReplica { id: self.next_replica, plan: plan.clone(), workers, assignments: self.assignments(plan, epoch) })
+        let mut assignments = self.assignments(plan, epoch);
+        // A reshape loads a serving worker's new rank beside its old one, which serves on.
+        for (a, id) in assignments.iter_mut().zip(&plan.workers) {
+            a.alongside = self.reshaping && self.serves(id);
+        }
+        Ok(NewReplica { id: self.next_replica, plan: plan.clone(), workers, assignments })
     }
 
     /// Remembers the workers of a replica that ended, to be fenced by the next plan.
@@ -571,30 +596,6 @@ impl Controller {
             if !self.unfenced.iter().any(|(u, _)| u == id) {
                 self.unfenced.push((id.clone(), Some(address.clone())));
             }
-        }
-    }
-
-    /// Fences the workers of ended replicas that the stored plan (`wanted`, epoch
-    /// `self.epoch`) does not use, each in a task of its own (the loop never waits on a
-    /// worker): they unload and refuse older epochs, so a worker this coordinator gave up on
-    /// (its lease expired while it still answers) or a former leader's worker serves nobody
-    /// from an old placement. An unreachable worker is not waited for: it serves no one.
-    fn fence(&mut self, wanted: &[ReplicaPlan]) {
-        let epoch = self.epoch;
-        for (id, address) in std::mem::take(&mut self.unfenced) {
-            if wanted.iter().any(|r| r.workers.contains(&id)) {
-                continue;
-            }
-            let Some(address) = address.or_else(|| self.cards.get(&id).map(|c| c.address.clone())) else { continue };
-            let dialer = self.cfg.dialer.clone();
-            tokio::spawn(async move {
-                let call = async { dialer.connect(&address).await?.fence(wpb::FenceRequest { epoch }).await.map_err(WorkerCallError::Failed) };
-                match tokio::time::timeout(Duration::from_secs(5), call).await {
-                    Ok(Ok(_)) => tracing::info!(worker = %id, %address, epoch, "fenced a worker the placement no longer uses"),
-                    Ok(Err(e)) => tracing::info!(worker = %id, %address, epoch, error = %e, "could not fence a worker"),
-                    Err(_) => tracing::info!(worker = %id, %address, epoch, "could not fence a worker: no answer within 5 s"),
-                }
-            });
         }
     }
 
@@ -640,6 +641,7 @@ impl Controller {
         }
         let r = self.live.remove(i);
         self.ended(&r);
+        self.serving.metrics.replica_failed();
         tracing::warn!(workers = ?r.plan.workers, message = %down.message, "replica down");
         self.publish();
         // Its steps may have been refused for a newer leader's epoch.
@@ -652,70 +654,10 @@ impl Controller {
         });
     }
 
-    /// Probes the suspects in a task (one probe at a time); see [`Controller::probed`].
-    fn probe_suspects(&mut self) {
-        if self.probing || self.suspects.is_empty() {
-            return;
-        }
-        self.probing = true;
-        let targets: Vec<(String, Option<String>)> = self.suspects.iter().map(|id| (id.clone(), self.cards.get(id).map(|c| c.address.clone()))).collect();
-        let (reports, dialer) = (self.reports.clone(), self.cfg.dialer.clone());
-        tokio::spawn(async move {
-            let _ = reports.send(Report::Probed(dialer.health_of(targets).await));
-        });
-    }
-
-    /// Suspects that answer again are usable again; their cards take what the answer says
-    /// (a worker restarted at the same address is a new process).
-    fn probed(&mut self, answers: Vec<(String, Option<wpb::HealthResponse>)>) {
-        self.probing = false;
-        for (id, health) in answers {
-            let back = health.is_some();
-            if let (Some(h), Some(card)) = (health, self.cards.get_mut(&id)) {
-                card.pid = h.pid;
-                card.restarts = h.restarts;
-                if h.memory_bytes > 0 {
-                    card.memory_bytes = h.memory_bytes;
-                }
-            }
-            if back || !self.cards.contains_key(&id) {
-                self.suspects.remove(&id);
-                self.dirty |= back;
-            }
-        }
-    }
-
     /// Workers a live replica uses or a change under way loads.
     fn in_use(&self) -> HashSet<&String> {
         let loading = self.placing.iter().flat_map(|p| &p.loading);
         self.live.iter().map(|r| &r.plan).chain(loading).flat_map(|p| p.workers.iter()).collect()
-    }
-
-    /// Releases (in tasks) the drained workers nothing uses any more; who waited is answered
-    /// once the worker has been told.
-    fn release_drained(&mut self) {
-        let in_use = self.in_use();
-        let done: Vec<String> = self.draining.keys().filter(|id| !in_use.contains(id)).cloned().collect();
-        for id in done {
-            let waiters = self.draining.remove(&id).unwrap_or_default();
-            let address = self.cards.remove(&id).map(|c| c.address);
-            let epoch = self.epoch;
-            let dialer = self.cfg.dialer.clone();
-            tokio::spawn(async move {
-                let result = match address {
-                    Some(address) => match dialer.connect(&address).await {
-                        Ok(mut c) => c.release(wpb::ReleaseRequest { epoch }).await.map(drop).map_err(|s| s.message().to_owned()),
-                        Err(e) => Err(e.to_string()),
-                    },
-                    None => Ok(()),
-                }
-                .map_err(|message| ControlError::Release { worker: id.clone(), message });
-                tracing::info!(worker = %id, ?result, "drained worker released");
-                for w in waiters {
-                    let _ = w.send(result.clone());
-                }
-            });
-        }
     }
 
     fn request(&mut self, req: Request) {
@@ -724,18 +666,11 @@ impl Controller {
                 let _ = reply.send(self.view());
             }
             Request::Plan(reply) => {
-                let planned = planner::plan(&self.cfg.config, &self.cfg.layout, &self.cfg.sizing, &self.usable(), &self.current()).map_err(ControlError::NoFit);
-                let planned = planned.map(|replicas| {
-                    replicas
-                        .into_iter()
-                        .map(|plan| {
-                            let (weight_bytes, kv_bytes) = planner::rank_memory(&self.cfg.config, &plan.layout, &self.cfg.sizing);
-                            PlannedReplica { plan, weight_bytes, kv_bytes }
-                        })
-                        .collect()
-                });
-                let _ = reply.send(planned);
+                let planned =
+                    planner::plan_wanted(&self.cfg.config, &self.want, &self.cfg.sizing, &self.usable(), &self.kept_by_plan()).map_err(ControlError::NoFit);
+                let _ = reply.send(planned.map(|replicas| self.with_memory(replicas)));
             }
+            Request::Scale(to, reply) => self.scale(to, reply),
             Request::Drain(id, reply) => {
                 if !self.cards.contains_key(&id) {
                     let _ = reply.send(Err(ControlError::UnknownWorker(id)));

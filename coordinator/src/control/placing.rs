@@ -61,6 +61,8 @@ pub(super) struct Change {
     /// Replicas kept, each with its plan in the new placement (its copies may change).
     pub keep: Vec<(LiveReplica, ReplicaPlan)>,
     pub retire: Vec<LiveReplica>,
+    /// A reshape: if a new replica fails to load, the old ones serve on (nothing retires).
+    pub reshape: bool,
     pub serving: Serving,
     /// Told the epoch as soon as the plan is stored, before any worker is assigned it.
     pub reports: mpsc::UnboundedSender<super::Report>,
@@ -124,8 +126,15 @@ impl Change {
                 }
             }
         }
+        if self.reshape && !out.failures.is_empty() {
+            tracing::warn!(failed = out.failures.len(), "a reshape's replica failed to load: the old ones serve on");
+            out.live.extend(self.retire);
+            return out;
+        }
+        // One by one, each at a step boundary: its requests move to the replicas serving.
         for r in self.retire {
             r.handle.retire().await;
+            self.serving.metrics.replica_retired();
             out.ended.push(r);
         }
         out

@@ -1,14 +1,14 @@
 //! The worker's gRPC service (`tramontane.worker.v1.Worker`). The engine lives on one OS
 //! thread (an actor: [`EngineHandle`] sends it commands); the state it owns,
 //! [`WorkerState`], enforces placement epochs: a step from any epoch other than the current
-//! one is refused, and an assignment older than the current one is refused (fencing).
+//! one (or, during a reshape, the old assignment's kept beside it) is refused, and an
+//! assignment older than the current one is refused (fencing).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use proto::tramontane::worker::v1 as pb;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{Backend, Cpu};
 use crate::comm::{Comm, CommListener, TcpComm, TcpOptions};
@@ -18,6 +18,10 @@ use crate::error::{BadRequest, EngineError};
 use crate::layout::Layout;
 use crate::rank::Parallel;
 use crate::sampling::{MAX_TOP_LOGPROBS, Penalties, SamplingParams, TokenLogprobs};
+
+mod handle;
+
+pub use handle::{EngineHandle, Offer, serve, serve_health};
 
 /// Why the worker refused or failed a request.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +97,7 @@ pub struct WorkerState<B: Backend = Cpu> {
     engine: Option<Engine<B>>,
     /// The loaded assignment, epoch cleared (a newer epoch of the same one only moves the epoch).
     assigned: Option<pb::LoadAssignmentRequest>,
-    comm: CommSetup,
+    comm: Arc<CommSetup>,
     /// The memory this worker offers (reported by Health; 0 = unknown).
     memory_bytes: u64,
     /// How many times a supervisor restarted this worker (reported by Health).
@@ -102,6 +106,26 @@ pub struct WorkerState<B: Backend = Cpu> {
     fenced: bool,
     /// The loaded assignment's redundant experts.
     copies: Vec<pb::ExpertCopy>,
+    /// A reshape's old assignment, serving the steps of its epoch beside the current one
+    /// (LoadAssignment `alongside`) until a Fence at a newer epoch.
+    beside: Option<(u64, Engine<B>)>,
+}
+
+/// What a new assignment needs to load, checked before anything is given up.
+pub struct Prepared {
+    req: pb::LoadAssignmentRequest,
+    config: crate::ModelConfig,
+    source: crate::weights::WeightSource,
+    options: EngineOptions,
+    layout: Layout,
+    copies: Vec<(usize, usize, usize)>,
+}
+
+/// How an assignment proceeds: answered at once, or a shard to build (beside the current one
+/// when `alongside`).
+pub enum Begin {
+    Done(pb::LoadAssignmentResponse),
+    Build { prepared: Box<Prepared>, alongside: bool },
 }
 
 impl Default for WorkerState<Cpu> {
@@ -112,7 +136,18 @@ impl Default for WorkerState<Cpu> {
 
 impl<B: Backend> WorkerState<B> {
     pub fn new(backend: B, comm: CommSetup) -> Self {
-        WorkerState { backend, epoch: 0, engine: None, assigned: None, comm, memory_bytes: 0, restarts: 0, fenced: false, copies: Vec::new() }
+        WorkerState {
+            backend,
+            epoch: 0,
+            engine: None,
+            assigned: None,
+            comm: Arc::new(comm),
+            memory_bytes: 0,
+            restarts: 0,
+            fenced: false,
+            copies: Vec::new(),
+            beside: None,
+        }
     }
 
     /// The memory this worker offers for weights and KV cache, as Health reports it.
@@ -125,11 +160,14 @@ impl<B: Backend> WorkerState<B> {
         WorkerState { memory_bytes: offer.memory_bytes, restarts: offer.restarts, ..self }
     }
 
-    /// Drops the model (replaced, fenced, replica broken): steps are refused until a new
-    /// assignment.
+    /// Drops the model (replaced, fenced, replica broken), and an old one kept beside it:
+    /// steps are refused until a new assignment.
     pub fn unload(&mut self, why: &str) {
         if self.engine.take().is_some() {
             tracing::warn!(why, "unloaded the model");
+        }
+        if let Some((epoch, _)) = self.beside.take() {
+            tracing::info!(why, epoch, "unloaded the assignment kept beside");
         }
         self.assigned = None;
         self.copies.clear();
@@ -139,13 +177,27 @@ impl<B: Backend> WorkerState<B> {
         self.epoch
     }
 
+    /// Loads an assignment on this thread (beside the current one when it asks to).
     pub fn load(&mut self, req: &pb::LoadAssignmentRequest) -> Result<pb::LoadAssignmentResponse, ServiceError> {
+        match self.begin(req)? {
+            Begin::Done(response) => Ok(response),
+            Begin::Build { prepared, alongside } => {
+                let built = build(self.backend.clone(), &self.comm, &prepared);
+                self.install(*prepared, alongside, built)
+            }
+        }
+    }
+
+    /// Checks an assignment: refuses a stale or bad one, applies one the worker already holds
+    /// (a newer epoch, other redundant experts), or prepares a new shard to build. A shard
+    /// that replaces the current one unloads it first, so two need not fit at once.
+    pub fn begin(&mut self, req: &pb::LoadAssignmentRequest) -> Result<Begin, ServiceError> {
         if (self.engine.is_some() || self.fenced) && req.epoch < self.epoch {
             return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
         }
         let unknown = |field: &str, v: i32| ServiceError::InvalidArgument(format!("`{field}`: unknown value {v} (a newer coordinator?)"));
         let load_format = pb::LoadFormat::try_from(req.load_format).map_err(|_| unknown("load_format", req.load_format))?.into();
-        let same = pb::LoadAssignmentRequest { epoch: 0, expert_copies: Vec::new(), ..req.clone() };
+        let same = pb::LoadAssignmentRequest { epoch: 0, expert_copies: Vec::new(), alongside: false, ..req.clone() };
         if let (Some(engine), Some(assigned)) = (&mut self.engine, &self.assigned)
             && *assigned == same
         {
@@ -156,7 +208,7 @@ impl<B: Backend> WorkerState<B> {
                 self.copies = req.expert_copies.clone();
             }
             self.epoch = req.epoch;
-            return Ok(pb::LoadAssignmentResponse { kept: true, ..loaded(engine) });
+            return Ok(Begin::Done(pb::LoadAssignmentResponse { kept: true, ..loaded(engine) }));
         }
         let dtype = pb::WeightDtype::try_from(req.dtype).map_err(|_| unknown("dtype", req.dtype))?.into();
         let quantization = pb::Quantization::try_from(req.quantization).map_err(|_| unknown("quantization", req.quantization))?.into();
@@ -171,63 +223,74 @@ impl<B: Backend> WorkerState<B> {
         if req.rank as usize >= world || (world > 1 && req.peers.len() != world) {
             return Err(ServiceError::InvalidArgument(format!("rank {} with {} peers does not fit a layout of {world} ranks", req.rank, req.peers.len())));
         }
-        // Check the checkpoint opens and the layout fits before giving up the current model;
-        // then drop the old shard before loading the new one, so two need not fit at once.
+        // Check the checkpoint opens and the layout fits before giving up the current model.
         let (config, source) = open_model(&PathBuf::from(&req.model_path), load_format)?;
         layout.validate(&config).map_err(EngineError::from)?;
         let copies = expert_copies(req, &config)?;
-        self.unload("a new assignment replaces it");
-        let par = if world == 1 { Parallel::single() } else { Parallel::new(layout, self.connect(req, world)?).map_err(EngineError::from)? };
-        let mut engine = Engine::from_source(self.backend.clone(), &config, &source, &options, par)?;
-        engine.set_tokenizer(PathBuf::from(&req.model_path).join("tokenizer.json"));
-        if !copies.is_empty() {
-            engine.set_expert_copies(&source, &copies)?;
+        let alongside = req.alongside && self.engine.is_some() && req.epoch > self.epoch;
+        if !alongside {
+            self.unload("a new assignment replaces it");
+        }
+        Ok(Begin::Build { prepared: Box::new(Prepared { req: req.clone(), config, source, options, layout, copies }), alongside })
+    }
+
+    /// Makes a built shard the current one; with `alongside`, the current one keeps serving
+    /// its epoch beside it. A shard built for an epoch that is stale by now is dropped.
+    pub fn install(&mut self, p: Prepared, alongside: bool, built: Result<Engine<B>, ServiceError>) -> Result<pb::LoadAssignmentResponse, ServiceError> {
+        let engine = built?;
+        if p.req.epoch < self.epoch || (!alongside && self.engine.is_some()) {
+            return Err(ServiceError::StaleEpoch { got: p.req.epoch, current: self.epoch });
         }
         let response = loaded(&engine);
-        self.engine = Some(engine);
-        self.assigned = Some(same);
-        self.copies = req.expert_copies.clone();
-        self.epoch = req.epoch;
+        if let Some(old) = self.engine.replace(engine) {
+            tracing::info!(epoch = self.epoch, "the old assignment serves its epoch beside the new one");
+            self.beside = Some((self.epoch, old));
+        }
+        self.assigned = Some(pb::LoadAssignmentRequest { epoch: 0, expert_copies: Vec::new(), alongside: false, ..p.req.clone() });
+        self.copies = p.req.expert_copies.clone();
+        self.epoch = p.req.epoch;
         Ok(response)
     }
 
-    /// Links this rank to the other ranks of its replica.
-    fn connect(&self, req: &pb::LoadAssignmentRequest, world: usize) -> Result<Arc<dyn Comm>, ServiceError> {
-        let rank = req.rank as usize;
-        match pb::Communicator::try_from(req.comm) {
-            Ok(pb::Communicator::Tcp) => {
-                let listener = self
-                    .comm
-                    .listener
-                    .as_ref()
-                    .ok_or_else(|| ServiceError::InvalidArgument("this worker has no communicator listener for sharded replicas".into()))?;
-                let comm = TcpComm::connect(listener, req.epoch, rank, &req.peers, self.comm.options).map_err(EngineError::from)?;
-                Ok(Arc::new(comm))
-            }
-            Ok(pb::Communicator::Nccl) => nccl(req, world),
-            Err(_) => Err(ServiceError::InvalidArgument(format!("unknown communicator {} (expected TCP or NCCL)", req.comm))),
-        }
+    /// The communicator setup, shared with shards built off the engine's thread.
+    pub fn comm(&self) -> Arc<CommSetup> {
+        self.comm.clone()
     }
 
-    /// Unloads the model (saying `why`) and makes `epoch` the current one: a placement of
-    /// that epoch no longer uses this worker (it fenced or released it), and every older
-    /// step or assignment is refused from now on.
+    pub fn backend(&self) -> B {
+        self.backend.clone()
+    }
+    /// Unloads every assignment older than `epoch` (saying `why`) and makes `epoch` the
+    /// current one: a placement of that epoch no longer uses them (it fenced or released this
+    /// worker, or a reshape retired the old shape's rank), and every older step or assignment
+    /// is refused from now on. An assignment of `epoch` itself stays.
     pub fn fence(&mut self, epoch: u64, why: &str) -> Result<(), ServiceError> {
         if epoch < self.epoch {
             return Err(ServiceError::StaleEpoch { got: epoch, current: self.epoch });
         }
-        self.unload(why);
+        if self.beside.as_ref().is_some_and(|(e, _)| *e < epoch) {
+            self.beside = None;
+            tracing::info!(why, "unloaded the assignment kept beside");
+        }
+        if epoch > self.epoch || self.engine.is_none() {
+            self.unload(why);
+        }
         self.epoch = epoch;
         self.fenced = true;
         Ok(())
     }
 
     pub fn step(&mut self, req: &pb::StepRequest) -> Result<pb::StepResponse, ServiceError> {
-        if req.epoch < self.epoch {
+        // A reshape's old assignment serves its own epoch beside the current one.
+        let beside = self.beside.as_ref().is_some_and(|(e, _)| *e == req.epoch);
+        if req.epoch < self.epoch && !beside {
             return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
         }
-        let engine = self.engine.as_mut().ok_or(ServiceError::NotLoaded)?;
-        if req.epoch != self.epoch {
+        let engine = match &mut self.beside {
+            Some((_, engine)) if beside => engine,
+            _ => self.engine.as_mut().ok_or(ServiceError::NotLoaded)?,
+        };
+        if req.epoch != self.epoch && !beside {
             return Err(ServiceError::StaleEpoch { got: req.epoch, current: self.epoch });
         }
         let vocab = engine.config().vocab_size;
@@ -263,7 +326,12 @@ impl<B: Backend> WorkerState<B> {
             Ok(o) => o,
             Err(e @ EngineError::Comm(_)) => {
                 // The replica's group is broken: this shard is useless until reassigned.
-                self.unload("a peer of the replica failed");
+                if beside {
+                    self.beside = None;
+                    tracing::warn!("a peer of the old assignment kept beside failed; unloaded it");
+                } else {
+                    self.unload("a peer of the replica failed");
+                }
                 return Err(e.into());
             }
             Err(e) => return Err(e.into()),
@@ -333,6 +401,34 @@ impl<B: Backend> WorkerState<B> {
             Some(host) => format!("{host}:{}", addr.port()),
             None => addr.to_string(),
         }
+    }
+}
+
+/// Builds the shard of an assignment: links to its peers, loads its weights and its
+/// redundant experts.
+pub fn build<B: Backend>(backend: B, comm: &CommSetup, p: &Prepared) -> Result<Engine<B>, ServiceError> {
+    let world = p.layout.world();
+    let par = if world == 1 { Parallel::single() } else { Parallel::new(p.layout.clone(), connect(comm, &p.req, world)?).map_err(EngineError::from)? };
+    let mut engine = Engine::from_source(backend, &p.config, &p.source, &p.options, par)?;
+    engine.set_tokenizer(PathBuf::from(&p.req.model_path).join("tokenizer.json"));
+    if !p.copies.is_empty() {
+        engine.set_expert_copies(&p.source, &p.copies)?;
+    }
+    Ok(engine)
+}
+
+/// Links this rank to the other ranks of its replica.
+fn connect(setup: &CommSetup, req: &pb::LoadAssignmentRequest, world: usize) -> Result<Arc<dyn Comm>, ServiceError> {
+    let rank = req.rank as usize;
+    match pb::Communicator::try_from(req.comm) {
+        Ok(pb::Communicator::Tcp) => {
+            let listener =
+                setup.listener.as_ref().ok_or_else(|| ServiceError::InvalidArgument("this worker has no communicator listener for sharded replicas".into()))?;
+            let comm = TcpComm::connect(listener, req.epoch, rank, &req.peers, setup.options).map_err(EngineError::from)?;
+            Ok(Arc::new(comm))
+        }
+        Ok(pb::Communicator::Nccl) => nccl(req, world),
+        Err(_) => Err(ServiceError::InvalidArgument(format!("unknown communicator {} (expected TCP or NCCL)", req.comm))),
     }
 }
 
@@ -424,176 +520,6 @@ fn to_pb(t: TokenLogprobs) -> pb::TokenLogprobs {
     pb::TokenLogprobs { token_id: t.token, logprob: t.logprob, top_ids: t.top.iter().map(|a| a.0).collect(), top_logprobs: t.top.iter().map(|a| a.1).collect() }
 }
 
-enum Command {
-    Release(u64, oneshot::Sender<Result<(), ServiceError>>),
-    Fence(u64, oneshot::Sender<Result<(), ServiceError>>),
-    Load(Box<pb::LoadAssignmentRequest>, oneshot::Sender<Result<pb::LoadAssignmentResponse, ServiceError>>),
-    Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse, ServiceError>>),
-    Health(oneshot::Sender<pb::HealthResponse>),
-}
-
-/// Clonable handle to the engine thread.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    /// Cancelled when the coordinator releases this worker (the process then exits).
-    released: tokio_util::sync::CancellationToken,
-    offer: Offer,
-}
-
-/// What a worker offers the cluster, fixed when it starts.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Offer {
-    /// Memory for weights and KV cache (0 = unknown).
-    pub memory_bytes: u64,
-    /// How many times a supervisor restarted this worker after it died.
-    pub restarts: u32,
-}
-
-impl EngineHandle {
-    /// Starts the engine thread on `backend`; it stops when every handle is dropped. Health
-    /// reports the `offer`.
-    pub fn spawn<B: Backend>(backend: B, comm: CommSetup, offer: Offer) -> std::io::Result<Self> {
-        let (tx, mut rx) = mpsc::channel::<Command>(64);
-        std::thread::Builder::new().name("engine".into()).spawn(move || {
-            let mut state = WorkerState::new(backend, comm).with_offer(offer);
-            while let Some(cmd) = rx.blocking_recv() {
-                match cmd {
-                    Command::Release(epoch, reply) => {
-                        let _ = reply.send(state.fence(epoch, "released by the coordinator"));
-                    }
-                    Command::Fence(epoch, reply) => {
-                        let _ = reply.send(state.fence(epoch, &format!("fenced: placement epoch {epoch} does not use this worker")));
-                    }
-                    Command::Load(req, reply) => {
-                        let _ = reply.send(state.load(&req));
-                    }
-                    Command::Step(req, reply) => {
-                        let _ = reply.send(state.step(&req));
-                    }
-                    Command::Health(reply) => {
-                        let _ = reply.send(state.health());
-                    }
-                }
-            }
-        })?;
-        Ok(EngineHandle { tx, released: tokio_util::sync::CancellationToken::new(), offer })
-    }
-
-    /// What this worker offers (memory, restarts).
-    pub fn offer(&self) -> Offer {
-        self.offer
-    }
-
-    /// Fires when the coordinator has released this worker.
-    pub fn released(&self) -> tokio_util::sync::CancellationToken {
-        self.released.clone()
-    }
-
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ServiceError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| ServiceError::EngineStopped)?;
-        rx.await.map_err(|_| ServiceError::EngineStopped)
-    }
-}
-
-#[tonic::async_trait]
-impl pb::worker_server::Worker for EngineHandle {
-    async fn load_assignment(&self, request: tonic::Request<pb::LoadAssignmentRequest>) -> Result<tonic::Response<pb::LoadAssignmentResponse>, tonic::Status> {
-        let req = request.into_inner();
-        tracing::info!(epoch = req.epoch, model = %req.model_path, "loading assignment");
-        let resp = self.call(|r| Command::Load(Box::new(req), r)).await??;
-        Ok(tonic::Response::new(resp))
-    }
-
-    async fn step(&self, request: tonic::Request<pb::StepRequest>) -> Result<tonic::Response<pb::StepResponse>, tonic::Status> {
-        let resp = self.call(|r| Command::Step(request.into_inner(), r)).await??;
-        Ok(tonic::Response::new(resp))
-    }
-
-    async fn health(&self, _: tonic::Request<pb::HealthRequest>) -> Result<tonic::Response<pb::HealthResponse>, tonic::Status> {
-        Ok(tonic::Response::new(self.call(Command::Health).await?))
-    }
-
-    async fn release(&self, request: tonic::Request<pb::ReleaseRequest>) -> Result<tonic::Response<pb::ReleaseResponse>, tonic::Status> {
-        let epoch = request.into_inner().epoch;
-        self.call(|r| Command::Release(epoch, r)).await??;
-        tracing::info!(epoch, "released by the coordinator; leaving");
-        self.released.cancel();
-        Ok(tonic::Response::new(pb::ReleaseResponse {}))
-    }
-
-    async fn fence(&self, request: tonic::Request<pb::FenceRequest>) -> Result<tonic::Response<pb::FenceResponse>, tonic::Status> {
-        let epoch = request.into_inner().epoch;
-        self.call(|r| Command::Fence(epoch, r)).await??;
-        tracing::warn!(epoch, "fenced by the coordinator: this placement epoch does not use this worker");
-        Ok(tonic::Response::new(pb::FenceResponse {}))
-    }
-
-    async fn create_nccl_id(&self, _: tonic::Request<pb::CreateNcclIdRequest>) -> Result<tonic::Response<pb::CreateNcclIdResponse>, tonic::Status> {
-        let nccl_id = tokio::task::spawn_blocking(create_nccl_id).await.map_err(|_| ServiceError::EngineStopped)??;
-        Ok(tonic::Response::new(pb::CreateNcclIdResponse { nccl_id }))
-    }
-}
-
-/// Serves the worker API on `listener` until `shutdown` is cancelled or the coordinator
-/// releases the worker; peers of sharded replicas link through `comm`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    tls: Option<&cluster::tls::ClusterTls>,
-    handle: EngineHandle,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let released = handle.released();
-    let shutdown = {
-        let s = shutdown.clone();
-        tokio::spawn(async move {
-            released.cancelled().await;
-            // Let the Release reply reach the coordinator first.
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            s.cancel();
-        });
-        shutdown
-    };
-    let incoming = crate::process::nodelay_incoming(listener);
-    // The standard gRPC health service (Kubernetes' gRPC probes): SERVING while the worker
-    // answers; whether it holds a shard is the coordinator's business (its Health RPC).
-    let (_health, health_service) = tonic_health::server::health_reporter();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        // Mutual TLS: only a coordinator with a certificate of the cluster CA reaches the API.
-        builder = builder.tls_config(tls.grpc_server())?;
-    }
-    let server = builder
-        .add_service(health_service)
-        .add_service(pb::worker_server::WorkerServer::new(handle).max_decoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
-    // A graceful close waits for the coordinator to drop its connection; it gets a moment
-    // (its steps already fail, so it is moving this worker's sequences), then the worker exits.
-    let grace = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    };
-    tokio::select! {
-        served = server => served?,
-        () = grace => tracing::info!("the coordinator keeps its connection open; closing it"),
-    }
-    Ok(())
-}
-
-/// The standard gRPC health service alone (SERVING while the process runs), for probes that
-/// cannot present the cluster's certificate.
-pub async fn serve_health(listener: tokio::net::TcpListener, shutdown: tokio_util::sync::CancellationToken) {
-    let (_health, health_service) = tonic_health::server::health_reporter();
-    let served = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .serve_with_incoming_shutdown(crate::process::nodelay_incoming(listener), shutdown.cancelled_owned())
-        .await;
-    if let Err(e) = served {
-        tracing::warn!(error = %e, "the health service stopped");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,5 +584,27 @@ mod tests {
         assert!(matches!(state.step(&step(6)), Err(ServiceError::NotLoaded)), "the model is gone");
         state.load(&assignment(7)).expect("a newer placement may use it again");
         state.step(&step(7)).expect("serving epoch 7");
+    }
+
+    #[test]
+    fn an_assignment_alongside_serves_beside_the_old_one_until_a_fence() {
+        let mut state = WorkerState::default();
+        state.load(&assignment(4)).expect("loads");
+        let before = state.step(&step(4)).expect("epoch 4");
+        let mut other = pb::LoadAssignmentRequest { kv_blocks: 8, alongside: true, ..assignment(5) };
+        let answer = state.load(&other).expect("loads beside");
+        assert!(!answer.kept, "a new shard");
+        assert_eq!(state.step(&step(4)).expect("the old epoch still serves").results, before.results, "the old shard is untouched");
+        assert_eq!(state.step(&step(5)).expect("the new epoch serves").results, before.results, "the same model, a new shard");
+        assert!(matches!(state.step(&step(3)), Err(ServiceError::StaleEpoch { got: 3, current: 5 })));
+        state.fence(5, "test").expect("fences the old shape");
+        assert!(matches!(state.step(&step(4)), Err(ServiceError::StaleEpoch { got: 4, current: 5 })), "the old shard is gone");
+        state.step(&step(5)).expect("the current one stays");
+        // Without `alongside`, a new assignment replaces the current one.
+        other.alongside = false;
+        other.epoch = 6;
+        other.kv_blocks = 4;
+        state.load(&other).expect("replaces");
+        assert!(matches!(state.step(&step(5)), Err(ServiceError::StaleEpoch { got: 5, current: 6 })));
     }
 }
