@@ -162,6 +162,8 @@ pub fn plan_wanted(
     let want = &wanted.layout;
     let mut replicas = place(config, want, sizing, workers, current);
     if wanted.replicas > 0 {
+        // The wanted layout's replicas first (kept ones before new ones), then the smaller.
+        replicas.sort_by_key(|r| r.layout != *want);
         replicas.truncate(wanted.replicas);
     }
     if replicas.is_empty() {

@@ -9,7 +9,7 @@
 //! prefills it once).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cluster::TokenLogprobs;
@@ -149,6 +149,8 @@ pub struct ReplicaHandle {
     prefix: Arc<PrefixIndex>,
     /// The tokens its experts ran since it started.
     experts: Arc<Mutex<ExpertLoad>>,
+    /// The placement epoch it steps in.
+    epoch: Arc<AtomicU64>,
 }
 
 impl ReplicaHandle {
@@ -168,6 +170,7 @@ impl ReplicaHandle {
         let active = Arc::new(AtomicUsize::new(0));
         let prefix = Arc::new(PrefixIndex::default());
         let epoch = assignments.first().map_or(0, |a| a.epoch);
+        let stepping = Arc::new(AtomicU64::new(epoch));
         let experts = Arc::new(Mutex::new(experts));
         let task = ReplicaTask {
             id,
@@ -177,6 +180,7 @@ impl ReplicaHandle {
             ranks,
             driver,
             epoch,
+            stepping: stepping.clone(),
             scheduler,
             prefix_index: prefix.clone(),
             prefixes: HashMap::new(),
@@ -189,7 +193,12 @@ impl ReplicaHandle {
             experts: experts.clone(),
         };
         tokio::spawn(task.run(rx));
-        ReplicaHandle { id, tx, stats, active, prefix, experts }
+        ReplicaHandle { id, tx, stats, active, prefix, experts, epoch: stepping }
+    }
+
+    /// The placement epoch the replica steps in.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
     }
 
     /// Whether the task still runs (it stops when a step fails or it is retired).
@@ -254,6 +263,8 @@ impl ReplicaHandle {
 
 struct ReplicaTask {
     id: u64,
+    /// The epoch as the handle reads it.
+    stepping: Arc<AtomicU64>,
     /// Each rank's assignment (its epoch is the one it was loaded in).
     assignments: Vec<pb::LoadAssignmentRequest>,
     down: mpsc::UnboundedSender<ReplicaDown>,
@@ -456,6 +467,7 @@ impl ReplicaTask {
             self.scheduler.forget_cached();
         }
         self.epoch = epoch;
+        self.stepping.store(epoch, Ordering::Relaxed);
         Ok(())
     }
 

@@ -1,12 +1,12 @@
 //! Reshaping while serving, on a real etcd with real coordinator and worker processes,
 //! through `tramctl scale`: four workers go from two TP-2 replicas of a dense Mistral to one
-//! TP-4 replica and back, and a Mixtral from two EP-2 replicas to one EP-4 replica, each under
-//! 16 concurrent streams; then back to EP 2 with the leader killed as soon as the new plan is
-//! stored, which the standby finishes. No request may fail and no replica may fail (the old
-//! ones serve until the new ones do); a stream that moved across layouts keeps its tokens up
-//! to where a rounding-level tie parts it from its reference run, and from there is exactly
-//! the new layout's continuation. Shapes the model or the workers cannot take are refused,
-//! saying why.
+//! TP-4 replica and back, and a Mixtral from two EP-2 replicas to one EP-4 replica and back,
+//! each under 16 concurrent streams; then to EP 4 again with the leader killed as soon as the
+//! new plan is stored: the standby, whose flags say EP 2, finishes it. No request may fail
+//! and no replica may fail (the old ones serve until the new ones do); a stream that moved
+//! across layouts keeps its tokens up to where a rounding-level tie parts it from its
+//! reference run, and from there is exactly the new layout's continuation. Shapes the model
+//! or the workers cannot take are refused, saying why.
 
 use std::time::{Duration, Instant};
 
@@ -116,28 +116,32 @@ async fn mixtral_widens_its_expert_group_under_load_and_a_standby_finishes_a_res
     let mut c = inference(leader.url()).await;
     wait_for("two EP-2 replicas", LIMIT, || async { replicas(&c).await == 2 }).await;
     assert_eq!(status(leader.url()).await.layout, "tp 1 ep 2 pp 1");
+    // The standby's flags say EP 2, as the leader's did.
     let (standby, _) = coordinator_of(None, &etcd, "mixtral-v3-tiny", &["--ep", "2"]);
     assert!(!status(standby.url()).await.leader, "the second coordinator waits as a standby");
     let ep2 = solo(&mut c).await;
-    reshape_under_load(&leader, &http, &["--ep", "4"], "tp 1 ep 4 pp 1", 1, &ep2).await;
+    let ep4 = reshape_under_load(&leader, &http, &["--ep", "4"], "tp 1 ep 4 pp 1", 1, &ep2).await;
+    let back = reshape_under_load(&leader, &http, &["--ep", "2"], "tp 1 ep 2 pp 1", 2, &ep4).await;
+    assert_eq!(back, ep2, "back on EP 2, every prompt generates what it did before");
 
-    // Back to EP 2; the leader dies as soon as the new plan is stored, while the new replicas
-    // load beside the old one: the standby finds the wanted shape with the plan and finishes.
+    // To EP 4 again; the leader dies as soon as the new plan is stored, while the new replica
+    // loads beside the old ones. The standby, whose flags say EP 2, finds the wanted shape
+    // with the plan and finishes the reshape.
     let mut admin = pb::admin_client::AdminClient::connect(leader.url()).await.expect("connects");
-    let scaled = admin.scale(pb::ScaleRequest { ep: 2, ..Default::default() }).await.expect("scales").into_inner();
+    let scaled = admin.scale(pb::ScaleRequest { ep: 4, ..Default::default() }).await.expect("scales").into_inner();
     leader.kill();
     let killed = Instant::now();
-    assert_eq!(scaled.replicas.len(), 2);
-    assert!(scaled.replicas.iter().all(|r| r.layout == "tp 1 ep 2 pp 1"), "{scaled:?}");
+    assert_eq!(scaled.replicas.len(), 1);
+    assert_eq!(scaled.replicas[0].layout, "tp 1 ep 4 pp 1");
     let mut c2 = inference(standby.url()).await;
     let took =
-        wait_for("the standby to finish the reshape", LIMIT, || async { replicas(&c2).await == 2 && status(standby.url()).await.layout == "tp 1 ep 2 pp 1" })
+        wait_for("the standby to finish the reshape", LIMIT, || async { replicas(&c2).await == 1 && status(standby.url()).await.layout == "tp 1 ep 4 pp 1" })
             .await;
     let now = status(standby.url()).await;
     assert!(now.leader && now.epoch > scaled.epoch, "the standby leads at a newer epoch: {} after {}", now.epoch, scaled.epoch);
-    all_complete(streams(&c2), &ep2).await;
-    assert_eq!(solo(&mut c2).await, ep2);
-    eprintln!("leader killed as the reshape to EP 2 was stored: the standby finished it {took:?} after the kill ({:?} in all)", killed.elapsed());
+    all_complete(streams(&c2), &ep4).await;
+    assert_eq!(solo(&mut c2).await, ep4);
+    eprintln!("leader killed as the reshape to EP 4 was stored: the standby finished it {took:?} after the kill ({:?} in all)", killed.elapsed());
 }
 
 #[tokio::test]

@@ -60,8 +60,8 @@ pub enum ControlError {
     BadShape { shape: String, why: String },
 }
 
-/// What `tramctl scale` asks for: the degrees of a replica's layout and the replicas at
-/// most; 0 keeps what is wanted now.
+/// What `tramctl scale` asks for: the degrees of a replica's layout (0 keeps the wanted
+/// one) and the replicas at most (0: as many as the workers hold).
 #[derive(Debug, Clone, Copy)]
 pub struct ScaleTo {
     pub tp: usize,

@@ -230,6 +230,9 @@ enum Report {
     Stored(u64),
     /// The workers' placement epochs, read while the leadership lease may have lapsed.
     Epochs(Vec<(String, Option<u64>)>),
+    /// A change's new and kept replicas serve at this epoch; the ones it retires come next
+    /// (their requests move to these).
+    Serving(u64, Vec<LiveReplica>),
 }
 
 /// The placement change under way.
@@ -243,8 +246,9 @@ struct Placing {
     handled: HashSet<u64>,
     /// Failures of replicas the loop did not know yet (ones it loads): handled once installed.
     unknown: Vec<ReplicaDown>,
-    /// Whether it reshapes (see [`Controller::reshaping`]).
+    /// Whether it reshapes (see [`Controller::reshaping`]), and to what.
     reshape: bool,
+    shape: Wanted,
     /// Who waits for its plan to be stored (a reshape's).
     waiters: Vec<Reply<Result<Scaled, ControlError>>>,
 }
@@ -349,6 +353,10 @@ impl Controller {
                 self.answer_scaled(epoch);
             }
             Report::Epochs(epochs) => self.epochs_read(epochs)?,
+            Report::Serving(epoch, replicas) => {
+                let pool = Pool { epoch, replicas, no_capacity: None, leading: true };
+                self.pool.send_replace(Arc::new(pool));
+            }
         }
         Ok(())
     }
@@ -503,6 +511,7 @@ impl Controller {
             handled: HashSet::new(),
             unknown: Vec::new(),
             reshape,
+            shape: self.want.clone(),
             waiters,
         });
         let reports = self.reports.clone();
@@ -528,7 +537,8 @@ impl Controller {
         let Some(mut placing) = self.placing.take() else { return Ok(()) };
         // Waiters whose plan was not stored wait for the next one.
         self.scale_waiters.append(&mut placing.waiters);
-        if placing.reshape && outcome.stored.as_ref().is_ok_and(Option::is_some) && outcome.failures.is_empty() {
+        // Done, unless an operator asked for another shape meanwhile.
+        if placing.reshape && placing.shape == self.want && outcome.stored.as_ref().is_ok_and(Option::is_some) && outcome.failures.is_empty() {
             tracing::info!(layout = ?self.want.layout, replicas = outcome.live.len(), "reshaped");
             self.reshaping = false;
         }
@@ -585,7 +595,8 @@ impl Controller {
         let mut assignments = self.assignments(plan, epoch);
         // A reshape loads a serving worker's new rank beside its old one, which serves on.
         for (a, id) in assignments.iter_mut().zip(&plan.workers) {
-            a.alongside = self.reshaping && self.serves(id);
+            let serving = self.live.iter().find(|r| r.handle.is_alive() && r.plan.workers.contains(id));
+            a.alongside_of = serving.filter(|_| self.reshaping).map_or(0, |r| r.handle.epoch());
         }
         Ok(NewReplica { id: self.next_replica, plan: plan.clone(), workers, assignments })
     }

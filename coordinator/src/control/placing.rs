@@ -131,7 +131,11 @@ impl Change {
             out.live.extend(self.retire);
             return out;
         }
-        // One by one, each at a step boundary: its requests move to the replicas serving.
+        // One by one, each at a step boundary: its requests move to the replicas serving,
+        // which take new requests from now on.
+        if let (Some(epoch), false) = (epoch, self.retire.is_empty()) {
+            let _ = self.reports.send(super::Report::Serving(epoch, out.live.clone()));
+        }
         for r in self.retire {
             r.handle.retire().await;
             self.serving.metrics.replica_retired();
@@ -194,6 +198,10 @@ async fn start(new: NewReplica, serving: Serving) -> Result<LiveReplica, (Vec<St
         return Err((failed, message));
     }
     let Serving { sched, prefix, metrics, down, experts, .. } = serving;
+    // Moves to newer epochs replace nothing.
+    for a in &mut assignments {
+        a.alongside_of = 0;
+    }
     let experts = experts.map_or_else(ExpertLoad::default, |(layers, n)| ExpertLoad::new(layers, n, plan.layout.ep));
     let reports = Reports { metrics, down, experts };
     let handle = ReplicaHandle::spawn(replica, clients, assignments.clone(), plan.layout.driver(), Scheduler::new(sched, prefix), reports);

@@ -55,8 +55,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     redundant_experts: usize,
     /// With `--redundant-experts`: runs without and with the copies, alternated (medians).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
 }
 
 /// The workers' cluster certificate files and the bench's own TLS (the same certificate).

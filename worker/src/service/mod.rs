@@ -107,7 +107,7 @@ pub struct WorkerState<B: Backend = Cpu> {
     /// The loaded assignment's redundant experts.
     copies: Vec<pb::ExpertCopy>,
     /// A reshape's old assignment, serving the steps of its epoch beside the current one
-    /// (LoadAssignment `alongside`) until a Fence at a newer epoch.
+    /// (LoadAssignment `alongside_of`) until a Fence at a newer epoch.
     beside: Option<(u64, Engine<B>)>,
 }
 
@@ -122,7 +122,7 @@ pub struct Prepared {
 }
 
 /// How an assignment proceeds: answered at once, or a shard to build (beside the current one
-/// when `alongside`).
+/// when `alongside`: a reshape's).
 pub enum Begin {
     Done(pb::LoadAssignmentResponse),
     Build { prepared: Box<Prepared>, alongside: bool },
@@ -197,7 +197,7 @@ impl<B: Backend> WorkerState<B> {
         }
         let unknown = |field: &str, v: i32| ServiceError::InvalidArgument(format!("`{field}`: unknown value {v} (a newer coordinator?)"));
         let load_format = pb::LoadFormat::try_from(req.load_format).map_err(|_| unknown("load_format", req.load_format))?.into();
-        let same = pb::LoadAssignmentRequest { epoch: 0, expert_copies: Vec::new(), alongside: false, ..req.clone() };
+        let same = pb::LoadAssignmentRequest { epoch: 0, expert_copies: Vec::new(), alongside_of: 0, ..req.clone() };
         if let (Some(engine), Some(assigned)) = (&mut self.engine, &self.assigned)
             && *assigned == same
         {
@@ -227,9 +227,20 @@ impl<B: Backend> WorkerState<B> {
         let (config, source) = open_model(&PathBuf::from(&req.model_path), load_format)?;
         layout.validate(&config).map_err(EngineError::from)?;
         let copies = expert_copies(req, &config)?;
-        let alongside = req.alongside && self.engine.is_some() && req.epoch > self.epoch;
+        // A reshape keeps serving the shard of epoch `alongside_of`; any other goes (one left
+        // by a reshape that failed and is tried again).
+        let keep = req.alongside_of;
+        let current = self.engine.is_some() && self.epoch == keep;
+        let beside = self.beside.as_ref().is_some_and(|(e, _)| *e == keep);
+        let alongside = keep > 0 && req.epoch > self.epoch && (current || beside);
         if !alongside {
             self.unload("a new assignment replaces it");
+        } else if current {
+            self.beside = None;
+        } else if self.engine.take().is_some() {
+            tracing::info!(epoch = self.epoch, "dropped a shard no replica steps");
+            self.assigned = None;
+            self.copies.clear();
         }
         Ok(Begin::Build { prepared: Box::new(Prepared { req: req.clone(), config, source, options, layout, copies }), alongside })
     }
@@ -238,7 +249,7 @@ impl<B: Backend> WorkerState<B> {
     /// its epoch beside it. A shard built for an epoch that is stale by now is dropped.
     pub fn install(&mut self, p: Prepared, alongside: bool, built: Result<Engine<B>, ServiceError>) -> Result<pb::LoadAssignmentResponse, ServiceError> {
         let engine = built?;
-        if p.req.epoch < self.epoch || (!alongside && self.engine.is_some()) {
+        if p.req.epoch < self.epoch || (self.engine.is_some() && (!alongside || p.req.epoch == self.epoch)) {
             return Err(ServiceError::StaleEpoch { got: p.req.epoch, current: self.epoch });
         }
         let response = loaded(&engine);
@@ -246,7 +257,7 @@ impl<B: Backend> WorkerState<B> {
             tracing::info!(epoch = self.epoch, "the old assignment serves its epoch beside the new one");
             self.beside = Some((self.epoch, old));
         }
-        self.assigned = Some(pb::LoadAssignmentRequest { epoch: 0, expert_copies: Vec::new(), alongside: false, ..p.req.clone() });
+        self.assigned = Some(pb::LoadAssignmentRequest { epoch: 0, expert_copies: Vec::new(), alongside_of: 0, ..p.req.clone() });
         self.copies = p.req.expert_copies.clone();
         self.epoch = p.req.epoch;
         Ok(response)
@@ -265,12 +276,13 @@ impl<B: Backend> WorkerState<B> {
     /// worker, or a reshape retired the old shape's rank), and every older step or assignment
     /// is refused from now on. An assignment of `epoch` itself stays.
     pub fn fence(&mut self, epoch: u64, why: &str) -> Result<(), ServiceError> {
-        if epoch < self.epoch {
-            return Err(ServiceError::StaleEpoch { got: epoch, current: self.epoch });
-        }
+        // Even a fence that comes late (the worker moved on) drops an older shard kept beside.
         if self.beside.as_ref().is_some_and(|(e, _)| *e < epoch) {
             self.beside = None;
             tracing::info!(why, "unloaded the assignment kept beside");
+        }
+        if epoch < self.epoch {
+            return Err(ServiceError::StaleEpoch { got: epoch, current: self.epoch });
         }
         if epoch > self.epoch || self.engine.is_none() {
             self.unload(why);
@@ -330,7 +342,10 @@ impl<B: Backend> WorkerState<B> {
                     self.beside = None;
                     tracing::warn!("a peer of the old assignment kept beside failed; unloaded it");
                 } else {
+                    // The shard kept beside serves another replica: it stays.
+                    let kept = self.beside.take();
                     self.unload("a peer of the replica failed");
+                    self.beside = kept;
                 }
                 return Err(e.into());
             }
@@ -591,7 +606,7 @@ mod tests {
         let mut state = WorkerState::default();
         state.load(&assignment(4)).expect("loads");
         let before = state.step(&step(4)).expect("epoch 4");
-        let mut other = pb::LoadAssignmentRequest { kv_blocks: 8, alongside: true, ..assignment(5) };
+        let mut other = pb::LoadAssignmentRequest { kv_blocks: 8, alongside_of: 4, ..assignment(5) };
         let answer = state.load(&other).expect("loads beside");
         assert!(!answer.kept, "a new shard");
         assert_eq!(state.step(&step(4)).expect("the old epoch still serves").results, before.results, "the old shard is untouched");
@@ -600,11 +615,29 @@ mod tests {
         state.fence(5, "test").expect("fences the old shape");
         assert!(matches!(state.step(&step(4)), Err(ServiceError::StaleEpoch { got: 4, current: 5 })), "the old shard is gone");
         state.step(&step(5)).expect("the current one stays");
-        // Without `alongside`, a new assignment replaces the current one.
-        other.alongside = false;
+        // Without `alongside_of`, a new assignment replaces the current one.
+        other.alongside_of = 0;
         other.epoch = 6;
         other.kv_blocks = 4;
         state.load(&other).expect("replaces");
         assert!(matches!(state.step(&step(5)), Err(ServiceError::StaleEpoch { got: 5, current: 6 })));
+    }
+
+    #[test]
+    fn a_reshape_tried_again_keeps_the_shard_that_serves_and_drops_the_orphan() {
+        let mut state = WorkerState::default();
+        state.load(&assignment(4)).expect("loads");
+        let before = state.step(&step(4)).expect("epoch 4");
+        // A reshape at 5 whose replica then failed elsewhere leaves its shard here; tried
+        // again at 6, beside the shard of epoch 4, which still serves.
+        state.load(&pb::LoadAssignmentRequest { kv_blocks: 8, alongside_of: 4, ..assignment(5) }).expect("loads beside");
+        state.load(&pb::LoadAssignmentRequest { kv_blocks: 6, alongside_of: 4, ..assignment(6) }).expect("loads beside again");
+        assert_eq!(state.step(&step(4)).expect("the old replica still serves").results, before.results);
+        assert!(matches!(state.step(&step(5)), Err(ServiceError::StaleEpoch { got: 5, current: 6 })), "the orphan is gone");
+        state.step(&step(6)).expect("the new one serves");
+        // A fence that comes late still drops the old shard kept beside.
+        state.load(&pb::LoadAssignmentRequest { kv_blocks: 6, ..assignment(7) }).expect("kept, a newer epoch");
+        assert!(state.fence(5, "late").is_err(), "a stale fence");
+        assert!(matches!(state.step(&step(4)), Err(ServiceError::StaleEpoch { got: 4, current: 7 })), "the shard kept beside is gone");
     }
 }
