@@ -11,11 +11,15 @@ use cluster::layout::Layout;
 use super::{ControlError, Controller, PlannedReplica, Reply, ScaleTo, Scaled};
 use crate::planner::{self, ReplicaPlan, Wanted};
 
-/// `tp 4 × ep 1 × pp 1` (and `, at most 2 replicas`).
+/// `tp 4 × ep 1 × pp 1`.
+fn words(l: &Layout) -> String {
+    format!("tp {} × ep {} × pp {}", l.tp, l.ep, l.pp)
+}
+
+/// `tp 4 × ep 1 × pp 1` (and `, at most 2 replica(s)`).
 fn shape_name(w: &Wanted) -> String {
-    let l = &w.layout;
     let replicas = if w.replicas > 0 { format!(", at most {} replica(s)", w.replicas) } else { String::new() };
-    format!("tp {} × ep {} × pp {}{replicas}", l.tp, l.ep, l.pp)
+    format!("{}{replicas}", words(&w.layout))
 }
 
 /// Bytes in GB, or in MB or KB when smaller.
@@ -59,7 +63,7 @@ impl Controller {
                     wanted.layout.world(),
                     gb(w),
                     gb(kv),
-                    p.iter().map(|r| format!("tp {} × ep {} × pp {}", r.layout.tp, r.layout.ep, r.layout.pp)).collect::<Vec<_>>().join(", ")
+                    p.iter().map(|r| words(&r.layout)).collect::<Vec<_>>().join(", ")
                 );
                 let _ = reply.send(refuse(why));
                 return;
@@ -96,10 +100,8 @@ impl Controller {
                 let (nw, nkv) = planner::rank_need(c, &new.layout, rank, s);
                 if ow + okv + nw + nkv > card.memory_bytes {
                     return Some(format!(
-                        "worker {id} would hold its tp {} × ep {} × pp {} rank ({} + {} KV cache) and its new rank ({} + {} KV cache) at once while the new replica loads, {} in all, but it offers {}",
-                        old.tp,
-                        old.ep,
-                        old.pp,
+                        "worker {id} would hold its {} rank ({} + {} KV cache) and its new rank ({} + {} KV cache) at once while the new replica loads, {} in all, but it offers {}",
+                        words(old),
                         gb(ow),
                         gb(okv),
                         gb(nw),
